@@ -1,0 +1,239 @@
+"""Wiring and lifecycle of a worker: start order, the micro-batch loop, drain order."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+from confluent_kafka import TopicPartition
+
+from streamserve.config import PipelineSettings
+from streamserve.control.follower import ControlFollower
+from streamserve.control.registry import ModelRegistry, Routing
+from streamserve.errors import DecodeError, EnrichError, InferenceError
+from streamserve.pipeline.batch import MicroBatcher
+from streamserve.pipeline.deadletter import dead_letter
+from streamserve.pipeline.decode import make_decoder
+from streamserve.pipeline.encode import PredictionEncoder
+from streamserve.pipeline.enrich import FeatureBuilder, redis_fetcher
+from streamserve.pipeline.infer import OnnxModel
+from streamserve.pipeline.sink import InflightBatch, OutputSink
+from streamserve.pipeline.source import KafkaSource
+from streamserve.records import Event, FeatureBatch, Rejected, Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerStats:
+    """Running totals of one worker, logged periodically."""
+
+    events_in: int = 0
+    predictions_out: int = 0
+    shadow_out: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    missing_defaults: int = 0
+    stale_defaults: int = 0
+    by_stage: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    """One member of the inference consumer group."""
+
+    def __init__(self, settings: PipelineSettings) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.stats = WorkerStats()
+        self._stop = threading.Event()
+        self._decode = make_decoder(settings.input.schema_path, settings.kafka.schema_registry_url)
+        timeout_s = settings.redis.timeout_ms / 1000
+        self.redis = redis.Redis.from_url(
+            settings.redis.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self.features = FeatureBuilder(settings.features, redis_fetcher(self.redis, settings.redis))
+        self.registry = ModelRegistry(settings.model, self.features.width, settings.control.keep_versions)
+        self.encoder = PredictionEncoder(settings.output.schema_path, settings.input)
+        self.sink = OutputSink(settings.kafka.producer_config())
+        self.source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
+        self.batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms)
+        self.follower = (
+            ControlFollower(
+                settings.kafka.common(),
+                settings.control.topic,
+                settings.control.status_topic,
+                self.registry,
+                self.worker_id,
+            )
+            if settings.control.enabled
+            else None
+        )
+
+    def stop(self) -> None:
+        """Ask the loop to drain and exit (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    def run(self) -> WorkerStats:
+        """Serve until stopped; on the way out finish the open batch, commit, and leave the group."""
+        if self.follower is not None:
+            self.follower.catch_up()
+            self.follower.start()
+        self.source.start(on_revoke=self._on_revoke)
+        log.info(
+            "worker %s serving %s %s from %s",
+            self.worker_id,
+            self.settings.model.name,
+            self.registry.routing.live.version,
+            self.settings.input.topic,
+        )
+        next_log = time.monotonic() + self.settings.log_every_s
+        try:
+            while not self._stop.is_set():
+                self._step()
+                if self.settings.log_every_s and time.monotonic() >= next_log:
+                    self._log_progress()
+                    next_log = time.monotonic() + self.settings.log_every_s
+            self._drain()
+        finally:
+            if self.follower is not None:
+                self.follower.stop()
+            self.source.close()
+            self.sink.producer.flush(5)
+        self._log_progress()
+        return self.stats
+
+    def _step(self) -> None:
+        if self.sink.inflight >= self.settings.batch.max_inflight_batches:
+            self.sink.poll(0.05)  # backpressure: no intake until outputs are acknowledged
+            self._commit()
+            return
+        if not len(self.batcher):
+            self.batcher.mark_open()  # the time bound counts from when we started waiting
+        records = self.source.poll(self.batcher.room, self.batcher.time_left())
+        self.batcher.add(records)
+        if self.batcher.ready():
+            self.process(self.batcher.take())
+        self.sink.poll(0)
+        self._commit()
+
+    def _commit(self) -> None:
+        offsets = self.sink.releasable()
+        if offsets:
+            self.source.commit(offsets)
+
+    def _drain(self, timeout_s: float = 30.0) -> None:
+        while len(self.batcher):
+            self.process(self.batcher.take())
+        offsets = self.sink.flush(timeout_s)
+        if offsets:
+            self.source.commit(offsets, asynchronous=False)
+
+    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
+        # Finish and commit what we hold before the partitions move, so the next owner starts after it.
+        self._drain()
+
+    def process(self, sources: list[Source]) -> None:
+        """Run one micro-batch through decode -> enrich -> infer -> encode -> produce."""
+        inflight = InflightBatch()
+        inflight.cover(sources)
+        rejected: list[Rejected] = []
+        events: list[Event] = []
+        for source in sources:
+            try:
+                events.append(Event(source, self._decode(source.value)))
+            except DecodeError as exc:
+                rejected.append(Rejected(source, exc.stage, type(exc).__name__, str(exc)))
+        if events:
+            try:
+                batch = self.features.build(events)
+            except EnrichError as exc:
+                if self.settings.redis.on_error == "fail":
+                    raise
+                batch = FeatureBatch(events=[], matrix=np.empty((0, self.features.width), np.float32))
+                rejected += [Rejected(e.source, exc.stage, type(exc).__name__, str(exc)) for e in events]
+            rejected += batch.rejected
+            self.stats.missing_defaults += batch.missing_defaults
+            self.stats.stale_defaults += batch.stale_defaults
+            if batch.events:
+                self._score(batch, self.registry.routing, inflight, rejected)
+        for item in rejected:
+            self.sink.produce(inflight, self.settings.output.dead_letter_topic, *dead_letter(item))
+            self.stats.by_stage[item.stage] = self.stats.by_stage.get(item.stage, 0) + 1
+        self.sink.seal(inflight)
+        self.stats.events_in += len(sources)
+        self.stats.dead_letters += len(rejected)
+        self.stats.batches += 1
+
+    def _score(self, batch: FeatureBatch, routing: Routing, inflight: InflightBatch, rejected: list[Rejected]) -> None:
+        topic = self.settings.output.topic
+        if routing.mode == "canary" and routing.candidate is not None:
+            keys = [str(event.fields[self.settings.input.key_field]) for event in batch.events]
+            to_candidate = routing.canary_mask(keys)
+            self._emit(batch, ~to_candidate, routing.live, topic, inflight, rejected)
+            self._emit(batch, to_candidate, routing.candidate, topic, inflight, rejected)
+        else:
+            everything = np.ones(len(batch.events), dtype=bool)
+            self._emit(batch, everything, routing.live, topic, inflight, rejected)
+            if routing.mode == "shadow" and routing.candidate is not None:
+                self._emit(batch, everything, routing.candidate, self.settings.shadow_topic, inflight, None)
+
+    def _emit(
+        self,
+        batch: FeatureBatch,
+        rows: np.ndarray,
+        model: OnnxModel,
+        topic: str,
+        inflight: InflightBatch,
+        rejected: list[Rejected] | None,
+    ) -> None:
+        """Score the selected rows with one model and produce them; rejected=None for shadow output."""
+        if not rows.any():
+            return
+        index = np.flatnonzero(rows)
+        events = [batch.events[i] for i in index]
+        try:
+            outputs = model.predict(batch.matrix[index])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises bare pybind errors; route, don't die
+            if rejected is not None:
+                rejected += [Rejected(e.source, InferenceError.stage, type(exc).__name__, str(exc)) for e in events]
+            return
+        finite = np.isfinite(outputs.score)
+        if not finite.all():
+            if rejected is not None:
+                rejected += [
+                    Rejected(
+                        events[i].source,
+                        InferenceError.stage,
+                        InferenceError.__name__,
+                        f"model {model.name} {model.version} returned a non-finite score",
+                    )
+                    for i in np.flatnonzero(~finite)
+                ]
+            keep = np.flatnonzero(finite)
+            events = [events[i] for i in keep]
+            outputs = type(outputs)(outputs.score[keep], None if outputs.label is None else outputs.label[keep])
+        for key, value, headers in self.encoder.encode(events, outputs, model.name, model.version):
+            self.sink.produce(inflight, topic, key, value, headers)
+        if rejected is None:
+            self.stats.shadow_out += len(events)
+        else:
+            self.stats.predictions_out += len(events)
+
+    def _log_progress(self) -> None:
+        s = self.stats
+        log.info(
+            "events=%d predictions=%d dead_letters=%d batches=%d defaults(missing=%d stale=%d) version=%s",
+            s.events_in,
+            s.predictions_out,
+            s.dead_letters,
+            s.batches,
+            s.missing_defaults,
+            s.stale_defaults,
+            self.registry.routing.live.version,
+        )

@@ -1,0 +1,288 @@
+"""One typed settings tree for a pipeline, read from YAML with every key overridable by env vars.
+
+Environment variables use the prefix ``STREAMSERVE_`` and ``__`` between levels, e.g.
+``STREAMSERVE_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:9092`` or ``STREAMSERVE_BATCH__MAX_WAIT_MS=10``.
+Relative paths in the file are resolved against the file's directory.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from streamserve.errors import ConfigError
+
+_yaml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("streamserve_yaml", default=None)
+_TEMPLATE_FIELD = re.compile(r"{(\w+)}")
+
+LibrdkafkaValue = str | int | float | bool
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    """Broker connection shared by every client of the worker."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated host:port list of brokers."""
+    group_id: str = "streamserve"
+    """Consumer group of the inference consumers; workers with the same group share partitions."""
+    client: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
+    """Extra librdkafka settings for every client (security.protocol, sasl.*, ssl.* ...)."""
+    consumer: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
+    """Extra librdkafka settings for the inference consumer only."""
+    producer: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
+    """Extra librdkafka settings for the output producer only."""
+    sasl_password: SecretStr | None = None
+    """Passed as sasl.password; kept out of logs and reprs."""
+    schema_registry_url: str | None = None
+    """Confluent Schema Registry URL; when set, input values in wire format are decoded through it."""
+
+    def common(self) -> dict[str, LibrdkafkaValue]:
+        """librdkafka settings every client of this worker starts from."""
+        conf: dict[str, LibrdkafkaValue] = {"bootstrap.servers": self.bootstrap_servers}
+        conf.update(self.client)
+        if self.sasl_password is not None:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        return conf
+
+    def consumer_config(self, **defaults: LibrdkafkaValue) -> dict[str, LibrdkafkaValue]:
+        """The inference consumer's settings: our defaults, then the user's."""
+        conf = {**self.common(), "group.id": self.group_id, **_dotted(defaults)}
+        conf.update(self.consumer)
+        return conf
+
+    def producer_config(self, **defaults: LibrdkafkaValue) -> dict[str, LibrdkafkaValue]:
+        """The output producer's settings: our defaults, then the user's."""
+        conf = {**self.common(), **_dotted(defaults)}
+        conf.update(self.producer)
+        return conf
+
+
+class InputSettings(_Section):
+    """The topic events are read from and how to decode them."""
+
+    topic: str
+    schema_path: Path = Field(alias="schema")
+    """Avro schema (.avsc) of the events: the writer schema, or the reader schema with a registry."""
+    key_field: str
+    """Event field used as the output record key (and for canary routing)."""
+    event_id_field: str
+    """Event field that identifies the event; copied into its prediction."""
+    event_time_field: str | None = None
+    """Event field with the event time in epoch milliseconds; the Kafka timestamp when unset."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class FeatureSpec(_Section):
+    """One model input column, in the order the model expects it."""
+
+    name: str
+    source: Literal["event", "redis"]
+    field: str
+    """Event field name (source=event) or Redis hash field (source=redis)."""
+    key: str | None = None
+    """Redis key template filled from event fields, e.g. ``card:{card_id}`` (source=redis)."""
+    dtype: Literal["float32", "float64", "int32", "int64", "bool"] = "float32"
+    """How the raw value is parsed before it becomes a float32 model input."""
+    default: float | None = None
+    """Used when the value is missing or stale; without one, such an event goes to the DLQ."""
+    max_age_s: float | None = None
+    """Older values (by ``updated_at_field``) count as missing."""
+    updated_at_field: str | None = None
+    """Hash field holding the epoch-milliseconds time the entity's features were written."""
+
+    @model_validator(mode="after")
+    def _check_source(self) -> FeatureSpec:
+        if self.source == "redis" and not self.key:
+            raise ValueError(f"feature {self.name!r}: source 'redis' needs a key template")
+        if self.max_age_s is not None and not self.updated_at_field:
+            raise ValueError(f"feature {self.name!r}: max_age_s needs updated_at_field")
+        return self
+
+    def key_fields(self) -> list[str]:
+        """Event fields the Redis key template refers to."""
+        return _TEMPLATE_FIELD.findall(self.key or "")
+
+
+class ModelSettings(_Section):
+    """The model the worker serves until the control topic says otherwise."""
+
+    name: str
+    uri: str
+    """Artifact location: a path, file:// or http(s):// URI of an .onnx file."""
+    version: str = "1"
+    input_name: str | None = None
+    """Input tensor name; the model's only input when unset."""
+    score_output: str = "probabilities"
+    """Output tensor that gives the score (a probability matrix or a regression vector)."""
+    score_column: int | None = 1
+    """Column of a 2-D score output to use (1 = positive class); None for 1-D outputs."""
+    label_output: str | None = "label"
+    """Output tensor with class labels, or None for regressors."""
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    """onnxruntime execution providers in order of preference; unavailable ones are skipped."""
+    sha256: str | None = None
+    """Expected digest of the artifact, checked when set."""
+
+
+class OutputSettings(_Section):
+    """Where predictions and rejected records go."""
+
+    topic: str
+    schema_path: Path = Field(alias="schema")
+    """Avro schema of prediction records."""
+    dead_letter_topic: str
+    shadow_topic: str | None = None
+    """Topic for shadow-model predictions; ``<topic>.shadow`` when unset."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class BatchSettings(_Section):
+    """Micro-batches close at whichever bound comes first."""
+
+    max_batch_size: int = Field(default=256, ge=1, le=100_000)
+    max_wait_ms: int = Field(default=10, ge=0, le=60_000)
+    max_inflight_batches: int = Field(default=16, ge=1)
+    """Batches produced but not yet acknowledged before intake pauses (backpressure)."""
+
+
+class RedisSettings(_Section):
+    """Feature store connection and failure policy."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout_ms: int = Field(default=1000, ge=1)
+    retries: int = Field(default=3, ge=0)
+    backoff_ms: int = Field(default=100, ge=0)
+    on_error: Literal["dead_letter", "fail"] = "dead_letter"
+    """After the retries: route the batch's events to the DLQ, or stop the worker."""
+
+
+class ControlSettings(_Section):
+    """Control plane: model announcements in, worker status out."""
+
+    topic: str = "streamserve.control"
+    status_topic: str = "streamserve.status"
+    enabled: bool = True
+    artifact_cache_dir: Path = Path("~/.cache/streamserve/models")
+    keep_versions: int = Field(default=3, ge=1)
+    """Loaded versions kept in memory so a rollback needs no reload."""
+
+
+class PipelineSettings(BaseSettings):
+    """A streamserve pipeline: input, features, model, output, batching, clients."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMSERVE_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    worker_id: str | None = None
+    """Name of this worker in status reports; host name and pid when unset."""
+    input: InputSettings
+    features: list[FeatureSpec]
+    model: ModelSettings
+    output: OutputSettings
+    batch: BatchSettings = BatchSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    control: ControlSettings = ControlSettings()
+    log_every_s: float = 10.0
+    """Interval of the progress log line; 0 disables it."""
+
+    @field_validator("features")
+    @classmethod
+    def _unique_names(cls, features: list[FeatureSpec]) -> list[FeatureSpec]:
+        names = [f.name for f in features]
+        if not features:
+            raise ValueError("at least one feature is needed")
+        if len(set(names)) != len(names):
+            raise ValueError(f"feature names must be unique, got {names}")
+        return features
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _yaml_path.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @property
+    def shadow_topic(self) -> str:
+        """Topic of shadow predictions."""
+        return self.output.shadow_topic or f"{self.output.topic}.shadow"
+
+
+def load_settings(path: str | os.PathLike[str], **overrides: Any) -> PipelineSettings:
+    """Read a pipeline YAML file (env vars win over it, keyword overrides over both)."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {file}")
+    token = _yaml_path.set(file)
+    try:
+        settings = PipelineSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_explain(file, exc)) from exc
+    finally:
+        _yaml_path.reset(token)
+    return _resolve_paths(settings, file.parent)
+
+
+def _explain(file: Path, exc: ValidationError) -> str:
+    lines = [f"invalid pipeline config {file}:"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(root)"
+        lines.append(f"  {key}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(settings: PipelineSettings, base: Path) -> PipelineSettings:
+    def resolve(path: Path) -> Path:
+        path = path.expanduser()
+        return path if path.is_absolute() else (base / path).resolve()
+
+    model_uri = settings.model.uri
+    if "://" not in model_uri:
+        model_uri = str(resolve(Path(model_uri)))
+    return settings.model_copy(
+        update={
+            "input": settings.input.model_copy(update={"schema_path": resolve(settings.input.schema_path)}),
+            "output": settings.output.model_copy(update={"schema_path": resolve(settings.output.schema_path)}),
+            "model": settings.model.model_copy(update={"uri": model_uri}),
+        }
+    )
+
+
+def _dotted(options: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:
+    """Keyword-friendly names (``enable_idempotence``) to librdkafka's (``enable.idempotence``)."""
+    return {name.replace("_", "."): value for name, value in options.items()}

@@ -1,0 +1,76 @@
+"""Artifact fetching and digest verification; object stores plug in as another ArtifactFetcher."""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Protocol
+
+from streamserve.errors import DigestMismatch, ModelError
+
+
+class ArtifactFetcher(Protocol):
+    """Reads a model artifact's bytes from one kind of location."""
+
+    def fetch(self, uri: str) -> bytes: ...
+
+
+class FileFetcher:
+    """file:// URIs and plain paths."""
+
+    def fetch(self, uri: str) -> bytes:
+        parsed = urllib.parse.urlparse(uri)
+        path = Path(urllib.parse.unquote(parsed.path)) if parsed.scheme == "file" else Path(uri)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"cannot read artifact {uri}: {exc.strerror}") from exc
+
+
+class HttpFetcher:
+    """http:// and https:// URIs."""
+
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self.timeout_s = timeout_s
+
+    def fetch(self, uri: str) -> bytes:
+        try:
+            with urllib.request.urlopen(uri, timeout=self.timeout_s) as response:
+                data: bytes = response.read()
+                return data
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise ModelError(f"cannot download artifact {uri}: {exc}") from exc
+
+
+FETCHERS: dict[str, ArtifactFetcher] = {
+    "": FileFetcher(),
+    "file": FileFetcher(),
+    "http": HttpFetcher(),
+    "https": HttpFetcher(),
+}
+
+
+def fetch(uri: str) -> bytes:
+    """The artifact's bytes, by the fetcher registered for its scheme."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    fetcher = FETCHERS.get(scheme)
+    if fetcher is None:
+        raise ModelError(f"no fetcher for {scheme}:// URIs (have {sorted(s for s in FETCHERS if s)})")
+    return fetcher.fetch(uri)
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def fetch_verified(uri: str, expected_sha256: str | None) -> tuple[bytes, str]:
+    """Fetch an artifact and check its digest when one is announced; returns bytes and digest."""
+    data = fetch(uri)
+    digest = sha256_hex(data)
+    if expected_sha256 and digest != expected_sha256.lower():
+        raise DigestMismatch(uri, expected_sha256, digest)
+    return data, digest

@@ -1,0 +1,218 @@
+"""`streamserve demo`: train, load features, stream events, show predictions, hot-swap v1 -> v2."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import redis
+from confluent_kafka import Consumer, Producer
+
+from streamserve.admin import ensure_topics, pipeline_topics
+from streamserve.app import Worker
+from streamserve.config import PipelineSettings, load_settings
+from streamserve.control.publish import publish
+from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_entities, make_events
+from streamserve.demo.train import train_versions
+from streamserve.pipeline.decode import load_schema
+from streamserve.pipeline.encode import decode_prediction
+from streamserve.tools import load_features, produce_avro, read_rows
+
+log = logging.getLogger(__name__)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _env_overrides() -> None:
+    """Point the pipeline at the local stack (scripts/stack writes these variables)."""
+    mapping = {"KAFKA_BOOTSTRAP_SERVERS": "STREAMSERVE_KAFKA__BOOTSTRAP_SERVERS", "REDIS_URL": "STREAMSERVE_REDIS__URL"}
+    for source, target in mapping.items():
+        if source in os.environ and target not in os.environ:
+            os.environ[target] = os.environ[source]
+
+
+def _write_entity_files(entities: Entities, directory: Path) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    cards, merchants = directory / "cards.csv", directory / "merchants.csv"
+    with cards.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["card_id", *CARD_FIELDS, "updated_at"])
+        for card_id, values in entities.cards.items():
+            writer.writerow([card_id, *(values[f] for f in CARD_FIELDS), int(values["updated_at"])])
+    with merchants.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["merchant_id", *MERCHANT_FIELDS])
+        for merchant_id, values in entities.merchants.items():
+            writer.writerow([merchant_id, *(values[f] for f in MERCHANT_FIELDS)])
+    return cards, merchants
+
+
+class _PredictionReader:
+    """Reads the output topic in the background and keeps what the summary needs."""
+
+    def __init__(self, settings: PipelineSettings) -> None:
+        self.schema = load_schema(settings.output.schema_path)
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka.bootstrap_servers,
+                "group.id": f"demo-reader-{uuid.uuid4()}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        self.consumer.subscribe([settings.output.topic])
+        self.by_version: Counter[str] = Counter()
+        self.samples: list[dict[str, object]] = []
+        self.first_ms: int | None = None
+        self.last_ms = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for msg in self.consumer.consume(500, 0.2):
+                if msg.error() is not None:
+                    continue
+                record = decode_prediction(self.schema, msg.value() or b"")
+                version = str(record["model_version"])
+                if self.by_version[version] < 3:
+                    self.samples.append(record)
+                self.by_version[version] += 1
+                ts = msg.timestamp()[1]
+                self.first_ms = ts if self.first_ms is None else min(self.first_ms, ts)
+                self.last_ms = max(self.last_ms, ts)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_version.values())
+
+    def wait_for(self, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = -1
+        while self.total < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.total} of {count} predictions after {timeout_s:.0f}s")
+            if self.total != last and self.total:
+                _say(f"  ... {self.total}/{count} predictions")
+                last = self.total
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.consumer.close()
+
+
+def run_demo(config: Path, events: int, partitions: int) -> int:
+    """The whole demo; returns the process exit code."""
+    _env_overrides()
+    run_id = uuid.uuid4().hex[:6]
+    base = load_settings(config)
+    model_dir = Path(base.model.uri).parent
+    started = time.monotonic()
+
+    _say(f"[1/6] training fraud models v1 (logistic regression) and v2 (gradient boosting) into {model_dir}")
+    entities = make_entities()
+    trained = {m.version: m for m in train_versions(entities, model_dir)}
+    for m in trained.values():
+        _say(f"      {m.version}: holdout ROC AUC {m.auc:.3f}  ({m.path.name})")
+
+    # A fresh set of topics per run, so a long-lived local stack never mixes runs.
+    os.environ.update(
+        {
+            "STREAMSERVE_INPUT__TOPIC": f"transactions-{run_id}",
+            "STREAMSERVE_OUTPUT__TOPIC": f"fraud-scores-{run_id}",
+            "STREAMSERVE_OUTPUT__DEAD_LETTER_TOPIC": f"transactions-{run_id}.dlq",
+            "STREAMSERVE_CONTROL__TOPIC": f"streamserve.control-{run_id}",
+            "STREAMSERVE_CONTROL__STATUS_TOPIC": f"streamserve.status-{run_id}",
+            "STREAMSERVE_KAFKA__GROUP_ID": f"fraud-scorer-{run_id}",
+            "STREAMSERVE_LOG_EVERY_S": "0",
+        }
+    )
+    settings = load_settings(config)
+    _say(f"[2/6] creating topics on {settings.kafka.bootstrap_servers} ({partitions} partitions)")
+    ensure_topics(settings.kafka.common(), pipeline_topics(settings, partitions))
+
+    _say(
+        f"[3/6] loading {len(entities.cards)} card and {len(entities.merchants)} merchant feature rows "
+        f"into Redis at {settings.redis.url}"
+    )
+    client = redis.Redis.from_url(settings.redis.url)
+    cards_csv, merchants_csv = _write_entity_files(entities, model_dir.parent / "data")
+    load_features(client, read_rows(cards_csv), "card:{card_id}")
+    load_features(client, read_rows(merchants_csv), "merchant:{merchant_id}")
+
+    _say("[4/6] starting a worker and streaming the first half of the events (served by v1)")
+    worker = Worker(settings)
+    worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
+    worker_thread.start()
+    reader = _PredictionReader(settings)
+    schema = load_schema(settings.input.schema_path)
+    first, second = events // 2, events - events // 2
+    produce_avro(
+        settings.kafka.producer_config(),
+        settings.input.topic,
+        schema,
+        make_events(entities, first, seed=21),
+        settings.input.key_field,
+    )
+    bad = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    for i in range(5):  # a few undecodable records, to show where bad input goes
+        bad.produce(settings.input.topic, os.urandom(24), f"bad-{i}".encode())
+    bad.flush(10)
+    reader.wait_for(first, timeout_s=180)
+
+    _say("[5/6] announcing v2 on the control topic and streaming the second half (hot swap, no restart)")
+    publish(
+        settings.kafka.common(),
+        settings.control.topic,
+        settings.model.name,
+        "v2",
+        str(trained["v2"].path),
+        action="deploy",
+        notes="demo hot swap",
+    )
+    deadline = time.monotonic() + 60
+    while worker.registry.routing.live.version != "v2" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    produce_avro(
+        settings.kafka.producer_config(),
+        settings.input.topic,
+        schema,
+        make_events(entities, second, seed=22),
+        settings.input.key_field,
+    )
+    reader.wait_for(events, timeout_s=180)
+    worker.stop()
+    worker_thread.join(timeout=60)
+    reader.close()
+
+    stats = worker.stats
+    span_s = max((reader.last_ms - (reader.first_ms or reader.last_ms)) / 1000, 1e-3)
+    _say("[6/6] summary")
+    _say(f"      events in:        {stats.events_in} ({events} valid + 5 undecodable)")
+    _say(f"      predictions out:  {reader.total}  by version: {dict(sorted(reader.by_version.items()))}")
+    _say(f"      dead letters:     {stats.dead_letters}  by stage: {stats.by_stage}")
+    _say(f"      feature defaults: {stats.missing_defaults} missing, {stats.stale_defaults} stale")
+    _say(
+        f"      throughput:       {reader.total / span_s:,.0f} predictions/s over {span_s:.1f}s "
+        "(includes waiting for the producer)"
+    )
+    _say("      sample predictions:")
+    for record in reader.samples[:6]:
+        _say(
+            f"        {record['event_id']}  card={record['key']}  version={record['model_version']}  "
+            f"score={record['score']:.4f}  label={record['label']}"
+        )
+    ok = reader.by_version.get("v2", 0) > 0 and reader.total == events and stats.dead_letters == 5
+    _say(f"demo {'OK' if ok else 'FAILED'} in {time.monotonic() - started:.0f}s")
+    return 0 if ok else 1

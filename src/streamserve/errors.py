@@ -1,0 +1,62 @@
+"""One root exception; one subclass per failure, each building its own message."""
+
+from __future__ import annotations
+
+
+class StreamServeError(Exception):
+    """Root of every error streamserve raises on purpose."""
+
+
+class ConfigError(StreamServeError):
+    """The pipeline configuration is invalid; the message names the bad key."""
+
+
+class RecordError(StreamServeError):
+    """A single record could not go through a stage; it is routed to the dead-letter topic."""
+
+    stage = "unknown"
+
+
+class DecodeError(RecordError):
+    """The record's bytes are not a valid Avro event for the configured schema."""
+
+    stage = "decode"
+
+
+class FeatureError(RecordError):
+    """A model input could not be built for the event (missing field, NaN without default...)."""
+
+    stage = "features"
+
+
+class EnrichError(RecordError):
+    """Redis could not be read for the batch after the configured retries."""
+
+    stage = "enrich"
+
+
+class InferenceError(RecordError):
+    """The model produced no usable output (non-finite values) for the event."""
+
+    stage = "infer"
+
+
+class ModelError(StreamServeError):
+    """A model artifact cannot serve: fetch, digest, signature or warm-up failed."""
+
+
+class DigestMismatch(ModelError):
+    """The artifact's sha256 differs from the announced digest."""
+
+    def __init__(self, uri: str, expected: str, actual: str) -> None:
+        super().__init__(f"sha256 mismatch for {uri}: announced {expected}, artifact has {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class SignatureMismatch(ModelError):
+    """The model's inputs or outputs do not fit the pipeline's feature spec and output mapping."""
+
+
+class DeliveryError(StreamServeError):
+    """The broker did not acknowledge an output record; its input offset is never committed."""

@@ -1,0 +1,1 @@
+"""The hot path, one module per step: source -> decode -> enrich -> batch -> infer -> encode -> sink."""

@@ -1,0 +1,92 @@
+"""Operator tools behind the CLI: bulk feature loading and the demo load generator."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import redis
+from confluent_kafka import Producer
+
+from streamserve.errors import StreamServeError
+
+log = logging.getLogger(__name__)
+
+
+def read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV file, or of a Parquet file when pyarrow is installed."""
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise StreamServeError("reading Parquet needs pyarrow: pip install pyarrow") from exc
+        yield from pq.read_table(path).to_pylist()
+        return
+    with path.open(newline="") as handle:
+        yield from csv.DictReader(handle)
+
+
+def load_features(client: redis.Redis, rows: Iterable[dict[str, Any]], key_template: str, chunk: int = 1000) -> int:
+    """HSET each row under key_template filled from the row; pipelined in chunks. Returns rows written."""
+    written = 0
+    pipe = client.pipeline(transaction=False)
+    for row in rows:
+        try:
+            key = key_template.format_map(row)
+        except KeyError as exc:
+            raise StreamServeError(f"key template {key_template!r} needs column {exc}") from exc
+        pipe.hset(key, mapping={k: v for k, v in row.items() if v is not None and v != ""})
+        written += 1
+        if written % chunk == 0:
+            pipe.execute()
+    pipe.execute()
+    return written
+
+
+def produce_avro(
+    producer_config: dict[str, Any],
+    topic: str,
+    schema: fastavro.types.Schema,
+    records: Iterable[dict[str, Any]],
+    key_field: str,
+    rate: float | None = None,
+    progress_every: int = 0,
+) -> int:
+    """Produce schemaless Avro records keyed by key_field, at most `rate` per second when given."""
+    producer = Producer({"linger.ms": 20, "enable.idempotence": True, **producer_config})
+    failures: list[str] = []
+
+    def on_delivery(err: Any, msg: Any) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    started = time.monotonic()
+    buffer = io.BytesIO()
+    sent = 0
+    for record in records:
+        if rate:
+            ahead = sent / rate - (time.monotonic() - started)
+            if ahead > 0:
+                producer.poll(ahead)
+        buffer.seek(0)
+        buffer.truncate()
+        fastavro.schemaless_writer(buffer, schema, record)
+        while True:
+            try:
+                producer.produce(topic, buffer.getvalue(), str(record[key_field]).encode(), on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        sent += 1
+        if progress_every and sent % progress_every == 0:
+            log.info("produced %d events (%.0f/s)", sent, sent / max(time.monotonic() - started, 1e-9))
+        producer.poll(0)
+    if producer.flush(60) or failures:
+        raise StreamServeError(f"{len(failures)} events not acknowledged: {failures[:3]}")
+    return sent
