@@ -66,8 +66,12 @@ def test_truncated_record_is_rejected(schema: Any) -> None:
 
 def test_record_of_another_schema_leaves_bytes_over(schema: Any) -> None:
     other = fastavro.parse_schema(
-        {"type": "record", "name": "Other", "fields": [{"name": "a", "type": "string"} for _ in range(1)]
-         + [{"name": f"f{i}", "type": "string"} for i in range(8)]}
+        {
+            "type": "record",
+            "name": "Other",
+            "fields": [{"name": "a", "type": "string"} for _ in range(1)]
+            + [{"name": f"f{i}", "type": "string"} for i in range(8)],
+        }
     )
     payload = avro(other, {"a": "x" * 3, **{f"f{i}": "y" * 40 for i in range(8)}})
     with pytest.raises(DecodeError):
@@ -92,8 +96,11 @@ def test_wire_format_with_evolved_writer_schema(schema: Any, registry: SchemaReg
 
 def test_wire_format_resolves_a_missing_field_to_the_reader_default(registry: SchemaRegistryClient) -> None:
     reader = fastavro.parse_schema(
-        {"type": "record", "name": "R", "fields": [
-            {"name": "a", "type": "string"}, {"name": "b", "type": "double", "default": 7.5}]}
+        {
+            "type": "record",
+            "name": "R",
+            "fields": [{"name": "a", "type": "string"}, {"name": "b", "type": "double", "default": 7.5}],
+        }
     )
     writer = {"type": "record", "name": "R", "fields": [{"name": "a", "type": "string"}]}
     schema_id = registry.register_schema("r-value", Schema(json.dumps(writer), "AVRO"))
@@ -109,8 +116,12 @@ def test_wire_format_errors(schema: Any, registry: SchemaRegistryClient) -> None
         decoder(b"\x00\x00")
     with pytest.raises(DecodeError, match="schema id 424242"):
         decoder(b"\x00" + (424242).to_bytes(4, "big") + b"\x00")
-    incompatible = {"type": "record", "name": "CardTransaction", "namespace": "io.streamserve.examples.fraud",
-                    "fields": [{"name": "event_id", "type": "long"}]}
+    incompatible = {
+        "type": "record",
+        "name": "CardTransaction",
+        "namespace": "io.streamserve.examples.fraud",
+        "fields": [{"name": "event_id", "type": "long"}],
+    }
     schema_id = registry.register_schema("bad-value", Schema(json.dumps(incompatible), "AVRO"))
-    with pytest.raises(DecodeError, match="resolved|not a valid"):
+    with pytest.raises(DecodeError, match=r"resolved|not a valid"):
         decoder(encode_wire(schema_id, fastavro.parse_schema(incompatible), {"event_id": 5}))

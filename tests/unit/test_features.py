@@ -29,27 +29,34 @@ class HashStore:
 
     def __call__(self, requests: Sequence[tuple[list[str], list[str]]]) -> list[dict[str, list[Any]]]:
         self.round_trips.append(requests)
-        return [
-            {key: [self.hashes.get(key, {}).get(f) for f in fields] for key in keys} for fields, keys in requests
-        ]
+        return [{key: [self.hashes.get(key, {}).get(f) for f in fields] for key in keys} for fields, keys in requests]
 
 
 SPECS = [
     FeatureSpec(name="amount", source="event", field="amount"),
     FeatureSpec(name="online", source="event", field="is_online", dtype="bool"),
-    FeatureSpec(name="avg", source="redis", key="card:{card_id}", field="avg", default=50.0,
-                max_age_s=60, updated_at_field="updated_at"),
+    FeatureSpec(
+        name="avg",
+        source="redis",
+        key="card:{card_id}",
+        field="avg",
+        default=50.0,
+        max_age_s=60,
+        updated_at_field="updated_at",
+    ),
     FeatureSpec(name="count", source="redis", key="card:{card_id}", field="count", dtype="int64"),
     FeatureSpec(name="risk", source="redis", key="merchant:{merchant_id}", field="risk", default=0.5),
 ]
 
 
 def test_matrix_in_spec_order_with_dtypes_and_defaults() -> None:
-    store = HashStore({
-        "card:a": {"avg": b"10.5", "count": b"3", "updated_at": str(NOW_MS - 1000).encode()},
-        "card:b": {"avg": b"20.0", "count": b"7", "updated_at": str(NOW_MS - 120_000).encode()},  # stale
-        "merchant:m1": {"risk": b"0.25"},
-    })
+    store = HashStore(
+        {
+            "card:a": {"avg": b"10.5", "count": b"3", "updated_at": str(NOW_MS - 1000).encode()},
+            "card:b": {"avg": b"20.0", "count": b"7", "updated_at": str(NOW_MS - 120_000).encode()},  # stale
+            "merchant:m1": {"risk": b"0.25"},
+        }
+    )
     builder = FeatureBuilder(SPECS, store, clock_ms=lambda: NOW_MS)
     events = [
         event(0, amount=1.5, is_online=True, card_id="a", merchant_id="m1"),
@@ -72,12 +79,14 @@ def test_matrix_in_spec_order_with_dtypes_and_defaults() -> None:
 def test_missing_value_without_default_rejects_only_that_event() -> None:
     store = HashStore({"card:a": {"avg": b"1", "count": b"1", "updated_at": str(NOW_MS).encode()}})
     builder = FeatureBuilder(SPECS, store, clock_ms=lambda: NOW_MS)
-    batch = builder.build([
-        event(0, amount=1.0, is_online=True, card_id="a", merchant_id="m"),
-        event(1, amount=1.0, is_online=True, card_id="zzz", merchant_id="m"),  # no hash: count has no default
-        event(2, amount=math.nan, is_online=True, card_id="a", merchant_id="m"),  # NaN, no default
-        event(3, amount=1.0, is_online=True, merchant_id="m"),  # key template cannot be filled
-    ])
+    batch = builder.build(
+        [
+            event(0, amount=1.0, is_online=True, card_id="a", merchant_id="m"),
+            event(1, amount=1.0, is_online=True, card_id="zzz", merchant_id="m"),  # no hash: count has no default
+            event(2, amount=math.nan, is_online=True, card_id="a", merchant_id="m"),  # NaN, no default
+            event(3, amount=1.0, is_online=True, merchant_id="m"),  # key template cannot be filled
+        ]
+    )
     assert [e.source.offset for e in batch.events] == [0]
     assert batch.matrix.shape == (1, 5)
     reasons = {r.source.offset: r.message for r in batch.rejected}

@@ -1,0 +1,51 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+# Each sets up what it needs (virtualenv, Kafka jars, redis-server) on a fresh machine.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STACK  := $(PYTHON) scripts/stack
+
+.PHONY: help venv lint test test-unit test-integration demo stack-up stack-down stack-status bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "streamserve needs Python >= 3.11, found " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/.installed  ## create .venv with streamserve and its dev tools
+
+lint: venv  ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+test-unit: venv  ## unit tests only (no servers)
+	$(BIN)/pytest tests/unit
+
+test-integration: venv  ## integration tests (start the local stack when needed)
+	$(BIN)/pytest tests/integration
+
+test: lint  ## lint, type check and the whole suite against a real Kafka broker and Redis
+	$(BIN)/pytest
+
+demo: venv  ## the card-fraud demo end to end: stack up, train, stream, predict, hot-swap, stack down
+	bash scripts/demo
+
+stack-up:  ## start the local Kafka broker and Redis server (no Docker)
+	$(STACK) up
+
+stack-down:  ## stop what stack-up started
+	$(STACK) down
+
+stack-status:
+	$(STACK) status
+
+clean:  ## remove the virtualenv and local state
+	-$(STACK) down
+	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache examples/fraud/models examples/fraud/data

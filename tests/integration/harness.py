@@ -1,0 +1,306 @@
+"""Helpers for integration tests: unique topics, pipeline configs, worker processes, reading outputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import redis
+import yaml
+from confluent_kafka import Consumer, Message
+
+from streamserve.admin import TopicSpec, ensure_topics
+from streamserve.app import Worker
+from streamserve.config import PipelineSettings, load_settings
+from streamserve.demo.train import TrainedModel
+from streamserve.pipeline.decode import load_schema
+from streamserve.pipeline.encode import decode_prediction
+from streamserve.tools import produce_avro
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMAS = REPO / "schemas"
+
+
+def unique(prefix: str) -> str:
+    """A name no other test (or earlier run) uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1) -> None:
+    """Poll a condition with a deadline; fail saying what did not happen."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    timeout_s: float = 60,
+    isolation: str = "read_uncommitted",
+    settle_s: float = 1.0,
+) -> list[Message]:
+    """Read a topic from the beginning until `expected` records arrived (then `settle_s` more for extras)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": unique("reader"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": isolation,
+        }
+    )
+    consumer.subscribe([topic])
+    messages: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    settle_until: float | None = None
+    try:
+        while True:
+            now = time.monotonic()
+            if settle_until is None and len(messages) >= expected:
+                settle_until = now + settle_s
+            if settle_until is not None and now >= settle_until:
+                break
+            if now > deadline:
+                raise AssertionError(f"{topic}: {len(messages)} of {expected} records after {timeout_s:.0f}s")
+            for msg in consumer.consume(1000, 0.2):
+                if msg.error() is None:
+                    messages.append(msg)
+    finally:
+        consumer.close()
+    return messages
+
+
+def headers_of(msg: Message) -> dict[str, bytes]:
+    return {name: value for name, value in (msg.headers() or [])}
+
+
+@dataclass
+class Pipeline:
+    """A pipeline config of one test: its own topics, group, Redis key prefix."""
+
+    bootstrap: str
+    redis_url: str
+    directory: Path
+    model_path: Path
+    partitions: int = 4
+    overrides: dict[str, Any] = field(default_factory=dict)
+    name: str = field(default_factory=lambda: unique("t"))
+
+    def __post_init__(self) -> None:
+        self.prefix = self.name
+        config: dict[str, Any] = {
+            "input": {
+                "topic": f"{self.name}-in",
+                "schema": str(SCHEMAS / "card_transaction.avsc"),
+                "key_field": "card_id",
+                "event_id_field": "event_id",
+                "event_time_field": "event_time",
+            },
+            "features": [
+                {"name": "amount", "source": "event", "field": "amount"},
+                {"name": "hour_of_day", "source": "event", "field": "hour_of_day", "dtype": "int32"},
+                {"name": "is_online", "source": "event", "field": "is_online", "dtype": "bool"},
+                {
+                    "name": "avg_amount_30d",
+                    "source": "redis",
+                    "key": f"{self.prefix}:card:{{card_id}}",
+                    "field": "avg_amount_30d",
+                    "default": 50.0,
+                },
+                {
+                    "name": "txn_count_24h",
+                    "source": "redis",
+                    "key": f"{self.prefix}:card:{{card_id}}",
+                    "field": "txn_count_24h",
+                    "default": 0.0,
+                },
+                {
+                    "name": "chargeback_rate",
+                    "source": "redis",
+                    "key": f"{self.prefix}:card:{{card_id}}",
+                    "field": "chargeback_rate",
+                    "default": 0.0,
+                },
+                {
+                    "name": "merchant_risk",
+                    "source": "redis",
+                    "key": f"{self.prefix}:merchant:{{merchant_id}}",
+                    "field": "risk_score",
+                },  # no default: a missing merchant is a bad event
+            ],
+            "model": {"name": "fraud", "uri": str(self.model_path), "version": "v1"},
+            "output": {
+                "topic": f"{self.name}-out",
+                "schema": str(SCHEMAS / "prediction.avsc"),
+                "dead_letter_topic": f"{self.name}-dlq",
+            },
+            "batch": {"max_batch_size": 256, "max_wait_ms": 10},
+            "kafka": {
+                "bootstrap_servers": self.bootstrap,
+                "group_id": f"{self.name}-group",
+                "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
+            },
+            "redis": {"url": self.redis_url},
+            "control": {"topic": f"{self.name}-control", "status_topic": f"{self.name}-status"},
+            "log_every_s": 2.0,
+        }
+        for dotted, value in self.overrides.items():
+            node = config
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        self.path = self.directory / f"{self.name}.yaml"
+        self.path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.settings: PipelineSettings = load_settings(self.path)
+
+    def create_topics(self) -> None:
+        s = self.settings
+        compacted = {"cleanup.policy": "compact"}
+        ensure_topics(
+            {"bootstrap.servers": self.bootstrap},
+            [
+                TopicSpec(s.input.topic, self.partitions),
+                TopicSpec(s.output.topic, self.partitions),
+                TopicSpec(s.shadow_topic, self.partitions),
+                TopicSpec(s.output.dead_letter_topic, 1),
+                TopicSpec(s.control.topic, 1, compacted),
+                TopicSpec(s.control.status_topic, 1, compacted),
+            ],
+        )
+
+
+class WorkerProcess:
+    """`streamserve run` as a user starts it, in its own process."""
+
+    def __init__(self, config: Path, log_dir: Path, worker_id: str) -> None:
+        self.log_path = log_dir / f"{worker_id}.log"
+        self._log = self.log_path.open("ab")
+        env = {**os.environ, "STREAMSERVE_WORKER_ID": worker_id}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streamserve", "run", "-c", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def assert_alive(self) -> None:
+        assert self.process.poll() is None, f"worker exited with {self.process.returncode}:\n{self.log_tail()}"
+
+    def wait_logged(self, text: str, timeout_s: float = 60) -> None:
+        def logged() -> bool:
+            self.assert_alive()
+            return text in self.log_path.read_text(errors="replace")
+
+        wait_until(logged, timeout_s, f"worker log line {text!r}")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+                raise AssertionError(f"worker did not drain within {timeout_s}s:\n{self.log_tail()}") from None
+        self._log.close()
+        return self.process.returncode
+
+
+def prediction_counts(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["event_id"]] = counts.get(record["event_id"], 0) + 1
+    return counts
+
+
+class WorkerThread:
+    """An in-process worker (the CLI's `run`, without the signal handlers)."""
+
+    def __init__(self, settings: PipelineSettings) -> None:
+        self.worker = Worker(settings)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "worker did not drain within 60s"
+        assert self.error is None, f"worker crashed: {self.error!r}"
+
+
+def produce_events(pipeline: Pipeline, events: list[dict[str, Any]]) -> None:
+    s = pipeline.settings
+    produce_avro(
+        {"bootstrap.servers": pipeline.bootstrap},
+        s.input.topic,
+        load_schema(s.input.schema_path),
+        events,
+        s.input.key_field,
+    )
+
+
+def offline_features(events: list[dict[str, Any]], client: redis.Redis, prefix: str) -> np.ndarray:
+    """The model inputs computed independently of streamserve: straight from the events and Redis."""
+    reads = client.pipeline(transaction=False)
+    for e in events:
+        reads.hgetall(f"{prefix}:card:{e['card_id']}")
+        reads.hgetall(f"{prefix}:merchant:{e['merchant_id']}")
+    replies = reads.execute()
+    rows = []
+    for i, e in enumerate(events):
+        card, merchant = replies[2 * i], replies[2 * i + 1]
+        rows.append(
+            [
+                e["amount"],
+                e["hour_of_day"],
+                1.0 if e["is_online"] else 0.0,
+                float(card[b"avg_amount_30d"]),
+                float(card[b"txn_count_24h"]),
+                float(card[b"chargeback_rate"]),
+                float(merchant[b"risk_score"]),
+            ]
+        )
+    return np.array(rows, dtype=np.float32)
+
+
+def offline_scores(model: TrainedModel, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    labels, probabilities = session.run(["label", "probabilities"], {"X": matrix})
+    return probabilities[:, 1], labels
+
+
+def predictions(pipeline: Pipeline, expected: int, timeout_s: float = 120) -> list[tuple[Any, dict[str, Any]]]:
+    schema = load_schema(pipeline.settings.output.schema_path)
+    messages = read_topic(pipeline.bootstrap, pipeline.settings.output.topic, expected, timeout_s)
+    return [(msg, decode_prediction(schema, msg.value())) for msg in messages]

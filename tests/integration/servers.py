@@ -1,0 +1,93 @@
+"""Finding or starting the real Kafka broker and Redis server the integration tests talk to.
+
+Order: KAFKA_BOOTSTRAP_SERVERS + REDIS_URL when both are set; testcontainers when a Docker engine
+answers; otherwise the project's own native stack (scripts/stack). A server that cannot start fails
+the run with its log tail - never a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STACK = REPO / "scripts" / "stack"
+
+
+@dataclass(frozen=True)
+class Servers:
+    bootstrap_servers: str
+    redis_url: str
+    origin: str
+
+
+class ServerStartError(RuntimeError):
+    """A server the tests need did not start; the message names it and carries its output."""
+
+
+def _docker_engine_reachable() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+@contextlib.contextmanager
+def _native_stack() -> Iterator[Servers]:
+    state_dir = Path(os.environ.get("STREAMSERVE_STACK_DIR", REPO / ".stack"))
+    already_up = subprocess.run([sys.executable, str(STACK), "status"], capture_output=True).returncode == 0
+    result = subprocess.run([sys.executable, str(STACK), "up"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ServerStartError(
+            "scripts/stack up failed (Kafka broker or Redis server did not start):\n"
+            + result.stdout[-4000:]
+            + result.stderr[-4000:]
+        )
+    env = _read_env_file(state_dir / "stack.env")
+    try:
+        yield Servers(env["KAFKA_BOOTSTRAP_SERVERS"], env["REDIS_URL"], "native stack (scripts/stack)")
+    finally:
+        if not already_up:  # stop only what this run started
+            subprocess.run([sys.executable, str(STACK), "down"], capture_output=True)
+
+
+@contextlib.contextmanager
+def _containers() -> Iterator[Servers]:
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.redis import RedisContainer
+
+    with KafkaContainer().with_kraft() as kafka, RedisContainer() as redis_container:
+        host = redis_container.get_container_host_ip()
+        port = redis_container.get_exposed_port(6379)
+        yield Servers(kafka.get_bootstrap_server(), f"redis://{host}:{port}/0", "testcontainers")
+
+
+@contextlib.contextmanager
+def servers() -> Iterator[Servers]:
+    """The servers for this test session, started if needed and stopped if this session started them."""
+    bootstrap, redis_url = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("REDIS_URL")
+    if bootstrap and redis_url:
+        yield Servers(bootstrap, redis_url, "environment")
+    elif os.environ.get("STREAMSERVE_TESTS_USE_DOCKER", "auto") != "never" and _docker_engine_reachable():
+        with _containers() as found:
+            yield found
+    else:
+        with _native_stack() as found:
+            yield found
