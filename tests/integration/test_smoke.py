@@ -72,6 +72,7 @@ def test_transactions_commit_and_abort_seen_by_read_committed(bootstrap: str) ->
     producer.begin_transaction()
     for i in range(50):
         producer.produce(topic, f"aborted-{i}".encode())
+    assert producer.flush(30) == 0  # on the broker, not just queued: abort must hide written records
     producer.abort_transaction(30)
     producer.begin_transaction()
     producer.produce(topic, b"committed-last")
@@ -86,13 +87,14 @@ def test_transactions_commit_and_abort_seen_by_read_committed(bootstrap: str) ->
 
 
 def test_transactional_id_fencing_is_enforced(bootstrap: str) -> None:
-    txn_id = unique("smoke-fence")
+    txn_id, topic = unique("smoke-fence"), unique("smoke-fenced")
+    ensure_topics({"bootstrap.servers": bootstrap}, [TopicSpec(topic, 1)])
     first = Producer({"bootstrap.servers": bootstrap, "transactional.id": txn_id})
     first.init_transactions(30)
     second = Producer({"bootstrap.servers": bootstrap, "transactional.id": txn_id})
     second.init_transactions(30)
     first.begin_transaction()
-    first.produce(unique("smoke-fenced"), b"zombie")
+    first.produce(topic, b"zombie")
     try:
         first.commit_transaction(30)
         fenced = False

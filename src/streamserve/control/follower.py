@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from streamserve.control.announcements import ModelAnnouncement, WorkerStatus
 from streamserve.control.registry import ModelRegistry
@@ -17,6 +17,13 @@ from streamserve.errors import DecodeError, ModelError
 log = logging.getLogger(__name__)
 
 LibrdkafkaConfig = dict[str, str | int | float | bool]
+_TRANSIENT = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+}
 
 
 def read_topic_to_end(
@@ -28,13 +35,12 @@ def read_topic_to_end(
     if not partitions or metadata.topics[topic].error is not None:
         consumer.assign([])
         return
-    ends = {}
-    for partition in partitions:
-        _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
-        ends[partition] = high
+    deadline = time.monotonic() + timeout_s
+    ends = {
+        partition: _high_watermark(consumer, TopicPartition(topic, partition), deadline) for partition in partitions
+    }
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     positions = dict.fromkeys(partitions, 0)
-    deadline = time.monotonic() + timeout_s
     while any(positions[p] < ends[p] for p in partitions):
         if time.monotonic() > deadline:
             raise TimeoutError(f"could not read {topic} to its end within {timeout_s:.0f}s")
@@ -43,6 +49,18 @@ def read_topic_to_end(
                 continue
             positions[msg.partition()] = (msg.offset() or 0) + 1
             on_record(msg.key(), msg.value())
+
+
+def _high_watermark(consumer: Consumer, partition: TopicPartition, deadline: float) -> int:
+    """The partition's end offset, retrying while a new topic's leader is being elected."""
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(partition, timeout=5)[1])
+        except KafkaException as exc:
+            # A topic created a moment ago answers NOT_LEADER_FOR_PARTITION (not flagged retriable) at first.
+            if exc.args[0].code() not in _TRANSIENT or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 class ControlFollower:
