@@ -116,9 +116,18 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
     """Announce a model version on the control topic."""
     from streamserve.control.publish import publish
 
-    config, topic, _ = _control_config(args)
+    config, topic, status_topic = _control_config(args)
     announcement = publish(
-        config, topic, args.model, args.version, args.uri, args.sha256, args.action, args.share, args.notes
+        config,
+        topic,
+        status_topic,
+        args.model,
+        args.version,
+        args.uri,
+        args.sha256,
+        args.action,
+        args.share,
+        args.notes,
     )
     print(
         f"announced {announcement.action} {announcement.model} {announcement.version} "

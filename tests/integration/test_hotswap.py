@@ -95,7 +95,7 @@ def test_deploy_v2_under_load_on_two_workers(
     producer = _background_producer(pipeline, events, rate=3500)
     time.sleep(2.0)  # let a steady stream build up before the announcement
     config, topic, status_topic = _control(pipeline)
-    announced = publish(config, topic, "fraud", "v2", str(models["v2"].path))
+    announced = publish(config, topic, status_topic, "fraud", "v2", str(models["v2"].path))
     producer.join(60)
     outputs = predictions(pipeline, len(events), timeout_s=120)
     for w in workers:
@@ -149,7 +149,7 @@ def test_rejected_versions_never_serve_and_say_why(
     producer = _background_producer(pipeline, events, rate=2000)
     try:
         time.sleep(1.0)
-        publish(config, topic, "fraud", "v2-tampered", str(models["v2"].path), sha256="0" * 64)
+        publish(config, topic, status_topic, "fraud", "v2-tampered", str(models["v2"].path), sha256="0" * 64)
         wait_until(lambda: worker.worker.registry.status.rejected_version == "v2-tampered", 30, "digest rejection")
         status = fleet_status(config, status_topic)[0]
         assert status.state == "rejected"
@@ -157,7 +157,7 @@ def test_rejected_versions_never_serve_and_say_why(
         assert "sha256 mismatch" in (status.reason or "")
         assert status.serving_version == "v1"
 
-        publish(config, topic, "fraud", "v9-wrong-inputs", str(_bad_width_model(tmp_path)))
+        publish(config, topic, status_topic, "fraud", "v9-wrong-inputs", str(_bad_width_model(tmp_path)))
         wait_until(
             lambda: worker.worker.registry.status.rejected_version == "v9-wrong-inputs", 30, "signature rejection"
         )
@@ -185,7 +185,7 @@ def test_late_worker_converges_on_latest_deployment(
     v3 = tmp_path / "fraud-v3.onnx"
     shutil.copy(models["v2"].path, v3)  # same weights as v2, announced as a new version
     for version, path in (("v2", models["v2"].path), ("v1", models["v1"].path), ("v3", v3)):
-        publish(config, topic, "fraud", version, str(path))
+        publish(config, topic, status_topic, "fraud", version, str(path))
     worker = WorkerThread(pipeline.settings)
     events = list(make_events(entities, 500, seed=71))
     try:
@@ -204,11 +204,11 @@ def test_rollback_is_instant_on_every_worker(
     entities: Entities,
     models: dict[str, TrainedModel],
 ) -> None:
-    config, topic, _ = _control(pipeline)
+    config, topic, status_topic = _control(pipeline)
     workers = [WorkerThread(pipeline.settings) for _ in range(2)]
     try:
         v1_models = [w.worker.registry.routing.live for w in workers]
-        publish(config, topic, "fraud", "v2", str(models["v2"].path))
+        publish(config, topic, status_topic, "fraud", "v2", str(models["v2"].path))
         wait_until(lambda: all(w.worker.registry.routing.live.version == "v2" for w in workers), 30, "v2 served")
         batches_before = [w.worker.stats.batches for w in workers]
         producer = _background_producer(pipeline, list(make_events(entities, 4000, seed=81)), rate=2000)
@@ -238,11 +238,11 @@ def test_canary_and_shadow(
     models: dict[str, TrainedModel],
     redis_client: redis.Redis,
 ) -> None:
-    config, topic, _ = _control(pipeline)
+    config, topic, status_topic = _control(pipeline)
     worker = WorkerThread(pipeline.settings)
     events = list(make_events(entities, 3000, seed=91))
     try:
-        publish(config, topic, "fraud", "v2", str(models["v2"].path), action=mode, canary_share=0.1)
+        publish(config, topic, status_topic, "fraud", "v2", str(models["v2"].path), action=mode, canary_share=0.1)
         wait_until(lambda: worker.worker.registry.routing.mode == mode, 30, f"{mode} routing")
         produce_events(pipeline, events)
         outputs = predictions(pipeline, len(events))

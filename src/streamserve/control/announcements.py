@@ -71,6 +71,8 @@ class WorkerStatus:
     model: str
     state: str
     serving_version: str
+    serving_uri: str
+    serving_sha256: str
     mode: str
     candidate_version: str | None
     canary_share: float

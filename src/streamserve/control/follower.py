@@ -169,6 +169,8 @@ class ControlFollower:
             model=self.registry.settings.name,
             state=state.state,
             serving_version=routing.live.version,
+            serving_uri=routing.live.uri,
+            serving_sha256=routing.live.sha256,
             mode=routing.mode,
             candidate_version=routing.candidate.version if routing.candidate else None,
             canary_share=routing.canary_share,

@@ -57,6 +57,7 @@ def send(config: LibrdkafkaConfig, topic: str, announcement: ModelAnnouncement, 
 def publish(
     config: LibrdkafkaConfig,
     topic: str,
+    status_topic: str,
     model: str,
     version: str,
     uri: str,
@@ -74,12 +75,18 @@ def publish(
     if action == "canary" and not 0.0 < canary_share < 1.0:
         raise StreamServeError(f"canary share must be between 0 and 1, got {canary_share}")
     live = current(config, topic, model)
-    baseline: tuple[str | None, str | None, str | None]
+    baseline: tuple[str | None, str | None, str | None] = (None, None, None)
     if live is not None and live.action in ("canary", "shadow") and live.baseline_version:
         # The live version under a canary/shadow is its baseline, not the candidate.
         baseline = (live.baseline_version, live.baseline_uri, live.baseline_sha256)
+    elif live is not None:
+        baseline = (live.version, live.uri, live.sha256)
     else:
-        baseline = (live.version, live.uri, live.sha256) if live else (None, None, None)
+        # First announcement: the fleet serves the version of its config; remember it for rollbacks.
+        serving = [s for s in fleet_status(config, status_topic) if s.model == model and s.serving_uri]
+        if serving:
+            newest = max(serving, key=lambda s: s.reported_at)
+            baseline = (newest.serving_version, newest.serving_uri, newest.serving_sha256)
     announcement = ModelAnnouncement.now(
         model=model,
         version=version,

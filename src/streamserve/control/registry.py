@@ -82,7 +82,7 @@ class ModelRegistry:
                     return model
         started = time.perf_counter()
         data, digest = fetch_verified(uri, sha256)
-        model = OnnxModel.load(data, self.settings, version, self.n_features, sha256=digest)
+        model = OnnxModel.load(data, self.settings, version, self.n_features, sha256=digest, uri=uri)
         log.info(
             "loaded %s %s from %s in %.0f ms", self.settings.name, version, uri, (time.perf_counter() - started) * 1000
         )

@@ -175,6 +175,7 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     publish(
         settings.kafka.common(),
         settings.control.topic,
+        settings.control.status_topic,
         settings.model.name,
         "v2",
         str(trained["v2"].path),

@@ -46,10 +46,17 @@ class OnnxModel:
     score_column: int | None
     label_output: str | None
     sha256: str = ""
+    uri: str = ""
 
     @classmethod
     def load(
-        cls, model_bytes: bytes, settings: ModelSettings, version: str, n_features: int, sha256: str = ""
+        cls,
+        model_bytes: bytes,
+        settings: ModelSettings,
+        version: str,
+        n_features: int,
+        sha256: str = "",
+        uri: str = "",
     ) -> OnnxModel:
         """Create the session, check its signature against the feature spec, and warm it up."""
         try:
@@ -69,6 +76,7 @@ class OnnxModel:
             score_column=settings.score_column,
             label_output=settings.label_output,
             sha256=sha256,
+            uri=uri,
         )
         model._check_outputs()
         model.warm_up(n_features)
