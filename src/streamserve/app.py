@@ -16,7 +16,7 @@ from confluent_kafka import TopicPartition
 from streamserve.config import PipelineSettings
 from streamserve.control.follower import ControlFollower
 from streamserve.control.registry import ModelRegistry, Routing
-from streamserve.errors import DecodeError, EnrichError, InferenceError
+from streamserve.errors import DecodeError, EnrichError, Fenced, InferenceError, TransactionAborted
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.decode import make_decoder
@@ -39,8 +39,12 @@ class WorkerStats:
     shadow_out: int = 0
     dead_letters: int = 0
     batches: int = 0
+    aborted_batches: int = 0
+    degraded_predictions: int = 0
     missing_defaults: int = 0
     stale_defaults: int = 0
+    paused: int = 0
+    fenced: bool = False
     by_stage: dict[str, int] = field(default_factory=dict)
 
 
@@ -50,8 +54,10 @@ class Worker:
     def __init__(self, settings: PipelineSettings) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.exactly_once = settings.delivery == "exactly_once"
         self.stats = WorkerStats()
         self._stop = threading.Event()
+        self._paused = False
         self._decode = make_decoder(settings.input.schema_path, settings.kafka.schema_registry_url)
         timeout_s = settings.redis.timeout_ms / 1000
         self.redis = redis.Redis.from_url(
@@ -60,7 +66,14 @@ class Worker:
         self.features = FeatureBuilder(settings.features, redis_fetcher(self.redis, settings.redis))
         self.registry = ModelRegistry(settings.model, self.features.width, settings.control.keep_versions)
         self.encoder = PredictionEncoder(settings.output.schema_path, settings.input)
-        self.sink = OutputSink(settings.kafka.producer_config())
+        producer_options: dict[str, str | int | float | bool] = {}
+        if self.exactly_once:
+            # Stable per worker: a restarted worker with the same id fences its zombie predecessor.
+            producer_options = {
+                "transactional.id": f"{settings.kafka.group_id}-{self.worker_id}",
+                "transaction.timeout.ms": settings.transaction_timeout_ms,
+            }
+        self.sink = OutputSink(settings.kafka.producer_config(**producer_options))
         self.source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
         self.batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms)
         self.follower = (
@@ -81,16 +94,19 @@ class Worker:
 
     def run(self) -> WorkerStats:
         """Serve until stopped; on the way out finish the open batch, commit, and leave the group."""
+        if self.exactly_once:
+            self.sink.init_transactions(self.settings.shutdown_timeout_s)
         if self.follower is not None:
             self.follower.catch_up()
             self.follower.start()
-        self.source.start(on_revoke=self._on_revoke)
+        self.source.start(on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info(
-            "worker %s serving %s %s from %s",
+            "worker %s serving %s %s from %s (%s)",
             self.worker_id,
             self.settings.model.name,
             self.registry.routing.live.version,
             self.settings.input.topic,
+            self.settings.delivery,
         )
         next_log = time.monotonic() + self.settings.log_every_s
         try:
@@ -99,20 +115,22 @@ class Worker:
                 if self.settings.log_every_s and time.monotonic() >= next_log:
                     self._log_progress()
                     next_log = time.monotonic() + self.settings.log_every_s
-            self._drain()
+            self._drain(self.settings.shutdown_timeout_s)
+        except Fenced as exc:
+            # Another instance owns our transactional.id: stop without committing anything (no crash loop).
+            self.stats.fenced = True
+            log.error("fenced, stopping without committing: %s", exc)
         finally:
             if self.follower is not None:
                 self.follower.stop()
             self.source.close()
-            self.sink.producer.flush(5)
+            if not self.exactly_once:
+                self.sink.producer.flush(5)
         self._log_progress()
         return self.stats
 
     def _step(self) -> None:
-        if self.sink.inflight >= self.settings.batch.max_inflight_batches:
-            self.sink.poll(0.05)  # backpressure: no intake until outputs are acknowledged
-            self._commit()
-            return
+        self._apply_backpressure()
         if not len(self.batcher):
             self.batcher.mark_open()  # the time bound counts from when we started waiting
         records = self.source.poll(self.batcher.room, self.batcher.time_left())
@@ -122,24 +140,55 @@ class Worker:
         self.sink.poll(0)
         self._commit()
 
+    def _apply_backpressure(self) -> None:
+        """Pause the assigned partitions while too many batches await acknowledgement; never buffer more."""
+        limit = self.settings.batch.max_inflight_batches
+        if not self._paused and self.sink.inflight >= limit:
+            self.source.pause()
+            self._paused = True
+            self.stats.paused += 1
+        while self.sink.inflight >= limit and not self._stop.is_set():
+            self.sink.poll(0.05)
+            self._commit()
+        if self._paused and self.sink.inflight <= limit // 2:
+            self.source.resume()
+            self._paused = False
+
     def _commit(self) -> None:
+        if self.exactly_once:
+            return  # offsets travel inside each batch's transaction
         offsets = self.sink.releasable()
         if offsets:
             self.source.commit(offsets)
 
-    def _drain(self, timeout_s: float = 30.0) -> None:
-        while len(self.batcher):
+    def _drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.batcher) and time.monotonic() < deadline:
             self.process(self.batcher.take())
-        offsets = self.sink.flush(timeout_s)
+        if self.exactly_once:
+            self.batcher.take()  # past the deadline: abandoned uncommitted, the next owner re-reads it
+            return
+        offsets = self.sink.flush(max(deadline - time.monotonic(), 1.0))
         if offsets:
             self.source.commit(offsets, asynchronous=False)
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
+        if self.exactly_once:
+            # No transaction is open between batches; records not yet processed are left to the next owner.
+            self.batcher.drop(lambda s: (s.topic, s.partition) not in {(p.topic, p.partition) for p in partitions})
+            return
         # Finish and commit what we hold before the partitions move, so the next owner starts after it.
-        self._drain()
+        self._drain(self.settings.shutdown_timeout_s)
+
+    def _on_lost(self, partitions: list[TopicPartition]) -> None:
+        # Another member may own them already: drop what we hold of them, commit nothing for them.
+        lost = {(p.topic, p.partition) for p in partitions}
+        self.batcher.drop(lambda s: (s.topic, s.partition) not in lost)
 
     def process(self, sources: list[Source]) -> None:
         """Run one micro-batch through decode -> enrich -> infer -> encode -> produce."""
+        if self.exactly_once:
+            self.sink.begin()
         inflight = InflightBatch()
         inflight.cover(sources)
         rejected: list[Rejected] = []
@@ -150,25 +199,50 @@ class Worker:
             except DecodeError as exc:
                 rejected.append(Rejected(source, exc.stage, type(exc).__name__, str(exc)))
         if events:
-            try:
-                batch = self.features.build(events)
-            except EnrichError as exc:
-                if self.settings.redis.on_error == "fail":
-                    raise
-                batch = FeatureBatch(events=[], matrix=np.empty((0, self.features.width), np.float32))
-                rejected += [Rejected(e.source, exc.stage, type(exc).__name__, str(exc)) for e in events]
-            rejected += batch.rejected
-            self.stats.missing_defaults += batch.missing_defaults
-            self.stats.stale_defaults += batch.stale_defaults
+            batch = self._features(events, rejected)
             if batch.events:
                 self._score(batch, self.registry.routing, inflight, rejected)
         for item in rejected:
             self.sink.produce(inflight, self.settings.output.dead_letter_topic, *dead_letter(item))
             self.stats.by_stage[item.stage] = self.stats.by_stage.get(item.stage, 0) + 1
-        self.sink.seal(inflight)
+        if self.exactly_once:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in inflight.next_offsets.items()]
+            try:
+                self.sink.commit_transaction(
+                    offsets, self.source.consumer.consumer_group_metadata(), self.settings.shutdown_timeout_s
+                )
+            except TransactionAborted:
+                self.stats.aborted_batches += 1
+                self._rewind()
+                return
+        else:
+            self.sink.seal(inflight)
         self.stats.events_in += len(sources)
         self.stats.dead_letters += len(rejected)
         self.stats.batches += 1
+
+    def _features(self, events: list[Event], rejected: list[Rejected]) -> FeatureBatch:
+        try:
+            batch = self.features.build(events)
+        except EnrichError as exc:
+            policy = self.settings.redis.on_error
+            if policy == "fail":
+                raise
+            if policy == "defaults":
+                batch = self.features.build(events, redis_available=False)
+            else:
+                rejected += [Rejected(e.source, exc.stage, type(exc).__name__, str(exc)) for e in events]
+                return FeatureBatch(events=[], matrix=np.empty((0, self.features.width), np.float32))
+        rejected += batch.rejected
+        self.stats.missing_defaults += batch.missing_defaults
+        self.stats.stale_defaults += batch.stale_defaults
+        return batch
+
+    def _rewind(self) -> None:
+        """After an aborted transaction: forget buffered records and resume from the committed offsets."""
+        self.batcher.take()
+        self.batcher.drop(lambda _: False)
+        self.source.rewind_to_committed()
 
     def _score(self, batch: FeatureBatch, routing: Routing, inflight: InflightBatch, rejected: list[Rejected]) -> None:
         topic = self.settings.output.topic
@@ -218,21 +292,25 @@ class Worker:
             keep = np.flatnonzero(finite)
             events = [events[i] for i in keep]
             outputs = type(outputs)(outputs.score[keep], None if outputs.label is None else outputs.label[keep])
-        for key, value, headers in self.encoder.encode(events, outputs, model.name, model.version):
+        for key, value, headers in self.encoder.encode(events, outputs, model.name, model.version, batch.degraded):
             self.sink.produce(inflight, topic, key, value, headers)
         if rejected is None:
             self.stats.shadow_out += len(events)
         else:
             self.stats.predictions_out += len(events)
+            self.stats.degraded_predictions += len(events) if batch.degraded else 0
 
     def _log_progress(self) -> None:
         s = self.stats
         log.info(
-            "events=%d predictions=%d dead_letters=%d batches=%d defaults(missing=%d stale=%d) version=%s",
+            "events=%d predictions=%d dead_letters=%d batches=%d aborted=%d degraded=%d defaults(missing=%d "
+            "stale=%d) version=%s",
             s.events_in,
             s.predictions_out,
             s.dead_letters,
             s.batches,
+            s.aborted_batches,
+            s.degraded_predictions,
             s.missing_defaults,
             s.stale_defaults,
             self.registry.routing.live.version,

@@ -179,8 +179,13 @@ class RedisSettings(_Section):
     timeout_ms: int = Field(default=1000, ge=1)
     retries: int = Field(default=3, ge=0)
     backoff_ms: int = Field(default=100, ge=0)
-    on_error: Literal["dead_letter", "fail"] = "dead_letter"
-    """After the retries: route the batch's events to the DLQ, or stop the worker."""
+    on_error: Literal["dead_letter", "wait", "defaults", "fail"] = "dead_letter"
+    """When Redis fails after the retries: ``dead_letter`` routes the batch's events to the DLQ; ``wait``
+    keeps retrying (intake stops) until Redis answers; ``defaults`` scores with each feature's default and
+    flags the predictions ``degraded`` (events of features without a default go to the DLQ); ``fail`` stops
+    the worker."""
+    max_backoff_ms: int = Field(default=5000, ge=1)
+    """Longest pause between retries."""
 
 
 class ControlSettings(_Section):
@@ -209,6 +214,15 @@ class PipelineSettings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     control: ControlSettings = ControlSettings()
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    """``at_least_once`` commits input offsets after outputs are acknowledged (duplicates possible after a
+    crash); ``exactly_once`` commits outputs and input offsets in one Kafka transaction per micro-batch
+    (readers with isolation.level=read_committed see each prediction once)."""
+    transaction_timeout_ms: int = Field(default=60_000, ge=1000)
+    """transaction.timeout.ms of the exactly-once producer."""
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    """On SIGTERM/SIGINT: time to finish the open batch, flush and commit (keep below Kubernetes'
+    terminationGracePeriodSeconds)."""
     log_every_s: float = 10.0
     """Interval of the progress log line; 0 disables it."""
 

@@ -60,3 +60,11 @@ class SignatureMismatch(ModelError):
 
 class DeliveryError(StreamServeError):
     """The broker did not acknowledge an output record; its input offset is never committed."""
+
+
+class TransactionAborted(StreamServeError):
+    """A micro-batch's transaction was aborted; its input is read again from the committed offsets."""
+
+
+class Fenced(StreamServeError):
+    """Another producer with this worker's transactional.id took over: this worker must stop."""

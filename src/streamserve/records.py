@@ -49,6 +49,8 @@ class FeatureBatch:
     matrix: np.ndarray
     missing_defaults: int = 0
     stale_defaults: int = 0
+    degraded: bool = False
+    """Redis was unavailable and every Redis feature took its default."""
     rejected: list[Rejected] = field(default_factory=list)
 
 

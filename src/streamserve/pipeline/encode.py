@@ -36,6 +36,7 @@ class PredictionEncoder:
         outputs: ModelOutputs,
         model_name: str,
         model_version: str,
+        degraded: bool = False,
     ) -> list[tuple[bytes, bytes, Headers]]:
         """Encode one record per event; outputs are aligned with events."""
         now_ms = int(time.time() * 1000)
@@ -69,6 +70,7 @@ class PredictionEncoder:
                     "source_topic": source.topic,
                     "source_partition": source.partition,
                     "source_offset": source.offset,
+                    "degraded": degraded,
                 },
             )
             headers: Headers = [

@@ -62,12 +62,13 @@ def _redis_fetch_with_retry(
             replies = pipe.execute()
             break
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if attempt >= settings.retries:
+            if attempt >= settings.retries and settings.on_error != "wait":
                 raise EnrichError(
                     f"Redis unavailable after {attempt + 1} attempts: {type(exc).__name__}: {exc}"
                 ) from exc
-            delay = settings.backoff_ms / 1000 * (2**attempt)
-            log.warning("Redis error (%s), retry %d/%d in %.2fs", exc, attempt + 1, settings.retries, delay)
+            delay = min(settings.backoff_ms * 2 ** min(attempt, 16), settings.max_backoff_ms) / 1000
+            limit = "until it answers" if settings.on_error == "wait" else f"of {settings.retries}"
+            log.warning("Redis error (%s), retry %d %s in %.2fs", exc, attempt + 1, limit, delay)
             time.sleep(delay)
             attempt += 1
     results: list[dict[str, list[Any]]] = []
@@ -110,12 +111,20 @@ class FeatureBuilder:
         """Number of model inputs per event."""
         return len(self.features)
 
-    def build(self, events: Sequence[Event]) -> FeatureBatch:
-        """Matrix for the events whose features could be built; the others are rejected with a reason."""
+    def build(self, events: Sequence[Event], redis_available: bool = True) -> FeatureBatch:
+        """Matrix for the events whose features could be built; the others are rejected with a reason.
+
+        With ``redis_available=False`` every Redis feature takes its default and the batch is flagged
+        degraded (the ``defaults`` policy for feature-store outages).
+        """
         n = len(events)
         reasons: dict[int, str] = {}
         keys_per_event = self._render_keys(events, reasons)
-        lookups = self._lookup(keys_per_event) if self._groups else []
+        degraded = bool(self._groups) and not redis_available
+        if degraded:
+            lookups: list[dict[str, list[Any]]] = [{} for _ in self._groups]
+        else:
+            lookups = self._lookup(keys_per_event) if self._groups else []
         now_ms = self._clock_ms()
         columns = np.empty((n, self.width), dtype=np.float64)
         missing_defaults = stale_defaults = 0
@@ -153,6 +162,7 @@ class FeatureBuilder:
             matrix=columns[keep].astype(np.float32) if reasons else columns.astype(np.float32),
             missing_defaults=missing_defaults,
             stale_defaults=stale_defaults,
+            degraded=degraded,
             rejected=[
                 Rejected(events[row].source, FeatureError.stage, FeatureError.__name__, reason)
                 for row, reason in sorted(reasons.items())

@@ -8,13 +8,14 @@ partitions, so the tracker commits the longest prefix of fully acknowledged batc
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from streamserve.errors import DeliveryError
+from streamserve.errors import DeliveryError, Fenced, TransactionAborted
 from streamserve.records import Headers, Source
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,65 @@ class OutputSink:
 
     def __init__(self, producer_config: dict[str, str | int | float | bool]) -> None:
         self.producer = Producer({**PRODUCER_DEFAULTS, **producer_config})
+        self.transactional = "transactional.id" in producer_config
         self._inflight: deque[InflightBatch] = deque()
+
+    # Exactly-once: one transaction per micro-batch holds its outputs and its input offsets.
+
+    def init_transactions(self, timeout_s: float) -> None:
+        """Register the transactional.id with the coordinator, fencing any older producer that had it."""
+        self.producer.init_transactions(timeout_s)
+
+    def begin(self) -> None:
+        """Open the micro-batch's transaction."""
+        try:
+            self.producer.begin_transaction()
+        except KafkaException as exc:
+            raise Fenced(f"cannot begin a transaction: {exc.args[0]}") from exc
+
+    def commit_transaction(self, offsets: list[TopicPartition], group_metadata: object, timeout_s: float) -> None:
+        """Add the input offsets to the transaction and commit it; abort and raise TransactionAborted if the
+        broker requires it (e.g. the partitions moved to another member); raise Fenced when fatal."""
+        deadline = time.monotonic() + timeout_s
+        offsets_sent = False
+        while True:
+            remaining = max(deadline - time.monotonic(), 1.0)
+            try:
+                if not offsets_sent:
+                    self.producer.send_offsets_to_transaction(offsets, group_metadata, remaining)
+                    offsets_sent = True
+                self.producer.commit_transaction(remaining)
+                return
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if error.fatal():
+                    raise Fenced(f"transactional producer failed fatally: {error}") from exc
+                if error.txn_requires_abort():
+                    log.warning("aborting the batch's transaction: %s", error)
+                    self.abort(timeout_s)
+                    raise TransactionAborted(str(error)) from exc
+                if not error.retriable() or time.monotonic() > deadline:
+                    self.abort(timeout_s)
+                    raise TransactionAborted(f"commit did not complete: {error}") from exc
+                log.info("retrying transaction commit: %s", error)
+
+    def abort(self, timeout_s: float) -> None:
+        """Abort the open transaction (its records become invisible to read_committed readers).
+
+        Retried while the broker is unreachable: until the abort completes, nothing else may be produced.
+        """
+        deadline = time.monotonic() + max(timeout_s, 120.0)
+        while True:
+            try:
+                self.producer.abort_transaction(timeout_s)
+                return
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if error.fatal():
+                    raise Fenced(f"cannot abort: {error}") from exc
+                if time.monotonic() > deadline:
+                    raise DeliveryError(f"transaction could not be aborted: {error}") from exc
+                log.warning("retrying abort_transaction: %s", error)
 
     def produce(
         self, batch: InflightBatch, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from streamserve.records import Headers, Source
 
@@ -19,6 +19,8 @@ CONSUMER_DEFAULTS: dict[str, str | int | float | bool] = {
     "partition.assignment.strategy": "cooperative-sticky",
     "session.timeout.ms": 10_000,
     "fetch.wait.max.ms": 10,
+    "isolation.level": "read_committed",  # never score records of an upstream transaction that aborted
+    "queued.max.messages.kbytes": 16_384,  # bounds prefetched input: memory stays flat when we pause
 }
 
 RevokeCallback = Callable[[list[TopicPartition]], None]
@@ -32,10 +34,12 @@ class KafkaSource:
         self.topic = topic
         self.assignment: set[tuple[str, int]] = set()
         self._on_revoke: RevokeCallback | None = None
+        self._on_lost: RevokeCallback | None = None
 
-    def start(self, on_revoke: RevokeCallback) -> None:
+    def start(self, on_revoke: RevokeCallback, on_lost: RevokeCallback | None = None) -> None:
         """Join the group."""
         self._on_revoke = on_revoke
+        self._on_lost = on_lost
         self.consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost)
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -51,6 +55,8 @@ class KafkaSource:
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Lost partitions may already belong to another member: nothing of theirs may be committed.
         log.warning("lost %s", sorted(tp.partition for tp in partitions))
+        if self._on_lost is not None:
+            self._on_lost(partitions)
         self.assignment.difference_update((tp.topic, tp.partition) for tp in partitions)
 
     def poll(self, max_records: int, timeout: float) -> list[Source]:
@@ -92,6 +98,31 @@ class KafkaSource:
         except KafkaException as exc:
             # A commit racing a rebalance fails; the new owner re-reads from the last commit (at-least-once).
             log.warning("commit of %s failed: %s", [(tp.partition, tp.offset) for tp in owned], exc)
+
+    def _assigned_partitions(self) -> list[TopicPartition]:
+        return [TopicPartition(topic, partition) for topic, partition in sorted(self.assignment)]
+
+    def pause(self) -> None:
+        """Stop fetching from every assigned partition (backpressure)."""
+        self.consumer.pause(self._assigned_partitions())
+        log.info("paused %d partitions: outputs not acknowledged fast enough", len(self.assignment))
+
+    def resume(self) -> None:
+        """Fetch again from where each partition stopped."""
+        self.consumer.resume(self._assigned_partitions())
+        log.info("resumed %d partitions", len(self.assignment))
+
+    def rewind_to_committed(self) -> None:
+        """Seek every assigned partition back to its committed offset (after an aborted transaction)."""
+        partitions = self._assigned_partitions()
+        if not partitions:
+            return
+        for tp in self.consumer.committed(partitions, timeout=30):
+            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            try:
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            except KafkaException as exc:
+                log.warning("seek %s[%d] to %d failed: %s", tp.topic, tp.partition, offset, exc)
 
     def close(self) -> None:
         """Leave the group."""
