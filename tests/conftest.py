@@ -1,12 +1,110 @@
-"""Shared test configuration: the `integration` marker follows the directory."""
+"""Shared fixtures: the real Kafka broker and Redis server, trained models, per-test namespaces.
+
+Tests under tests/integration and tests/faults are marked `integration`; unit tests request none of
+these fixtures, so they run without servers.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
-INTEGRATION_DIRS = ("integration",)
+from streamserve.demo.data import Entities, make_entities
+from streamserve.demo.train import TrainedModel, train_versions
+from tests.integration.harness import Pipeline
+from tests.integration.servers import Servers, ServerStartError, servers
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Servers]:
+    try:
+        with servers() as found:
+            yield found
+    except ServerStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def bootstrap(stack: Servers) -> str:
+    return stack.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def redis_client(stack: Servers) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(stack.redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def entities() -> Entities:
+    return make_entities(n_cards=500, n_merchants=50, seed=3)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory, entities: Entities) -> dict[str, TrainedModel]:
+    trained = train_versions(entities, tmp_path_factory.mktemp("models"), rows=4000)
+    return {m.version: m for m in trained}
+
+
+@pytest.fixture
+def pipeline_factory(
+    stack: Servers, tmp_path: Path, models: dict[str, TrainedModel], entities: Entities, redis_client: redis.Redis
+) -> Iterator[Callable[..., Pipeline]]:
+    """Makes pipelines with their own topics and Redis keys (features of `entities` loaded); cleans up after."""
+    made: list[Pipeline] = []
+
+    def make(partitions: int = 4, **overrides: Any) -> Pipeline:
+        pipe = Pipeline(
+            stack.bootstrap_servers,
+            stack.redis_url,
+            tmp_path,
+            models["v1"].path,
+            partitions=partitions,
+            overrides=overrides,
+        )
+        pipe.create_topics()
+        writes = redis_client.pipeline(transaction=False)
+        for card_id, values in entities.cards.items():
+            writes.hset(f"{pipe.prefix}:card:{card_id}", mapping=values)
+        for merchant_id, values in entities.merchants.items():
+            writes.hset(f"{pipe.prefix}:merchant:{merchant_id}", mapping=values)
+        writes.execute()
+        made.append(pipe)
+        return pipe
+
+    yield make
+    for pipe in made:
+        keys = list(redis_client.scan_iter(f"{pipe.prefix}:*", count=1000))
+        if keys:
+            redis_client.delete(*keys)
+
+
+@pytest.fixture
+def pipeline(pipeline_factory: Callable[..., Pipeline], request: pytest.FixtureRequest) -> Pipeline:
+    """A pipeline of 4 partitions; `@pytest.mark.pipeline(**{"batch.max_batch_size": 64})` overrides keys."""
+    marker = request.node.get_closest_marker("pipeline")
+    return pipeline_factory(**(dict(marker.kwargs) if marker else {}))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault-injection table (and write it to $STREAMSERVE_FAULT_REPORT when set)."""
+    faults = sys.modules.get("tests.faults.test_faults")
+    table = faults.report_table() if faults is not None and faults.REPORT else ""
+    if table:
+        terminalreporter.write_sep("=", "fault-injection results")
+        terminalreporter.write_line(table)
+        if os.environ.get("STREAMSERVE_FAULT_REPORT"):
+            Path(os.environ["STREAMSERVE_FAULT_REPORT"]).write_text(table + "\n")
+
+
+INTEGRATION_DIRS = ("integration", "faults")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -164,7 +164,10 @@ class Pipeline:
             *parents, leaf = dotted.split(".")
             for part in parents:
                 node = node.setdefault(part, {})
-            node[leaf] = value
+            if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+                node[leaf].update(value)
+            else:
+                node[leaf] = value
         self.path = self.directory / f"{self.name}.yaml"
         self.path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.settings: PipelineSettings = load_settings(self.path)
