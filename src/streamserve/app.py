@@ -29,6 +29,9 @@ from streamserve.records import Event, FeatureBatch, Rejected, Source
 
 log = logging.getLogger(__name__)
 
+PAUSE_AFTER_S = 1.0
+"""How long the sink may hold intake back before the partitions are paused."""
+
 
 @dataclass
 class WorkerStats:
@@ -141,18 +144,25 @@ class Worker:
         self._commit()
 
     def _apply_backpressure(self) -> None:
-        """Pause the assigned partitions while too many batches await acknowledgement; never buffer more."""
+        """Wait while too many batches await acknowledgement; pause the partitions if that lasts.
+
+        Prefetched input is already bounded by queued.max.messages.kbytes; pausing matters for a slow
+        sink, so that waiting costs no memory and the consumer keeps serving group membership meanwhile.
+        """
         limit = self.settings.batch.max_inflight_batches
-        if not self._paused and self.sink.inflight >= limit:
-            self.source.pause()
-            self._paused = True
-            self.stats.paused += 1
-        while self.sink.inflight >= limit and not self._stop.is_set():
-            self.sink.poll(0.05)
-            self._commit()
         if self._paused and self.sink.inflight <= limit // 2:
             self.source.resume()
             self._paused = False
+        waiting_since = time.monotonic()
+        while self.sink.inflight >= limit and not self._stop.is_set():
+            self.sink.poll(0.05)
+            self._commit()
+            if not self._paused and time.monotonic() - waiting_since > PAUSE_AFTER_S:
+                self.source.pause()
+                self._paused = True
+                self.stats.paused += 1
+            if self._paused and self.batcher.room:
+                self.batcher.add(self.source.poll(self.batcher.room, 0))  # serves rebalance callbacks
 
     def _commit(self) -> None:
         if self.exactly_once:
