@@ -46,6 +46,11 @@ stack-down:  ## stop what stack-up started
 stack-status:
 	$(STACK) status
 
+bench: venv  ## benchmark against the Kafka limit, a hand-written loop, Quix Streams, faust (BENCHMARKS.md)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(STACK) up
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 clean:  ## remove the virtualenv and local state
 	-$(STACK) down
 	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache examples/fraud/models examples/fraud/data

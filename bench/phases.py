@@ -1,0 +1,292 @@
+"""The measurements: throughput on the pre-produced backlog, latency at an offered rate, the hot-swap window."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import numpy as np
+from confluent_kafka import Producer
+
+from bench.dataset import SCHEMAS, Dataset
+from bench.loadgen import relabel
+from bench.measure import Latency, match_latencies, read_topic, sustained_rate, usage_in_window
+from bench.procs import Job, Sampler, TopicCounter, wait_for_count
+from bench.scenarios import Scenario, commands, job_env, streamserve_topics
+from streamserve.control.publish import publish
+from streamserve.pipeline.decode import load_schema
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Settings:
+    """Knobs of one benchmark run."""
+
+    out_dir: Path
+    max_seconds: float = 45.0
+    """Longest a scenario may take over the backlog; slower systems are measured on what they did by then."""
+    rate_seconds: float = 10.0
+    """Measured seconds of an offered-rate run (after the warm-up)."""
+    warmup_seconds: float = 2.0
+    drain_seconds: float = 20.0
+    ready_timeout_s: float = 120.0
+
+
+def _create_output_topics(dataset: Dataset, scenario: Scenario, output_topic: str) -> None:
+    if scenario.kind == "streamserve":
+        wide, narrow = streamserve_topics(output_topic)
+        dataset.create_topics(*wide)
+        dataset.create_topics(*narrow, partitions=1)
+    else:
+        dataset.create_topics(output_topic)
+
+
+def _start(
+    scenario: Scenario, dataset: Dataset, settings: Settings, input_topic: str, output_topic: str, tag: str
+) -> Job:
+    _create_output_topics(dataset, scenario, output_topic)
+    work = settings.out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    return Job(
+        name=f"{scenario.name}-{tag}",
+        commands=commands(scenario, dataset, input_topic, output_topic, work),
+        log_dir=settings.out_dir / "logs",
+        env=job_env(scenario),
+    ).start()
+
+
+def throughput(scenario: Scenario, dataset: Dataset, settings: Settings) -> dict[str, Any]:
+    """Events/s, CPU per 1k events and peak RSS while the system works through the pre-produced events."""
+    output_topic = dataset.topic(f"{scenario.name}-tput")
+    job = _start(scenario, dataset, settings, dataset.events_topic, output_topic, "tput")
+    sampler = Sampler(job.pids, list(dataset.stack.server_pids.values())).start()
+    counter = TopicCounter(dataset.stack.bootstrap, output_topic, dataset.partitions)
+    expected = len(dataset.payloads)
+    started = time.monotonic()
+    try:
+        count, complete = wait_for_count(counter, expected, settings.max_seconds, job)
+    finally:
+        job.stop()
+        samples = sampler.stop()
+        counter.close()
+    wall_s = time.monotonic() - started
+    outputs = read_topic(dataset.stack.bootstrap, output_topic, dataset.partitions)
+    rate, start_ms, end_ms = sustained_rate(outputs.timestamps_ms)
+    cpu_s, server_cpu_s, peak_rss = usage_in_window(samples, start_ms, end_ms)
+    window_events = rate * (end_ms - start_ms) / 1000
+    result = {
+        "events_per_s": round(rate, 1),
+        "cpu_s_per_1k": round(cpu_s / window_events * 1000, 4) if window_events else None,
+        "server_cpu_s_per_1k": round(server_cpu_s / window_events * 1000, 4) if window_events else None,
+        "peak_rss_mb": round(peak_rss / MB, 1),
+        "outputs": count,
+        "expected": expected,
+        "complete": complete,
+        "wall_s": round(wall_s, 1),
+    }
+    log.info("%-22s throughput %s", scenario.name, result)
+    return result
+
+
+def _probe(dataset: Dataset, topic: str) -> int:
+    """One event per partition, so a reader of every partition proves it serves; returns how many."""
+    producer = Producer({"bootstrap.servers": dataset.stack.bootstrap})
+    for partition in range(dataset.partitions):
+        key, value = dataset.payloads[partition]
+        producer.produce(topic, relabel(value, b"p%02d-" % partition), key, partition=partition)
+    producer.flush(30)
+    return dataset.partitions
+
+
+def offered_rate(
+    scenario: Scenario,
+    dataset: Dataset,
+    settings: Settings,
+    rate: float,
+    tag: str,
+    seconds: float | None = None,
+    during: Callable[[float], None] | None = None,
+    keep_values: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Latency percentiles while a load generator offers `rate` events/s to a fresh input topic.
+
+    Returns the summary and the raw material (input/output records, window) for further analysis.
+    `during(elapsed_s)` is called about every 0.1 s while the load runs (the hot-swap run publishes from it).
+    """
+    seconds = seconds or settings.rate_seconds
+    input_topic = dataset.topic(f"{scenario.name}-{tag}-in")
+    output_topic = dataset.topic(f"{scenario.name}-{tag}-out")
+    dataset.create_topics(input_topic)
+    job = _start(scenario, dataset, settings, input_topic, output_topic, tag)
+    counter = TopicCounter(dataset.stack.bootstrap, output_topic, dataset.partitions)
+    try:
+        probes = _probe(dataset, input_topic)
+        _, ready = wait_for_count(counter, probes, settings.ready_timeout_s, job)
+        if not ready:
+            raise RuntimeError(f"{scenario.name}: no output for the probe events\n{job.log_tail()}")
+        sampler = Sampler(job.pids, list(dataset.stack.server_pids.values())).start()
+        loadgen = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.loadgen",
+                "--bootstrap",
+                dataset.stack.bootstrap,
+                "--topic",
+                input_topic,
+                "--payloads",
+                str(dataset.payload_file),
+                "--rate",
+                str(rate),
+                "--seconds",
+                str(settings.warmup_seconds + seconds),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        load_started = time.monotonic()
+        while loadgen.poll() is None:
+            if during is not None:
+                during(time.monotonic() - load_started)
+            time.sleep(0.1)
+            job.check_alive()
+        stdout = loadgen.stdout.read() if loadgen.stdout else ""
+        if loadgen.returncode != 0:
+            raise RuntimeError(f"load generator failed ({loadgen.returncode}): {stdout}")
+        generated = json.loads(stdout.strip().splitlines()[-1])
+        _, drained = wait_for_count(counter, probes + generated["sent"], settings.drain_seconds, job)
+    finally:
+        job.stop()
+        counter.close()
+    samples = sampler.stop()
+    inputs = read_topic(dataset.stack.bootstrap, input_topic, dataset.partitions)
+    outputs = read_topic(dataset.stack.bootstrap, output_topic, dataset.partitions, keep_values=keep_values)
+    generated_ts = np.sort(inputs.timestamps_ms[[not i.startswith(b"p") for i in inputs.ids]])
+    start_ms = float(generated_ts[0]) + settings.warmup_seconds * 1000
+    end_ms = float(generated_ts[-1]) + 1
+    sent_ms, latency_ms, offered = match_latencies(inputs, outputs, start_ms, end_ms)
+    lat = Latency.of(latency_ms, offered)
+    cpu_s, _, peak_rss = usage_in_window(samples, start_ms, end_ms)
+    summary = {
+        "offered_per_s": round(rate, 1),
+        "achieved_offered_per_s": generated["rate"],
+        **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(lat).items()},
+        "kept_up": drained and lat.matched == offered,
+        "cpu_s_per_1k": round(cpu_s / max(lat.matched, 1) * 1000, 4),
+        "peak_rss_mb": round(peak_rss / MB, 1),
+    }
+    log.info("%-22s @%8.0f/s %s", scenario.name, rate, summary)
+    raw = {
+        "inputs": inputs,
+        "outputs": outputs,
+        "sent_ms": sent_ms,
+        "latency_ms": latency_ms,
+        "start_ms": start_ms,
+        "end_ms": end_ms,
+    }
+    return summary, raw
+
+
+def hot_swap(
+    scenario: Scenario,
+    dataset: Dataset,
+    settings: Settings,
+    rate: float,
+    seconds: float = 16.0,
+    publish_at_s: float = 8.0,
+) -> dict[str, Any]:
+    """p99 latency in the 2 s around a v1 -> v2 switch, against steady state, at an offered rate."""
+    output_topic = dataset.topic(f"{scenario.name}-swap-out")
+    published: dict[str, float] = {}
+
+    def announce(elapsed_s: float) -> None:
+        if "wall_ms" in published or elapsed_s < settings.warmup_seconds + publish_at_s:
+            return
+        published["wall_ms"] = time.time() * 1000
+        thread = threading.Thread(
+            target=publish,
+            args=(
+                {"bootstrap.servers": dataset.stack.bootstrap},
+                f"{output_topic}.control",
+                f"{output_topic}.status",
+                "fraud",
+                "v2",
+                str(dataset.models["v2"]),
+            ),
+            kwargs={"notes": "bench hot swap"},
+            daemon=True,
+        )
+        thread.start()
+
+    summary, raw = offered_rate(scenario, dataset, settings, rate, "swap", seconds, during=announce, keep_values=True)
+    schema = load_schema(SCHEMAS / "prediction.avsc")
+    outputs = raw["outputs"]
+    versions = np.array(
+        [fastavro.schemaless_reader(io.BytesIO(v), schema, None)["model_version"] == "v2" for v in outputs.values],
+        dtype=bool,
+    )
+    if not versions.any() or "wall_ms" not in published:
+        raise RuntimeError("the hot swap did not happen: no v2 prediction")
+    switch_ms = float(outputs.timestamps_ms[versions].min())
+    publish_ms = published["wall_ms"]
+    # Latency by output time: re-match so each latency has its output timestamp.
+    appended = {i: t for i, t in zip(raw["inputs"].ids, raw["inputs"].timestamps_ms.tolist(), strict=True)}
+    out_ts, lat = [], []
+    seen: set[bytes] = set()
+    for event_id, ts in zip(outputs.ids, outputs.timestamps_ms.tolist(), strict=True):
+        if event_id in appended and event_id not in seen and appended[event_id] >= raw["start_ms"]:
+            seen.add(event_id)
+            out_ts.append(ts)
+            lat.append(ts - appended[event_id])
+    out_arr, lat_arr = np.array(out_ts, dtype=np.float64), np.array(lat, dtype=np.float64)
+
+    def p99(mask: np.ndarray) -> float:
+        return float(np.percentile(lat_arr[mask], 99)) if mask.any() else float("nan")
+
+    steady = out_arr < publish_ms - 500
+    around = (out_arr >= switch_ms - 1000) & (out_arr <= switch_ms + 1000)
+    loading = (out_arr >= publish_ms) & (out_arr <= switch_ms + 1000)
+    after = out_arr > switch_ms + 1000
+    result = {
+        "offered_per_s": summary["offered_per_s"],
+        "publish_to_switch_s": round((switch_ms - publish_ms) / 1000, 2),
+        "steady_p99_ms": round(p99(steady), 2),
+        "switch_window_p99_ms": round(p99(around), 2),
+        "announce_to_switch_p99_ms": round(p99(loading), 2),
+        "after_switch_p99_ms": round(p99(after), 2),
+        "switch_window_events": int(around.sum()),
+        "ratio": round(p99(around) / p99(steady), 2),
+        "kept_up": summary["kept_up"],
+        "timeline": _timeline(out_arr, lat_arr, publish_ms, switch_ms),
+    }
+    log.info("hot swap %s", {k: v for k, v in result.items() if k != "timeline"})
+    return result
+
+
+def _timeline(out_ms: np.ndarray, lat_ms: np.ndarray, publish_ms: float, switch_ms: float) -> dict[str, Any]:
+    """p99 per 250 ms of output time, relative to the switch, for the hot-swap chart."""
+    if not len(out_ms):
+        return {}
+    edges = np.arange(out_ms.min(), out_ms.max() + 250, 250)
+    index = np.digitize(out_ms, edges)
+    points = []
+    for bucket in np.unique(index):
+        chosen = lat_ms[index == bucket]
+        if len(chosen) >= 10:
+            points.append(
+                [round((edges[bucket - 1] - switch_ms) / 1000, 3), round(float(np.percentile(chosen, 99)), 2)]
+            )
+    return {"p99_per_250ms": points, "publish_s": round((publish_ms - switch_ms) / 1000, 3)}

@@ -1,0 +1,282 @@
+"""`python -m bench`: every scenario on the same events and model, in one run; results, charts, BENCHMARKS.md.
+
+`make bench` brings up the stack, installs the `bench` extra and runs this with its defaults;
+`.venv/bin/python -m bench --events 20000 --max-seconds 15` is a quick run while developing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+from confluent_kafka.admin import AdminClient
+
+from bench import report
+from bench.components import run_components
+from bench.dataset import REPO, Dataset, Stack, cleanup_redis, find_stack, prepare
+from bench.phases import Settings, hot_swap, offered_rate, throughput
+from bench.procs import Job, TopicCounter, wait_for_count
+from bench.scenarios import VENVS, Scenario, commands, ensure_peer_venv, job_env
+
+log = logging.getLogger("bench")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def scenarios(processes: int, peers: bool) -> list[Scenario]:
+    """Every system under test, in table order."""
+    found = [
+        Scenario("kafka-limit-1", "passthrough", 1, "Kafka limit (passthrough, 1 process)"),
+        Scenario(
+            f"kafka-limit-{processes}", "passthrough", processes, f"Kafka limit (passthrough, {processes} processes)"
+        ),
+        Scenario("handloop", "handloop", 1, "hand-written per-event loop"),
+    ]
+    if peers:
+        found += [
+            Scenario("quix", "quix", 1, "Quix Streams 3.28 (1 process)"),
+            Scenario("faust", "faust", 1, "faust-streaming 0.15 take() (1 process)"),
+        ]
+    found += [
+        Scenario("streamserve-1", "streamserve", 1, "streamserve, defaults (1 process)"),
+        Scenario(
+            f"streamserve-{processes}", "streamserve", processes, f"streamserve, defaults ({processes} processes)"
+        ),
+    ]
+    return found
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu_model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu_model = line.split(":", 1)[1].strip()
+            break
+    versions = {}
+    for dist in ("confluent-kafka", "fastavro", "onnxruntime", "numpy", "redis", "hiredis"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    from confluent_kafka import libversion
+
+    versions["librdkafka"] = libversion()[0]
+    for peer, dist in (("quix", "quixstreams"), ("faust", "faust-streaming")):
+        python = VENVS / peer / "bin" / "python"
+        if python.exists():
+            out = subprocess.run(
+                [str(python), "-c", f"import importlib.metadata as m; print(m.version('{dist}'))"],
+                capture_output=True,
+                text=True,
+            )
+            versions[dist] = out.stdout.strip() or None
+    return {
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
+def server_versions(stack: Stack) -> dict[str, str]:
+    """Kafka and Redis versions as the servers report them."""
+    info = redis.Redis.from_url(stack.redis_url).info("server")
+    kafka = os.environ.get("STREAMSERVE_KAFKA_VERSION", "4.1.2")
+    return {"kafka": kafka, "redis": str(info.get("redis_version"))}
+
+
+def profile_streamserve(dataset: Dataset, settings: Settings, seconds: float) -> Path | None:
+    """py-spy samples a streamserve worker while it works through the backlog; returns the collapsed stacks."""
+    py_spy = Path(sys.executable).parent / "py-spy"
+    if not py_spy.exists():
+        log.warning("py-spy not installed (pip install -e '.[bench]'): no profile")
+        return None
+    scenario = Scenario("profile", "streamserve", 1)
+    output_topic = dataset.topic("profile-tput")
+    from bench.phases import _create_output_topics
+
+    _create_output_topics(dataset, scenario, output_topic)
+    work = settings.out_dir / "work"
+    job = Job(
+        "profile",
+        commands(scenario, dataset, dataset.events_topic, output_topic, work),
+        settings.out_dir / "logs",
+        job_env(scenario),
+    ).start()
+    raw = settings.out_dir / "profile-streamserve.txt"
+    spy = subprocess.Popen(
+        [
+            str(py_spy),
+            "record",
+            "--pid",
+            str(job.pids[0]),
+            "--format",
+            "raw",
+            "--rate",
+            "250",
+            "--output",
+            str(raw),
+            "--duration",
+            str(int(seconds)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    counter = TopicCounter(dataset.stack.bootstrap, output_topic, dataset.partitions)
+    try:
+        wait_for_count(counter, len(dataset.payloads), seconds, job)
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+        job.stop()
+        counter.close()
+    return raw if raw.exists() else None
+
+
+def delete_topics(stack: Stack, run_id: str) -> None:
+    """Remove every topic of the run (they hold hundreds of thousands of records)."""
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
+    topics = [t for t in admin.list_topics(timeout=10).topics if t.startswith(f"bench-{run_id}-")]
+    if topics:
+        for future in admin.delete_topics(topics, operation_timeout=30).values():
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - best effort clean-up, report and go on
+                log.warning("could not delete a topic: %s", exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=200_000, help="pre-produced events (200000)")
+    parser.add_argument("--partitions", type=int, default=8, help="partitions of every topic (8)")
+    parser.add_argument(
+        "--processes", type=int, default=os.cpu_count() or 2, help="processes of the N-process scenarios (cores)"
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=45.0,
+        help="cap on one scenario's pass over the backlog; slower systems are measured on "
+        "what they processed by then (45)",
+    )
+    parser.add_argument("--rate-seconds", type=float, default=10.0, help="measured seconds per offered rate (10)")
+    parser.add_argument(
+        "--fixed-share", type=float, default=0.2, help="fixed offered rate, as a share of streamserve-1's maximum (0.2)"
+    )
+    parser.add_argument(
+        "--near-max-share",
+        type=float,
+        default=0.9,
+        help="'at max throughput' rate, as a share of each system's own maximum (0.9)",
+    )
+    parser.add_argument(
+        "--sweep", default="0.1,0.4,0.6,0.8", help="further offered rates for streamserve-1, as shares of its maximum"
+    )
+    parser.add_argument("--no-peers", action="store_true", help="skip Quix Streams and faust")
+    parser.add_argument("--only", help="comma-separated scenario names (default: all)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of streamserve")
+    parser.add_argument("--no-latency", action="store_true", help="throughput only")
+    parser.add_argument("--out", type=Path, help="results directory (bench/results/<timestamp>)")
+    parser.add_argument("--no-benchmarks-md", action="store_true", help="do not rewrite BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    started = time.monotonic()
+    out_dir = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings(out_dir, max_seconds=args.max_seconds, rate_seconds=args.rate_seconds)
+    stack = find_stack()
+    peers = not args.no_peers
+    if peers:
+        for name in ("quix", "faust"):
+            ensure_peer_venv(name)
+    chosen = scenarios(args.processes, peers)
+    if args.only:
+        wanted = set(args.only.split(","))
+        chosen = [s for s in chosen if s.name in wanted]
+
+    log.info("preparing %d events, %d partitions, results in %s", args.events, args.partitions, out_dir)
+    dataset = prepare(stack, out_dir, args.events, args.partitions)
+    results: dict[str, Any] = {
+        "command": " ".join(
+            shlex.quote(a) for a in [Path(sys.executable).name, "-m", "bench", *(argv or sys.argv[1:])]
+        ),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "servers": server_versions(stack),
+        "settings": {
+            "events": args.events,
+            "partitions": args.partitions,
+            "processes": args.processes,
+            "max_seconds": args.max_seconds,
+            "rate_seconds": args.rate_seconds,
+            "warmup_seconds": settings.warmup_seconds,
+            "fixed_share": args.fixed_share,
+            "near_max_share": args.near_max_share,
+            "model": "demo v1 (logistic regression, zipmap disabled)",
+            "batch": {"max_batch_size": 256, "max_wait_ms": 10},
+        },
+        "scenarios": [],
+    }
+    try:
+        results["components"] = run_components(dataset)
+        rows = {s.name: {"name": s.name, "title": s.title, "kind": s.kind, "processes": s.processes} for s in chosen}
+        for scenario in chosen:
+            rows[scenario.name]["throughput"] = throughput(scenario, dataset, settings)
+        ss1 = rows.get("streamserve-1", {}).get("throughput", {}).get("events_per_s")
+        if not args.no_latency and ss1:
+            fixed = args.fixed_share * ss1
+            results["fixed_rate_per_s"] = round(fixed, 1)
+            for scenario in chosen:
+                row = rows[scenario.name]
+                row["fixed_rate"], _ = offered_rate(scenario, dataset, settings, fixed, "fixed")
+                own = row["throughput"]["events_per_s"]
+                row["near_max"], _ = offered_rate(scenario, dataset, settings, args.near_max_share * own, "nearmax")
+            sweep = [{"share": args.fixed_share, **rows["streamserve-1"]["fixed_rate"]}]
+            for i, share in enumerate(float(s) for s in args.sweep.split(",") if s):
+                summary, _ = offered_rate(
+                    Scenario("streamserve-1", "streamserve"), dataset, settings, share * ss1, f"sweep{i}"
+                )
+                sweep.append({"share": share, **summary})
+            sweep.append({"share": args.near_max_share, **rows["streamserve-1"]["near_max"]})
+            results["sweep_streamserve_1"] = sorted(sweep, key=lambda r: r["share"])
+            results["hot_swap"] = hot_swap(Scenario("streamserve-1", "streamserve"), dataset, settings, fixed)
+        results["scenarios"] = list(rows.values())
+        if not args.no_profile and ss1:
+            raw = profile_streamserve(dataset, settings, args.max_seconds)
+            if raw is not None:
+                results["profile"] = report.profile_summary(raw)
+    finally:
+        cleanup_redis(stack, dataset.key_prefix)
+        delete_topics(stack, dataset.run_id)
+        dataset.payload_file.unlink(missing_ok=True)
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    report.write(results, out_dir, None if args.no_benchmarks_md else REPO / "BENCHMARKS.md")
+    log.info("done in %.0fs: %s", results["duration_s"], out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Prediction encoding: the column writer produces fastavro's bytes; unsupported schemas fall back to fastavro."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import numpy as np
+import pytest
+
+from streamserve.config import InputSettings
+from streamserve.pipeline.decode import load_schema
+from streamserve.pipeline.encode import ColumnWriter, PredictionEncoder, decode_prediction
+from streamserve.records import Event, ModelOutputs, Source
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+INPUT = InputSettings(
+    topic="in",
+    schema=SCHEMAS / "card_transaction.avsc",
+    key_field="card_id",
+    event_id_field="event_id",
+    event_time_field="event_time",
+)
+
+
+def avro(schema: Any, record: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, schema, record)
+    return buffer.getvalue()
+
+
+def events(n: int, topic: str = "in") -> list[Event]:
+    rng = np.random.default_rng(5)
+    found = []
+    for i in range(n):
+        offset = int(rng.integers(0, 2**40)) if i % 3 else i
+        event_time: Any = 1_700_000_000_000 + i
+        if i % 2:  # fastavro decodes timestamp-millis to an aware datetime
+            event_time = datetime.fromtimestamp(event_time / 1000, UTC)
+        fields = {"event_id": f"ev-{i}-" + "é" * (i % 70), "card_id": f"card-{i % 7}", "event_time": event_time}
+        found.append(Event(Source(topic, i % 12, offset, None, b"", None, 0), fields))
+    return found
+
+
+def expected(schema: Any, event: Event, score: float, label: int | None, now_ms: int, degraded: bool) -> bytes:
+    event_time = event.fields["event_time"]
+    return avro(
+        schema,
+        {
+            "event_id": event.fields["event_id"],
+            "key": event.fields["card_id"],
+            "model_name": "fraud",
+            "model_version": "v7",
+            "score": score,
+            "label": label,
+            "event_time": event_time if isinstance(event_time, int) else int(event_time.timestamp() * 1000),
+            "prediction_time": now_ms,
+            "source_topic": event.source.topic,
+            "source_partition": event.source.partition,
+            "source_offset": event.source.offset,
+            "degraded": degraded,
+        },
+    )
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("degraded", [True, False])
+def test_column_writer_matches_fastavro(with_labels: bool, degraded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("streamserve.pipeline.encode.time.time", lambda: 1_800_000_000.123)
+    encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", INPUT)
+    assert encoder._writer is not None, "the prediction schema is written column-wise"
+    batch = events(150)
+    scores = np.random.default_rng(1).random(150)
+    scores[3] = -0.0
+    labels = np.arange(150, dtype=np.int64) - 75 if with_labels else None
+    encoded = encoder.encode(batch, ModelOutputs(scores, labels), "fraud", "v7", degraded)
+    schema = load_schema(SCHEMAS / "prediction.avsc")
+    for i, (key, value, headers) in enumerate(encoded):
+        label = int(labels[i]) if labels is not None else None
+        assert value == expected(schema, batch[i], float(scores[i]), label, 1_800_000_000_123, degraded), i
+        assert key == batch[i].fields["card_id"].encode()
+        assert dict(headers)["streamserve.source.offset"] == str(batch[i].source.offset).encode()
+        assert dict(headers)["streamserve.source.partition"] == str(batch[i].source.partition).encode()
+        assert dict(headers)["streamserve.model.version"] == b"v7"
+
+
+def test_events_from_several_topics() -> None:
+    encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", INPUT)
+    batch = events(4, "a") + events(3, "bb")
+    encoded = encoder.encode(batch, ModelOutputs(np.zeros(7), np.zeros(7, dtype=np.int64)), "fraud", "v1")
+    schema = load_schema(SCHEMAS / "prediction.avsc")
+    topics = [decode_prediction(schema, value)["source_topic"] for _, value, _ in encoded]
+    assert topics == ["a"] * 4 + ["bb"] * 3
+
+
+def test_unsupported_schema_falls_back_to_fastavro(tmp_path: Path) -> None:
+    raw = json.loads((SCHEMAS / "prediction.avsc").read_text())
+    raw["fields"].append(
+        {"name": "tags", "type": {"type": "array", "items": "string"}, "default": []}  # arrays: fastavro's job
+    )
+    path = tmp_path / "prediction-with-tags.avsc"
+    path.write_text(json.dumps(raw))
+    encoder = PredictionEncoder(path, INPUT)
+    assert encoder._writer is None
+    encoded = encoder.encode(events(3), ModelOutputs(np.full(3, 0.5), np.ones(3, dtype=np.int64)), "fraud", "v1")
+    record = decode_prediction(load_schema(path), encoded[2][1])
+    assert record["score"] == 0.5
+    assert record["tags"] == []
+
+
+def test_defaults_fill_fields_the_encoder_does_not_know() -> None:
+    schema = fastavro.parse_schema(
+        {
+            "type": "record",
+            "name": "R",
+            "fields": [
+                {"name": "a", "type": "long"},
+                {"name": "note", "type": ["null", "string"], "default": None},
+                {"name": "unit", "type": "string", "default": "EUR"},
+                {"name": "ratio", "type": "float", "default": 0.25},
+            ],
+        }
+    )
+    writer = ColumnWriter.compile(schema)
+    assert writer is not None
+    values = writer.write(3, {}, {"a": [0, -1, 2**62]})
+    for a, value in zip([0, -1, 2**62], values, strict=True):
+        assert value == avro(schema, {"a": a, "note": None, "unit": "EUR", "ratio": 0.25})
+    with pytest.raises(ValueError, match="'a'"):
+        writer.write(1, {}, {})
