@@ -44,6 +44,14 @@ def scenarios(processes: int, peers: bool) -> list[Scenario]:
             f"kafka-limit-{processes}", "passthrough", processes, f"Kafka limit (passthrough, {processes} processes)"
         ),
         Scenario("handloop", "handloop", 1, "hand-written per-event loop"),
+        Scenario(
+            "handloop-commit-each",
+            "handloop",
+            1,
+            "hand-written loop, commit() per event",
+            args=("--commit", "each"),
+            latency=False,
+        ),
     ]
     if peers:
         found += [
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-latency", action="store_true", help="throughput only")
     parser.add_argument("--out", type=Path, help="results directory (bench/results/<timestamp>)")
     parser.add_argument("--no-benchmarks-md", action="store_true", help="do not rewrite BENCHMARKS.md")
+    parser.add_argument("--keep-topics", action="store_true", help="leave the run's topics on the broker")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_latency and ss1:
             fixed = args.fixed_share * ss1
             results["fixed_rate_per_s"] = round(fixed, 1)
-            for scenario in chosen:
+            for scenario in (s for s in chosen if s.latency):
                 row = rows[scenario.name]
                 row["fixed_rate"], _ = offered_rate(scenario, dataset, settings, fixed, "fixed")
                 own = row["throughput"]["events_per_s"]
@@ -269,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["profile"] = report.profile_summary(raw)
     finally:
         cleanup_redis(stack, dataset.key_prefix)
-        delete_topics(stack, dataset.run_id)
+        if not args.keep_topics:
+            delete_topics(stack, dataset.run_id)
         dataset.payload_file.unlink(missing_ok=True)
     results["duration_s"] = round(time.monotonic() - started, 1)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -27,6 +27,10 @@ class Scenario:
     label: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted streamserve config overrides (streamserve only)."""
+    args: tuple[str, ...] = ()
+    """Extra command-line arguments of a job script."""
+    latency: bool = True
+    """Also measured at offered rates (not only over the backlog)."""
 
     @property
     def title(self) -> str:
@@ -152,6 +156,7 @@ def commands(
         str(dataset.models["v1"]),
         "--schemas",
         str(SCHEMAS),
+        *scenario.args,
     ]
     return [argv] * scenario.processes
 

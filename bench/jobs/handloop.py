@@ -1,7 +1,10 @@
 """The hand-written loop: what a user writes without a framework, one event at a time.
 
 Per event: poll, decode (fastavro), one Redis call (HMGET of the card and the merchant, pipelined
-into a single round trip), onnxruntime on one row, encode + produce, commit (asynchronous).
+into a single round trip), onnxruntime on one row, encode + produce, commit. The commit is either
+librdkafka's recommended at-least-once pattern, ``store_offsets`` per event with the background
+auto-commit (``--commit store``, the default), or ``commit(asynchronous=True)`` per event
+(``--commit each``: one OffsetCommit request per event).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from jobcommon import (
 
 
 def main() -> None:
-    args = parse_args(__doc__ or "")
+    args = parse_args(__doc__ or "", commit=True)
+    store_offsets = args.commit == "store"
     running = True
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -48,7 +52,8 @@ def main() -> None:
             "bootstrap.servers": args.bootstrap,
             "group.id": args.group,
             "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
+            "enable.auto.commit": store_offsets,
+            "enable.auto.offset.store": False,
         }
     )
     producer = Producer({"bootstrap.servers": args.bootstrap, **PRODUCER_SETTINGS})
@@ -75,7 +80,10 @@ def main() -> None:
         )
         producer.produce(args.output, out.getvalue(), msg.key())
         producer.poll(0)
-        consumer.commit(message=msg, asynchronous=True)
+        if store_offsets:
+            consumer.store_offsets(message=msg)
+        else:
+            consumer.commit(message=msg, asynchronous=True)
     producer.flush(30)
     consumer.close()
 

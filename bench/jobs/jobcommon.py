@@ -37,8 +37,8 @@ PRODUCER_SETTINGS: dict[str, Any] = {
 }
 
 
-def parse_args(description: str) -> argparse.Namespace:
-    """The command line every job takes."""
+def parse_args(description: str, commit: bool = False) -> argparse.Namespace:
+    """The command line every job takes (and --commit for the hand-written loop)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
     parser.add_argument("--input", required=True, help="input topic (Avro CardTransaction)")
@@ -50,6 +50,8 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--model-version", default="v1")
     parser.add_argument("--schemas", type=Path, help="directory with card_transaction.avsc and prediction.avsc")
     parser.add_argument("--batch-size", type=int, default=256, help="micro-batch size where the job batches")
+    if commit:
+        parser.add_argument("--commit", choices=["store", "each"], default="store")
     return parser.parse_args()
 
 
@@ -125,6 +127,7 @@ def prediction(
         "source_topic": source[0],
         "source_partition": source[1],
         "source_offset": source[2],
+        "degraded": False,
     }
 
 

@@ -37,7 +37,7 @@ def main() -> None:
     consumer.subscribe([args.input])
     ready("passthrough")
     while running:
-        messages = consumer.consume(BATCH, 0.1)
+        messages = consumer.consume(BATCH, 0.005)
         if not messages:
             producer.poll(0)
             continue

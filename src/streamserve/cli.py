@@ -92,9 +92,14 @@ def cmd_features_load(args: argparse.Namespace) -> int:
     """Bulk-load entity features from CSV/Parquet into Redis hashes."""
     import redis
 
-    from streamserve.tools import load_features, read_rows
+    from streamserve.tools import load_features, load_packed_features, read_rows
 
     client = redis.Redis.from_url(args.redis_url)
+    if args.packed:
+        fields = args.packed.split(",")
+        written = load_packed_features(client, read_rows(args.file), args.key_template, fields)
+        print(f"wrote {written} packed float32 vectors [{args.packed}] to {args.redis_url} ({args.key_template})")
+        return 0
     written = load_features(client, read_rows(args.file), args.key_template)
     print(f"wrote {written} hashes to {args.redis_url} ({args.key_template})")
     return 0
@@ -221,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--file", type=Path, required=True, help="CSV with a header row, or .parquet")
     load.add_argument("--key-template", required=True, help="Redis key from row columns, e.g. 'card:{card_id}'")
+    load.add_argument("--packed", metavar="COL,COL", help="write one float32 vector of these columns per row")
     load.add_argument(
         "--redis-url",
         default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),

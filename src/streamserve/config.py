@@ -113,6 +113,13 @@ class FeatureSpec(_Section):
     """Older values (by ``updated_at_field``) count as missing."""
     updated_at_field: str | None = None
     """Hash field holding the epoch-milliseconds time the entity's features were written."""
+    layout: Literal["hash", "packed"] = "hash"
+    """How the entity is stored in Redis (source=redis): ``hash`` reads hash field ``field`` with HMGET;
+    ``packed`` reads one little-endian float32 vector per entity with MGET (one command per key template
+    and batch, much cheaper per key) and takes its element ``index``. Features of one key template share
+    one layout; NaN in a vector counts as missing."""
+    index: int | None = Field(default=None, ge=0)
+    """Position of the feature in the packed float32 vector (layout=packed)."""
 
     @model_validator(mode="after")
     def _check_source(self) -> FeatureSpec:
@@ -120,6 +127,15 @@ class FeatureSpec(_Section):
             raise ValueError(f"feature {self.name!r}: source 'redis' needs a key template")
         if self.max_age_s is not None and not self.updated_at_field:
             raise ValueError(f"feature {self.name!r}: max_age_s needs updated_at_field")
+        if self.layout == "packed":
+            if self.source != "redis":
+                raise ValueError(f"feature {self.name!r}: layout 'packed' is for source 'redis'")
+            if self.index is None:
+                raise ValueError(f"feature {self.name!r}: layout 'packed' needs the vector index")
+            if self.max_age_s is not None:
+                raise ValueError(f"feature {self.name!r}: max_age_s needs layout 'hash' (a vector has no time)")
+        elif self.index is not None:
+            raise ValueError(f"feature {self.name!r}: index is for layout 'packed'")
         return self
 
     def key_fields(self) -> list[str]:
@@ -234,6 +250,10 @@ class PipelineSettings(BaseSettings):
             raise ValueError("at least one feature is needed")
         if len(set(names)) != len(names):
             raise ValueError(f"feature names must be unique, got {names}")
+        layouts: dict[str, str] = {}
+        for feature in features:
+            if feature.source == "redis" and layouts.setdefault(feature.key or "", feature.layout) != feature.layout:
+                raise ValueError(f"features of key {feature.key!r} mix layouts 'hash' and 'packed'")
         return features
 
     @classmethod

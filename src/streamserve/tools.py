@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import fastavro
+import numpy as np
 import redis
 from confluent_kafka import Producer
 
@@ -42,6 +44,35 @@ def load_features(client: redis.Redis, rows: Iterable[dict[str, Any]], key_templ
         except KeyError as exc:
             raise StreamServeError(f"key template {key_template!r} needs column {exc}") from exc
         pipe.hset(key, mapping={k: v for k, v in row.items() if v is not None and v != ""})
+        written += 1
+        if written % chunk == 0:
+            pipe.execute()
+    pipe.execute()
+    return written
+
+
+def pack_vector(row: dict[str, Any], fields: list[str]) -> bytes:
+    """A row's fields as a little-endian float32 vector (the packed feature layout); missing values are NaN."""
+    try:
+        return np.array(
+            [math.nan if row.get(name) in (None, "") else float(row[name]) for name in fields], dtype="<f4"
+        ).tobytes()
+    except ValueError as exc:
+        raise StreamServeError(f"row {row!r} has a value that is not a number: {exc}") from exc
+
+
+def load_packed_features(
+    client: redis.Redis, rows: Iterable[dict[str, Any]], key_template: str, fields: list[str], chunk: int = 1000
+) -> int:
+    """SET one packed float32 vector per row (a feature's ``index`` is its position in `fields`). Returns rows."""
+    written = 0
+    pipe = client.pipeline(transaction=False)
+    for row in rows:
+        try:
+            key = key_template.format_map(row)
+        except KeyError as exc:
+            raise StreamServeError(f"key template {key_template!r} needs column {exc}") from exc
+        pipe.set(key, pack_vector(row, fields))
         written += 1
         if written % chunk == 0:
             pipe.execute()
