@@ -19,7 +19,7 @@ from streamserve.admin import TopicSpec, ensure_topics
 from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_entities, make_events
 from streamserve.demo.train import train_versions
 from streamserve.pipeline.decode import load_schema
-from streamserve.tools import load_features
+from streamserve.tools import load_features, load_packed_features
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ class Dataset:
     payloads: list[tuple[bytes, bytes]]
     payload_file: Path
     key_prefix: str
+    """Prefix of the entity hashes (the hash layout)."""
+    packed_prefix: str
+    """Prefix of the same entities as packed float32 vectors (the packed layout)."""
     models: dict[str, Path]
     entities: Entities
 
@@ -137,6 +140,14 @@ def load_entities(client: redis.Redis, entities: Entities, prefix: str) -> None:
     )
 
 
+def load_packed_entities(client: redis.Redis, entities: Entities, prefix: str) -> None:
+    """The same features as packed float32 vectors (card: CARD_FIELDS in order; merchant: MERCHANT_FIELDS)."""
+    cards = ({"card_id": card_id, **values} for card_id, values in entities.cards.items())
+    merchants = ({"merchant_id": merchant_id, **values} for merchant_id, values in entities.merchants.items())
+    load_packed_features(client, cards, f"{prefix}card:{{card_id}}", list(CARD_FIELDS))
+    load_packed_features(client, merchants, f"{prefix}merchant:{{merchant_id}}", list(MERCHANT_FIELDS))
+
+
 def prepare(stack: Stack, out_dir: Path, count: int, partitions: int) -> Dataset:
     """Train the models, load the features, pre-produce the events."""
     run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:4]
@@ -145,9 +156,10 @@ def prepare(stack: Stack, out_dir: Path, count: int, partitions: int) -> Dataset
     models = {m.version: m.path for m in train_versions(entities, out_dir / "models")}
     log.info("trained models v1, v2 in %.1fs", time.monotonic() - started)
 
-    prefix = f"bench-{run_id}:"
+    prefix, packed_prefix = f"bench-{run_id}:", f"bench-{run_id}-packed:"
     client = redis.Redis.from_url(stack.redis_url)
     load_entities(client, entities, prefix)
+    load_packed_entities(client, entities, packed_prefix)
     client.close()
 
     payloads = encode_events(entities, count)
@@ -161,6 +173,7 @@ def prepare(stack: Stack, out_dir: Path, count: int, partitions: int) -> Dataset
         payloads=payloads,
         payload_file=payload_file,
         key_prefix=prefix,
+        packed_prefix=packed_prefix,
         models=models,
         entities=entities,
     )
@@ -171,10 +184,10 @@ def prepare(stack: Stack, out_dir: Path, count: int, partitions: int) -> Dataset
     return dataset
 
 
-def cleanup_redis(stack: Stack, prefix: str) -> None:
+def cleanup_redis(stack: Stack, run_id: str) -> None:
     """Delete the run's Redis keys."""
     client = redis.Redis.from_url(stack.redis_url)
-    keys = list(client.scan_iter(f"{prefix}*", count=1000))
+    keys = list(client.scan_iter(f"bench-{run_id}*", count=1000))
     for start in range(0, len(keys), 1000):
         client.delete(*keys[start : start + 1000])
     client.close()

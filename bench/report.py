@@ -172,15 +172,21 @@ def markdown(results: dict[str, Any]) -> str:
             verdict = "yes" if t["met"] else f"**no** (short by {t['shortfall']:.2f}x)"
             out.append(f"| {t['target']} | {t['measured']:g} {t['unit']} | {req} | {verdict} |")
         out.append("")
-    profile = results.get("profile")
-    if profile:
+    for layout, profile in (results.get("profiles") or {}).items():
+        if not profile.get("samples"):
+            continue
         out += [
-            "### Where a streamserve worker spends its time (py-spy, share of samples)",
+            f"### Where a streamserve worker spends its time ({layout} layout)",
+            "",
+            f"py-spy, {profile['samples']:,} samples of the worker loop (`{profile['within']}`) while one worker "
+            f"works through the backlog with the {layout} feature layout; shares of those samples. Time in C "
+            "extensions (fastavro, librdkafka, hiredis, numpy) counts as self time of the Python function that "
+            "called them.",
             "",
             "| function (inclusive) | share | | function (self) | share |",
             "|---|--:|---|---|--:|",
         ]
-        for (fi, si), (fs, ss) in zip(profile["inclusive"][:15], profile["self"][:15], strict=False):
+        for (fi, si), (fs, ss) in zip(profile["inclusive"][:18], profile["self"][:18], strict=False):
             out.append(f"| `{fi}` | {si:.1%} | | `{fs}` | {ss:.1%} |")
         out.append("")
     return "\n".join(out)
@@ -339,17 +345,23 @@ def _short(frame: str) -> str:
     return f"{match['func']} ({path})"
 
 
-def profile_summary(raw: Path, top: int = 25) -> dict[str, Any]:
-    """Self and inclusive shares per function from py-spy's collapsed stacks."""
+def profile_summary(raw: Path, within: str = "Worker.run (", top: int = 25) -> dict[str, Any]:
+    """Self and inclusive shares per function from py-spy's collapsed stacks, counting only the samples
+    whose stack passes through `within` (the worker's loop: no start-up imports, no other threads)."""
     self_counts: Counter[str] = Counter()
     incl_counts: Counter[str] = Counter()
-    total = 0
+    total = everything = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        everything += count
         frames = [_short(f) for f in stack.split(";")]
+        inside = next((i for i, f in enumerate(frames) if f.startswith(within)), None)
+        if inside is None:
+            continue
+        frames = frames[inside:]
         total += count
         self_counts[frames[-1]] += count
         for frame in set(frames):
@@ -358,11 +370,9 @@ def profile_summary(raw: Path, top: int = 25) -> dict[str, Any]:
         return {"samples": 0, "self": [], "inclusive": []}
     return {
         "samples": total,
+        "all_samples": everything,
+        "within": within.strip(" ("),
         "file": raw.name,
         "self": [(f, c / total) for f, c in self_counts.most_common(top)],
-        "inclusive": [
-            (f, c / total)
-            for f, c in incl_counts.most_common(top + 10)
-            if not f.startswith(("<module>", "run (threading", "_bootstrap"))
-        ][:top],
+        "inclusive": [(f, c / total) for f, c in incl_counts.most_common(top)],
     }

@@ -63,6 +63,14 @@ def scenarios(processes: int, peers: bool) -> list[Scenario]:
         Scenario(
             f"streamserve-{processes}", "streamserve", processes, f"streamserve, defaults ({processes} processes)"
         ),
+        Scenario("streamserve-packed-1", "streamserve", 1, "streamserve, packed features (1 process)", layout="packed"),
+        Scenario(
+            f"streamserve-packed-{processes}",
+            "streamserve",
+            processes,
+            f"streamserve, packed features ({processes} processes)",
+            layout="packed",
+        ),
     ]
     return found
 
@@ -109,25 +117,25 @@ def server_versions(stack: Stack) -> dict[str, str]:
     return {"kafka": kafka, "redis": str(info.get("redis_version"))}
 
 
-def profile_streamserve(dataset: Dataset, settings: Settings, seconds: float) -> Path | None:
+def profile_streamserve(dataset: Dataset, settings: Settings, seconds: float, layout: str) -> Path | None:
     """py-spy samples a streamserve worker while it works through the backlog; returns the collapsed stacks."""
     py_spy = Path(sys.executable).parent / "py-spy"
     if not py_spy.exists():
         log.warning("py-spy not installed (pip install -e '.[bench]'): no profile")
         return None
-    scenario = Scenario("profile", "streamserve", 1)
-    output_topic = dataset.topic("profile-tput")
+    scenario = Scenario(f"profile-{layout}", "streamserve", 1, layout=layout)
+    output_topic = dataset.topic(f"profile-{layout}")
     from bench.phases import _create_output_topics
 
     _create_output_topics(dataset, scenario, output_topic)
     work = settings.out_dir / "work"
     job = Job(
-        "profile",
+        f"profile-{layout}",
         commands(scenario, dataset, dataset.events_topic, output_topic, work),
         settings.out_dir / "logs",
         job_env(scenario),
     ).start()
-    raw = settings.out_dir / "profile-streamserve.txt"
+    raw = settings.out_dir / f"profile-streamserve-{layout}.txt"
     spy = subprocess.Popen(
         [
             str(py_spy),
@@ -272,12 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             results["sweep_streamserve_1"] = sorted(sweep, key=lambda r: r["share"])
             results["hot_swap"] = hot_swap(Scenario("streamserve-1", "streamserve"), dataset, settings, fixed)
         results["scenarios"] = list(rows.values())
-        if not args.no_profile and ss1:
-            raw = profile_streamserve(dataset, settings, args.max_seconds)
-            if raw is not None:
-                results["profile"] = report.profile_summary(raw)
+        if not args.no_profile:
+            results["profiles"] = {}
+            for layout in ("hash", "packed"):
+                raw = profile_streamserve(dataset, settings, args.max_seconds, layout)
+                if raw is not None:
+                    results["profiles"][layout] = report.profile_summary(raw)
     finally:
-        cleanup_redis(stack, dataset.key_prefix)
+        cleanup_redis(stack, dataset.run_id)
         if not args.keep_topics:
             delete_topics(stack, dataset.run_id)
         dataset.payload_file.unlink(missing_ok=True)

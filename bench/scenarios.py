@@ -31,6 +31,8 @@ class Scenario:
     """Extra command-line arguments of a job script."""
     latency: bool = True
     """Also measured at offered rates (not only over the backlog)."""
+    layout: str = "hash"
+    """Redis layout of the entity features streamserve reads: hash (HMGET) or packed (MGET)."""
 
     @property
     def title(self) -> str:
@@ -61,10 +63,18 @@ def streamserve_config(
     directory: Path,
     model_version: str = "v1",
     overrides: dict[str, Any] | None = None,
+    layout: str = "hash",
 ) -> Path:
     """A pipeline YAML with streamserve's defaults for everything the benchmark does not have to set."""
-    prefix = dataset.key_prefix
+    prefix = dataset.packed_prefix if layout == "packed" else dataset.key_prefix
     card, merchant = f"{prefix}card:{{card_id}}", f"{prefix}merchant:{{merchant_id}}"
+
+    def entity(name: str, key: str, field: str, default: float, index: int) -> dict[str, Any]:
+        spec: dict[str, Any] = {"name": name, "source": "redis", "key": key, "field": field, "default": default}
+        if layout == "packed":
+            spec.update(layout="packed", index=index)
+        return spec
+
     config: dict[str, Any] = {
         "input": {
             "topic": input_topic,
@@ -77,10 +87,10 @@ def streamserve_config(
             {"name": "amount", "source": "event", "field": "amount"},
             {"name": "hour_of_day", "source": "event", "field": "hour_of_day", "dtype": "int32"},
             {"name": "is_online", "source": "event", "field": "is_online", "dtype": "bool"},
-            {"name": "avg_amount_30d", "source": "redis", "key": card, "field": "avg_amount_30d", "default": 50.0},
-            {"name": "txn_count_24h", "source": "redis", "key": card, "field": "txn_count_24h", "default": 0.0},
-            {"name": "chargeback_rate", "source": "redis", "key": card, "field": "chargeback_rate", "default": 0.0},
-            {"name": "merchant_risk", "source": "redis", "key": merchant, "field": "risk_score", "default": 0.5},
+            entity("avg_amount_30d", card, "avg_amount_30d", 50.0, 0),
+            entity("txn_count_24h", card, "txn_count_24h", 0.0, 1),
+            entity("chargeback_rate", card, "chargeback_rate", 0.0, 2),
+            entity("merchant_risk", merchant, "risk_score", 0.5, 0),
         ],
         "model": {"name": "fraud", "uri": str(dataset.models[model_version]), "version": model_version},
         "output": {
@@ -122,7 +132,13 @@ def commands(
     """The argv of each process of a scenario."""
     if scenario.kind == "streamserve":
         config = streamserve_config(
-            dataset, output_topic, input_topic, output_topic, directory, overrides=scenario.overrides
+            dataset,
+            output_topic,
+            input_topic,
+            output_topic,
+            directory,
+            overrides=scenario.overrides,
+            layout=scenario.layout,
         )
         return [[sys.executable, "-m", "streamserve", "run", "-c", str(config)]] * scenario.processes
     python = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.encode import ColumnWriter, PredictionEncoder, decode_prediction
 from streamserve.records import Event, ModelOutputs, Source
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 INPUT = InputSettings(
     topic="in",
@@ -57,7 +58,9 @@ def expected(schema: Any, event: Event, score: float, label: int | None, now_ms:
             "model_version": "v7",
             "score": score,
             "label": label,
-            "event_time": event_time if isinstance(event_time, int) else int(event_time.timestamp() * 1000),
+            "event_time": event_time
+            if isinstance(event_time, int)
+            else (event_time - EPOCH) // timedelta(milliseconds=1),
             "prediction_time": now_ms,
             "source_topic": event.source.topic,
             "source_partition": event.source.partition,

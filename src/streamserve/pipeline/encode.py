@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,6 @@ class PredictionEncoder:
         self._id_field = input_settings.event_id_field
         self._time_field = input_settings.event_time_field
         self._writer = ColumnWriter.compile(self.schema)
-        self._partition_headers: dict[int, bytes] = {}
 
     def encode(
         self,
@@ -55,9 +55,7 @@ class PredictionEncoder:
         keys = [str(event.fields[self._key_field]) for event in events]
         if self._time_field:
             field = self._time_field
-            event_times = [
-                value if type(value) is int else _epoch_ms(value) for value in (event.fields[field] for event in events)
-            ]
+            event_times = [_epoch_ms(event.fields[field]) for event in events]
         else:
             event_times = [source.timestamp_ms for source in sources]
         topics = [source.topic for source in sources]
@@ -85,21 +83,18 @@ class PredictionEncoder:
         else:
             values = self._write_with_fastavro(n, constants, columns)
         name_header, version_header = model_name.encode(), model_version.encode()
-        topic_headers = {topic: topic.encode() for topic in set(topics)}
-        partition_headers = self._partition_headers
+        common: dict[tuple[str, int], Headers] = {}  # every header but the offset, per source partition
         encoded = []
         for source, key, value in zip(sources, keys, values, strict=True):
-            partition_header = partition_headers.get(source.partition)
-            if partition_header is None:
-                partition_header = partition_headers[source.partition] = str(source.partition).encode()
-            headers: Headers = [
-                (HEADER_MODEL_NAME, name_header),
-                (HEADER_MODEL_VERSION, version_header),
-                (HEADER_SOURCE_TOPIC, topic_headers[source.topic]),
-                (HEADER_SOURCE_PARTITION, partition_header),
-                (HEADER_SOURCE_OFFSET, str(source.offset).encode()),
-            ]
-            encoded.append((key.encode(), value, headers))
+            base = common.get((source.topic, source.partition))
+            if base is None:
+                base = common[(source.topic, source.partition)] = [
+                    (HEADER_MODEL_NAME, name_header),
+                    (HEADER_MODEL_VERSION, version_header),
+                    (HEADER_SOURCE_TOPIC, source.topic.encode()),
+                    (HEADER_SOURCE_PARTITION, str(source.partition).encode()),
+                ]
+            encoded.append((key.encode(), value, [*base, (HEADER_SOURCE_OFFSET, str(source.offset).encode())]))
         return encoded
 
     def _write_with_fastavro(self, n: int, constants: dict[str, Any], columns: dict[str, Any]) -> list[bytes]:
@@ -121,7 +116,13 @@ def _epoch_ms(value: Any) -> int:
     """Epoch milliseconds of an int or of a datetime (fastavro decodes timestamp-millis to an aware datetime)."""
     if isinstance(value, int):
         return value
+    if value.tzinfo is not None:
+        return (value - _EPOCH) // _ONE_MS  # exact, unlike float seconds
     return int(value.timestamp() * 1000)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,6 +150,9 @@ def _varint_column(values: Any) -> list[bytes]:
     ints = np.asarray(values, dtype=np.int64)
     if not len(ints):
         return []
+    if ints.min() >= 0 and ints.max() < 64:  # labels, partitions: one byte each
+        small = _SMALL_VARINTS
+        return [small[i] for i in ints.tolist()]
     rest = ((ints << 1) ^ (ints >> 63)).view(np.uint64)
     width = max(1, (int(rest.max()).bit_length() + 6) // 7)
     groups = np.empty((len(ints), width), dtype=np.uint8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,6 +125,18 @@ def _unpack_vectors(replies: list[Any], width: int) -> np.ndarray:
     return out
 
 
+def _key_renderer(template: str) -> Callable[[dict[str, Any]], str]:
+    """``template.format_map``, as one f-string for the usual shape ``prefix{field}suffix``."""
+    parts = list(string.Formatter().parse(template))
+    names = [name for _, name, _, _ in parts if name is not None]
+    simple = all(not spec and conversion is None for _, name, spec, conversion in parts if name is not None)
+    if simple and len(names) == 1 and names[0].isidentifier():
+        name, prefix = names[0], parts[0][0]
+        suffix = "".join(literal for literal, *_ in parts[1:])
+        return lambda fields: f"{prefix}{fields[name]}{suffix}"
+    return template.format_map
+
+
 class FeatureBuilder:
     """Builds the float32 model-input matrix for a batch of events, in the feature spec's order."""
 
@@ -156,6 +169,7 @@ class FeatureBuilder:
                 )
             )
         self._group_of = {template: i for i, template in enumerate(groups)}
+        self._renderers = [_key_renderer(group.template) for group in self._groups]
         if self._groups and fetch is None:
             raise ValueError("Redis features need a Redis fetcher")
 
@@ -242,18 +256,25 @@ class FeatureBuilder:
         )
 
     def _render_keys(self, events: Sequence[Event], reasons: dict[int, str]) -> list[list[str | None]]:
-        """Per group, the Redis key of each event (None when the event cannot fill the template)."""
-        templates = [group.template for group in self._groups]
-        rendered: list[list[str | None]] = [[] for _ in templates]
-        for row, event in enumerate(events):
-            keys: list[str | None]
+        """Per group, the Redis key of each event (None when the event cannot fill a template)."""
+        rendered: list[list[str | None]] = []
+        for render in self._renderers:
             try:
-                keys = [template.format_map(event.fields) for template in templates]
-            except (KeyError, ValueError, IndexError) as exc:
-                reasons[row] = f"cannot build a Redis key from the event: {type(exc).__name__}: {exc}"
-                keys = [None] * len(templates)
-            for column, key in zip(rendered, keys, strict=True):
-                column.append(key)
+                rendered.append([render(event.fields) for event in events])
+                continue
+            except (KeyError, ValueError, IndexError):
+                pass  # find the events that cannot fill the template
+            column: list[str | None] = []
+            for row, event in enumerate(events):
+                try:
+                    column.append(render(event.fields))
+                except (KeyError, ValueError, IndexError) as exc:
+                    reasons.setdefault(row, f"cannot build a Redis key from the event: {type(exc).__name__}: {exc}")
+                    column.append(None)
+            rendered.append(column)
+        for row in reasons:  # an event missing one key is rejected: fetch none of its keys
+            for column in rendered:
+                column[row] = None
         return rendered
 
     def _lookup(self, distinct: list[list[str]]) -> list[dict[str, Any]]:
