@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import redis
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from streamserve.config import PipelineSettings
 from streamserve.control.follower import ControlFollower
 from streamserve.control.registry import ModelRegistry, Routing
-from streamserve.errors import DecodeError, EnrichError, Fenced, InferenceError, TransactionAborted
+from streamserve.errors import DecodeError, EnrichError, Fenced, InferenceError, ProducerFailed, TransactionAborted
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.decode import make_decoder
@@ -29,6 +29,8 @@ from streamserve.records import Event, FeatureBatch, Rejected, Source
 
 log = logging.getLogger(__name__)
 
+MAX_PRODUCER_RESTARTS = 10
+"""Fatal producer errors tolerated within five minutes before the worker gives up."""
 PAUSE_AFTER_S = 1.0
 """How long the sink may hold intake back before the partitions are paused."""
 
@@ -47,6 +49,7 @@ class WorkerStats:
     missing_defaults: int = 0
     stale_defaults: int = 0
     paused: int = 0
+    producer_restarts: int = 0
     fenced: bool = False
     by_stage: dict[str, int] = field(default_factory=dict)
 
@@ -76,7 +79,9 @@ class Worker:
                 "transactional.id": f"{settings.kafka.group_id}-{self.worker_id}",
                 "transaction.timeout.ms": settings.transaction_timeout_ms,
             }
-        self.sink = OutputSink(settings.kafka.producer_config(**producer_options))
+        self._producer_config = settings.kafka.producer_config(**producer_options)
+        self._producer_restarts: list[float] = []
+        self.sink = OutputSink(self._producer_config)
         self.source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
         self.batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms)
         self.follower = (
@@ -196,9 +201,32 @@ class Worker:
         self.batcher.drop(lambda s: (s.topic, s.partition) not in lost)
 
     def process(self, sources: list[Source]) -> None:
-        """Run one micro-batch through decode -> enrich -> infer -> encode -> produce."""
-        if self.exactly_once:
-            self.sink.begin()
+        """Run one micro-batch through decode -> enrich -> infer -> encode -> produce (-> commit)."""
+        if not self.exactly_once:
+            inflight, rejected = self._run_batch(sources)
+            self.sink.seal(inflight)
+        else:
+            try:
+                self.sink.begin()
+                inflight, rejected = self._run_batch(sources)
+                offsets = [TopicPartition(t, p, o) for (t, p), o in inflight.next_offsets.items()]
+                self.sink.commit_transaction(
+                    offsets, self.source.consumer.consumer_group_metadata(), self.settings.shutdown_timeout_s
+                )
+            except TransactionAborted:
+                self.stats.aborted_batches += 1
+                self._rewind()
+                return
+            except (ProducerFailed, KafkaException) as exc:
+                if isinstance(exc, KafkaException) and not exc.args[0].fatal():
+                    raise
+                self._replace_producer(exc)
+                return
+        self.stats.events_in += len(sources)
+        self.stats.dead_letters += len(rejected)
+        self.stats.batches += 1
+
+    def _run_batch(self, sources: list[Source]) -> tuple[InflightBatch, list[Rejected]]:
         inflight = InflightBatch()
         inflight.cover(sources)
         rejected: list[Rejected] = []
@@ -215,21 +243,20 @@ class Worker:
         for item in rejected:
             self.sink.produce(inflight, self.settings.output.dead_letter_topic, *dead_letter(item))
             self.stats.by_stage[item.stage] = self.stats.by_stage.get(item.stage, 0) + 1
-        if self.exactly_once:
-            offsets = [TopicPartition(t, p, o) for (t, p), o in inflight.next_offsets.items()]
-            try:
-                self.sink.commit_transaction(
-                    offsets, self.source.consumer.consumer_group_metadata(), self.settings.shutdown_timeout_s
-                )
-            except TransactionAborted:
-                self.stats.aborted_batches += 1
-                self._rewind()
-                return
-        else:
-            self.sink.seal(inflight)
-        self.stats.events_in += len(sources)
-        self.stats.dead_letters += len(rejected)
-        self.stats.batches += 1
+        return inflight, rejected
+
+    def _replace_producer(self, cause: Exception) -> None:
+        """A fatal, non-fencing producer error: a new producer with the same transactional.id takes over
+        (aborting whatever the old one left open) and the input is re-read from the committed offsets."""
+        now = time.monotonic()
+        self._producer_restarts = [t for t in self._producer_restarts if now - t < 300] + [now]
+        if len(self._producer_restarts) > MAX_PRODUCER_RESTARTS:
+            raise ProducerFailed(f"{len(self._producer_restarts)} producer failures within 5 minutes, last: {cause}")
+        log.warning("transactional producer failed (%s): replacing it, re-reading from committed offsets", cause)
+        self.stats.producer_restarts += 1
+        self.sink = OutputSink(self._producer_config)
+        self.sink.init_transactions(self.settings.shutdown_timeout_s)
+        self._rewind()
 
     def _features(self, events: list[Event], rejected: list[Rejected]) -> FeatureBatch:
         try:

@@ -68,3 +68,8 @@ class TransactionAborted(StreamServeError):
 
 class Fenced(StreamServeError):
     """Another producer with this worker's transactional.id took over: this worker must stop."""
+
+
+class ProducerFailed(StreamServeError):
+    """The transactional producer hit a fatal error that is not fencing (e.g. after a broker restart):
+    a new producer with the same transactional.id replaces it."""

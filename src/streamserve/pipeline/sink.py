@@ -8,14 +8,15 @@ partitions, so the tracker commits the longest prefix of fully acknowledged batc
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from streamserve.errors import DeliveryError, Fenced, TransactionAborted
+from streamserve.errors import DeliveryError, Fenced, ProducerFailed, TransactionAborted
 from streamserve.records import Headers, Source
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,50 @@ PRODUCER_DEFAULTS: dict[str, str | int | float | bool] = {
     "partitioner": "murmur2_random",  # same partition for a key as the Java client
     "queue.buffering.max.messages": 200_000,
 }
+
+
+SEND_OFFSETS_TIMEOUT_S = 10.0
+"""It takes milliseconds when the coordinator is up; past this (+5 s) the producer counts as stuck."""
+
+FENCING_CODES = {
+    KafkaError._FENCED,
+    KafkaError.PRODUCER_FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError.FENCED_INSTANCE_ID,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+}
+
+
+def fatal_error(error: KafkaError) -> Fenced | ProducerFailed:
+    """Fencing means another instance took over (stop); anything else fatal means start a new producer."""
+    if error.code() in FENCING_CODES:
+        return Fenced(f"another producer took over this worker's transactional.id: {error}")
+    return ProducerFailed(str(error))
+
+
+def _bounded(call: Callable[..., object], timeout_s: float, *args: object) -> None:
+    """Run a blocking librdkafka call in a helper thread and give up on it after timeout_s (plus slack).
+
+    send_offsets_to_transaction() can block forever when the group coordinator goes away, whatever its
+    timeout (librdkafka issues #5456 and #5511). A producer stuck in it is treated as failed: the worker
+    replaces it, and the new producer's init_transactions() fences the stuck one.
+    """
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            call(*args)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed over to the calling thread below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, name=f"streamserve-{getattr(call, '__name__', 'call')}", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 5.0)
+    if not outcome:
+        raise ProducerFailed(f"{getattr(call, '__name__', call)} did not return within {timeout_s + 5:.0f}s")
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 @dataclass(slots=True)
@@ -77,51 +122,54 @@ class OutputSink:
         try:
             self.producer.begin_transaction()
         except KafkaException as exc:
-            raise Fenced(f"cannot begin a transaction: {exc.args[0]}") from exc
+            raise fatal_error(exc.args[0]) from exc
 
     def commit_transaction(self, offsets: list[TopicPartition], group_metadata: object, timeout_s: float) -> None:
-        """Add the input offsets to the transaction and commit it; abort and raise TransactionAborted if the
-        broker requires it (e.g. the partitions moved to another member); raise Fenced when fatal."""
-        deadline = time.monotonic() + timeout_s
+        """Add the input offsets to the transaction and commit it.
+
+        Retriable errors (a broker restarting) are retried - never answered with an abort, since the commit
+        may already be under way; the coordinator's transaction.timeout.ms bounds the wait. When the broker
+        requires it (e.g. the partitions moved to another member) the transaction is aborted and
+        TransactionAborted raised. Fatal errors raise Fenced or ProducerFailed.
+        """
         offsets_sent = False
         while True:
-            remaining = max(deadline - time.monotonic(), 1.0)
             try:
                 if not offsets_sent:
-                    self.producer.send_offsets_to_transaction(offsets, group_metadata, remaining)
+                    step_s = min(timeout_s, SEND_OFFSETS_TIMEOUT_S)
+                    _bounded(self.producer.send_offsets_to_transaction, step_s, offsets, group_metadata, step_s)
                     offsets_sent = True
-                self.producer.commit_transaction(remaining)
+                self.producer.commit_transaction(timeout_s)
                 return
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
                 if error.fatal():
-                    raise Fenced(f"transactional producer failed fatally: {error}") from exc
+                    raise fatal_error(error) from exc
                 if error.txn_requires_abort():
                     log.warning("aborting the batch's transaction: %s", error)
                     self.abort(timeout_s)
                     raise TransactionAborted(str(error)) from exc
-                if not error.retriable() or time.monotonic() > deadline:
+                if not error.retriable():
                     self.abort(timeout_s)
-                    raise TransactionAborted(f"commit did not complete: {error}") from exc
-                log.info("retrying transaction commit: %s", error)
+                    raise TransactionAborted(f"commit failed: {error}") from exc
+                log.warning("transaction commit not confirmed yet, retrying: %s", error)
+                time.sleep(0.2)
 
     def abort(self, timeout_s: float) -> None:
         """Abort the open transaction (its records become invisible to read_committed readers).
 
         Retried while the broker is unreachable: until the abort completes, nothing else may be produced.
         """
-        deadline = time.monotonic() + max(timeout_s, 120.0)
         while True:
             try:
                 self.producer.abort_transaction(timeout_s)
                 return
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
-                if error.fatal():
-                    raise Fenced(f"cannot abort: {error}") from exc
-                if time.monotonic() > deadline:
-                    raise DeliveryError(f"transaction could not be aborted: {error}") from exc
+                if error.fatal() or not error.retriable():
+                    raise fatal_error(error) from exc
                 log.warning("retrying abort_transaction: %s", error)
+                time.sleep(0.2)
 
     def produce(
         self, batch: InflightBatch, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None
