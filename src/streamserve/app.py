@@ -70,7 +70,12 @@ class Worker:
             settings.redis.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
         self.features = FeatureBuilder(settings.features, redis_fetcher(self.redis, settings.redis))
-        self.registry = ModelRegistry(settings.model, self.features.width, settings.control.keep_versions)
+        self.registry = ModelRegistry(
+            settings.model,
+            self.features.width,
+            settings.control.keep_versions,
+            settings.control.artifact_cache_dir.expanduser(),
+        )
         self.encoder = PredictionEncoder(settings.output.schema_path, settings.input)
         producer_options: dict[str, str | int | float | bool] = {}
         if self.exactly_once:

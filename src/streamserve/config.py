@@ -211,6 +211,7 @@ class ControlSettings(_Section):
     status_topic: str = "streamserve.status"
     enabled: bool = True
     artifact_cache_dir: Path = Path("~/.cache/streamserve/models")
+    """Verified http(s) artifacts are kept here under their sha256, so restarts need no download."""
     keep_versions: int = Field(default=3, ge=1)
     """Loaded versions kept in memory so a rollback needs no reload."""
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import redis
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from streamserve.admin import TopicSpec, ensure_topics
 from tests.integration.harness import read_topic, unique
+from tests.integration.servers import REPO, STACK, Servers
 
 
 def test_admin_creates_topic_with_partitions(bootstrap: str) -> None:
@@ -117,3 +124,16 @@ def test_redis_pipelined_hset_hmget_round_trip(redis_client: redis.Redis) -> Non
     assert all(float(r[0]) == i and float(r[1]) == i * 0.5 for i, r in enumerate(replies[:1000]))
     assert replies[1000] == [None, None, None]
     redis_client.delete(*[f"{prefix}:{i}" for i in range(1000)])
+
+
+def test_stack_up_twice_never_starts_a_second_broker(stack: Servers) -> None:
+    if stack.origin != "native stack (scripts/stack)":
+        pytest.skip(f"servers come from {stack.origin}, not scripts/stack")
+    state = Path(os.environ.get("STREAMSERVE_STACK_DIR", REPO / ".stack"))
+    pids_before = {name: (state / f"{name}.pid").read_text().strip() for name in ("kafka", "redis")}
+    again = subprocess.run([sys.executable, str(STACK), "up"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "already up" in again.stdout + again.stderr
+    assert {name: (state / f"{name}.pid").read_text().strip() for name in ("kafka", "redis")} == pids_before
+    ours = subprocess.run(["pgrep", "-f", f"kafka.Kafka {state}"], capture_output=True, text=True).stdout.split()
+    assert ours == [pids_before["kafka"]], f"exactly one broker of this stack runs: {ours}"

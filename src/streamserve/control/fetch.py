@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Protocol
 
 from streamserve.errors import DigestMismatch, ModelError
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactFetcher(Protocol):
@@ -67,10 +70,28 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fetch_verified(uri: str, expected_sha256: str | None) -> tuple[bytes, str]:
-    """Fetch an artifact and check its digest when one is announced; returns bytes and digest."""
+def fetch_verified(uri: str, expected_sha256: str | None, cache_dir: Path | None = None) -> tuple[bytes, str]:
+    """Fetch an artifact and check its digest when one is announced; returns bytes and digest.
+
+    Verified remote artifacts are kept in cache_dir under their digest, so a restarted worker (or a
+    rollback after eviction) does not download them again; a cached copy is verified like a download.
+    """
+    remote = urllib.parse.urlparse(uri).scheme in ("http", "https")
+    cached = cache_dir / f"{expected_sha256.lower()}.onnx" if cache_dir and remote and expected_sha256 else None
+    if cached is not None and cached.is_file():
+        data = cached.read_bytes()
+        if sha256_hex(data) == expected_sha256:
+            return data, sha256_hex(data)
     data = fetch(uri)
     digest = sha256_hex(data)
     if expected_sha256 and digest != expected_sha256.lower():
         raise DigestMismatch(uri, expected_sha256, digest)
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(".partial")
+            partial.write_bytes(data)
+            partial.replace(cached)
+        except OSError as exc:  # a cache that cannot be written only costs a download next time
+            log.warning("cannot cache %s in %s: %s", uri, cache_dir, exc)
     return data, digest

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -63,8 +64,11 @@ class RegistryState:
 class ModelRegistry:
     """Holds the current Routing and the cache of loaded versions for one model."""
 
-    def __init__(self, settings: ModelSettings, n_features: int, keep_versions: int = 3) -> None:
+    def __init__(
+        self, settings: ModelSettings, n_features: int, keep_versions: int = 3, cache_dir: Path | None = None
+    ) -> None:
         self.settings = settings
+        self.cache_dir = cache_dir
         self.n_features = n_features
         self.keep_versions = keep_versions
         self._cache: OrderedDict[tuple[str, str], OnnxModel] = OrderedDict()
@@ -81,7 +85,7 @@ class ModelRegistry:
                     self._cache.move_to_end((cached_version, digest))
                     return model
         started = time.perf_counter()
-        data, digest = fetch_verified(uri, sha256)
+        data, digest = fetch_verified(uri, sha256, self.cache_dir)
         model = OnnxModel.load(data, self.settings, version, self.n_features, sha256=digest, uri=uri)
         log.info(
             "loaded %s %s from %s in %.0f ms", self.settings.name, version, uri, (time.perf_counter() - started) * 1000

@@ -1,0 +1,59 @@
+"""The settings tree: YAML, env overrides, errors that name the key, librdkafka dicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamserve.config import load_settings
+from streamserve.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fraud" / "pipeline.yaml"
+
+
+def test_example_config_loads_with_paths_resolved_against_the_file() -> None:
+    settings = load_settings(EXAMPLE)
+    assert settings.input.schema_path.is_file()
+    assert settings.output.schema_path.name == "prediction.avsc"
+    assert settings.model.uri == str((EXAMPLE.parent / "models" / "fraud-v1.onnx").resolve())
+    assert [f.name for f in settings.features][:3] == ["amount", "hour_of_day", "is_online"]
+    assert settings.delivery == "at_least_once"
+
+
+def test_env_vars_override_nested_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMSERVE_KAFKA__BOOTSTRAP_SERVERS", "10.1.2.3:9093")
+    monkeypatch.setenv("STREAMSERVE_BATCH__MAX_WAIT_MS", "3")
+    monkeypatch.setenv("STREAMSERVE_DELIVERY", "exactly_once")
+    settings = load_settings(EXAMPLE)
+    assert settings.kafka.bootstrap_servers == "10.1.2.3:9093"
+    assert settings.kafka.group_id == "fraud-scorer", "the file's other keys in the section survive"
+    assert settings.batch.max_wait_ms == 3
+    assert settings.batch.max_batch_size == 256
+    assert settings.delivery == "exactly_once"
+
+
+def test_errors_name_the_bad_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMSERVE_BATCH__MAX_BATCH_SIZE", "0")
+    with pytest.raises(ConfigError, match=r"batch\.max_batch_size"):
+        load_settings(EXAMPLE)
+    monkeypatch.delenv("STREAMSERVE_BATCH__MAX_BATCH_SIZE")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(EXAMPLE.read_text().replace("key_field: card_id", "key_feild: card_id"))
+    with pytest.raises(ConfigError) as info:
+        load_settings(broken)
+    assert "input.key_field" in str(info.value)
+    assert "input.key_feild" in str(info.value)
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_librdkafka_dicts_layer_defaults_user_settings_and_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMSERVE_KAFKA__SASL_PASSWORD", "s3cret")
+    settings = load_settings(EXAMPLE)
+    assert "s3cret" not in repr(settings)
+    consumer = settings.kafka.consumer_config(enable_auto_commit=False)
+    assert consumer["bootstrap.servers"] == settings.kafka.bootstrap_servers
+    assert consumer["group.id"] == "fraud-scorer"
+    assert consumer["enable.auto.commit"] is False
+    assert consumer["sasl.password"] == "s3cret"
