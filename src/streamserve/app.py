@@ -17,6 +17,7 @@ from streamserve.config import PipelineSettings
 from streamserve.control.follower import ControlFollower
 from streamserve.control.registry import ModelRegistry, Routing
 from streamserve.errors import DecodeError, EnrichError, Fenced, InferenceError, ProducerFailed, TransactionAborted
+from streamserve.observe.metrics import HealthState, ObserveServer, WorkerMetrics
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.decode import make_decoder
@@ -89,6 +90,20 @@ class Worker:
         self.sink = OutputSink(self._producer_config)
         self.source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
         self.batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms)
+        self.health = HealthState(settings.observe.liveness_timeout_s, ready=lambda: self.source.joined)
+        self.observe_server: ObserveServer | None = None
+        readers: list[object] = []
+        if settings.observe.port is not None:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+            readers.append(PrometheusMetricReader())
+            self.observe_server = ObserveServer(settings.observe.host, settings.observe.port, self.health)
+        self.metrics = WorkerMetrics(
+            self.worker_id,
+            serving=lambda: (settings.model.name, self.registry.routing.live.version),
+            inflight=lambda: self.sink.inflight,
+            readers=readers,
+        )
         self.follower = (
             ControlFollower(
                 settings.kafka.common(),
@@ -107,6 +122,8 @@ class Worker:
 
     def run(self) -> WorkerStats:
         """Serve until stopped; on the way out finish the open batch, commit, and leave the group."""
+        if self.observe_server is not None:
+            self.observe_server.start()
         if self.exactly_once:
             self.sink.init_transactions(self.settings.shutdown_timeout_s)
         if self.follower is not None:
@@ -139,10 +156,14 @@ class Worker:
             self.source.close()
             if not self.exactly_once:
                 self.sink.producer.flush(5)
+            if self.observe_server is not None:
+                self.observe_server.stop()
+            self.metrics.shutdown()
         self._log_progress()
         return self.stats
 
     def _step(self) -> None:
+        self.health.beat()
         self._apply_backpressure()
         if not len(self.batcher):
             self.batcher.mark_open()  # the time bound counts from when we started waiting
@@ -207,6 +228,7 @@ class Worker:
 
     def process(self, sources: list[Source]) -> None:
         """Run one micro-batch through decode -> enrich -> infer -> encode -> produce (-> commit)."""
+        started = time.perf_counter()
         if not self.exactly_once:
             inflight, rejected = self._run_batch(sources)
             self.sink.seal(inflight)
@@ -230,6 +252,13 @@ class Worker:
         self.stats.events_in += len(sources)
         self.stats.dead_letters += len(rejected)
         self.stats.batches += 1
+        self.metrics.batches.add(1)
+        self.metrics.batch_size.record(len(sources))
+        self.metrics.batch_duration.record(time.perf_counter() - started)
+        self.metrics.events.add(len(sources) - len(rejected), {"outcome": "predicted"})
+        for stage in {item.stage for item in rejected}:
+            count = sum(item.stage == stage for item in rejected)
+            self.metrics.events.add(count, {"outcome": "dead_letter", "stage": stage})
 
     def _run_batch(self, sources: list[Source]) -> tuple[InflightBatch, list[Rejected]]:
         inflight = InflightBatch()
@@ -278,6 +307,10 @@ class Worker:
         rejected += batch.rejected
         self.stats.missing_defaults += batch.missing_defaults
         self.stats.stale_defaults += batch.stale_defaults
+        if batch.missing_defaults:
+            self.metrics.feature_defaults.add(batch.missing_defaults, {"reason": "missing"})
+        if batch.stale_defaults:
+            self.metrics.feature_defaults.add(batch.stale_defaults, {"reason": "stale"})
         return batch
 
     def _rewind(self) -> None:

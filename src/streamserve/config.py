@@ -216,6 +216,17 @@ class ControlSettings(_Section):
     """Loaded versions kept in memory so a rollback needs no reload."""
 
 
+class ObserveSettings(_Section):
+    """Metrics and health probes on one HTTP port."""
+
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of /metrics (Prometheus), /healthz and /readyz; disabled when unset (0 picks a free port)."""
+    host: str = "0.0.0.0"
+    """Address to listen on; Kubernetes probes reach the pod IP."""
+    liveness_timeout_s: float = Field(default=120.0, gt=0)
+    """/healthz fails when the micro-batch loop has not gone round for this long."""
+
+
 class PipelineSettings(BaseSettings):
     """A streamserve pipeline: input, features, model, output, batching, clients."""
 
@@ -231,6 +242,7 @@ class PipelineSettings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     control: ControlSettings = ControlSettings()
+    observe: ObserveSettings = ObserveSettings()
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     """``at_least_once`` commits input offsets after outputs are acknowledged (duplicates possible after a
     crash); ``exactly_once`` commits outputs and input offsets in one Kafka transaction per micro-batch

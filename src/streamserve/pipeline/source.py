@@ -33,6 +33,8 @@ class KafkaSource:
         self.consumer = Consumer({**CONSUMER_DEFAULTS, **consumer_config})
         self.topic = topic
         self.assignment: set[tuple[str, int]] = set()
+        self.joined = False
+        """Set once the group has answered with a first assignment (readiness)."""
         self._on_revoke: RevokeCallback | None = None
         self._on_lost: RevokeCallback | None = None
 
@@ -44,6 +46,7 @@ class KafkaSource:
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment.update((tp.topic, tp.partition) for tp in partitions)
+        self.joined = True
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -1,0 +1,1 @@
+"""Observability: OpenTelemetry metrics exported for Prometheus, and the health endpoints."""

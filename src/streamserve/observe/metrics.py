@@ -1,0 +1,135 @@
+"""Worker metrics through OpenTelemetry, served with health probes on one small HTTP endpoint.
+
+``GET /metrics``  Prometheus text format (OpenTelemetry's Prometheus reader)
+``GET /healthz``  liveness: the micro-batch loop went round within ``liveness_timeout_s``
+``GET /readyz``   readiness: the worker loaded its model and joined its consumer group
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+
+log = logging.getLogger(__name__)
+
+BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class WorkerMetrics:
+    """The instruments of one worker. Without an endpoint they record into a provider nobody reads."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        serving: Callable[[], tuple[str, str]],
+        inflight: Callable[[], int],
+        readers: Iterable[object] = (),
+    ) -> None:
+        from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+
+        self.provider = MeterProvider(
+            metric_readers=list(readers),  # type: ignore[arg-type]
+            resource=Resource.create({"service.name": "streamserve", "service.instance.id": worker_id}),
+            views=[
+                View(
+                    instrument_name="streamserve.batch.duration",
+                    aggregation=ExplicitBucketHistogramAggregation(BATCH_SECONDS_BUCKETS),
+                )
+            ],
+        )
+        meter: Meter = self.provider.get_meter("streamserve")
+        self.events = meter.create_counter("streamserve.events", unit="1", description="input records by outcome")
+        self.batches = meter.create_counter("streamserve.batches", unit="1", description="micro-batches processed")
+        self.batch_duration = meter.create_histogram(
+            "streamserve.batch.duration", unit="s", description="decode to produce, per micro-batch"
+        )
+        self.batch_size = meter.create_histogram("streamserve.batch.size", unit="1", description="records per batch")
+        self.feature_defaults = meter.create_counter(
+            "streamserve.feature.defaults", unit="1", description="feature values replaced by their default"
+        )
+
+        def serving_version(options: CallbackOptions) -> Iterable[Observation]:
+            model, version = serving()
+            yield Observation(1, {"model": model, "version": version})
+
+        def inflight_batches(options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(inflight())
+
+        meter.create_observable_gauge("streamserve.model.serving", [serving_version], description="served version")
+        meter.create_observable_gauge(
+            "streamserve.inflight.batches", [inflight_batches], description="batches awaiting acknowledgement"
+        )
+
+    def shutdown(self) -> None:
+        """Flush and stop the provider."""
+        self.provider.shutdown()
+
+
+class HealthState:
+    """What the probes look at: the loop's heartbeat, and readiness (model loaded, group joined)."""
+
+    def __init__(self, liveness_timeout_s: float, ready: Callable[[], bool]) -> None:
+        self.liveness_timeout_s = liveness_timeout_s
+        self.last_loop = time.monotonic()
+        self._ready = ready
+
+    def beat(self) -> None:
+        """The loop went round once."""
+        self.last_loop = time.monotonic()
+
+    def live(self) -> bool:
+        return time.monotonic() - self.last_loop < self.liveness_timeout_s
+
+    def ready(self) -> bool:
+        return self._ready()
+
+
+class ObserveServer:
+    """/metrics, /healthz and /readyz on one port, in a daemon thread."""
+
+    def __init__(self, host: str, port: int, health: HealthState) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    self._reply(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    ok = health.live()
+                    self._reply(200 if ok else 503, b"ok\n" if ok else b"loop stalled\n")
+                elif self.path == "/readyz":
+                    ok = health.ready()
+                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                else:
+                    self._reply(404, b"not found\n")
+
+            def _reply(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, name="streamserve-observe", daemon=True)
+
+    def start(self) -> None:
+        """Serve in the background."""
+        self.thread.start()
+        log.info("metrics and health on port %d (/metrics /healthz /readyz)", self.port)
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,49 @@
+"""Metrics and health endpoints of a running worker."""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+
+from streamserve.demo.data import Entities, make_events
+from tests.integration.harness import Pipeline, WorkerThread, predictions, produce_events, wait_until
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError:
+        return 0, ""  # not listening yet
+
+
+@pytest.mark.pipeline(**{"observe.port": 0, "observe.host": "127.0.0.1"})
+def test_metrics_count_what_the_worker_did_and_probes_answer(pipeline: Pipeline, entities: Entities) -> None:
+    worker = WorkerThread(pipeline.settings)
+    try:
+        server = worker.worker.observe_server
+        assert server is not None
+        wait_until(lambda: _get(server.port, "/readyz")[0] == 200, 30, "readiness after joining the group")
+        assert _get(server.port, "/healthz") == (200, "ok\n")
+        events = list(make_events(entities, 1500, seed=301))
+        produce_events(pipeline, events)
+        predictions(pipeline, len(events))
+        wait_until(lambda: worker.worker.stats.events_in >= len(events), 30, "the worker's own count")
+        status, body = _get(server.port, "/metrics")
+        assert _get(server.port, "/nope")[0] == 404
+    finally:
+        worker.stop()
+    assert status == 200
+    predicted = re.search(r'streamserve_events_total\{[^}]*outcome="predicted"[^}]*\} (\S+)', body)
+    assert predicted, body[:2000]
+    assert float(predicted.group(1)) == len(events)
+    batches = re.search(r"streamserve_batches_total\{[^}]*\} (\S+)", body)
+    assert batches
+    assert float(batches.group(1)) == worker.worker.stats.batches
+    assert re.search(r'streamserve_model_serving\{[^}]*version="v1"[^}]*\} 1', body)
+    assert "streamserve_batch_duration_seconds_bucket" in body
