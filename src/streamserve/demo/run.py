@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, Producer
 from streamserve.admin import ensure_topics, pipeline_topics
 from streamserve.app import Worker
 from streamserve.config import PipelineSettings, load_settings
-from streamserve.control.publish import publish
+from streamserve.control.publish import fleet_status, publish
 from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_entities, make_events
 from streamserve.demo.train import train_versions
 from streamserve.pipeline.decode import load_schema
@@ -193,6 +193,9 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
         settings.input.key_field,
     )
     reader.wait_for(events, timeout_s=180)
+    if worker.follower is not None:
+        worker.follower.report()  # the status topic now says v2
+    fleet = fleet_status(settings.kafka.common(), settings.control.status_topic)
     worker.stop()
     worker_thread.join(timeout=60)
     reader.close()
@@ -208,6 +211,11 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
         f"      throughput:       {reader.total / span_s:,.0f} predictions/s over {span_s:.1f}s "
         "(includes waiting for the producer)"
     )
+    for status in fleet:
+        _say(
+            f"      fleet status:     worker {status.worker_id} serves {status.model} {status.serving_version} "
+            f"({status.state}, mode {status.mode}) - `streamserve models status` shows this"
+        )
     _say("      sample predictions:")
     for record in reader.samples[:6]:
         _say(
