@@ -21,7 +21,7 @@ from confluent_kafka import Producer
 from bench.dataset import SCHEMAS, Dataset
 from bench.loadgen import relabel
 from bench.measure import Latency, match_latencies, read_topic, sustained_rate, usage_in_window
-from bench.procs import Job, Sampler, TopicCounter, wait_for_count
+from bench.procs import GroupWatcher, Job, Sampler, TopicCounter, wait_for_count
 from bench.scenarios import Scenario, commands, job_env, streamserve_topics
 from streamserve.control.publish import publish
 from streamserve.pipeline.decode import load_schema
@@ -36,7 +36,7 @@ class Settings:
     """Knobs of one benchmark run."""
 
     out_dir: Path
-    max_seconds: float = 45.0
+    max_seconds: float = 30.0
     """Longest a scenario may take over the backlog; slower systems are measured on what they did by then."""
     rate_seconds: float = 10.0
     """Measured seconds of an offered-rate run (after the warm-up)."""
@@ -72,6 +72,7 @@ def throughput(scenario: Scenario, dataset: Dataset, settings: Settings) -> dict
     """Events/s, CPU per 1k events and peak RSS while the system works through the pre-produced events."""
     output_topic = dataset.topic(f"{scenario.name}-tput")
     job = _start(scenario, dataset, settings, dataset.events_topic, output_topic, "tput")
+    group = GroupWatcher(dataset.stack.bootstrap, f"{output_topic}-group", scenario.processes).start()
     sampler = Sampler(job.pids, list(dataset.stack.server_pids.values())).start()
     counter = TopicCounter(dataset.stack.bootstrap, output_topic, dataset.partitions)
     expected = len(dataset.payloads)
@@ -81,21 +82,24 @@ def throughput(scenario: Scenario, dataset: Dataset, settings: Settings) -> dict
     finally:
         job.stop()
         samples = sampler.stop()
+        stable_ms = group.stop()
         counter.close()
     wall_s = time.monotonic() - started
     outputs = read_topic(dataset.stack.bootstrap, output_topic, dataset.partitions)
-    rate, start_ms, end_ms = sustained_rate(outputs.timestamps_ms)
+    rate, start_ms, end_ms = sustained_rate(outputs.timestamps_ms, not_before_ms=stable_ms)
     cpu_s, server_cpu_s, peak_rss = usage_in_window(samples, start_ms, end_ms)
     window_events = rate * (end_ms - start_ms) / 1000
     result = {
-        "events_per_s": round(rate, 1),
-        "cpu_s_per_1k": round(cpu_s / window_events * 1000, 4) if window_events else None,
-        "server_cpu_s_per_1k": round(server_cpu_s / window_events * 1000, 4) if window_events else None,
+        "events_per_s": round(float(rate), 1),
+        "cpu_s_per_1k": round(float(cpu_s / window_events * 1000), 4) if window_events else None,
+        "server_cpu_s_per_1k": round(float(server_cpu_s / window_events * 1000), 4) if window_events else None,
         "peak_rss_mb": round(peak_rss / MB, 1),
         "outputs": count,
         "expected": expected,
         "complete": complete,
         "wall_s": round(wall_s, 1),
+        "window_s": round((end_ms - start_ms) / 1000, 2),
+        "group_stable_after_s": round((stable_ms - samples[0].wall_ms) / 1000, 2) if stable_ms else None,
     }
     log.info("%-22s throughput %s", scenario.name, result)
     return result
@@ -158,11 +162,15 @@ def offered_rate(
             text=True,
         )
         load_started = time.monotonic()
+        deadline = load_started + settings.warmup_seconds + seconds + 60
         while loadgen.poll() is None:
             if during is not None:
                 during(time.monotonic() - load_started)
             time.sleep(0.1)
             job.check_alive()
+            if time.monotonic() > deadline:
+                loadgen.kill()
+                raise RuntimeError(f"{scenario.name}: the load generator did not finish in time")
         stdout = loadgen.stdout.read() if loadgen.stdout else ""
         if loadgen.returncode != 0:
             raise RuntimeError(f"load generator failed ({loadgen.returncode}): {stdout}")
@@ -181,7 +189,7 @@ def offered_rate(
     lat = Latency.of(latency_ms, offered)
     cpu_s, _, peak_rss = usage_in_window(samples, start_ms, end_ms)
     summary = {
-        "offered_per_s": round(rate, 1),
+        "offered_per_s": round(float(rate), 1),
         "achieved_offered_per_s": generated["rate"],
         **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(lat).items()},
         "kept_up": drained and lat.matched == offered,

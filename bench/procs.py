@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,35 @@ class TopicCounter:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+class GroupWatcher:
+    """Notes the wall-clock time a consumer group first is stable with all its members (in a thread)."""
+
+    def __init__(self, bootstrap: str, group: str, members: int, interval_s: float = 0.1) -> None:
+        self._admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.group, self.members, self.interval_s = group, members, interval_s
+        self.stable_ms: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> GroupWatcher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while self.stable_ms is None and not self._stop.wait(self.interval_s):
+            try:
+                found = self._admin.describe_consumer_groups([self.group], request_timeout=5)[self.group].result()
+            except KafkaException:
+                continue
+            if found.state == ConsumerGroupState.STABLE and len(found.members) >= self.members:
+                self.stable_ms = time.time() * 1000
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return self.stable_ms
 
 
 def wait_for_count(

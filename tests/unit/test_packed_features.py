@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from streamserve.config import FeatureSpec, PipelineSettings
-from streamserve.pipeline.enrich import FeatureBuilder, FeatureRequest
+from streamserve.pipeline.enrich import FeatureBuilder, FeatureRequest, _key_renderer
 from streamserve.records import Event, Source
 from streamserve.tools import load_packed_features, pack_vector
 
@@ -190,3 +190,13 @@ def test_load_packed_features_writes_vectors_in_field_order() -> None:
     np.testing.assert_array_equal(np.frombuffer(client.data["card:a"], "<f4"), [10.5, math.nan, 3.0])
     np.testing.assert_array_equal(np.frombuffer(client.data["card:b"], "<f4"), [math.nan, math.nan, 7.0])
     assert pack_vector({"v": 1}, ["v"]) == vector(1.0)
+
+
+@pytest.mark.parametrize(
+    "template", ["card:{card_id}", "{card_id}", "x:{card_id}:y", "a:{card_id}:{n}", "p:{n:>4}", "p:{card_id!r}", "k"]
+)
+def test_key_rendering_matches_format_map(template: str) -> None:
+    fields = {"card_id": "c-1", "n": 7}
+    assert _key_renderer(template)(fields) == template.format_map(fields)
+    with pytest.raises(KeyError, match="missing"):
+        _key_renderer(template + "{missing}")(fields)
