@@ -1,4 +1,4 @@
-"""Prediction encoding: the column writer produces fastavro's bytes; unsupported schemas fall back to fastavro."""
+"""Prediction encoding: every field, exact event times, headers, several source topics, schema defaults."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from streamserve.config import InputSettings
 from streamserve.pipeline.decode import load_schema
-from streamserve.pipeline.encode import ColumnWriter, PredictionEncoder, decode_prediction
+from streamserve.pipeline.encode import PredictionEncoder, decode_prediction
 from streamserve.records import Event, ModelOutputs, Source
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -72,10 +72,11 @@ def expected(schema: Any, event: Event, score: float, label: int | None, now_ms:
 
 @pytest.mark.parametrize("with_labels", [True, False])
 @pytest.mark.parametrize("degraded", [True, False])
-def test_column_writer_matches_fastavro(with_labels: bool, degraded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_encoded_bytes_equal_fastavro_of_the_full_record(
+    with_labels: bool, degraded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("streamserve.pipeline.encode.time.time", lambda: 1_800_000_000.123)
     encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", INPUT)
-    assert encoder._writer is not None, "the prediction schema is written column-wise"
     batch = events(150)
     scores = np.random.default_rng(1).random(150)
     scores[3] = -0.0
@@ -100,38 +101,15 @@ def test_events_from_several_topics() -> None:
     assert topics == ["a"] * 4 + ["bb"] * 3
 
 
-def test_unsupported_schema_falls_back_to_fastavro(tmp_path: Path) -> None:
+def test_fields_the_encoder_does_not_know_take_their_schema_default(tmp_path: Path) -> None:
     raw = json.loads((SCHEMAS / "prediction.avsc").read_text())
-    raw["fields"].append(
-        {"name": "tags", "type": {"type": "array", "items": "string"}, "default": []}  # arrays: fastavro's job
-    )
-    path = tmp_path / "prediction-with-tags.avsc"
+    raw["fields"].append({"name": "tags", "type": {"type": "array", "items": "string"}, "default": []})
+    raw["fields"].append({"name": "unit", "type": "string", "default": "EUR"})
+    path = tmp_path / "prediction-with-more.avsc"
     path.write_text(json.dumps(raw))
     encoder = PredictionEncoder(path, INPUT)
-    assert encoder._writer is None
     encoded = encoder.encode(events(3), ModelOutputs(np.full(3, 0.5), np.ones(3, dtype=np.int64)), "fraud", "v1")
     record = decode_prediction(load_schema(path), encoded[2][1])
     assert record["score"] == 0.5
     assert record["tags"] == []
-
-
-def test_defaults_fill_fields_the_encoder_does_not_know() -> None:
-    schema = fastavro.parse_schema(
-        {
-            "type": "record",
-            "name": "R",
-            "fields": [
-                {"name": "a", "type": "long"},
-                {"name": "note", "type": ["null", "string"], "default": None},
-                {"name": "unit", "type": "string", "default": "EUR"},
-                {"name": "ratio", "type": "float", "default": 0.25},
-            ],
-        }
-    )
-    writer = ColumnWriter.compile(schema)
-    assert writer is not None
-    values = writer.write(3, {}, {"a": [0, -1, 2**62]})
-    for a, value in zip([0, -1, 2**62], values, strict=True):
-        assert value == avro(schema, {"a": a, "note": None, "unit": "EUR", "ratio": 0.25})
-    with pytest.raises(ValueError, match="'a'"):
-        writer.write(1, {}, {})
+    assert record["unit"] == "EUR"
