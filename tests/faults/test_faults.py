@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -26,8 +25,7 @@ from streamserve.demo.data import Entities, make_events
 from streamserve.demo.train import TrainedModel
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.encode import decode_prediction
-from streamserve.tools import produce_avro
-from tests.integration.harness import Pipeline, WorkerProcess, wait_until
+from tests.integration.harness import Pipeline, WorkerProcess, produce_in_background, wait_until
 from tests.integration.servers import STACK, Servers
 
 EVENTS = 20_000
@@ -203,20 +201,7 @@ def test_fault(
 
     events = list(make_events(entities, EVENTS, seed=hash(name) % 1000 + (7 if mode == "exactly_once" else 0)))
     ids = {e["event_id"] for e in events}
-    settings = pipeline.settings
-    producer = threading.Thread(
-        target=produce_avro,
-        args=(
-            {"bootstrap.servers": pipeline.bootstrap},
-            settings.input.topic,
-            load_schema(settings.input.schema_path),
-            events,
-            settings.input.key_field,
-        ),
-        kwargs={"rate": RATE},
-        daemon=True,
-    )
-    producer.start()
+    producer = produce_in_background(pipeline, events, RATE)
     time.sleep(EVENTS / RATE / 4)  # a quarter of the stream is in flight
     fault(s)
     fault_end_ms = int(time.time() * 1000)

@@ -11,28 +11,15 @@ from pathlib import Path
 import redis
 
 from streamserve.demo.data import Entities, make_events
-from streamserve.pipeline.decode import load_schema
-from streamserve.tools import produce_avro
 from tests.faults.test_faults import _output_ids
-from tests.integration.harness import Pipeline, WorkerProcess, WorkerThread, produce_events, wait_until
-
-
-def _produce_in_background(pipeline: Pipeline, events: list[dict[str, object]], rate: float) -> threading.Thread:
-    s = pipeline.settings
-    thread = threading.Thread(
-        target=produce_avro,
-        args=(
-            {"bootstrap.servers": pipeline.bootstrap},
-            s.input.topic,
-            load_schema(s.input.schema_path),
-            events,
-            s.input.key_field,
-        ),
-        kwargs={"rate": rate},
-        daemon=True,
-    )
-    thread.start()
-    return thread
+from tests.integration.harness import (
+    Pipeline,
+    WorkerProcess,
+    WorkerThread,
+    produce_events,
+    produce_in_background,
+    wait_until,
+)
 
 
 def test_zombie_is_fenced_and_stops_cleanly_without_duplicates(
@@ -42,7 +29,7 @@ def test_zombie_is_fenced_and_stops_cleanly_without_duplicates(
     events = list(make_events(entities, 10_000, seed=123))
     zombie = WorkerProcess(pipeline.path, tmp_path, "same-id")
     zombie.wait_logged("assigned")
-    producer = _produce_in_background(pipeline, events, rate=2500)
+    producer = produce_in_background(pipeline, events, rate=2500)
     time.sleep(1.5)
     # A second instance with the same worker id (hence transactional.id) fences the first one.
     successor = WorkerProcess(pipeline.path, tmp_path, "same-id")

@@ -262,6 +262,25 @@ class WorkerThread:
         assert self.error is None, f"worker crashed: {self.error!r}"
 
 
+def produce_in_background(pipeline: Pipeline, events: list[dict[str, Any]], rate: float) -> threading.Thread:
+    """Produce the events at `rate` per second from a thread (join it to wait for the acknowledgements)."""
+    s = pipeline.settings
+    thread = threading.Thread(
+        target=produce_avro,
+        args=(
+            {"bootstrap.servers": pipeline.bootstrap},
+            s.input.topic,
+            load_schema(s.input.schema_path),
+            events,
+            s.input.key_field,
+        ),
+        kwargs={"rate": rate},
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
+
 def produce_events(pipeline: Pipeline, events: list[dict[str, Any]]) -> None:
     s = pipeline.settings
     produce_avro(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +18,6 @@ from streamserve.control.registry import canary_bucket
 from streamserve.demo.data import Entities, make_events
 from streamserve.demo.train import TrainedModel
 from streamserve.pipeline.decode import load_schema
-from streamserve.tools import produce_avro
 from tests.integration.harness import (
     Pipeline,
     WorkerProcess,
@@ -28,6 +26,7 @@ from tests.integration.harness import (
     offline_scores,
     predictions,
     produce_events,
+    produce_in_background,
     read_topic,
     wait_until,
 )
@@ -36,24 +35,6 @@ from tests.integration.harness import (
 def _control(pipeline: Pipeline) -> tuple[dict[str, Any], str, str]:
     s = pipeline.settings
     return {"bootstrap.servers": pipeline.bootstrap}, s.control.topic, s.control.status_topic
-
-
-def _background_producer(pipeline: Pipeline, events: list[dict[str, Any]], rate: float) -> threading.Thread:
-    s = pipeline.settings
-    thread = threading.Thread(
-        target=produce_avro,
-        args=(
-            {"bootstrap.servers": pipeline.bootstrap},
-            s.input.topic,
-            load_schema(s.input.schema_path),
-            events,
-            s.input.key_field,
-        ),
-        kwargs={"rate": rate},
-        daemon=True,
-    )
-    thread.start()
-    return thread
 
 
 def _assert_scores_match_named_version(
@@ -92,7 +73,7 @@ def test_deploy_v2_under_load_on_two_workers(
     workers = [WorkerProcess(pipeline.path, tmp_path, f"swap-{i}") for i in range(2)]
     for w in workers:
         w.wait_logged("assigned")
-    producer = _background_producer(pipeline, events, rate=3500)
+    producer = produce_in_background(pipeline, events, rate=3500)
     time.sleep(2.0)  # let a steady stream build up before the announcement
     config, topic, status_topic = _control(pipeline)
     announced = publish(config, topic, status_topic, "fraud", "v2", str(models["v2"].path))
@@ -146,7 +127,7 @@ def test_rejected_versions_never_serve_and_say_why(
     worker = WorkerThread(pipeline.settings)
     config, topic, status_topic = _control(pipeline)
     events = list(make_events(entities, 6000, seed=61))
-    producer = _background_producer(pipeline, events, rate=2000)
+    producer = produce_in_background(pipeline, events, rate=2000)
     try:
         time.sleep(1.0)
         publish(config, topic, status_topic, "fraud", "v2-tampered", str(models["v2"].path), sha256="0" * 64)
@@ -211,7 +192,7 @@ def test_rollback_is_instant_on_every_worker(
         publish(config, topic, status_topic, "fraud", "v2", str(models["v2"].path))
         wait_until(lambda: all(w.worker.registry.routing.live.version == "v2" for w in workers), 30, "v2 served")
         batches_before = [w.worker.stats.batches for w in workers]
-        producer = _background_producer(pipeline, list(make_events(entities, 4000, seed=81)), rate=2000)
+        producer = produce_in_background(pipeline, list(make_events(entities, 4000, seed=81)), rate=2000)
         announced = rollback(config, topic, "fraud")
         assert announced.version == "v1"
         wait_until(

@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
 from streamserve.demo.data import Entities, make_events
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.encode import decode_prediction
-from streamserve.tools import produce_avro
-from tests.integration.harness import Pipeline, WorkerProcess, read_topic, wait_until
-
-
-def _producer_thread(pipeline: Pipeline, events: list[dict[str, Any]], rate: float) -> threading.Thread:
-    s = pipeline.settings
-    thread = threading.Thread(
-        target=produce_avro,
-        args=(
-            {"bootstrap.servers": pipeline.bootstrap},
-            s.input.topic,
-            load_schema(s.input.schema_path),
-            events,
-            s.input.key_field,
-        ),
-        kwargs={"rate": rate},
-        daemon=True,
-    )
-    thread.start()
-    return thread
+from tests.integration.harness import Pipeline, WorkerProcess, produce_in_background, read_topic, wait_until
 
 
 def _predicted_ids(pipeline: Pipeline, expected: int, timeout_s: float = 120) -> list[str]:
@@ -71,7 +50,7 @@ def test_kill_9_mid_stream_then_restart_loses_no_event(pipeline: Pipeline, entit
     events = list(make_events(entities, 20_000, seed=31))
     first = WorkerProcess(pipeline.path, tmp_path, "victim")
     first.wait_logged("assigned")
-    producer = _producer_thread(pipeline, events, rate=4000)
+    producer = produce_in_background(pipeline, events, rate=4000)
     wait_until(lambda: _count_output(pipeline) >= 4000, 60, "4000 predictions before the kill")
     first.kill()  # SIGKILL: no drain, no commit of the open batch
     killed_at = _count_output(pipeline)
@@ -99,7 +78,7 @@ def test_two_workers_share_partitions_and_hand_over_on_stop(
         return len(assignment) == 2 and all(assignment.values()) and sum(map(len, assignment.values())) == 4
 
     wait_until(shared, 60, "two members sharing the 4 partitions")
-    producer = _producer_thread(pipeline, events, rate=3000)
+    producer = produce_in_background(pipeline, events, rate=3000)
     wait_until(lambda: _count_output(pipeline) >= 3000, 60, "3000 predictions before stopping one worker")
     assert a.stop() == 0, a.log_tail()  # SIGTERM: drain, commit, leave the group
     wait_until(
