@@ -137,6 +137,16 @@ def offered_rate(
     job = _start(scenario, dataset, settings, input_topic, output_topic, tag)
     counter = TopicCounter(dataset.stack.bootstrap, output_topic, dataset.partitions)
     try:
+        # Every process in the group first, so that no rebalance falls into the measured window.
+        group = GroupWatcher(dataset.stack.bootstrap, f"{output_topic}-group", scenario.processes).start()
+        deadline = time.monotonic() + settings.ready_timeout_s
+        while group.stable_ms is None and time.monotonic() < deadline:
+            job.check_alive()
+            time.sleep(0.1)
+        if group.stop() is None:
+            raise RuntimeError(f"{scenario.name}: the consumer group did not settle\n{job.log_tail()}")
+        if scenario.processes > 1:
+            time.sleep(1.0)  # cooperative rebalancing assigns in a second round after the group is stable
         probes = _probe(dataset, input_topic)
         _, ready = wait_for_count(counter, probes, settings.ready_timeout_s, job)
         if not ready:
