@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,14 @@ def write(results: dict[str, Any], out_dir: Path, benchmarks_md: Path | None) ->
     )
     if benchmarks_md is None:
         return
+    # The latest charts and numbers sit beside BENCHMARKS.md's sources (bench/results/ is not committed).
+    latest = benchmarks_md.parent / "bench" / "latest"
+    latest.mkdir(parents=True, exist_ok=True)
+    for stale in latest.glob("*.png"):
+        stale.unlink()
+    for path in [*charts, out_dir / "results.json", out_dir / "results.md"]:
+        if path.exists():
+            shutil.copyfile(path, latest / path.name)
     rel = out_dir.relative_to(benchmarks_md.parent) if out_dir.is_relative_to(benchmarks_md.parent) else out_dir
     section = "\n".join(
         [
@@ -229,12 +238,15 @@ def write(results: dict[str, Any], out_dir: Path, benchmarks_md: Path | None) ->
             f"Latest run: {results['started_at']}, {results.get('duration_s', 0):.0f} s, results in `{rel}/`.",
             "",
             f"- **Command:** `make bench` (runs `{results['command']}` after `python3 scripts/stack up`)",
-            f"- **Machine:** {machine_text(results)}",
+            f"- **Machine:** {machine_text(results)}; load average {results.get('load', {}).get('before', '?')} "
+            f"before the run, {results.get('load', {}).get('after', '?')} after (other work on the machine skews "
+            "the numbers)",
             f"- **Workload:** {s['events']:,} pre-produced demo card transactions (Avro), "
             f"{s['partitions']} partitions, Redis features of 2,000 cards and 200 merchants, {s['model']}; "
             f"micro-batches of {s['batch']['max_batch_size']} / {s['batch']['max_wait_ms']} ms (defaults).",
             "",
             body,
+            *(f"![{c.stem}](bench/latest/{c.name})\n" for c in charts),
             END,
         ]
     )
@@ -268,9 +280,10 @@ def draw_charts(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ][::-1]
         bars = ax.barh(names, rates, color=colors)
         ax.bar_label(bars, labels=[f"{r:,.0f}" for r in rates], padding=3, fontsize=8)
-        ax.set_xlabel("events/s (sustained, same events, same machine)")
+        ax.set_xscale("log")
+        ax.set_xlabel("events/s, log scale (sustained over the same pre-produced events, same machine)")
         ax.set_title("Throughput")
-        ax.set_xlim(0, max(rates) * 1.18)
+        ax.set_xlim(min(rates) / 2, max(rates) * 3)
         fig.tight_layout()
         paths.append(out_dir / "throughput.png")
         fig.savefig(paths[-1], dpi=110)
@@ -301,7 +314,7 @@ def draw_charts(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel("end-to-end latency, ms (input append -> output append)")
         ax.set_title("Latency percentiles vs offered rate")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         paths.append(out_dir / "latency_vs_rate.png")
         fig.savefig(paths[-1], dpi=110)

@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             shlex.quote(a) for a in [Path(sys.executable).name, "-m", "bench", *(argv or sys.argv[1:])]
         ),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load": {"before": " ".join(Path("/proc/loadavg").read_text().split()[:3])},
         "machine": machine(),
         "servers": server_versions(stack),
         "settings": {
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             delete_topics(stack, dataset.run_id)
         dataset.payload_file.unlink(missing_ok=True)
     results["duration_s"] = round(time.monotonic() - started, 1)
+    results["load"]["after"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report.write(results, out_dir, None if args.no_benchmarks_md else REPO / "BENCHMARKS.md")
     log.info("done in %.0fs: %s", results["duration_s"], out_dir)
