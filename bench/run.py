@@ -216,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results directory (bench/results/<timestamp>)")
     parser.add_argument("--no-benchmarks-md", action="store_true", help="do not rewrite BENCHMARKS.md")
     parser.add_argument("--keep-topics", action="store_true", help="leave the run's topics on the broker")
+    parser.add_argument("--report", type=Path, metavar="RESULTS_JSON", help="only redraw a run's report from its json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.report:
+        report.write(json.loads(args.report.read_text()), args.report.parent, REPO / "BENCHMARKS.md")
+        return 0
 
     started = time.monotonic()
     out_dir = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S")
