@@ -45,7 +45,8 @@ class Settings:
     ready_timeout_s: float = 120.0
 
 
-def _create_output_topics(dataset: Dataset, scenario: Scenario, output_topic: str) -> None:
+def create_output_topics(dataset: Dataset, scenario: Scenario, output_topic: str) -> None:
+    """The topics a scenario writes (streamserve also needs its DLQ, shadow, control and status topics)."""
     if scenario.kind == "streamserve":
         wide, narrow = streamserve_topics(output_topic)
         dataset.create_topics(*wide)
@@ -57,7 +58,7 @@ def _create_output_topics(dataset: Dataset, scenario: Scenario, output_topic: st
 def _start(
     scenario: Scenario, dataset: Dataset, settings: Settings, input_topic: str, output_topic: str, tag: str
 ) -> Job:
-    _create_output_topics(dataset, scenario, output_topic)
+    create_output_topics(dataset, scenario, output_topic)
     work = settings.out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     return Job(

@@ -27,7 +27,7 @@ from confluent_kafka.admin import AdminClient
 from bench import report
 from bench.components import run_components
 from bench.dataset import REPO, Dataset, Stack, cleanup_redis, find_stack, prepare
-from bench.phases import Settings, hot_swap, offered_rate, throughput
+from bench.phases import Settings, create_output_topics, hot_swap, offered_rate, throughput
 from bench.procs import Job, TopicCounter, wait_for_count
 from bench.scenarios import VENVS, Scenario, commands, ensure_peer_venv, job_env
 
@@ -125,9 +125,7 @@ def profile_streamserve(dataset: Dataset, settings: Settings, seconds: float, la
         return None
     scenario = Scenario(f"profile-{layout}", "streamserve", 1, layout=layout)
     output_topic = dataset.topic(f"profile-{layout}")
-    from bench.phases import _create_output_topics
-
-    _create_output_topics(dataset, scenario, output_topic)
+    create_output_topics(dataset, scenario, output_topic)
     work = settings.out_dir / "work"
     job = Job(
         f"profile-{layout}",
