@@ -115,7 +115,7 @@ def _unpack_vectors(replies: list[Any], width: int) -> np.ndarray:
     """(keys + 1, width) float64 matrix of packed vectors; missing or short values are NaN, as is the last row."""
     out = np.full((len(replies) + 1, width), np.nan)
     size = width * _FLOAT32.itemsize
-    if replies and all(type(value) is bytes and len(value) == size for value in replies):
+    if replies and None not in replies and set(map(len, replies)) == {size}:
         out[:-1] = np.frombuffer(b"".join(replies), dtype=_FLOAT32).reshape(len(replies), width)
         return out
     for row, value in enumerate(replies):
@@ -199,8 +199,9 @@ class FeatureBuilder:
         rows = []
         for keys, group_keys in zip(keys_per_group, distinct, strict=True):
             position: dict[str | None, int] = {key: i for i, key in enumerate(group_keys)}
-            missing = len(group_keys)
-            rows.append(np.fromiter((position.get(key, missing) for key in keys), dtype=np.intp, count=n))
+            if reasons:  # some events have no key: they point at the extra "missing" row
+                position[None] = len(group_keys)
+            rows.append(np.fromiter(map(position.__getitem__, keys), dtype=np.intp, count=n))
         vectors = [
             _unpack_vectors(group_replies, group.width) if group.packed else None
             for group, group_replies in zip(self._groups, replies, strict=True)
