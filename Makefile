@@ -21,8 +21,8 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed  ## create .venv with streamserve and its dev tools
 
 lint: venv  ## ruff (lint + format check) and mypy
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 test-unit: venv  ## unit tests only (no servers)
