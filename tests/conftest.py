@@ -17,14 +17,15 @@ import redis
 
 from streamserve.demo.data import Entities, make_entities
 from streamserve.demo.train import TrainedModel, train_versions
-from tests.integration.harness import Pipeline
-from tests.integration.servers import Servers, ServerStartError, servers
+from tests.integration.harness import Pipeline, WorkerProcess
+from tests.integration.servers import Servers, ServerStartError, servers, warm_up
 
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Servers]:
     try:
         with servers() as found:
+            warm_up(found.bootstrap_servers)
             yield found
     except ServerStartError as exc:
         pytest.fail(str(exc), pytrace=False)
@@ -91,6 +92,17 @@ def pipeline(pipeline_factory: Callable[..., Pipeline], request: pytest.FixtureR
     """A pipeline of 4 partitions; `@pytest.mark.pipeline(**{"batch.max_batch_size": 64})` overrides keys."""
     marker = request.node.get_closest_marker("pipeline")
     return pipeline_factory(**(dict(marker.kwargs) if marker else {}))
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_left_behind() -> Iterator[None]:
+    """Kill the worker processes a test started and did not stop (e.g. when an assertion failed first)."""
+    yield
+    while WorkerProcess.running:
+        worker = WorkerProcess.running.pop()
+        if worker.process.poll() is None:
+            worker.process.kill()
+            worker.process.wait(10)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

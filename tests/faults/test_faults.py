@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from streamserve.control.publish import publish
@@ -65,7 +65,10 @@ class Scenario:
     def members(self) -> int:
         admin = AdminClient({"bootstrap.servers": self.pipeline.bootstrap})
         group = self.pipeline.settings.kafka.group_id
-        description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+        try:
+            description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+        except KafkaException:  # e.g. NOT_COORDINATOR while a fresh broker loads __consumer_offsets
+            return 0
         assigned = [m for m in description.members if m.assignment.topic_partitions]
         return len(assigned)
 

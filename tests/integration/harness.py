@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnxruntime as ort
@@ -191,6 +191,9 @@ class Pipeline:
 class WorkerProcess:
     """`streamserve run` as a user starts it, in its own process."""
 
+    running: ClassVar[list[WorkerProcess]] = []
+    """Every worker started, so a failed test cannot leave one behind (see conftest)."""
+
     def __init__(self, config: Path, log_dir: Path, worker_id: str) -> None:
         self.log_path = log_dir / f"{worker_id}.log"
         self._log = self.log_path.open("ab")
@@ -201,6 +204,7 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
             env=env,
         )
+        WorkerProcess.running.append(self)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,50 @@ def _containers() -> Iterator[Servers]:
         host = redis_container.get_container_host_ip()
         port = redis_container.get_exposed_port(6379)
         yield Servers(kafka.get_bootstrap_server(), f"redis://{host}:{port}/0", "testcontainers")
+
+
+def warm_up(bootstrap: str, timeout_s: float = 90.0) -> None:
+    """Create the broker's internal topics before the first test needs them.
+
+    A fresh broker creates __consumer_offsets on the first group and __transaction_state on the first
+    transactional producer; until their coordinators are loaded, group and admin calls answer
+    NOT_COORDINATOR. Paying that once here keeps it out of the first test's timing.
+    """
+    import uuid
+
+    from confluent_kafka import Consumer, KafkaException, Producer
+
+    topic, group = f"streamserve-warmup-{uuid.uuid4().hex[:8]}", f"streamserve-warmup-{uuid.uuid4().hex[:8]}"
+    producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": group})
+    producer.init_transactions(timeout_s)
+    producer.begin_transaction()
+    producer.produce(topic, b"warm-up")
+    producer.commit_transaction(timeout_s)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    deadline = time.monotonic() + timeout_s
+    try:
+        msg = None
+        while time.monotonic() < deadline:
+            if msg is None:
+                polled = consumer.poll(0.5)
+                msg = polled if polled is not None and polled.error() is None else None
+                continue
+            try:
+                consumer.commit(message=msg, asynchronous=False)
+                return
+            except KafkaException:  # the group coordinator is still loading
+                time.sleep(0.5)
+        raise ServerStartError(f"Kafka broker at {bootstrap} started but served no consumer group in {timeout_s}s")
+    finally:
+        consumer.close()
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from streamserve.demo.data import Entities, make_events
@@ -39,7 +40,10 @@ def _count_output(pipeline: Pipeline) -> int:
 def _group_assignment(pipeline: Pipeline) -> dict[str, list[int]]:
     admin = AdminClient({"bootstrap.servers": pipeline.bootstrap})
     group = pipeline.settings.kafka.group_id
-    description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    try:
+        description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    except KafkaException:  # e.g. NOT_COORDINATOR while a fresh broker loads __consumer_offsets
+        return {}
     return {
         m.client_id + "/" + m.member_id[-6:]: sorted(tp.partition for tp in m.assignment.topic_partitions)
         for m in description.members
