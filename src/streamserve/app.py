@@ -315,7 +315,6 @@ class Worker:
 
     def _rewind(self) -> None:
         """After an aborted transaction: forget buffered records and resume from the committed offsets."""
-        self.batcher.take()
         self.batcher.drop(lambda _: False)
         self.source.rewind_to_committed()
 

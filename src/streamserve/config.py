@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +31,6 @@ from pydantic_settings import (
 from streamserve.errors import ConfigError
 
 _yaml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("streamserve_yaml", default=None)
-_TEMPLATE_FIELD = re.compile(r"{(\w+)}")
 
 LibrdkafkaValue = str | int | float | bool
 
@@ -137,10 +135,6 @@ class FeatureSpec(_Section):
         elif self.index is not None:
             raise ValueError(f"feature {self.name!r}: index is for layout 'packed'")
         return self
-
-    def key_fields(self) -> list[str]:
-        """Event fields the Redis key template refers to."""
-        return _TEMPLATE_FIELD.findall(self.key or "")
 
 
 class ModelSettings(_Section):

@@ -7,7 +7,7 @@ import io
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,10 @@ def read_rows(path: Path) -> Iterator[dict[str, Any]]:
         yield from csv.DictReader(handle)
 
 
-def load_features(client: redis.Redis, rows: Iterable[dict[str, Any]], key_template: str, chunk: int = 1000) -> int:
-    """HSET each row under key_template filled from the row; pipelined in chunks. Returns rows written."""
+def _write_rows(
+    client: redis.Redis, rows: Iterable[dict[str, Any]], key_template: str, write: Callable[..., Any], chunk: int
+) -> int:
+    """Call write(pipeline, key, row) for every row under key_template filled from the row, in pipelined chunks."""
     written = 0
     pipe = client.pipeline(transaction=False)
     for row in rows:
@@ -43,12 +45,23 @@ def load_features(client: redis.Redis, rows: Iterable[dict[str, Any]], key_templ
             key = key_template.format_map(row)
         except KeyError as exc:
             raise StreamServeError(f"key template {key_template!r} needs column {exc}") from exc
-        pipe.hset(key, mapping={k: v for k, v in row.items() if v is not None and v != ""})
+        write(pipe, key, row)
         written += 1
         if written % chunk == 0:
             pipe.execute()
     pipe.execute()
     return written
+
+
+def load_features(client: redis.Redis, rows: Iterable[dict[str, Any]], key_template: str, chunk: int = 1000) -> int:
+    """HSET each row under key_template filled from the row; pipelined in chunks. Returns rows written."""
+    return _write_rows(
+        client,
+        rows,
+        key_template,
+        lambda pipe, key, row: pipe.hset(key, mapping={k: v for k, v in row.items() if v is not None and v != ""}),
+        chunk,
+    )
 
 
 def pack_vector(row: dict[str, Any], fields: list[str]) -> bytes:
@@ -65,19 +78,9 @@ def load_packed_features(
     client: redis.Redis, rows: Iterable[dict[str, Any]], key_template: str, fields: list[str], chunk: int = 1000
 ) -> int:
     """SET one packed float32 vector per row (a feature's ``index`` is its position in `fields`). Returns rows."""
-    written = 0
-    pipe = client.pipeline(transaction=False)
-    for row in rows:
-        try:
-            key = key_template.format_map(row)
-        except KeyError as exc:
-            raise StreamServeError(f"key template {key_template!r} needs column {exc}") from exc
-        pipe.set(key, pack_vector(row, fields))
-        written += 1
-        if written % chunk == 0:
-            pipe.execute()
-    pipe.execute()
-    return written
+    return _write_rows(
+        client, rows, key_template, lambda pipe, key, row: pipe.set(key, pack_vector(row, fields)), chunk
+    )
 
 
 def produce_avro(

@@ -52,7 +52,6 @@ class Scenario:
     log_dir: Path
     models: dict[str, TrainedModel]
     workers: list[WorkerProcess] = field(default_factory=list)
-    fault_end: float = 0.0
 
     def start_worker(self, index: int) -> WorkerProcess:
         worker = WorkerProcess(self.pipeline.path, self.log_dir, f"w{index}")

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -234,13 +234,6 @@ class WorkerProcess:
                 raise AssertionError(f"worker did not drain within {timeout_s}s:\n{self.log_tail()}") from None
         self._log.close()
         return self.process.returncode
-
-
-def prediction_counts(records: Iterable[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for record in records:
-        counts[record["event_id"]] = counts.get(record["event_id"], 0) + 1
-    return counts
 
 
 class WorkerThread:

@@ -141,11 +141,6 @@ class ModelRegistry:
                     break
                 del self._cache[oldest]
 
-    def cached_versions(self) -> list[str]:
-        """Versions loaded in memory, oldest first."""
-        with self._lock:
-            return [version for version, _ in self._cache]
-
 
 def _now_ms() -> int:
     return int(time.time() * 1000)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
-import numpy as np
 
 from streamserve.config import InputSettings
 from streamserve.pipeline.decode import load_schema
@@ -99,11 +98,6 @@ def _epoch_ms(value: Any) -> int:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
-
-
-def finite_rows(outputs: ModelOutputs) -> np.ndarray:
-    """Boolean mask of rows whose score is a finite number."""
-    return np.isfinite(outputs.score)
 
 
 def decode_prediction(schema: fastavro.types.Schema, value: bytes) -> dict[str, object]:

@@ -61,7 +61,6 @@ FeatureRequest = tuple[list[str] | None, list[str]]
 FetchFeatures = Callable[[Sequence[FeatureRequest]], list[dict[str, Any]]]
 """Given one request per key group, per group a dict from key to its reply: the list of hash field
 values (HMGET), or the packed vector's bytes (MGET); None for a missing key."""
-FetchHashes = FetchFeatures
 
 
 def redis_fetcher(client: redis.Redis, settings: RedisSettings) -> FetchFeatures:
