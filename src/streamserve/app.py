@@ -65,6 +65,8 @@ class Worker:
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self._paused = False
+        self.drained = False
+        """Set once the final batch was flushed and committed: what remains (closing clients) loses nothing."""
         self._decode = make_decoder(settings.input.schema_path, settings.kafka.schema_registry_url)
         timeout_s = settings.redis.timeout_ms / 1000
         self.redis = redis.Redis.from_url(
@@ -146,6 +148,7 @@ class Worker:
                     self._log_progress()
                     next_log = time.monotonic() + self.settings.log_every_s
             self._drain(self.settings.shutdown_timeout_s)
+            self.drained = True
         except Fenced as exc:
             # Another instance owns our transactional.id: stop without committing anything (no crash loop).
             self.stats.fenced = True
@@ -242,12 +245,12 @@ class Worker:
                 )
             except TransactionAborted:
                 self.stats.aborted_batches += 1
-                self._rewind()
+                self._rewind(sources)
                 return
             except (ProducerFailed, KafkaException) as exc:
                 if isinstance(exc, KafkaException) and not exc.args[0].fatal():
                     raise
-                self._replace_producer(exc)
+                self._replace_producer(exc, sources)
                 return
         self.stats.events_in += len(sources)
         self.stats.dead_letters += len(rejected)
@@ -279,7 +282,7 @@ class Worker:
             self.stats.by_stage[item.stage] = self.stats.by_stage.get(item.stage, 0) + 1
         return inflight, rejected
 
-    def _replace_producer(self, cause: Exception) -> None:
+    def _replace_producer(self, cause: Exception, sources: list[Source]) -> None:
         """A fatal, non-fencing producer error: a new producer with the same transactional.id takes over
         (aborting whatever the old one left open) and the input is re-read from the committed offsets."""
         now = time.monotonic()
@@ -290,7 +293,7 @@ class Worker:
         self.stats.producer_restarts += 1
         self.sink = OutputSink(self._producer_config)
         self.sink.init_transactions(self.settings.shutdown_timeout_s)
-        self._rewind()
+        self._rewind(sources)
 
     def _features(self, events: list[Event], rejected: list[Rejected]) -> FeatureBatch:
         try:
@@ -313,10 +316,18 @@ class Worker:
             self.metrics.feature_defaults.add(batch.stale_defaults, {"reason": "stale"})
         return batch
 
-    def _rewind(self) -> None:
-        """After an aborted transaction: forget buffered records and resume from the committed offsets."""
-        self.batcher.drop(lambda _: False)
-        self.source.rewind_to_committed()
+    def _rewind(self, sources: list[Source]) -> None:
+        """After an aborted transaction: forget buffered records and read again from the aborted batch's start.
+
+        Each batch commits its offsets in its own transaction, so the first record of the aborted batch (or
+        of the buffered ones) in each partition is exactly the committed position; seeking there needs no
+        round trip to a group coordinator that may be the reason the transaction failed.
+        """
+        start: dict[tuple[str, int], int] = {}
+        for source in [*sources, *self.batcher.drop(lambda _: False)]:
+            tp = (source.topic, source.partition)
+            start[tp] = min(source.offset, start.get(tp, source.offset))
+        self.source.seek(start)
 
     def _score(self, batch: FeatureBatch, routing: Routing, inflight: InflightBatch, rejected: list[Rejected]) -> None:
         topic = self.settings.output.topic

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 
@@ -41,11 +42,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streamserve.app import Worker
     from streamserve.config import load_settings
 
-    worker = Worker(load_settings(args.config))
+    settings = load_settings(args.config)
+    worker = Worker(settings)
+
+    def give_up() -> None:
+        # Closing a client can block when its coordinator vanished (a broker restart); the orchestrator's
+        # grace period is the hard limit, so exit on our own first. Nothing is lost once drained.
+        log.error("shutdown did not complete within %.0fs; exiting (drained=%s)", deadline_s, worker.drained)
+        logging.shutdown()
+        os._exit(0 if worker.drained else 1)
+
+    deadline_s = settings.shutdown_timeout_s + 10
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("%s received: finishing the current batch, committing, leaving the group", signal.Signals(signum).name)
         worker.stop()
+        watchdog = threading.Timer(deadline_s, give_up)
+        watchdog.daemon = True
+        watchdog.start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from streamserve.records import Headers, Source
 
@@ -115,17 +115,15 @@ class KafkaSource:
         self.consumer.resume(self._assigned_partitions())
         log.info("resumed %d partitions", len(self.assignment))
 
-    def rewind_to_committed(self) -> None:
-        """Seek every assigned partition back to its committed offset (after an aborted transaction)."""
-        partitions = self._assigned_partitions()
-        if not partitions:
-            return
-        for tp in self.consumer.committed(partitions, timeout=30):
-            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+    def seek(self, positions: dict[tuple[str, int], int]) -> None:
+        """Read the given partitions again from the given offsets (those still assigned)."""
+        for (topic, partition), offset in positions.items():
+            if (topic, partition) not in self.assignment:
+                continue  # moved to another member: it starts from the committed offset
             try:
-                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+                self.consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException as exc:
-                log.warning("seek %s[%d] to %d failed: %s", tp.topic, tp.partition, offset, exc)
+                log.warning("seek %s[%d] to %d failed: %s", topic, partition, offset, exc)
 
     def close(self) -> None:
         """Leave the group."""
