@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,19 @@ class Rejected:
     stage: str
     error_class: str
     message: str
+    stacktrace: str | None = None
+    """Formatted traceback of the exception that rejected the record, when there was one."""
+
+    @classmethod
+    def from_error(cls, source: Source, stage: str, exc: BaseException) -> Rejected:
+        """The rejection of one record by an exception: its class, message and stack trace travel along."""
+        return cls(
+            source,
+            stage,
+            type(exc).__name__,
+            str(exc) or repr(exc),
+            "".join(traceback.format_exception(exc)),
+        )
 
 
 @dataclass(slots=True)
