@@ -41,6 +41,12 @@ class InferenceError(RecordError):
     stage = "infer"
 
 
+class RecordTooLarge(RecordError):
+    """An output record is larger than the producer or topic accepts; its input goes to the DLQ instead."""
+
+    stage = "produce"
+
+
 class ModelError(StreamServeError):
     """A model artifact cannot serve: fetch, digest, signature or warm-up failed."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from streamserve.errors import DeliveryError, Fenced, ProducerFailed, TransactionAborted
+from streamserve.errors import DeliveryError, Fenced, ProducerFailed, RecordTooLarge, TransactionAborted
 from streamserve.records import Headers, Source
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,10 @@ class OutputSink:
                 return
             except BufferError:
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise RecordTooLarge(f"{topic}: record of {len(value or b'')} bytes: {exc.args[0].str()}") from exc
+                raise
 
     def seal(self, batch: InflightBatch) -> None:
         """No more records will be added to the batch."""
