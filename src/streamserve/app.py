@@ -24,7 +24,7 @@ from streamserve.pipeline.decode import make_decoder
 from streamserve.pipeline.encode import PredictionEncoder
 from streamserve.pipeline.enrich import FeatureBuilder, redis_fetcher
 from streamserve.pipeline.infer import OnnxModel
-from streamserve.pipeline.sink import InflightBatch, OutputSink
+from streamserve.pipeline.sink import InflightBatch, OutputSink, size_limits
 from streamserve.pipeline.source import KafkaSource
 from streamserve.records import Event, FeatureBatch, Rejected, Source
 
@@ -89,7 +89,13 @@ class Worker:
             }
         self._producer_config = settings.kafka.producer_config(**producer_options)
         self._producer_restarts: list[float] = []
-        self.sink = OutputSink(self._producer_config)
+        # Known once at start, so every record's size is checked before it is produced (issue 10).
+        self._size_limits = size_limits(
+            self._producer_config,
+            settings.kafka.common(),
+            [settings.output.topic, settings.shadow_topic, settings.output.dead_letter_topic],
+        )
+        self.sink = OutputSink(self._producer_config, self._size_limits)
         self.source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
         self.batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms)
         self.health = HealthState(settings.observe.liveness_timeout_s, ready=lambda: self.source.joined)
@@ -278,7 +284,8 @@ class Worker:
             if batch.events:
                 self._score(batch, self.registry.routing, inflight, rejected)
         for item in rejected:
-            self.sink.produce(inflight, self.settings.output.dead_letter_topic, *dead_letter(item))
+            dlq_topic = self.settings.output.dead_letter_topic
+            self.sink.produce(inflight, dlq_topic, *dead_letter(item, self.sink.max_record_bytes(dlq_topic)))
             self.stats.by_stage[item.stage] = self.stats.by_stage.get(item.stage, 0) + 1
         return inflight, rejected
 
@@ -291,7 +298,7 @@ class Worker:
             raise ProducerFailed(f"{len(self._producer_restarts)} producer failures within 5 minutes, last: {cause}")
         log.warning("transactional producer failed (%s): replacing it, re-reading from committed offsets", cause)
         self.stats.producer_restarts += 1
-        self.sink = OutputSink(self._producer_config)
+        self.sink = OutputSink(self._producer_config, self._size_limits)
         self.sink.init_transactions(self.settings.shutdown_timeout_s)
         self._rewind(sources)
 
