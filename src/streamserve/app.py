@@ -25,7 +25,7 @@ from streamserve.pipeline.encode import PredictionEncoder
 from streamserve.pipeline.enrich import FeatureBuilder, redis_fetcher
 from streamserve.pipeline.fields import check_event_schema
 from streamserve.pipeline.process import BatchProcessor
-from streamserve.pipeline.sink import InflightBatch, OutputSink
+from streamserve.pipeline.sink import InflightBatch, OutputSink, size_limits
 from streamserve.pipeline.source import KafkaSource
 from streamserve.records import Rejected, Source
 
@@ -99,7 +99,13 @@ class Worker:
             }
         self._producer_config = settings.kafka.producer_config(**producer_options)
         self._producer_restarts: list[float] = []
-        self.sink = OutputSink(self._producer_config)
+        # Known once at start, so every record's size is checked before it is produced (issue 10).
+        self._size_limits = size_limits(
+            self._producer_config,
+            settings.kafka.common(),
+            [settings.output.topic, settings.shadow_topic, settings.output.dead_letter_topic],
+        )
+        self.sink = OutputSink(self._producer_config, self._size_limits)
         self.source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
         self.batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms)
         self.health = HealthState(settings.observe.liveness_timeout_s, ready=lambda: self.source.joined)
@@ -286,7 +292,8 @@ class Worker:
                     rejected.append(Rejected.from_error(record.source, exc.stage, exc))
                     result.predictions -= 1
         for item in rejected:
-            self.sink.produce(inflight, self.settings.output.dead_letter_topic, *dead_letter(item))
+            dlq_topic = self.settings.output.dead_letter_topic
+            self.sink.produce(inflight, dlq_topic, *dead_letter(item, self.sink.max_record_bytes(dlq_topic)))
             self.stats.by_stage[item.stage] = self.stats.by_stage.get(item.stage, 0) + 1
         s = self.stats
         s.predictions_out += result.predictions
@@ -309,7 +316,7 @@ class Worker:
             raise ProducerFailed(f"{len(self._producer_restarts)} producer failures within 5 minutes, last: {cause}")
         log.warning("transactional producer failed (%s): replacing it, re-reading from committed offsets", cause)
         self.stats.producer_restarts += 1
-        self.sink = OutputSink(self._producer_config)
+        self.sink = OutputSink(self._producer_config, self._size_limits)
         self.sink.init_transactions(self.settings.shutdown_timeout_s)
         self._rewind(sources)
 

@@ -42,9 +42,15 @@ class InferenceError(RecordError):
 
 
 class RecordTooLarge(RecordError):
-    """An output record is larger than the producer or topic accepts; its input goes to the DLQ instead."""
+    """A record exceeds what the producer or its topic accepts; the input it came from is dead-lettered."""
 
     stage = "produce"
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        super().__init__(f"a {size}-byte record exceeds the {limit}-byte limit for topic {topic}")
+        self.topic = topic
+        self.size = size
+        self.limit = limit
 
 
 class ModelError(StreamServeError):
