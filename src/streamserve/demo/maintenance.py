@@ -78,7 +78,7 @@ def make_readings(machines: Machines, count: int, seed: int = 11) -> Iterator[di
             "mode": MODES[int(rng.choice(len(MODES), p=[0.15, 0.6, 0.2, 0.05]))],
             "temperature_c": None if rng.random() < 0.05 else round(float(rng.normal(base, 8.0)), 2),
             "pressure_bar": float(np.float32(rng.normal(6.0, 1.0))),
-            "vibration_rms": [float(v) for v in np.float32(rng.gamma(2.0, 0.6, VIBRATION_AXES))],
+            "vibration_rms": rng.gamma(2.0, 0.6, VIBRATION_AXES).astype(np.float32).tolist(),
             "load_pct": Decimal(f"{float(rng.uniform(5, 100)):.2f}"),
             "event_time": None if rng.random() < 0.05 else start + i,
         }
