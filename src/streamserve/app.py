@@ -217,9 +217,9 @@ class Worker:
     def _commit(self) -> None:
         if self.exactly_once:
             return  # offsets travel inside each batch's transaction
-        offsets = self.sink.releasable()
-        if offsets:
-            self.source.commit(offsets)
+        self.source.release(self.sink.releasable())
+        # Idle: whatever poll() handed out is processed and acknowledged, so its positions may be committed.
+        self.source.commit(idle=not len(self.batcher) and not self.sink.inflight)
 
     def _drain(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -228,9 +228,9 @@ class Worker:
         if self.exactly_once:
             self.batcher.take()  # past the deadline: abandoned uncommitted, the next owner re-reads it
             return
-        offsets = self.sink.flush(max(deadline - time.monotonic(), 1.0))
-        if offsets:
-            self.source.commit(offsets, asynchronous=False)
+        self.source.release(self.sink.flush(max(deadline - time.monotonic(), 1.0)))
+        # Also re-sends offsets whose earlier asynchronous commit failed (e.g. during a rebalance).
+        self.source.commit(idle=not len(self.batcher) and not self.sink.inflight, asynchronous=False)
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         if self.exactly_once:
