@@ -123,7 +123,7 @@ class PredictionEncoder:
                 buffer.seek(0)
                 buffer.truncate()
                 write(buffer, schema, record)
-            except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever one record's values do, only that record fails
                 rejected.append(Rejected.from_error(source, ENCODE_STAGE, exc))
                 continue
             base = common.get((source.topic, source.partition))

@@ -246,12 +246,17 @@ def to_text(value: Any) -> str:
 
 
 def render_id(value: Any) -> str | None:
-    """An event id or key as text (None stays None)."""
-    if value is None:
-        return None
+    """An event id or key as text (None stays None); never raises, whatever the value."""
+    if value is None or isinstance(value, str):
+        return value
     if isinstance(value, bytes):
         return value.hex()
-    return to_text(value)
+    if isinstance(value, float):
+        return repr(value)
+    try:
+        return to_text(value)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 # --- start-time checks --------------------------------------------------------------------------------------

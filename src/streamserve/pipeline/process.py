@@ -16,7 +16,7 @@ import numpy as np
 from streamserve.control.registry import Routing
 from streamserve.errors import EnrichError, InferenceError
 from streamserve.pipeline.decode import Decoder
-from streamserve.pipeline.encode import Encoded, PredictionEncoder
+from streamserve.pipeline.encode import ENCODE_STAGE, Encoded, PredictionEncoder
 from streamserve.pipeline.enrich import FeatureBuilder
 from streamserve.pipeline.infer import OnnxModel
 from streamserve.records import Event, FeatureBatch, ModelOutputs, Rejected, Source
@@ -162,7 +162,11 @@ class BatchProcessor:
             if not finite.all():
                 positions, outputs = positions[finite], outputs.take(np.flatnonzero(finite))
             events = [batch.events[index[position]] for position in positions]
-            encoded, failed = self.encoder.encode(events, outputs, model.name, model.version, batch.degraded)
+            try:
+                encoded, failed = self.encoder.encode(events, outputs, model.name, model.version, batch.degraded)
+            except Exception as exc:  # noqa: BLE001 - outputs the encoder cannot use: these rows fail, not the worker
+                log.error("model %s %s outputs cannot be encoded: %s", model.name, model.version, exc)
+                encoded, failed = [], [Rejected.from_error(event.source, ENCODE_STAGE, exc) for event in events]
             rejected += failed
             result.outputs += [(topic, record) for record in encoded]
             if live:
