@@ -24,6 +24,8 @@ HEADER_SOURCE_PARTITION = "streamserve.source.partition"
 HEADER_SOURCE_OFFSET = "streamserve.source.offset"
 
 ENCODE_STAGE = "encode"
+_MIN_TIME_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+_MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _OPTIONAL_FIELDS = ("predicted_class", "probabilities", "outputs")
 
 
@@ -114,7 +116,10 @@ class PredictionEncoder:
                 record["predicted_class"] = texts[i]
                 record["probabilities"] = probabilities[i]
                 record["outputs"] = extras[i]
-                record["event_time"] = epoch_ms(time_of(fields)) if time_of else source.timestamp_ms
+                event_time = epoch_ms(time_of(fields)) if time_of else source.timestamp_ms
+                if event_time is not None and not _MIN_TIME_MS <= event_time <= _MAX_TIME_MS:
+                    raise ValueError(f"event time {event_time} ms is outside years 1-9999: readers cannot decode it")
+                record["event_time"] = event_time
                 record["source_topic"] = source.topic
                 record["source_partition"] = source.partition
                 record["source_offset"] = source.offset

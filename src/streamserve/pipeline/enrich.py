@@ -1,7 +1,8 @@
 """Feature building: event fields plus Redis entities, one pipelined round trip per micro-batch.
 
-An entity is a Redis hash (one field per feature, HMGET per distinct key) or a packed little-endian
-float32 vector (one value per entity, MGET of all a batch's keys in one command). Values are parsed
+An entity is a Redis hash (one field per feature; the fields of all a batch's keys of one key template in
+one EVALSHA of a small Lua script) or a packed little-endian float32 vector (one value per entity, MGET of
+all a batch's keys in one command). Either way it is one command per key template and one round trip. Values are parsed
 once per distinct key and the batch's matrix is assembled with numpy, not per event.
 """
 
@@ -26,13 +27,31 @@ from streamserve.records import Event, FeatureBatch, Rejected
 
 log = logging.getLogger(__name__)
 
-_TRUE = (True, 1, b"1", b"true", b"True", "1", "true", "True")
+_TRUE_TEXT = {"1", "true", "True", "TRUE", "yes", "y", "on"}
+_FALSE_TEXT = {"0", "false", "False", "FALSE", "no", "n", "off"}
+
+
+def _parse_bool(raw: Any) -> float:
+    """1.0 or 0.0; a non-finite number or an unknown word is not a boolean."""
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    if isinstance(raw, str):
+        word = raw.strip()
+        if word in _TRUE_TEXT or word in _FALSE_TEXT:
+            return float(word in _TRUE_TEXT)
+        raise ValueError("not a boolean word")
+    number = to_number(raw)
+    if not math.isfinite(number):
+        raise ValueError("not a finite number")
+    return float(number != 0)
+
+
 _PARSERS: dict[str, Callable[[Any], float]] = {
     "float32": to_number,
     "float64": to_number,
     "int32": lambda raw: float(int(raw)) if isinstance(raw, (str, bytes)) else to_number(raw),
     "int64": lambda raw: float(int(raw)) if isinstance(raw, (str, bytes)) else to_number(raw),
-    "bool": lambda raw: float(raw in _TRUE),
+    "bool": _parse_bool,
 }
 # Python types whose values numpy turns into the same float as the dtype's parser does.
 _NUMERIC_TYPES: dict[str, set[type]] = {
@@ -66,30 +85,67 @@ FetchFeatures = Callable[[Sequence[FeatureRequest]], list[dict[str, Any]]]
 values (HMGET), or the packed vector's bytes (MGET); None for a missing key."""
 
 
+HMGET_MANY = """
+local out, errors, n = {}, {}, 0
+for i = 1, #KEYS do
+  local values = redis.pcall('HMGET', KEYS[i], unpack(ARGV))
+  if type(values) == 'table' and values.err then
+    errors[#errors + 1] = tostring(i)
+    errors[#errors + 1] = values.err
+    values = {}
+  end
+  for j = 1, #ARGV do
+    n = n + 1
+    out[n] = values[j] or false
+  end
+end
+return {out, errors}
+"""
+"""HMGET of the same fields for many keys as one command: a flat reply (keys x fields, nil where absent) and
+the keys whose HMGET failed (e.g. WRONGTYPE) with their error, so one bad key does not fail the batch."""
+
+
 def redis_fetcher(client: redis.Redis, settings: RedisSettings) -> FetchFeatures:
-    """Every key of every group in one pipelined round trip; retry with backoff on failure."""
+    """Every key of every group in one pipelined round trip (one command per key template); retry with backoff."""
+    script = _HashScript(client)
 
     def fetch(requests: Sequence[FeatureRequest]) -> list[dict[str, Any]]:
-        return _redis_fetch_with_retry(client, requests, settings)
+        return _redis_fetch_with_retry(client, script, requests, settings)
 
     return fetch
 
 
+class _HashScript:
+    """HMGET_MANY loaded once by its SHA1; loaded again if the server forgot it (a restart, SCRIPT FLUSH)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.sha: str | None = None
+
+    def load(self) -> str:
+        self.sha = str(self.client.script_load(HMGET_MANY))
+        return self.sha
+
+
 def _redis_fetch_with_retry(
-    client: redis.Redis, requests: Sequence[FeatureRequest], settings: RedisSettings
+    client: redis.Redis, script: _HashScript, requests: Sequence[FeatureRequest], settings: RedisSettings
 ) -> list[dict[str, Any]]:
     attempt = 0
     while True:
         try:
+            sha = script.sha or script.load()
             pipe = client.pipeline(transaction=False)
             for fields, group_keys in requests:
+                if not group_keys:
+                    continue
                 if fields is None:
-                    if group_keys:
-                        pipe.mget(group_keys)
+                    pipe.mget(group_keys)
                 else:
-                    for key in group_keys:
-                        pipe.hmget(key, fields)
-            replies = pipe.execute(raise_on_error=False)  # a bad key's error rejects its events only
+                    pipe.evalsha(sha, len(group_keys), *group_keys, *fields)
+            replies = pipe.execute(raise_on_error=False)  # a failing group is rejected, not the worker
+            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+                script.load()
+                continue
             break
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if attempt >= settings.retries and settings.on_error != "wait":
@@ -104,12 +160,24 @@ def _redis_fetch_with_retry(
     results: list[dict[str, Any]] = []
     position = 0
     for fields, group_keys in requests:
-        if fields is None:
-            results.append(dict(zip(group_keys, replies[position], strict=True)) if group_keys else {})
-            position += 1 if group_keys else 0
+        if not group_keys:
+            results.append({})
+            continue
+        reply = replies[position]
+        position += 1
+        if isinstance(reply, Exception):  # every key of the group carries the error: its events are rejected
+            results.append(dict.fromkeys(group_keys, reply))
+        elif fields is None:
+            results.append(dict(zip(group_keys, reply, strict=True)))
         else:
-            results.append(dict(zip(group_keys, replies[position : position + len(group_keys)], strict=True)))
-            position += len(group_keys)
+            flat, errors = reply
+            width = len(fields)
+            rows = [flat[i : i + width] for i in range(0, len(flat), width)]
+            found: dict[str, Any] = dict(zip(group_keys, rows, strict=True))
+            for i in range(0, len(errors), 2):
+                key = group_keys[int(errors[i]) - 1]
+                found[key] = redis.ResponseError(errors[i + 1].decode(errors="replace"))
+            results.append(found)
     return results
 
 
@@ -258,6 +326,7 @@ class FeatureBuilder:
         missing_defaults = stale_defaults = 0
         for spec in self.features:
             stale = None
+            exact: np.ndarray | None = None  # int features: the exact int64 values beside the float view
             if spec.source == "event":
                 raw = list(map(self._getters[spec.name], (event.fields for event in events)))
                 if spec.categorical:
@@ -266,7 +335,10 @@ class FeatureBuilder:
                 if spec.length is not None:
                     columns[spec.name] = self._vectors(spec, raw, reasons)
                     continue
-                values = self._parse_column(spec, raw, reasons, finite_only=True)
+                if spec.dtype in _INT_DTYPES:
+                    values, exact = self._int_column(spec, raw, reasons, finite_only=True)
+                else:
+                    values = self._parse_column(spec, raw, reasons, finite_only=True)
             else:
                 g = self._group_of[spec.key or ""]
                 group, event_rows = self._groups[g], rows[g]
@@ -281,8 +353,12 @@ class FeatureBuilder:
                         columns[spec.name] = self._fill_text(spec, column[event_rows], reasons)
                         continue
                     key_reasons: dict[int, str] = {}
-                    per_key = np.append(self._parse_column(spec, raw, key_reasons), np.nan)
-                    values = per_key[event_rows]
+                    if spec.dtype in _INT_DTYPES:
+                        per_key, per_key_exact = self._int_column(spec, raw, key_reasons)
+                        exact = np.append(per_key_exact, 0)[event_rows]
+                    else:
+                        per_key = self._parse_column(spec, raw, key_reasons)
+                    values = np.append(per_key, np.nan)[event_rows]
                     if key_reasons:
                         for row in np.flatnonzero(np.isin(event_rows, list(key_reasons))):
                             reasons.setdefault(int(row), key_reasons[int(event_rows[row])])
@@ -294,13 +370,15 @@ class FeatureBuilder:
             bad = np.isnan(values)
             if spec.default is not None:
                 values[bad] = float(spec.default)
+                if exact is not None:
+                    exact[bad] = int(float(spec.default))
                 missing_defaults += int(missing.sum())
                 stale_defaults += int(stale.sum()) if stale is not None else 0
             else:
                 for row in np.flatnonzero(bad):
                     why = "stale" if stale is not None and stale[row] else "missing (null or NaN)"
                     reasons.setdefault(int(row), f"feature {spec.name!r}: {why} and no default")
-            columns[spec.name] = values
+            columns[spec.name] = values if exact is None else exact
         if not reasons:
             return FeatureBatch(list(events), columns, missing_defaults, stale_defaults, degraded)
         keep = np.array([row for row in range(n) if row not in reasons], dtype=np.intp)
@@ -420,6 +498,49 @@ class FeatureBuilder:
         return out
 
     @staticmethod
+    def _int_column(
+        spec: FeatureSpec, raw: list[Any], reasons: dict[int, str], finite_only: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(float64 view with NaN where missing, exact int64 values) of an int32/int64 feature column.
+
+        Integers travel as int64 end to end, so ids and counts above 2**53 reach an int64 input exactly.
+        """
+        n = len(raw)
+        limit = 2**31 if spec.dtype == "int32" else 2**63
+        if set(map(type, raw)) <= {int, bool}:
+            with contextlib.suppress(OverflowError):  # a Python int beyond int64: found below
+                exact = np.array(raw, dtype=np.int64)
+                if spec.dtype == "int64" or not len(exact) or (exact.min() >= -limit and exact.max() < limit):
+                    return exact.astype(np.float64), exact
+        exact = np.zeros(n, dtype=np.int64)
+        values = np.full(n, math.nan)
+        for row, value in enumerate(raw):
+            if value is None:
+                continue
+            try:
+                if isinstance(value, (int, str, bytes)):
+                    number = int(value)
+                else:
+                    real = to_number(value)
+                    if not math.isfinite(real):
+                        if finite_only:
+                            reasons.setdefault(row, f"feature {spec.name!r}: {value!r:.40} is not a finite number")
+                        continue  # stored NaN/Inf: missing
+                    if not real.is_integer():
+                        reasons.setdefault(row, f"feature {spec.name!r}: {value!r:.40} is not an {spec.dtype} integer")
+                        continue
+                    number = int(real)
+            except (TypeError, ValueError, ArithmeticError) as exc:
+                reasons.setdefault(row, f"feature {spec.name!r}: cannot parse {value!r:.80} as {spec.dtype}: {exc}")
+                continue
+            if not -limit <= number < limit:
+                reasons.setdefault(row, f"feature {spec.name!r}: {value!r:.40} is not an {spec.dtype} integer")
+                continue
+            exact[row] = number
+            values[row] = float(number)
+        return values, exact
+
+    @staticmethod
     def _parse_column(
         spec: FeatureSpec, raw: list[Any], reasons: dict[int, str], finite_only: bool = False
     ) -> np.ndarray:
@@ -464,6 +585,7 @@ class FeatureBuilder:
         return values
 
 
+_INT_DTYPES = ("int32", "int64")
 _LIMITS = {
     "float32": float(np.finfo(np.float32).max),
     "int32": float(2**31),

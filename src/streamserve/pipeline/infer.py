@@ -72,14 +72,26 @@ class InputBinding:
         return tensor.reshape(len(tensor)) if self.rank == 1 else tensor
 
     def unfit_rows(self, columns: dict[str, np.ndarray]) -> np.ndarray:
-        """Rows whose numbers do not fit this input's element type (e.g. 1e300 for a float input)."""
+        """Rows whose numbers do not fit this input's element type (1e300 for a float or int64 input...)."""
         n = len(next(iter(columns.values()))) if columns else 0
-        if self.dtype.kind != "f" or self.dtype.itemsize >= 8:
-            return np.zeros(n, dtype=bool)
         bad = np.zeros(n, dtype=bool)
+        if self.dtype.kind == "f" and self.dtype.itemsize < 8:
+            low, high = -_FLOAT32_MAX, _FLOAT32_MAX
+        elif self.dtype.kind == "i":
+            info = np.iinfo(self.dtype)
+            low, high = int(info.min), int(info.max)
+        else:
+            return bad
         for name in self.features:
             column = columns[name]
-            over = np.abs(column) > _FLOAT32_MAX
+            if column.dtype.kind == "f":  # float bounds: 2**63 itself is out for int64
+                over = ~((column >= low) & (column < float(high) + (1 if self.dtype.kind == "f" else 0)))
+                if self.dtype.kind == "f":
+                    over = ~((column >= low) & (column <= high))
+            elif column.dtype.kind == "i":
+                over = (column < low) | (column > high)
+            else:
+                continue
             bad |= over.any(axis=1) if over.ndim == 2 else over
         return bad
 
