@@ -91,7 +91,6 @@ class KafkaSettings(_Section):
         conf = {"url": self.schema_registry_url}
         if self.schema_registry_username is not None and self.schema_registry_password is not None:
             secret = self.schema_registry_password.get_secret_value()
-            conf["basic.auth.credentials.source"] = "USER_INFO"
             conf["basic.auth.user.info"] = f"{self.schema_registry_username}:{secret}"
         for key, path in (
             ("ssl.ca.location", self.schema_registry_ca_location),
