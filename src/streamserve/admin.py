@@ -116,10 +116,22 @@ def publisher_acls(settings: PipelineSettings, principal: str = "User:publisher"
     ]
 
 
+def describe_acl(binding: AclBinding) -> str:
+    """One line for people: ``User:worker ALLOW READ TOPIC transactions (LITERAL)``."""
+
+    def name(value: object) -> str:
+        return str(getattr(value, "name", value))
+
+    return (
+        f"{binding.principal} {name(binding.permission_type)} {name(binding.operation)} "
+        f"{name(binding.restype)} {binding.name} ({name(binding.resource_pattern_type)})"
+    )
+
+
 def grant(client_config: LibrdkafkaConfig, bindings: list[AclBinding], timeout_s: float = 30.0) -> None:
     """Create ACL bindings (existing ones are left as they are); needs a principal allowed to ALTER the cluster."""
     admin = AdminClient(dict(client_config))
     futures = admin.create_acls(bindings, request_timeout=timeout_s)
     for binding, future in futures.items():
         future.result(timeout=timeout_s)
-        log.info("granted %s", binding)
+        log.info("granted %s", describe_acl(binding))
