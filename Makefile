@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STACK  := $(PYTHON) scripts/stack
 
-.PHONY: help venv lint test test-unit test-integration demo stack-up stack-down stack-status bench clean
+.PHONY: help venv lint test test-unit test-integration demo demo-maintenance stack-up stack-down stack-status bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -54,3 +54,6 @@ bench: venv  ## benchmark against the Kafka limit, a hand-written loop, Quix Str
 clean:  ## remove the virtualenv and local state
 	-$(STACK) down
 	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache examples/fraud/models examples/fraud/data
+
+demo-maintenance: venv  ## the predictive-maintenance example: nested/nullable events, multi-input model, string labels
+	bash scripts/demo --example maintenance

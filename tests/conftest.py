@@ -16,8 +16,12 @@ import pytest
 import redis
 
 from streamserve.demo.data import Entities, make_entities
+from streamserve.demo.maintenance import Machines, make_machines
+from streamserve.demo.maintenance import TrainedModel as MaintenanceModel
+from streamserve.demo.maintenance import train_versions as train_maintenance
 from streamserve.demo.train import TrainedModel, train_versions
-from tests.integration.harness import Pipeline, WorkerProcess
+from tests.integration.harness import Pipeline, WorkerProcess, unique
+from tests.integration.maintenance import MaintenancePipeline
 from tests.integration.servers import Servers, ServerStartError, servers, warm_up
 
 
@@ -92,6 +96,31 @@ def pipeline(pipeline_factory: Callable[..., Pipeline], request: pytest.FixtureR
     """A pipeline of 4 partitions; `@pytest.mark.pipeline(**{"batch.max_batch_size": 64})` overrides keys."""
     marker = request.node.get_closest_marker("pipeline")
     return pipeline_factory(**(dict(marker.kwargs) if marker else {}))
+
+
+@pytest.fixture(scope="session")
+def machines() -> Machines:
+    return make_machines(count=120, seed=8, prefix=unique("machine"))
+
+
+@pytest.fixture(scope="session")
+def maintenance_models(tmp_path_factory: pytest.TempPathFactory, machines: Machines) -> dict[str, MaintenanceModel]:
+    return {m.version: m for m in train_maintenance(machines, tmp_path_factory.mktemp("maintenance"), rows=2500)}
+
+
+@pytest.fixture
+def example(
+    # The predictive-maintenance example pipeline: own topics and group, machines loaded into Redis.
+    stack: Servers,
+    tmp_path: Path,
+    maintenance_models: dict[str, MaintenanceModel],
+    machines: Machines,
+    redis_client: redis.Redis,
+) -> MaintenancePipeline:
+    pipe = MaintenancePipeline(stack.bootstrap_servers, stack.redis_url, tmp_path, maintenance_models["v1"].path)
+    pipe.create_topics()
+    pipe.load_machines(redis_client, machines)
+    return pipe
 
 
 @pytest.fixture(autouse=True)

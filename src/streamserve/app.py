@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -9,24 +10,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 from confluent_kafka import KafkaException, TopicPartition
 
 from streamserve.clients import redis_client
 from streamserve.config import PipelineSettings
 from streamserve.control.follower import ControlFollower
-from streamserve.control.registry import ModelRegistry, Routing
-from streamserve.errors import DecodeError, EnrichError, Fenced, InferenceError, ProducerFailed, TransactionAborted
+from streamserve.control.registry import ModelRegistry
+from streamserve.errors import Fenced, ProducerFailed, RecordTooLarge, TransactionAborted
 from streamserve.observe.metrics import HealthState, ObserveServer, WorkerMetrics
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.decode import make_decoder
 from streamserve.pipeline.encode import PredictionEncoder
 from streamserve.pipeline.enrich import FeatureBuilder, redis_fetcher
-from streamserve.pipeline.infer import OnnxModel
-from streamserve.pipeline.sink import InflightBatch, OutputSink
+from streamserve.pipeline.fields import check_event_schema
+from streamserve.pipeline.process import BatchProcessor
+from streamserve.pipeline.sink import InflightBatch, OutputSink, size_limits
 from streamserve.pipeline.source import KafkaSource
-from streamserve.records import Event, FeatureBatch, Rejected, Source
+from streamserve.records import Rejected, Source
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,25 @@ class Worker:
         self._paused = False
         self.drained = False
         """Set once the final batch was flushed and committed: what remains (closing clients) loses nothing."""
+        check_event_schema(json.loads(settings.input.schema_path.read_text()), settings)
         self._decode = make_decoder(settings.input.schema_path, settings.kafka.schema_registry_config())
         self.redis = redis_client(settings.redis)
         self.features = FeatureBuilder(settings.features, redis_fetcher(self.redis, settings.redis))
         self.registry = ModelRegistry(
             settings.model,
-            self.features.width,
+            settings.features,
             settings.control.keep_versions,
             settings.control.artifact_cache_dir.expanduser(),
         )
-        self.encoder = PredictionEncoder(settings.output.schema_path, settings.input)
+        self.encoder = PredictionEncoder(settings.output.schema_path, settings.input, settings.output.copy_fields)
+        self.processor = BatchProcessor(
+            self._decode,
+            self.features,
+            self.encoder,
+            settings.output.topic,
+            settings.shadow_topic,
+            settings.redis.on_error,
+        )
         producer_options: dict[str, str | int | float | bool] = {}
         if self.exactly_once:
             # Stable per worker: a restarted worker with the same id fences its zombie predecessor.
@@ -86,7 +96,13 @@ class Worker:
             }
         self._producer_config = settings.kafka.producer_config(**producer_options)
         self._producer_restarts: list[float] = []
-        self.sink = OutputSink(self._producer_config)
+        # Known once at start, so every record's size is checked before it is produced (issue 10).
+        self._size_limits = size_limits(
+            self._producer_config,
+            settings.kafka.common(),
+            [settings.output.topic, settings.shadow_topic, settings.output.dead_letter_topic],
+        )
+        self.sink = OutputSink(self._producer_config, self._size_limits)
         self.source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
         self.batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms)
         self.health = HealthState(settings.observe.liveness_timeout_s, ready=lambda: self.source.joined)
@@ -198,9 +214,9 @@ class Worker:
     def _commit(self) -> None:
         if self.exactly_once:
             return  # offsets travel inside each batch's transaction
-        offsets = self.sink.releasable()
-        if offsets:
-            self.source.commit(offsets)
+        self.source.release(self.sink.releasable())
+        # Idle: whatever poll() handed out is processed and acknowledged, so its positions may be committed.
+        self.source.commit(idle=not len(self.batcher) and not self.sink.inflight)
 
     def _drain(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -209,9 +225,9 @@ class Worker:
         if self.exactly_once:
             self.batcher.take()  # past the deadline: abandoned uncommitted, the next owner re-reads it
             return
-        offsets = self.sink.flush(max(deadline - time.monotonic(), 1.0))
-        if offsets:
-            self.source.commit(offsets, asynchronous=False)
+        self.source.release(self.sink.flush(max(deadline - time.monotonic(), 1.0)))
+        # Also re-sends offsets whose earlier asynchronous commit failed (e.g. during a rebalance).
+        self.source.commit(idle=not len(self.batcher) and not self.sink.inflight, asynchronous=False)
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         if self.exactly_once:
@@ -263,20 +279,29 @@ class Worker:
     def _run_batch(self, sources: list[Source]) -> tuple[InflightBatch, list[Rejected]]:
         inflight = InflightBatch()
         inflight.cover(sources)
-        rejected: list[Rejected] = []
-        events: list[Event] = []
-        for source in sources:
+        result = self.processor.run(sources, self.registry.routing)
+        rejected = result.rejected
+        for topic, record in result.outputs:
             try:
-                events.append(Event(source, self._decode(source.value)))
-            except DecodeError as exc:
-                rejected.append(Rejected(source, exc.stage, type(exc).__name__, str(exc)))
-        if events:
-            batch = self._features(events, rejected)
-            if batch.events:
-                self._score(batch, self.registry.routing, inflight, rejected)
+                self.sink.produce(inflight, topic, record.key, record.value, record.headers)
+            except RecordTooLarge as exc:
+                if topic != self.settings.shadow_topic:  # a shadow output is dropped, its live one stands
+                    rejected.append(Rejected.from_error(record.source, exc.stage, exc))
+                    result.predictions -= 1
         for item in rejected:
-            self.sink.produce(inflight, self.settings.output.dead_letter_topic, *dead_letter(item))
+            dlq_topic = self.settings.output.dead_letter_topic
+            self.sink.produce(inflight, dlq_topic, *dead_letter(item, self.sink.max_record_bytes(dlq_topic)))
             self.stats.by_stage[item.stage] = self.stats.by_stage.get(item.stage, 0) + 1
+        s = self.stats
+        s.predictions_out += result.predictions
+        s.shadow_out += result.shadow
+        s.degraded_predictions += result.degraded
+        s.missing_defaults += result.missing_defaults
+        s.stale_defaults += result.stale_defaults
+        if result.missing_defaults:
+            self.metrics.feature_defaults.add(result.missing_defaults, {"reason": "missing"})
+        if result.stale_defaults:
+            self.metrics.feature_defaults.add(result.stale_defaults, {"reason": "stale"})
         return inflight, rejected
 
     def _replace_producer(self, cause: Exception, sources: list[Source]) -> None:
@@ -288,30 +313,9 @@ class Worker:
             raise ProducerFailed(f"{len(self._producer_restarts)} producer failures within 5 minutes, last: {cause}")
         log.warning("transactional producer failed (%s): replacing it, re-reading from committed offsets", cause)
         self.stats.producer_restarts += 1
-        self.sink = OutputSink(self._producer_config)
+        self.sink = OutputSink(self._producer_config, self._size_limits)
         self.sink.init_transactions(self.settings.shutdown_timeout_s)
         self._rewind(sources)
-
-    def _features(self, events: list[Event], rejected: list[Rejected]) -> FeatureBatch:
-        try:
-            batch = self.features.build(events)
-        except EnrichError as exc:
-            policy = self.settings.redis.on_error
-            if policy == "fail":
-                raise
-            if policy == "defaults":
-                batch = self.features.build(events, redis_available=False)
-            else:
-                rejected += [Rejected(e.source, exc.stage, type(exc).__name__, str(exc)) for e in events]
-                return FeatureBatch(events=[], matrix=np.empty((0, self.features.width), np.float32))
-        rejected += batch.rejected
-        self.stats.missing_defaults += batch.missing_defaults
-        self.stats.stale_defaults += batch.stale_defaults
-        if batch.missing_defaults:
-            self.metrics.feature_defaults.add(batch.missing_defaults, {"reason": "missing"})
-        if batch.stale_defaults:
-            self.metrics.feature_defaults.add(batch.stale_defaults, {"reason": "stale"})
-        return batch
 
     def _rewind(self, sources: list[Source]) -> None:
         """After an aborted transaction: forget buffered records and read again from the aborted batch's start.
@@ -325,62 +329,6 @@ class Worker:
             tp = (source.topic, source.partition)
             start[tp] = min(source.offset, start.get(tp, source.offset))
         self.source.seek(start)
-
-    def _score(self, batch: FeatureBatch, routing: Routing, inflight: InflightBatch, rejected: list[Rejected]) -> None:
-        topic = self.settings.output.topic
-        if routing.mode == "canary" and routing.candidate is not None:
-            keys = [str(event.fields[self.settings.input.key_field]) for event in batch.events]
-            to_candidate = routing.canary_mask(keys)
-            self._emit(batch, ~to_candidate, routing.live, topic, inflight, rejected)
-            self._emit(batch, to_candidate, routing.candidate, topic, inflight, rejected)
-        else:
-            everything = np.ones(len(batch.events), dtype=bool)
-            self._emit(batch, everything, routing.live, topic, inflight, rejected)
-            if routing.mode == "shadow" and routing.candidate is not None:
-                self._emit(batch, everything, routing.candidate, self.settings.shadow_topic, inflight, None)
-
-    def _emit(
-        self,
-        batch: FeatureBatch,
-        rows: np.ndarray,
-        model: OnnxModel,
-        topic: str,
-        inflight: InflightBatch,
-        rejected: list[Rejected] | None,
-    ) -> None:
-        """Score the selected rows with one model and produce them; rejected=None for shadow output."""
-        if not rows.any():
-            return
-        index = np.flatnonzero(rows)
-        events = [batch.events[i] for i in index]
-        try:
-            outputs = model.predict(batch.matrix[index])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises bare pybind errors; route, don't die
-            if rejected is not None:
-                rejected += [Rejected(e.source, InferenceError.stage, type(exc).__name__, str(exc)) for e in events]
-            return
-        finite = np.isfinite(outputs.score)
-        if not finite.all():
-            if rejected is not None:
-                rejected += [
-                    Rejected(
-                        events[i].source,
-                        InferenceError.stage,
-                        InferenceError.__name__,
-                        f"model {model.name} {model.version} returned a non-finite score",
-                    )
-                    for i in np.flatnonzero(~finite)
-                ]
-            keep = np.flatnonzero(finite)
-            events = [events[i] for i in keep]
-            outputs = type(outputs)(outputs.score[keep], None if outputs.label is None else outputs.label[keep])
-        for key, value, headers in self.encoder.encode(events, outputs, model.name, model.version, batch.degraded):
-            self.sink.produce(inflight, topic, key, value, headers)
-        if rejected is None:
-            self.stats.shadow_out += len(events)
-        else:
-            self.stats.predictions_out += len(events)
-            self.stats.degraded_predictions += len(events) if batch.degraded else 0
 
     def _log_progress(self) -> None:
         s = self.stats

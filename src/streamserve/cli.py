@@ -201,10 +201,15 @@ def cmd_models_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the card-fraud demo end to end."""
+    """Run an example end to end on the local stack: the card-fraud demo (default) or the predictive-maintenance
+    example (a nested, nullable schema and a multi-input scikit-learn model with string labels)."""
+    if args.example == "maintenance":
+        from streamserve.demo.maintenance import run_example
+
+        return run_example(args.config or Path("examples/maintenance/pipeline.yaml"), args.events, args.partitions)
     from streamserve.demo.run import run_demo
 
-    return run_demo(args.config, args.events, args.partitions)
+    return run_demo(args.config or Path("examples/fraud/pipeline.yaml"), args.events, args.partitions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="run the card-fraud demo end to end on a running local stack", description=cmd_demo.__doc__
     )
-    demo.add_argument("-c", "--config", type=Path, default=Path("examples/fraud/pipeline.yaml"))
+    demo.add_argument(
+        "--example", choices=["fraud", "maintenance"], default="fraud", help="which example to run (fraud)"
+    )
+    demo.add_argument("-c", "--config", type=Path, help="pipeline config (the example's pipeline.yaml)")
     demo.add_argument("--events", type=int, default=20_000, help="events to stream (20000)")
     demo.add_argument("--partitions", type=int, default=4, help="partitions of the demo topics (4)")
     demo.set_defaults(func=cmd_demo)

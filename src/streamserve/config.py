@@ -8,6 +8,7 @@ Relative paths in the file are resolved against the file's directory.
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -121,28 +122,46 @@ class InputSettings(_Section):
     schema_path: Path = Field(alias="schema")
     """Avro schema (.avsc) of the events: the writer schema, or the reader schema with a registry."""
     key_field: str
-    """Event field used as the output record key (and for canary routing)."""
+    """Event field path used as the output record key (and for canary routing); may be nullable."""
     event_id_field: str
-    """Event field that identifies the event; copied into its prediction."""
+    """Event field path that identifies the event; copied into its prediction; may be nullable."""
     event_time_field: str | None = None
-    """Event field with the event time in epoch milliseconds; the Kafka timestamp when unset."""
+    """Event field path with the event time (timestamp-millis/micros, date, or a long in epoch ms); the
+    Kafka timestamp when unset. A null event time is valid: the prediction carries null."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class FeatureSpec(_Section):
-    """One model input column, in the order the model expects it."""
+    """One model feature: where its value comes from, how it is parsed, and which model input it feeds.
+
+    Features feeding the same model input become its columns in the order they are listed here.
+    """
 
     name: str
     source: Literal["event", "redis"]
     field: str
-    """Event field name (source=event) or Redis hash field (source=redis)."""
+    """Event field path (source=event), e.g. ``amount``, ``device.os.version``, ``scores[2]``; or the Redis
+    hash field (source=redis)."""
     key: str | None = None
-    """Redis key template filled from event fields, e.g. ``card:{card_id}`` (source=redis)."""
-    dtype: Literal["float32", "float64", "int32", "int64", "bool"] = "float32"
-    """How the raw value is parsed before it becomes a float32 model input."""
-    default: float | None = None
-    """Used when the value is missing or stale; without one, such an event goes to the DLQ."""
+    """Redis key template filled from event field paths, e.g. ``card:{card_id}`` or ``dev:{device.id}``
+    (source=redis). A null in a key field means "no entity": the group's features count as missing."""
+    dtype: Literal["float32", "float64", "int32", "int64", "bool", "string"] = "float32"
+    """How the raw value is read: a number of this type, a boolean, or a string (a categorical value passed
+    to a string model input, or mapped through ``vocabulary``). Numbers are cast to the model input's type."""
+    default: float | str | None = None
+    """Used when the value is null, missing or stale; without one, such an event goes to the DLQ."""
+    length: int | None = Field(default=None, ge=1)
+    """Reads an Avro array of this many numbers as a vector feature of ``length`` columns."""
+    input: str | None = None
+    """Model input this feature feeds; the model's only input (or ``model.input_name``) when unset."""
+    encoding: Literal["none", "ordinal", "onehot"] = "none"
+    """Categorical mapping with ``vocabulary``: ``ordinal`` gives the index of the value (the vocabulary's
+    length for an unknown value), ``onehot`` one column per value plus a last ``unknown`` column."""
+    vocabulary: list[str] | None = None
+    """The known categories, in order; or use ``vocabulary_file``."""
+    vocabulary_file: Path | None = None
+    """A file with one category per line (or a JSON list), e.g. shipped beside the model."""
     max_age_s: float | None = None
     """Older values (by ``updated_at_field``) count as missing."""
     updated_at_field: str | None = None
@@ -168,26 +187,69 @@ class FeatureSpec(_Section):
                 raise ValueError(f"feature {self.name!r}: layout 'packed' needs the vector index")
             if self.max_age_s is not None:
                 raise ValueError(f"feature {self.name!r}: max_age_s needs layout 'hash' (a vector has no time)")
+            if self.dtype == "string" or self.length is not None:
+                raise ValueError(f"feature {self.name!r}: a packed vector holds single float32 values")
         elif self.index is not None:
             raise ValueError(f"feature {self.name!r}: index is for layout 'packed'")
+        if self.encoding != "none":
+            if self.vocabulary is None and self.vocabulary_file is None:
+                raise ValueError(
+                    f"feature {self.name!r}: encoding {self.encoding!r} needs vocabulary or vocabulary_file"
+                )
+            if self.length is not None:
+                raise ValueError(f"feature {self.name!r}: a vector feature cannot have a vocabulary")
+        elif self.vocabulary is not None or self.vocabulary_file is not None:
+            raise ValueError(f"feature {self.name!r}: a vocabulary needs encoding 'ordinal' or 'onehot'")
+        if self.length is not None and self.source != "event":
+            raise ValueError(f"feature {self.name!r}: vector features (length) read an event array field")
+        if self.length is not None and self.dtype in ("string", "bool"):
+            raise ValueError(f"feature {self.name!r}: vector features are numeric")
+        if isinstance(self.default, str) and not self.categorical:
+            raise ValueError(f"feature {self.name!r}: a text default needs dtype 'string'")
         return self
+
+    @property
+    def categorical(self) -> bool:
+        """Read as text: passed to a string input, or mapped through the vocabulary."""
+        return self.dtype == "string"
+
+    @property
+    def text(self) -> bool:
+        """Feeds a string model input as it is (no vocabulary)."""
+        return self.dtype == "string" and self.encoding == "none"
+
+    @property
+    def width(self) -> int:
+        """Columns this feature gives its model input."""
+        if self.length is not None:
+            return self.length
+        if self.encoding == "onehot":
+            return len(self.vocabulary or []) + 1
+        return 1
 
 
 class ModelSettings(_Section):
-    """The model the worker serves until the control topic says otherwise."""
+    """The model the worker serves until the control topic says otherwise, and how its outputs are read."""
 
     name: str
     uri: str
     """Artifact location: a path, file:// or http(s):// URI of an .onnx file."""
     version: str = "1"
     input_name: str | None = None
-    """Input tensor name; the model's only input when unset."""
+    """Model input fed by the features that name no ``input``; the model's only input when unset."""
     score_output: str = "probabilities"
     """Output tensor that gives the score (a probability matrix or a regression vector)."""
-    score_column: int | None = 1
-    """Column of a 2-D score output to use (1 = positive class); None for 1-D outputs."""
+    score_column: int | str | None = 1
+    """Column of a 2-D score output: an index, or a class label (e.g. ``failure``) looked up in the model's
+    classes; None for 1-D outputs."""
     label_output: str | None = "label"
-    """Output tensor with class labels, or None for regressors."""
+    """Output tensor with class labels (int or string), or None for regressors."""
+    probabilities: bool = False
+    """Also write the whole probability vector (score_output) into the prediction, keyed by class label."""
+    extra_outputs: list[str] = Field(default_factory=list)
+    """Further output tensors with one number per row, written to the prediction's ``outputs`` map."""
+    classes: list[str] | None = None
+    """Class labels in the column order of score_output; read from the model's classifier node when unset."""
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
@@ -205,6 +267,9 @@ class OutputSettings(_Section):
     dead_letter_topic: str
     shadow_topic: str | None = None
     """Topic for shadow-model predictions; ``<topic>.shadow`` when unset."""
+    copy_fields: dict[str, str] = Field(default_factory=dict)
+    """Event fields copied into each prediction: prediction field name -> event field path, e.g.
+    ``{region: region, os: device.os.name}``; the output schema must have these fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -385,8 +450,15 @@ def _resolve_paths(settings: PipelineSettings, base: Path) -> PipelineSettings:
     model_uri = settings.model.uri
     if "://" not in model_uri:
         model_uri = str(resolve(Path(model_uri)))
+    features = [
+        spec.model_copy(update={"vocabulary": read_vocabulary(spec.name, resolve(spec.vocabulary_file))})
+        if spec.vocabulary_file and spec.vocabulary is None
+        else spec
+        for spec in settings.features
+    ]
     return settings.model_copy(
         update={
+            "features": features,
             "input": settings.input.model_copy(update={"schema_path": resolve(settings.input.schema_path)}),
             "output": settings.output.model_copy(update={"schema_path": resolve(settings.output.schema_path)}),
             "model": settings.model.model_copy(update={"uri": model_uri}),
@@ -394,6 +466,23 @@ def _resolve_paths(settings: PipelineSettings, base: Path) -> PipelineSettings:
             "redis": resolve_files(settings.redis),
         }
     )
+
+
+def read_vocabulary(feature: str, path: Path) -> list[str]:
+    """A vocabulary file: a JSON list of strings, or one category per line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"feature {feature!r}: cannot read vocabulary_file {path}: {exc.strerror}") from exc
+    if text.lstrip().startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"feature {feature!r}: vocabulary_file {path} is not a JSON list: {exc}") from exc
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"feature {feature!r}: vocabulary_file {path} must be a JSON list of strings")
+        return values
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _dotted(options: dict[str, LibrdkafkaValue]) -> dict[str, LibrdkafkaValue]:

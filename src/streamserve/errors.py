@@ -41,6 +41,18 @@ class InferenceError(RecordError):
     stage = "infer"
 
 
+class RecordTooLarge(RecordError):
+    """A record exceeds what the producer or its topic accepts; the input it came from is dead-lettered."""
+
+    stage = "produce"
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        super().__init__(f"a {size}-byte record exceeds the {limit}-byte limit for topic {topic}")
+        self.topic = topic
+        self.size = size
+        self.limit = limit
+
+
 class ModelError(StreamServeError):
     """A model artifact cannot serve: fetch, digest, signature or warm-up failed."""
 

@@ -57,20 +57,57 @@ class Rejected:
 
 @dataclass(slots=True)
 class FeatureBatch:
-    """Events whose model inputs were built, with the float32 matrix in event order."""
+    """Events whose features were built, with one column per feature in event order.
+
+    Numeric features are float64 arrays (rows,) or (rows, width); text features are object arrays of str.
+    """
 
     events: list[Event]
-    matrix: np.ndarray
+    columns: dict[str, np.ndarray]
     missing_defaults: int = 0
     stale_defaults: int = 0
     degraded: bool = False
     """Redis was unavailable and every Redis feature took its default."""
     rejected: list[Rejected] = field(default_factory=list)
 
+    @property
+    def matrix(self) -> np.ndarray:
+        """The numeric features side by side as one float32 matrix (rows, columns), in feature order."""
+        numeric = [c if c.ndim == 2 else c[:, None] for c in self.columns.values() if c.dtype != object]
+        return np.hstack(numeric).astype(np.float32) if numeric else np.empty((len(self.events), 0), np.float32)
+
+    def select(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The columns of the given rows."""
+        return {name: column[rows] for name, column in self.columns.items()}
+
 
 @dataclass(frozen=True, slots=True)
 class ModelOutputs:
-    """What a model produced for a batch: one score per row, an optional class label per row."""
+    """What a model produced for a batch, one entry per row.
+
+    ``score`` is the positive/chosen class probability or the regression value; ``label`` int class
+    labels, ``label_text`` string class labels; ``probabilities`` the whole
+    (rows, classes) matrix with ``classes`` naming its columns; ``extra`` further named numeric outputs.
+    """
 
     score: np.ndarray
-    label: np.ndarray | None
+    label: np.ndarray | None = None
+    label_text: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    classes: tuple[str, ...] = ()
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def take(self, rows: np.ndarray) -> ModelOutputs:
+        """The outputs of the given rows."""
+
+        def pick(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[rows]
+
+        return ModelOutputs(
+            self.score[rows],
+            pick(self.label),
+            pick(self.label_text),
+            pick(self.probabilities),
+            self.classes,
+            {name: values[rows] for name, values in self.extra.items()},
+        )

@@ -17,6 +17,7 @@ import redis
 from confluent_kafka import Producer
 
 from streamserve.errors import StreamServeError
+from streamserve.pipeline.fields import getter, render_id
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def produce_avro(
     rate: float | None = None,
     progress_every: int = 0,
 ) -> int:
-    """Produce schemaless Avro records keyed by key_field, at most `rate` per second when given."""
+    """Produce schemaless Avro records keyed by the key_field path, at most `rate` per second when given."""
     producer = Producer({"linger.ms": 20, "enable.idempotence": True, **producer_config})
     failures: list[str] = []
 
@@ -103,6 +104,7 @@ def produce_avro(
     started = time.monotonic()
     buffer = io.BytesIO()
     sent = 0
+    key_of = getter(key_field)
     for record in records:
         if rate:
             ahead = sent / rate - (time.monotonic() - started)
@@ -113,7 +115,8 @@ def produce_avro(
         fastavro.schemaless_writer(buffer, schema, record)
         while True:
             try:
-                producer.produce(topic, buffer.getvalue(), str(record[key_field]).encode(), on_delivery=on_delivery)
+                key = render_id(key_of(record))
+                producer.produce(topic, buffer.getvalue(), key and key.encode(), on_delivery=on_delivery)
                 break
             except BufferError:
                 producer.poll(0.1)

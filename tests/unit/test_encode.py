@@ -66,6 +66,7 @@ def expected(schema: Any, event: Event, score: float, label: int | None, now_ms:
             "source_partition": event.source.partition,
             "source_offset": event.source.offset,
             "degraded": degraded,
+            "predicted_class": None if label is None else str(label),
         },
     )
 
@@ -81,9 +82,11 @@ def test_encoded_bytes_equal_fastavro_of_the_full_record(
     scores = np.random.default_rng(1).random(150)
     scores[3] = -0.0
     labels = np.arange(150, dtype=np.int64) - 75 if with_labels else None
-    encoded = encoder.encode(batch, ModelOutputs(scores, labels), "fraud", "v7", degraded)
+    encoded, rejected = encoder.encode(batch, ModelOutputs(scores, labels), "fraud", "v7", degraded)
+    assert not rejected
     schema = load_schema(SCHEMAS / "prediction.avsc")
-    for i, (key, value, headers) in enumerate(encoded):
+    for i, record in enumerate(encoded):
+        key, value, headers = record.key, record.value, record.headers
         label = int(labels[i]) if labels is not None else None
         assert value == expected(schema, batch[i], float(scores[i]), label, 1_800_000_000_123, degraded), i
         assert key == batch[i].fields["card_id"].encode()
@@ -95,9 +98,9 @@ def test_encoded_bytes_equal_fastavro_of_the_full_record(
 def test_events_from_several_topics() -> None:
     encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", INPUT)
     batch = events(4, "a") + events(3, "bb")
-    encoded = encoder.encode(batch, ModelOutputs(np.zeros(7), np.zeros(7, dtype=np.int64)), "fraud", "v1")
+    encoded, _ = encoder.encode(batch, ModelOutputs(np.zeros(7), np.zeros(7, dtype=np.int64)), "fraud", "v1")
     schema = load_schema(SCHEMAS / "prediction.avsc")
-    topics = [decode_prediction(schema, value)["source_topic"] for _, value, _ in encoded]
+    topics = [decode_prediction(schema, record.value)["source_topic"] for record in encoded]
     assert topics == ["a"] * 4 + ["bb"] * 3
 
 
@@ -108,8 +111,8 @@ def test_fields_the_encoder_does_not_know_take_their_schema_default(tmp_path: Pa
     path = tmp_path / "prediction-with-more.avsc"
     path.write_text(json.dumps(raw))
     encoder = PredictionEncoder(path, INPUT)
-    encoded = encoder.encode(events(3), ModelOutputs(np.full(3, 0.5), np.ones(3, dtype=np.int64)), "fraud", "v1")
-    record = decode_prediction(load_schema(path), encoded[2][1])
+    encoded, _ = encoder.encode(events(3), ModelOutputs(np.full(3, 0.5), np.ones(3, dtype=np.int64)), "fraud", "v1")
+    record = decode_prediction(load_schema(path), encoded[2].value)
     assert record["score"] == 0.5
     assert record["tags"] == []
     assert record["unit"] == "EUR"

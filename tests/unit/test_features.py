@@ -84,7 +84,7 @@ def test_missing_value_without_default_rejects_only_that_event() -> None:
             event(0, amount=1.0, is_online=True, card_id="a", merchant_id="m"),
             event(1, amount=1.0, is_online=True, card_id="zzz", merchant_id="m"),  # no hash: count has no default
             event(2, amount=math.nan, is_online=True, card_id="a", merchant_id="m"),  # NaN, no default
-            event(3, amount=1.0, is_online=True, merchant_id="m"),  # key template cannot be filled
+            event(3, amount=1.0, is_online=True, card_id=None, merchant_id="m"),  # null key: no entity
         ]
     )
     assert [e.source.offset for e in batch.events] == [0]
@@ -93,7 +93,8 @@ def test_missing_value_without_default_rejects_only_that_event() -> None:
     assert set(reasons) == {1, 2, 3}
     assert "'count'" in reasons[1]
     assert "'amount'" in reasons[2]
-    assert "Redis key" in reasons[3]
+    assert "'count'" in reasons[3]
+    assert "missing" in reasons[3]
     assert all(r.stage == "features" for r in batch.rejected)
 
 

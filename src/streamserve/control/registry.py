@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from streamserve.config import ModelSettings
+from streamserve.config import FeatureSpec, ModelSettings
 from streamserve.control.announcements import ModelAnnouncement
 from streamserve.control.fetch import fetch_verified
 from streamserve.errors import ModelError
@@ -65,11 +66,15 @@ class ModelRegistry:
     """Holds the current Routing and the cache of loaded versions for one model."""
 
     def __init__(
-        self, settings: ModelSettings, n_features: int, keep_versions: int = 3, cache_dir: Path | None = None
+        self,
+        settings: ModelSettings,
+        features: Sequence[FeatureSpec],
+        keep_versions: int = 3,
+        cache_dir: Path | None = None,
     ) -> None:
         self.settings = settings
         self.cache_dir = cache_dir
-        self.n_features = n_features
+        self.features = list(features)
         self.keep_versions = keep_versions
         self._cache: OrderedDict[tuple[str, str], OnnxModel] = OrderedDict()
         self._lock = threading.Lock()
@@ -86,7 +91,7 @@ class ModelRegistry:
                     return model
         started = time.perf_counter()
         data, digest = fetch_verified(uri, sha256, self.cache_dir)
-        model = OnnxModel.load(data, self.settings, version, self.n_features, sha256=digest, uri=uri)
+        model = OnnxModel.load(data, self.settings, version, self.features, sha256=digest, uri=uri)
         log.info(
             "loaded %s %s from %s in %.0f ms", self.settings.name, version, uri, (time.perf_counter() - started) * 1000
         )

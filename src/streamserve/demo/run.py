@@ -27,11 +27,11 @@ from streamserve.tools import load_features, produce_avro, read_rows
 log = logging.getLogger(__name__)
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(text, flush=True)
 
 
-def _env_overrides() -> None:
+def env_overrides() -> None:
     """Point the pipeline at the local stack (scripts/stack writes these variables)."""
     mapping = {"KAFKA_BOOTSTRAP_SERVERS": "STREAMSERVE_KAFKA__BOOTSTRAP_SERVERS", "REDIS_URL": "STREAMSERVE_REDIS__URL"}
     for source, target in mapping.items():
@@ -55,7 +55,7 @@ def _write_entity_files(entities: Entities, directory: Path) -> tuple[Path, Path
     return cards, merchants
 
 
-class _PredictionReader:
+class PredictionReader:
     """Reads the output topic in the background and keeps what the summary needs."""
 
     def __init__(self, settings: PipelineSettings) -> None:
@@ -71,6 +71,7 @@ class _PredictionReader:
         self.consumer.subscribe([settings.output.topic])
         self.by_version: Counter[str] = Counter()
         self.samples: list[dict[str, object]] = []
+        self.records: list[dict[str, object]] = []
         self.first_ms: int | None = None
         self.last_ms = 0
         self._stop = threading.Event()
@@ -83,6 +84,7 @@ class _PredictionReader:
                 if msg.error() is not None:
                     continue
                 record = decode_prediction(self.schema, msg.value() or b"")
+                self.records.append(record)
                 version = str(record["model_version"])
                 if self.by_version[version] < 3:
                     self.samples.append(record)
@@ -102,7 +104,7 @@ class _PredictionReader:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {self.total} of {count} predictions after {timeout_s:.0f}s")
             if self.total != last and self.total:
-                _say(f"  ... {self.total}/{count} predictions")
+                say(f"  ... {self.total}/{count} predictions")
                 last = self.total
             time.sleep(0.5)
 
@@ -112,37 +114,41 @@ class _PredictionReader:
         self.consumer.close()
 
 
+def fresh_topics(base: PipelineSettings) -> None:
+    """A fresh set of topics and group per run (env overrides), so a long-lived local stack never mixes runs."""
+    run_id = uuid.uuid4().hex[:6]
+    os.environ.update(
+        {
+            "STREAMSERVE_INPUT__TOPIC": f"{base.input.topic}-{run_id}",
+            "STREAMSERVE_OUTPUT__TOPIC": f"{base.output.topic}-{run_id}",
+            "STREAMSERVE_OUTPUT__DEAD_LETTER_TOPIC": f"{base.output.dead_letter_topic}-{run_id}",
+            "STREAMSERVE_CONTROL__TOPIC": f"{base.control.topic}-{run_id}",
+            "STREAMSERVE_CONTROL__STATUS_TOPIC": f"{base.control.status_topic}-{run_id}",
+            "STREAMSERVE_KAFKA__GROUP_ID": f"{base.kafka.group_id}-{run_id}",
+            "STREAMSERVE_LOG_EVERY_S": "0",
+        }
+    )
+
+
 def run_demo(config: Path, events: int, partitions: int) -> int:
     """The whole demo; returns the process exit code."""
-    _env_overrides()
-    run_id = uuid.uuid4().hex[:6]
+    env_overrides()
     base = load_settings(config)
     model_dir = Path(base.model.uri).parent
     started = time.monotonic()
 
-    _say(f"[1/6] training fraud models v1 (logistic regression) and v2 (gradient boosting) into {model_dir}")
+    say(f"[1/6] training fraud models v1 (logistic regression) and v2 (gradient boosting) into {model_dir}")
     entities = make_entities()
     trained = {m.version: m for m in train_versions(entities, model_dir)}
     for m in trained.values():
-        _say(f"      {m.version}: holdout ROC AUC {m.auc:.3f}  ({m.path.name})")
+        say(f"      {m.version}: holdout ROC AUC {m.auc:.3f}  ({m.path.name})")
 
-    # A fresh set of topics per run, so a long-lived local stack never mixes runs.
-    os.environ.update(
-        {
-            "STREAMSERVE_INPUT__TOPIC": f"transactions-{run_id}",
-            "STREAMSERVE_OUTPUT__TOPIC": f"fraud-scores-{run_id}",
-            "STREAMSERVE_OUTPUT__DEAD_LETTER_TOPIC": f"transactions-{run_id}.dlq",
-            "STREAMSERVE_CONTROL__TOPIC": f"streamserve.control-{run_id}",
-            "STREAMSERVE_CONTROL__STATUS_TOPIC": f"streamserve.status-{run_id}",
-            "STREAMSERVE_KAFKA__GROUP_ID": f"fraud-scorer-{run_id}",
-            "STREAMSERVE_LOG_EVERY_S": "0",
-        }
-    )
+    fresh_topics(base)
     settings = load_settings(config)
-    _say(f"[2/6] creating topics on {settings.kafka.bootstrap_servers} ({partitions} partitions)")
+    say(f"[2/6] creating topics on {settings.kafka.bootstrap_servers} ({partitions} partitions)")
     ensure_topics(settings.kafka.common(), pipeline_topics(settings, partitions))
 
-    _say(
+    say(
         f"[3/6] loading {len(entities.cards)} card and {len(entities.merchants)} merchant feature rows "
         f"into Redis at {settings.redis.url}"
     )
@@ -151,11 +157,11 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     load_features(client, read_rows(cards_csv), "card:{card_id}")
     load_features(client, read_rows(merchants_csv), "merchant:{merchant_id}")
 
-    _say("[4/6] starting a worker and streaming the first half of the events (served by v1)")
+    say("[4/6] starting a worker and streaming the first half of the events (served by v1)")
     worker = Worker(settings)
     worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
     worker_thread.start()
-    reader = _PredictionReader(settings)
+    reader = PredictionReader(settings)
     schema = load_schema(settings.input.schema_path)
     first, second = events // 2, events - events // 2
     produce_avro(
@@ -171,7 +177,7 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     bad.flush(10)
     reader.wait_for(first, timeout_s=180)
 
-    _say("[5/6] announcing v2 on the control topic and streaming the second half (hot swap, no restart)")
+    say("[5/6] announcing v2 on the control topic and streaming the second half (hot swap, no restart)")
     publish(
         settings.kafka.common(),
         settings.control.topic,
@@ -202,26 +208,26 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
 
     stats = worker.stats
     span_s = max((reader.last_ms - (reader.first_ms or reader.last_ms)) / 1000, 1e-3)
-    _say("[6/6] summary")
-    _say(f"      events in:        {stats.events_in} ({events} valid + 5 undecodable)")
-    _say(f"      predictions out:  {reader.total}  by version: {dict(sorted(reader.by_version.items()))}")
-    _say(f"      dead letters:     {stats.dead_letters}  by stage: {stats.by_stage}")
-    _say(f"      feature defaults: {stats.missing_defaults} missing, {stats.stale_defaults} stale")
-    _say(
+    say("[6/6] summary")
+    say(f"      events in:        {stats.events_in} ({events} valid + 5 undecodable)")
+    say(f"      predictions out:  {reader.total}  by version: {dict(sorted(reader.by_version.items()))}")
+    say(f"      dead letters:     {stats.dead_letters}  by stage: {stats.by_stage}")
+    say(f"      feature defaults: {stats.missing_defaults} missing, {stats.stale_defaults} stale")
+    say(
         f"      throughput:       {reader.total / span_s:,.0f} predictions/s over {span_s:.1f}s "
         "(includes waiting for the producer)"
     )
     for status in fleet:
-        _say(
+        say(
             f"      fleet status:     worker {status.worker_id} serves {status.model} {status.serving_version} "
             f"({status.state}, mode {status.mode}) - `streamserve models status` shows this"
         )
-    _say("      sample predictions:")
+    say("      sample predictions:")
     for record in reader.samples[:6]:
-        _say(
+        say(
             f"        {record['event_id']}  card={record['key']}  version={record['model_version']}  "
             f"score={record['score']:.4f}  label={record['label']}"
         )
     ok = reader.by_version.get("v2", 0) > 0 and reader.total == events and stats.dead_letters == 5
-    _say(f"demo {'OK' if ok else 'FAILED'} in {time.monotonic() - started:.0f}s")
+    say(f"demo {'OK' if ok else 'FAILED'} in {time.monotonic() - started:.0f}s")
     return 0 if ok else 1

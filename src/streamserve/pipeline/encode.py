@@ -5,15 +5,17 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 
 from streamserve.config import InputSettings
+from streamserve.errors import ConfigError
 from streamserve.pipeline.decode import load_schema
-from streamserve.records import Event, Headers, ModelOutputs
+from streamserve.pipeline.fields import epoch_ms, getter, render_id
+from streamserve.records import Event, Headers, ModelOutputs, Rejected, Source
 
 HEADER_MODEL_NAME = "streamserve.model.name"
 HEADER_MODEL_VERSION = "streamserve.model.version"
@@ -21,19 +23,46 @@ HEADER_SOURCE_TOPIC = "streamserve.source.topic"
 HEADER_SOURCE_PARTITION = "streamserve.source.partition"
 HEADER_SOURCE_OFFSET = "streamserve.source.offset"
 
+ENCODE_STAGE = "encode"
+_OPTIONAL_FIELDS = ("predicted_class", "probabilities", "outputs")
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One output record, with the input record it answers."""
+
+    source: Source
+    key: bytes | None
+    value: bytes
+    headers: Headers
+
 
 class PredictionEncoder:
-    """Turns a batch's model outputs into (key, Avro value, headers) triples, one per event.
+    """Turns a batch's model outputs into output records, one per event.
 
     Values are written by fastavro with the parsed schema into one reused buffer; everything that is
-    the same for the whole batch (model, version, prediction time, header values) is computed once.
+    the same for the whole batch (model, version, prediction time, header values) is computed once. A record
+    that cannot be written (a copied field that does not fit the output schema) is rejected alone.
     """
 
-    def __init__(self, schema_path: Path, input_settings: InputSettings) -> None:
+    def __init__(
+        self, schema_path: Path, input_settings: InputSettings, copy_fields: dict[str, str] | None = None
+    ) -> None:
         self.schema = load_schema(schema_path)
-        self._key_field = input_settings.key_field
-        self._id_field = input_settings.event_id_field
-        self._time_field = input_settings.event_time_field
+        schema_fields = cast("list[dict[str, Any]]", self.schema["fields"])  # type: ignore[call-overload,index]
+        names = {field["name"] for field in schema_fields}
+        missing = [name for name in copy_fields or {} if name not in names]
+        if missing:
+            raise ConfigError(f"output.copy_fields {missing}: the output schema {schema_path} has no such fields")
+        self._optional = {name: name in names for name in _OPTIONAL_FIELDS}
+        self._key = getter(input_settings.key_field)
+        self._id = getter(input_settings.event_id_field)
+        self._time = getter(input_settings.event_time_field) if input_settings.event_time_field else None
+        self._copies = [(name, getter(path)) for name, path in (copy_fields or {}).items()]
+
+    def key_of(self, event: Event) -> str | None:
+        """The event's key as text (canary routing, output record key)."""
+        return render_id(self._key(event.fields))
 
     def encode(
         self,
@@ -42,12 +71,26 @@ class PredictionEncoder:
         model_name: str,
         model_version: str,
         degraded: bool = False,
-    ) -> list[tuple[bytes, bytes, Headers]]:
-        """Encode one record per event; outputs are aligned with events."""
+    ) -> tuple[list[Encoded], list[Rejected]]:
+        """Encode one record per event (outputs are aligned with events); records that fail are rejected."""
         if not events:
-            return []
+            return [], []
         scores = outputs.score.tolist()
-        labels = outputs.label.tolist() if outputs.label is not None else [None] * len(events)
+        n = len(events)
+        labels = outputs.label.tolist() if outputs.label is not None else [None] * n
+        texts: list[Any] = [None] * n
+        if outputs.label_text is not None:
+            texts = outputs.label_text.tolist()
+        elif outputs.label is not None:
+            texts = [str(label) for label in labels]
+        probabilities: list[Any] = [None] * n
+        if outputs.probabilities is not None and self._optional["probabilities"]:
+            classes = outputs.classes or tuple(str(i) for i in range(outputs.probabilities.shape[1]))
+            probabilities = [dict(zip(classes, row, strict=True)) for row in outputs.probabilities.tolist()]
+        extras: list[Any] = [None] * n
+        if outputs.extra and self._optional["outputs"]:
+            named = {name: values.tolist() for name, values in outputs.extra.items()}
+            extras = [{name: values[i] for name, values in named.items()} for i in range(n)]
         record: dict[str, Any] = {
             "model_name": model_name,
             "model_version": model_version,
@@ -57,22 +100,32 @@ class PredictionEncoder:
         name_header, version_header = model_name.encode(), model_version.encode()
         common: dict[tuple[str, int], Headers] = {}  # every header but the offset, per source partition
         write, schema, buffer = fastavro.schemaless_writer, self.schema, io.BytesIO()
-        key_field, id_field, time_field = self._key_field, self._id_field, self._time_field
-        encoded = []
-        for event, score, label in zip(events, scores, labels, strict=True):
+        key_of, id_of, time_of, copies = self._key, self._id, self._time, self._copies
+        encoded: list[Encoded] = []
+        rejected: list[Rejected] = []
+        for i, event in enumerate(events):
             source, fields = event.source, event.fields
-            key = str(fields[key_field])
-            record["event_id"] = str(fields[id_field])
-            record["key"] = key
-            record["score"] = score
-            record["label"] = label
-            record["event_time"] = _epoch_ms(fields[time_field]) if time_field else source.timestamp_ms
-            record["source_topic"] = source.topic
-            record["source_partition"] = source.partition
-            record["source_offset"] = source.offset
-            buffer.seek(0)
-            buffer.truncate()
-            write(buffer, schema, record)
+            try:
+                key = render_id(key_of(fields))
+                record["event_id"] = render_id(id_of(fields))
+                record["key"] = key
+                record["score"] = scores[i]
+                record["label"] = labels[i]
+                record["predicted_class"] = texts[i]
+                record["probabilities"] = probabilities[i]
+                record["outputs"] = extras[i]
+                record["event_time"] = epoch_ms(time_of(fields)) if time_of else source.timestamp_ms
+                record["source_topic"] = source.topic
+                record["source_partition"] = source.partition
+                record["source_offset"] = source.offset
+                for name, get in copies:
+                    record[name] = get(fields)
+                buffer.seek(0)
+                buffer.truncate()
+                write(buffer, schema, record)
+            except Exception as exc:  # noqa: BLE001 - whatever one record's values do, only that record fails
+                rejected.append(Rejected.from_error(source, ENCODE_STAGE, exc))
+                continue
             base = common.get((source.topic, source.partition))
             if base is None:
                 base = common[(source.topic, source.partition)] = [
@@ -82,22 +135,14 @@ class PredictionEncoder:
                     (HEADER_SOURCE_PARTITION, str(source.partition).encode()),
                 ]
             encoded.append(
-                (key.encode(), buffer.getvalue(), [*base, (HEADER_SOURCE_OFFSET, str(source.offset).encode())])
+                Encoded(
+                    source,
+                    None if key is None else key.encode(),
+                    buffer.getvalue(),
+                    [*base, (HEADER_SOURCE_OFFSET, str(source.offset).encode())],
+                )
             )
-        return encoded
-
-
-def _epoch_ms(value: Any) -> int:
-    """Epoch milliseconds of an int or of a datetime (fastavro decodes timestamp-millis to an aware datetime)."""
-    if isinstance(value, int):
-        return value
-    if value.tzinfo is not None:
-        return (value - _EPOCH) // _ONE_MS  # exact, unlike float seconds
-    return int(value.timestamp() * 1000)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_MS = timedelta(milliseconds=1)
+        return encoded, rejected
 
 
 def decode_prediction(schema: fastavro.types.Schema, value: bytes) -> dict[str, object]:

@@ -21,16 +21,18 @@ import redis
 
 from streamserve.config import FeatureSpec, RedisSettings
 from streamserve.errors import EnrichError, FeatureError
+from streamserve.pipeline.fields import getter, to_number, to_text
 from streamserve.records import Event, FeatureBatch, Rejected
 
 log = logging.getLogger(__name__)
 
+_TRUE = (True, 1, b"1", b"true", b"True", "1", "true", "True")
 _PARSERS: dict[str, Callable[[Any], float]] = {
-    "float32": float,
-    "float64": float,
-    "int32": lambda raw: float(int(raw)),
-    "int64": lambda raw: float(int(raw)),
-    "bool": lambda raw: float(raw in (True, 1, b"1", b"true", b"True", "1", "true", "True")),
+    "float32": to_number,
+    "float64": to_number,
+    "int32": lambda raw: float(int(raw)) if isinstance(raw, (str, bytes)) else to_number(raw),
+    "int64": lambda raw: float(int(raw)) if isinstance(raw, (str, bytes)) else to_number(raw),
+    "bool": lambda raw: float(raw in _TRUE),
 }
 # Python types whose values numpy turns into the same float as the dtype's parser does.
 _NUMERIC_TYPES: dict[str, set[type]] = {
@@ -39,6 +41,7 @@ _NUMERIC_TYPES: dict[str, set[type]] = {
     "int32": {int, bool},
     "int64": {int, bool},
     "bool": {bool},
+    "string": set(),
 }
 _NONE = type(None)
 _FLOAT32 = np.dtype("<f4")
@@ -86,7 +89,7 @@ def _redis_fetch_with_retry(
                 else:
                     for key in group_keys:
                         pipe.hmget(key, fields)
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)  # a bad key's error rejects its events only
             break
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if attempt >= settings.retries and settings.on_error != "wait":
@@ -125,19 +128,53 @@ def _unpack_vectors(replies: list[Any], width: int) -> np.ndarray:
 
 
 def _key_renderer(template: str) -> Callable[[dict[str, Any]], str]:
-    """``template.format_map``, as one f-string for the usual shape ``prefix{field}suffix``."""
+    """Fills a key template from event field paths; KeyError when a field is null or absent (no entity).
+
+    ``prefix{field}suffix`` renders as one f-string; other shapes (several fields, dotted paths, format
+    specs) go through ``str.format`` with each field's value read by its path.
+    """
     parts = list(string.Formatter().parse(template))
     names = [name for _, name, _, _ in parts if name is not None]
     simple = all(not spec and conversion is None for _, name, spec, conversion in parts if name is not None)
     if simple and len(names) == 1 and names[0].isidentifier():
         name, prefix = names[0], parts[0][0]
         suffix = "".join(literal for literal, *_ in parts[1:])
-        return lambda fields: f"{prefix}{fields[name]}{suffix}"
-    return template.format_map
+
+        def render_one(fields: dict[str, Any]) -> str:
+            value = fields[name]
+            if value is None:
+                raise KeyError(name)
+            return f"{prefix}{value if isinstance(value, str) else to_text(value)}{suffix}"
+
+        return render_one
+    getters = {name: getter(name) for name in dict.fromkeys(names) if name}
+    order = list(getters)
+    positional = ""
+    for literal, field_name, spec, conversion in parts:
+        positional += literal.replace("{", "{{").replace("}", "}}")
+        if field_name is not None:
+            positional += "{" + str(order.index(field_name)) + (f"!{conversion}" if conversion else "")
+            positional += (f":{spec}" if spec else "") + "}"
+
+    def render(fields: dict[str, Any]) -> str:
+        values = []
+        for name, get in getters.items():
+            value = get(fields)
+            if value is None:
+                raise KeyError(name)
+            values.append(value)
+        return positional.format(*values)
+
+    return render
 
 
 class FeatureBuilder:
-    """Builds the float32 model-input matrix for a batch of events, in the feature spec's order."""
+    """Builds each feature's column for a batch of events: numbers as float64, categories as text or codes.
+
+    A feature that cannot be built for an event (null or missing without a default, NaN or an infinity in an
+    event field, a value that does not parse or does not fit its dtype, an array of the wrong length) rejects
+    that event with a reason; the others go on.
+    """
 
     def __init__(
         self,
@@ -169,23 +206,29 @@ class FeatureBuilder:
             )
         self._group_of = {template: i for i, template in enumerate(groups)}
         self._renderers = [_key_renderer(group.template) for group in self._groups]
+        self._getters = {spec.name: getter(spec.field) for spec in self.features if spec.source == "event"}
+        self._codes = {
+            spec.name: {value: float(i) for i, value in enumerate(spec.vocabulary or [])}
+            for spec in self.features
+            if spec.encoding != "none"
+        }
         if self._groups and fetch is None:
             raise ValueError("Redis features need a Redis fetcher")
 
     @property
     def width(self) -> int:
-        """Number of model inputs per event."""
-        return len(self.features)
+        """Number of model input columns per event, over all features."""
+        return sum(spec.width for spec in self.features)
 
     def build(self, events: Sequence[Event], redis_available: bool = True) -> FeatureBatch:
-        """Matrix for the events whose features could be built; the others are rejected with a reason.
+        """Columns for the events whose features could be built; the others are rejected with a reason.
 
         With ``redis_available=False`` every Redis feature takes its default and the batch is flagged
         degraded (the ``defaults`` policy for feature-store outages).
         """
         n = len(events)
         reasons: dict[int, str] = {}
-        keys_per_group = self._render_keys(events, reasons)
+        keys_per_group = self._render_keys(events)
         distinct = [list(dict.fromkeys(key for key in keys if key is not None)) for keys in keys_per_group]
         degraded = bool(self._groups) and not redis_available
         if degraded or not self._groups:
@@ -193,25 +236,37 @@ class FeatureBuilder:
         else:
             lookups = self._lookup(distinct)
         # Per group: the reply of each distinct key in order, and each event's row among them (the
-        # extra last row stands for "no key": the template could not be filled).
+        # extra last row stands for "no entity": a key field was null).
         replies = [[lookup.get(key) for key in keys] for lookup, keys in zip(lookups, distinct, strict=True)]
         rows = []
         for keys, group_keys in zip(keys_per_group, distinct, strict=True):
             position: dict[str | None, int] = {key: i for i, key in enumerate(group_keys)}
-            if reasons:  # some events have no key: they point at the extra "missing" row
-                position[None] = len(group_keys)
+            position[None] = len(group_keys)
             rows.append(np.fromiter(map(position.__getitem__, keys), dtype=np.intp, count=n))
+        for g, group_replies in enumerate(replies):  # a Redis error for a key (WRONGTYPE...) rejects its events
+            for i, reply in enumerate(group_replies):
+                if isinstance(reply, Exception):
+                    group_replies[i] = None
+                    for row in np.flatnonzero(rows[g] == i):
+                        reasons.setdefault(int(row), f"Redis key {distinct[g][i]!r}: {reply}")
         vectors = [
             _unpack_vectors(group_replies, group.width) if group.packed else None
             for group, group_replies in zip(self._groups, replies, strict=True)
         ]
         now_ms = self._clock_ms()
-        columns = np.empty((n, self.width), dtype=np.float64)
+        columns: dict[str, np.ndarray] = {}
         missing_defaults = stale_defaults = 0
-        for col, spec in enumerate(self.features):
+        for spec in self.features:
             stale = None
             if spec.source == "event":
-                values = self._parse_column(spec, [event.fields.get(spec.field) for event in events], reasons)
+                raw = list(map(self._getters[spec.name], (event.fields for event in events)))
+                if spec.categorical:
+                    columns[spec.name] = self._categories(spec, raw, reasons)
+                    continue
+                if spec.length is not None:
+                    columns[spec.name] = self._vectors(spec, raw, reasons)
+                    continue
+                values = self._parse_column(spec, raw, reasons, finite_only=True)
             else:
                 g = self._group_of[spec.key or ""]
                 group, event_rows = self._groups[g], rows[g]
@@ -221,6 +276,10 @@ class FeatureBuilder:
                 else:
                     field_index = group.fields.index(spec.field)
                     raw = [reply[field_index] if reply is not None else None for reply in replies[g]]
+                    if spec.categorical:
+                        column = self._categories(spec, [*raw, None], {}, per_key=True)
+                        columns[spec.name] = self._fill_text(spec, column[event_rows], reasons)
+                        continue
                     key_reasons: dict[int, str] = {}
                     per_key = np.append(self._parse_column(spec, raw, key_reasons), np.nan)
                     values = per_key[event_rows]
@@ -234,18 +293,20 @@ class FeatureBuilder:
                 values[stale] = np.nan
             bad = np.isnan(values)
             if spec.default is not None:
-                values[bad] = spec.default
+                values[bad] = float(spec.default)
                 missing_defaults += int(missing.sum())
                 stale_defaults += int(stale.sum()) if stale is not None else 0
             else:
                 for row in np.flatnonzero(bad):
-                    why = "stale" if stale is not None and stale[row] else "missing or NaN"
+                    why = "stale" if stale is not None and stale[row] else "missing (null or NaN)"
                     reasons.setdefault(int(row), f"feature {spec.name!r}: {why} and no default")
-            columns[:, col] = values
-        keep = [row for row in range(n) if row not in reasons]
+            columns[spec.name] = values
+        if not reasons:
+            return FeatureBatch(list(events), columns, missing_defaults, stale_defaults, degraded)
+        keep = np.array([row for row in range(n) if row not in reasons], dtype=np.intp)
         return FeatureBatch(
-            events=[events[row] for row in keep] if reasons else list(events),
-            matrix=columns[keep].astype(np.float32) if reasons else columns.astype(np.float32),
+            events=[events[row] for row in keep],
+            columns={name: column[keep] for name, column in columns.items()},
             missing_defaults=missing_defaults,
             stale_defaults=stale_defaults,
             degraded=degraded,
@@ -255,26 +316,22 @@ class FeatureBuilder:
             ],
         )
 
-    def _render_keys(self, events: Sequence[Event], reasons: dict[int, str]) -> list[list[str | None]]:
-        """Per group, the Redis key of each event (None when the event cannot fill a template)."""
+    def _render_keys(self, events: Sequence[Event]) -> list[list[str | None]]:
+        """Per group, the Redis key of each event (None when a key field is null: no entity)."""
         rendered: list[list[str | None]] = []
         for render in self._renderers:
             try:
                 rendered.append([render(event.fields) for event in events])
                 continue
-            except (KeyError, ValueError, IndexError):
+            except (KeyError, ValueError, IndexError, TypeError):
                 pass  # find the events that cannot fill the template
             column: list[str | None] = []
-            for row, event in enumerate(events):
+            for event in events:
                 try:
                     column.append(render(event.fields))
-                except (KeyError, ValueError, IndexError) as exc:
-                    reasons.setdefault(row, f"cannot build a Redis key from the event: {type(exc).__name__}: {exc}")
+                except (KeyError, ValueError, IndexError, TypeError):
                     column.append(None)
             rendered.append(column)
-        for row in reasons:  # an event missing one key is rejected: fetch none of its keys
-            for column in rendered:
-                column[row] = None
         return rendered
 
     def _lookup(self, distinct: list[list[str]]) -> list[dict[str, Any]]:
@@ -305,29 +362,122 @@ class FeatureBuilder:
                     stamps[i] = float(reply[stamp_index])
         return stamps[event_rows] < oldest_ms
 
-    @staticmethod
-    def _parse_column(spec: FeatureSpec, raw: list[Any], reasons: dict[int, str]) -> np.ndarray:
-        """Floats of one column (NaN where missing); unparseable values give their row a reason."""
-        kinds = set(map(type, raw))
-        numeric = _NUMERIC_TYPES[spec.dtype]
-        if kinds <= numeric:
-            return np.array(raw, dtype=np.float64)
-        if kinds <= numeric | {_NONE}:
-            return np.array([math.nan if value is None else value for value in raw], dtype=np.float64)
-        if kinds <= {bytes, _NONE} and spec.dtype in ("float32", "float64"):
-            try:  # numpy parses the bytes of a whole column in C
-                return np.array([b"nan" if value is None else value for value in raw], dtype=np.bytes_).astype(
-                    np.float64
-                )
-            except ValueError:
-                pass  # some value is not a number: find which, below
-        parse = _PARSERS[spec.dtype]
-        values = np.full(len(raw), math.nan)
+    def _categories(
+        self, spec: FeatureSpec, raw: list[Any], reasons: dict[int, str], per_key: bool = False
+    ) -> np.ndarray:
+        """Text of each value (None where null); then defaults and the vocabulary unless ``per_key``."""
+        texts = np.empty(len(raw), dtype=object)
         for row, value in enumerate(raw):
             if value is None:
                 continue
             try:
-                values[row] = parse(value)
-            except (TypeError, ValueError):
-                reasons.setdefault(row, f"feature {spec.name!r}: cannot parse {value!r} as {spec.dtype}")
+                texts[row] = value if isinstance(value, str) else to_text(value)
+            except (TypeError, ValueError) as exc:
+                reasons.setdefault(row, f"feature {spec.name!r}: {value!r:.80} is not a category: {exc}")
+        return texts if per_key else self._fill_text(spec, texts, reasons)
+
+    def _fill_text(self, spec: FeatureSpec, texts: np.ndarray, reasons: dict[int, str]) -> np.ndarray:
+        """Defaults for nulls, then the string column, or its ordinal codes / one-hot columns."""
+        for row in np.flatnonzero(np.array([text is None for text in texts], dtype=bool)):
+            if spec.default is not None:
+                texts[row] = str(spec.default)
+            else:
+                reasons.setdefault(int(row), f"feature {spec.name!r}: missing (null) and no default")
+                texts[row] = ""
+        if spec.encoding == "none":
+            return texts
+        codes = self._codes[spec.name]
+        unknown = float(len(codes))
+        ordinal = np.fromiter((codes.get(text, unknown) for text in texts), dtype=np.float64, count=len(texts))
+        if spec.encoding == "ordinal":
+            return ordinal
+        onehot = np.zeros((len(texts), len(codes) + 1))
+        onehot[np.arange(len(texts)), ordinal.astype(np.intp)] = 1.0
+        return onehot
+
+    def _vectors(self, spec: FeatureSpec, raw: list[Any], reasons: dict[int, str]) -> np.ndarray:
+        """A (rows, length) float64 matrix of array fields; nulls take the default in every element."""
+        length = spec.length or 1
+        out = np.full((len(raw), length), math.nan if spec.default is None else float(spec.default))
+        for row, value in enumerate(raw):
+            if value is None:
+                if spec.default is None:
+                    reasons.setdefault(row, f"feature {spec.name!r}: missing (null) and no default")
+                continue
+            try:
+                vector = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                reasons.setdefault(row, f"feature {spec.name!r}: not an array of numbers: {exc}")
+                continue
+            if vector.shape != (length,):
+                reasons.setdefault(row, f"feature {spec.name!r}: expected {length} values, got {vector.size}")
+            elif not np.isfinite(vector).all():
+                reasons.setdefault(row, f"feature {spec.name!r}: NaN or infinity in the array")
+            elif (why := _out_of_range(spec.dtype, vector)) is not None:
+                reasons.setdefault(row, f"feature {spec.name!r}: {why}")
+            else:
+                out[row] = vector
+        return out
+
+    @staticmethod
+    def _parse_column(
+        spec: FeatureSpec, raw: list[Any], reasons: dict[int, str], finite_only: bool = False
+    ) -> np.ndarray:
+        """Floats of one column (NaN where missing); unparseable or out-of-range values give their row a reason.
+
+        ``finite_only`` (event fields): NaN and infinities are bad values, not missing ones.
+        """
+        kinds = set(map(type, raw))
+        numeric = _NUMERIC_TYPES[spec.dtype]
+        values: np.ndarray | None = None
+        if kinds <= numeric:
+            values = np.array(raw, dtype=np.float64)
+        elif kinds <= numeric | {_NONE}:
+            values = np.array([math.nan if value is None else value for value in raw], dtype=np.float64)
+        elif kinds <= {bytes, _NONE} and spec.dtype in ("float32", "float64"):
+            with contextlib.suppress(ValueError):  # numpy parses the bytes of a whole column in C; else below
+                values = np.array([b"nan" if value is None else value for value in raw], dtype=np.bytes_).astype(
+                    np.float64
+                )
+        if values is None:
+            parse = _PARSERS[spec.dtype]
+            values = np.full(len(raw), math.nan)
+            for row, value in enumerate(raw):
+                if value is None:
+                    continue
+                try:
+                    values[row] = parse(value)
+                except (TypeError, ValueError, ArithmeticError) as exc:
+                    reasons.setdefault(row, f"feature {spec.name!r}: cannot parse {value!r:.80} as {spec.dtype}: {exc}")
+        finite = np.isfinite(values)
+        if not finite.all():
+            if finite_only:
+                for bad in map(int, np.flatnonzero(~finite)):
+                    if raw[bad] is not None and bad not in reasons:
+                        reasons[bad] = f"feature {spec.name!r}: {raw[bad]!r:.40} is not a finite number"
+            else:
+                values[np.isinf(values)] = math.nan  # stored infinities count as missing, like NaN
+        if (why := _out_of_range(spec.dtype, values[finite])) is not None:
+            for bad in map(int, np.flatnonzero(finite)):
+                if _out_of_range(spec.dtype, values[bad : bad + 1]) is not None:
+                    reasons.setdefault(bad, f"feature {spec.name!r}: {raw[bad]!r:.40} {why}")
         return values
+
+
+_LIMITS = {
+    "float32": float(np.finfo(np.float32).max),
+    "int32": float(2**31),
+    "int64": float(2**63),
+}
+
+
+def _out_of_range(dtype: str, values: np.ndarray) -> str | None:
+    """Why finite values do not fit the feature's dtype (None when they all do)."""
+    limit = _LIMITS.get(dtype)
+    if limit is None or not len(values):
+        return None
+    if dtype == "float32":
+        return None if np.all(np.abs(values) <= limit) else "is out of float32 range"
+    if np.all((values >= -limit) & (values < limit)) and np.all(values == np.floor(values)):
+        return None
+    return f"is not an {dtype} integer"

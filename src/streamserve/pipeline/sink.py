@@ -1,4 +1,8 @@
-"""Output sink: the idempotent producer, delivery tracking and in-order offset commits.
+"""Output sink: the idempotent producer, record size limits, delivery tracking and in-order offset commits.
+
+Every record's size is checked against the producer's and its topic's limit before it is produced, so a
+size error never comes back asynchronously in a delivery report (under exactly-once that would abort the
+batch's transaction, and the batch would be re-read and fail again, forever).
 
 An input offset is committed only after every record produced for its batch (predictions and
 dead letters alike) was acknowledged by the broker. Batches are acknowledged out of order across
@@ -11,12 +15,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from streamserve.errors import DeliveryError, Fenced, ProducerFailed, TransactionAborted
+from streamserve.admin import topic_max_message_bytes
+from streamserve.errors import DeliveryError, Fenced, ProducerFailed, RecordTooLarge, TransactionAborted
 from streamserve.records import Headers, Source
 
 log = logging.getLogger(__name__)
@@ -29,6 +34,63 @@ PRODUCER_DEFAULTS: dict[str, str | int | float | bool] = {
     "partitioner": "murmur2_random",  # same partition for a key as the Java client
     "queue.buffering.max.messages": 200_000,
 }
+
+
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+"""librdkafka's default message.max.bytes (and batch.size)."""
+RECORD_OVERHEAD_BYTES = 36
+"""librdkafka's upper bound of a v2 record's framing (length, attributes, deltas, key/value/header counts)."""
+HEADER_OVERHEAD_BYTES = 10
+"""Upper bound of one header's framing: the varint lengths of its name and value."""
+SIZE_MARGIN_BYTES = 4096
+"""Kept free under every limit: the record batch header (61 bytes), compression framing (librdkafka sends a
+batch uncompressed when compressing does not shrink it), and room for error."""
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Headers | None) -> int:
+    """Upper bound of a record's serialized size, as librdkafka counts it against message.max.bytes."""
+    size = RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"")
+    for name, header_value in headers or ():
+        if isinstance(header_value, str):
+            header_value = header_value.encode()
+        size += HEADER_OVERHEAD_BYTES + len(name.encode()) + len(header_value or b"")
+    return size
+
+
+@dataclass(frozen=True, slots=True)
+class SizeLimits:
+    """The message.max.bytes of the producer and the max.message.bytes of the topics it writes to."""
+
+    producer_max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES
+    topic_max_bytes: Mapping[str, int] = field(default_factory=dict)
+    """Topics whose limit is unknown are bounded by the producer's limit alone."""
+
+    def max_record_bytes(self, topic: str) -> int:
+        """The largest record (as record_size() counts) that may be produced to `topic`."""
+        limit = min(self.producer_max_bytes, self.topic_max_bytes.get(topic, self.producer_max_bytes))
+        return limit - SIZE_MARGIN_BYTES
+
+    @property
+    def max_batch_bytes(self) -> int:
+        """A cap for librdkafka's batch.size, so that a batch of small records never exceeds a topic's limit."""
+        return min([self.producer_max_bytes, *self.topic_max_bytes.values()]) - SIZE_MARGIN_BYTES
+
+
+def size_limits(
+    producer_config: Mapping[str, str | int | float | bool],
+    admin_config: Mapping[str, str | int | float | bool],
+    topics: list[str],
+    timeout_s: float = 10.0,
+) -> SizeLimits:
+    """Read the limits once at start; a topic whose limit cannot be read falls back to the producer's, with a
+    warning (a topic created later by the broker gets the broker's message.max.bytes, 1048588 by default)."""
+    producer_max = int(producer_config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES))
+    found = topic_max_message_bytes(dict(admin_config), topics, timeout_s)
+    for topic in topics:
+        if topic not in found:
+            log.warning("max.message.bytes of %s unknown: bounded by the producer's %d alone", topic, producer_max)
+    log.info("record size limits: producer %d, topics %s, minus %d bytes", producer_max, found, SIZE_MARGIN_BYTES)
+    return SizeLimits(producer_max, found)
 
 
 SEND_OFFSETS_TIMEOUT_S = 10.0
@@ -106,8 +168,13 @@ class InflightBatch:
 class OutputSink:
     """Produces output records and tells which input offsets may be committed."""
 
-    def __init__(self, producer_config: dict[str, str | int | float | bool]) -> None:
-        self.producer = Producer({**PRODUCER_DEFAULTS, **producer_config})
+    def __init__(self, producer_config: dict[str, str | int | float | bool], limits: SizeLimits | None = None) -> None:
+        config = {**PRODUCER_DEFAULTS, **producer_config}
+        self.limits = limits or SizeLimits(int(config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)))
+        # librdkafka fills a batch up to batch.size whatever the topic takes: keep it under every topic's limit.
+        batch_size = int(config.get("batch.size", DEFAULT_MESSAGE_MAX_BYTES))
+        config["batch.size"] = min(batch_size, self.limits.max_batch_bytes)
+        self.producer = Producer(config)
         self.transactional = "transactional.id" in producer_config
         self._inflight: deque[InflightBatch] = deque()
 
@@ -171,10 +238,26 @@ class OutputSink:
                 log.warning("retrying abort_transaction: %s", error)
                 time.sleep(0.2)
 
+    def max_record_bytes(self, topic: str) -> int:
+        """The largest record `topic` takes from this producer (pass it to dead_letter())."""
+        return self.limits.max_record_bytes(topic)
+
+    def fits(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None) -> bool:
+        """The record can be produced to `topic`: produce() will not raise RecordTooLarge for it."""
+        return record_size(key, value, headers) <= self.limits.max_record_bytes(topic)
+
     def produce(
         self, batch: InflightBatch, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None
     ) -> None:
-        """Queue one record of a batch; waits for room when librdkafka's queue is full."""
+        """Queue one record of a batch; waits for room when librdkafka's queue is full.
+
+        Raises RecordTooLarge (nothing queued, the batch unchanged) for a record over the size limit: the
+        caller routes the input it came from to the dead-letter topic.
+        """
+        size = record_size(key, value, headers)
+        limit = self.limits.max_record_bytes(topic)
+        if size > limit:
+            raise RecordTooLarge(topic, size, limit)
         while True:
             try:
                 self.producer.produce(topic, value, key, headers=headers, on_delivery=batch.on_delivery)
@@ -182,6 +265,10 @@ class OutputSink:
                 return
             except BufferError:
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise RecordTooLarge(topic, size, limit) from exc
+                raise
 
     def seal(self, batch: InflightBatch) -> None:
         """No more records will be added to the batch."""

@@ -1,0 +1,217 @@
+"""One micro-batch from input records to output records and dead letters, with no Kafka in it.
+
+Every stage keeps what it could do and rejects what it could not, record by record: decode per record;
+features for the batch, narrowed down by bisection when an unforeseen error hits the whole batch; inference
+for the batch, bisected the same way when onnxruntime rejects it, so one bad row does not take its
+neighbours with it; encoding per record. Only platform failures (Redis under the ``fail`` policy) escape.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamserve.control.registry import Routing
+from streamserve.errors import EnrichError, InferenceError
+from streamserve.pipeline.decode import Decoder
+from streamserve.pipeline.encode import ENCODE_STAGE, Encoded, PredictionEncoder
+from streamserve.pipeline.enrich import FeatureBuilder
+from streamserve.pipeline.infer import OnnxModel
+from streamserve.records import Event, FeatureBatch, ModelOutputs, Rejected, Source
+
+log = logging.getLogger(__name__)
+
+DECODE_STAGE = "decode"
+FEATURES_STAGE = "features"
+INFER_STAGE = "infer"
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one batch produced: output records per topic, rejected inputs, and counts for the stats."""
+
+    outputs: list[tuple[str, Encoded]] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    predictions: int = 0
+    shadow: int = 0
+    degraded: int = 0
+    missing_defaults: int = 0
+    stale_defaults: int = 0
+
+
+class BatchProcessor:
+    """decode -> features -> infer (per routing lane) -> encode for one micro-batch."""
+
+    def __init__(
+        self,
+        decode: Decoder,
+        features: FeatureBuilder,
+        encoder: PredictionEncoder,
+        output_topic: str,
+        shadow_topic: str,
+        on_redis_error: str = "dead_letter",
+    ) -> None:
+        self.decode = decode
+        self.features = features
+        self.encoder = encoder
+        self.output_topic = output_topic
+        self.shadow_topic = shadow_topic
+        self.on_redis_error = on_redis_error
+
+    def run(self, sources: list[Source], routing: Routing) -> BatchResult:
+        """Process one batch; every source ends in exactly one of result.outputs (live lane) or rejected."""
+        result = BatchResult()
+        events: list[Event] = []
+        for source in sources:
+            try:
+                events.append(Event(source, self.decode(source.value)))
+            except Exception as exc:  # noqa: BLE001 - whatever a record's bytes do, it is that record's fault
+                result.rejected.append(Rejected.from_error(source, DECODE_STAGE, exc))
+        if not events:
+            return result
+        batch = self._features(events, result)
+        if batch.events:
+            self._score(batch, routing, result)
+        return result
+
+    # --- features ----------------------------------------------------------------------------------------
+
+    def _features(self, events: list[Event], result: BatchResult) -> FeatureBatch:
+        try:
+            batch = self._isolated_build(events, redis_available=True)
+        except EnrichError as exc:
+            if self.on_redis_error == "fail":
+                raise
+            if self.on_redis_error == "defaults":
+                batch = self._isolated_build(events, redis_available=False)
+            else:
+                result.rejected += [Rejected.from_error(e.source, exc.stage, exc) for e in events]
+                return FeatureBatch(events=[], columns={})
+        result.rejected += batch.rejected
+        result.missing_defaults += batch.missing_defaults
+        result.stale_defaults += batch.stale_defaults
+        return batch
+
+    def _isolated_build(self, events: list[Event], redis_available: bool) -> FeatureBatch:
+        """features.build, and when it fails unexpectedly, the halves apart until the failing events are alone."""
+        try:
+            return self.features.build(events, redis_available=redis_available)
+        except EnrichError:
+            raise  # the feature store, not a record
+        except Exception as exc:  # noqa: BLE001 - narrowed down to the records that cause it
+            if len(events) == 1:
+                log.warning("feature building failed for one record (%s): %s", type(exc).__name__, exc)
+                failed = Rejected.from_error(events[0].source, FEATURES_STAGE, exc)
+                return FeatureBatch(events=[], columns={}, rejected=[failed])
+            middle = len(events) // 2
+            return _concat(
+                self._isolated_build(events[:middle], redis_available),
+                self._isolated_build(events[middle:], redis_available),
+            )
+
+    # --- inference and encoding ---------------------------------------------------------------------------
+
+    def _score(self, batch: FeatureBatch, routing: Routing, result: BatchResult) -> None:
+        everything = np.ones(len(batch.events), dtype=bool)
+        if routing.mode == "canary" and routing.candidate is not None:
+            keys = [self.encoder.key_of(event) or "" for event in batch.events]
+            to_candidate = routing.canary_mask(keys)
+            self._emit(batch, ~to_candidate, routing.live, self.output_topic, result, live=True)
+            self._emit(batch, to_candidate, routing.candidate, self.output_topic, result, live=True)
+            return
+        self._emit(batch, everything, routing.live, self.output_topic, result, live=True)
+        if routing.mode == "shadow" and routing.candidate is not None:
+            self._emit(batch, everything, routing.candidate, self.shadow_topic, result, live=False)
+
+    def _emit(
+        self, batch: FeatureBatch, rows: np.ndarray, model: OnnxModel, topic: str, result: BatchResult, live: bool
+    ) -> None:
+        """Score the selected rows with one model and encode them; live=False (shadow) rejects nothing."""
+        index = np.flatnonzero(rows)
+        if not len(index):
+            return
+        columns = batch.select(index)
+        rejected: list[Rejected] = []
+        unfit = model.unfit_rows(columns)
+        if unfit.any():
+            rejected += [
+                Rejected(
+                    batch.events[index[i]].source,
+                    FEATURES_STAGE,
+                    "ValueError",
+                    f"a feature value does not fit the input types of model {model.name} {model.version}",
+                )
+                for i in np.flatnonzero(unfit)
+            ]
+            index = index[~unfit]
+            columns = batch.select(index)
+        scored = self._predict(model, columns, np.arange(len(index)), [batch.events[i].source for i in index], rejected)
+        for positions, outputs in scored:
+            finite = np.isfinite(outputs.score)
+            for position in positions[~finite]:
+                rejected.append(
+                    Rejected(
+                        batch.events[index[position]].source,
+                        INFER_STAGE,
+                        InferenceError.__name__,
+                        f"model {model.name} {model.version} returned a non-finite score",
+                    )
+                )
+            if not finite.all():
+                positions, outputs = positions[finite], outputs.take(np.flatnonzero(finite))
+            events = [batch.events[index[position]] for position in positions]
+            try:
+                encoded, failed = self.encoder.encode(events, outputs, model.name, model.version, batch.degraded)
+            except Exception as exc:  # noqa: BLE001 - outputs the encoder cannot use: these rows fail, not the worker
+                log.error("model %s %s outputs cannot be encoded: %s", model.name, model.version, exc)
+                encoded, failed = [], [Rejected.from_error(event.source, ENCODE_STAGE, exc) for event in events]
+            rejected += failed
+            result.outputs += [(topic, record) for record in encoded]
+            if live:
+                result.predictions += len(encoded)
+                result.degraded += len(encoded) if batch.degraded else 0
+            else:
+                result.shadow += len(encoded)
+        if live:
+            result.rejected += rejected
+
+    def _predict(
+        self,
+        model: OnnxModel,
+        columns: dict[str, np.ndarray],
+        positions: np.ndarray,
+        sources: list[Source],
+        rejected: list[Rejected],
+    ) -> list[tuple[np.ndarray, ModelOutputs]]:
+        """Outputs for the given rows; when the model fails on them, bisect until each failing row is alone."""
+        try:
+            return [(positions, model.predict({name: column[positions] for name, column in columns.items()}))]
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises bare pybind errors; route, don't die
+            if len(positions) == 1:
+                rejected.append(Rejected.from_error(sources[int(positions[0])], INFER_STAGE, exc))
+                return []
+            middle = len(positions) // 2
+            return [
+                *self._predict(model, columns, positions[:middle], sources, rejected),
+                *self._predict(model, columns, positions[middle:], sources, rejected),
+            ]
+
+
+def _concat(first: FeatureBatch, second: FeatureBatch) -> FeatureBatch:
+    """Two feature batches of disjoint events as one."""
+    if not first.events and not first.columns:
+        columns = second.columns
+    elif not second.events and not second.columns:
+        columns = first.columns
+    else:
+        columns = {name: np.concatenate([first.columns[name], second.columns[name]]) for name in first.columns}
+    return FeatureBatch(
+        events=first.events + second.events,
+        columns=columns,
+        missing_defaults=first.missing_defaults + second.missing_defaults,
+        stale_defaults=first.stale_defaults + second.stale_defaults,
+        degraded=first.degraded or second.degraded,
+        rejected=first.rejected + second.rejected,
+    )
