@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STACK  := $(PYTHON) scripts/stack
 
-.PHONY: help venv lint test test-unit test-integration demo demo-maintenance stack-up stack-down stack-status bench clean
+.PHONY: help venv lint test test-unit test-integration demo demo-maintenance stack-up stack-down stack-status stack-up-secure stack-down-secure test-secure bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -46,6 +46,15 @@ stack-down:  ## stop what stack-up started
 stack-status:
 	$(STACK) status
 
+stack-up-secure:  ## the secured stack beside the plain one: SASL_SSL + ACLs, Redis over TLS with ACL users
+	$(STACK) up --secure
+
+stack-down-secure:  ## stop what stack-up-secure started
+	$(STACK) down --secure
+
+test-secure: venv  ## worker + publisher end to end on the secured stack (started when needed)
+	$(BIN)/pytest tests/secure
+
 bench: venv  ## benchmark against the Kafka limit, a hand-written loop, Quix Streams, faust (BENCHMARKS.md)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(STACK) up
@@ -53,7 +62,8 @@ bench: venv  ## benchmark against the Kafka limit, a hand-written loop, Quix Str
 
 clean:  ## remove the virtualenv and local state
 	-$(STACK) down
-	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache examples/fraud/models examples/fraud/data
+	-$(STACK) down --secure
+	rm -rf $(VENV) .stack .stack-secure .pytest_cache .mypy_cache .ruff_cache examples/fraud/models examples/fraud/data
 
 demo-maintenance: venv  ## the predictive-maintenance example: nested/nullable events, multi-input model, string labels
 	bash scripts/demo --example maintenance

@@ -145,7 +145,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             Path(os.environ["STREAMSERVE_FAULT_REPORT"]).write_text(table + "\n")
 
 
-INTEGRATION_DIRS = ("integration", "faults")
+INTEGRATION_DIRS = ("integration", "faults", "secure")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,4 +1,5 @@
-"""Topic administration: create the topics a pipeline needs, idempotently; read their size limits."""
+"""Kafka administration: create the topics a pipeline needs, idempotently; read their size limits; grant a
+pipeline's principals their ACLs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import logging
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import (
+    AclBinding,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+    ResourcePatternType,
+    ResourceType,
+)
 
 from streamserve.config import PipelineSettings
 
@@ -70,3 +80,76 @@ def topic_max_message_bytes(
         except (KafkaException, TimeoutError, KeyError, ValueError, TypeError) as exc:
             log.warning("cannot read max.message.bytes of topic %s: %s", resource.name, exc)
     return limits
+
+
+CONTROL_GROUP_PREFIX = "streamserve-control-"
+"""Group ids of the workers' control-topic readers (never committed; see control/follower.py)."""
+CLI_GROUP_PREFIX = "streamserve-cli-"
+"""Group ids of `streamserve models` readers (see control/publish.py)."""
+
+
+def _allow(
+    principal: str,
+    operation: AclOperation,
+    resource: ResourceType,
+    name: str,
+    pattern: ResourcePatternType = ResourcePatternType.LITERAL,
+) -> AclBinding:
+    return AclBinding(resource, name, pattern, principal, "*", operation, AclPermissionType.ALLOW)
+
+
+def worker_acls(settings: PipelineSettings, principal: str = "User:worker") -> list[AclBinding]:
+    """What a worker needs and no more: read its input and the control topic, write its outputs, dead
+    letters and status, use its consumer groups and (exactly-once) its transactional ids."""
+    topic, group = ResourceType.TOPIC, ResourceType.GROUP
+    read, write = AclOperation.READ, AclOperation.WRITE
+    prefixed = ResourcePatternType.PREFIXED
+    return [
+        _allow(principal, read, topic, settings.input.topic),
+        _allow(principal, read, topic, settings.control.topic),
+        *(
+            _allow(principal, write, topic, name)
+            for name in (
+                settings.output.topic,
+                settings.shadow_topic,
+                settings.output.dead_letter_topic,
+                settings.control.status_topic,
+            )
+        ),
+        _allow(principal, read, group, settings.kafka.group_id),
+        _allow(principal, read, group, CONTROL_GROUP_PREFIX, prefixed),
+        # transactional.id is "<group_id>-<worker_id>" (app.py); WRITE implies DESCRIBE.
+        _allow(principal, write, ResourceType.TRANSACTIONAL_ID, f"{settings.kafka.group_id}-", prefixed),
+    ]
+
+
+def publisher_acls(settings: PipelineSettings, principal: str = "User:publisher") -> list[AclBinding]:
+    """What `streamserve models` needs: write (and read back) the control topic, read the status topic."""
+    topic = settings.control.topic
+    return [
+        _allow(principal, AclOperation.WRITE, ResourceType.TOPIC, topic),
+        _allow(principal, AclOperation.READ, ResourceType.TOPIC, topic),
+        _allow(principal, AclOperation.READ, ResourceType.TOPIC, settings.control.status_topic),
+        _allow(principal, AclOperation.READ, ResourceType.GROUP, CLI_GROUP_PREFIX, ResourcePatternType.PREFIXED),
+    ]
+
+
+def describe_acl(binding: AclBinding) -> str:
+    """One line for people: ``User:worker ALLOW READ TOPIC transactions (LITERAL)``."""
+
+    def name(value: object) -> str:
+        return str(getattr(value, "name", value))
+
+    return (
+        f"{binding.principal} {name(binding.permission_type)} {name(binding.operation)} "
+        f"{name(binding.restype)} {binding.name} ({name(binding.resource_pattern_type)})"
+    )
+
+
+def grant(client_config: LibrdkafkaConfig, bindings: list[AclBinding], timeout_s: float = 30.0) -> None:
+    """Create ACL bindings (existing ones are left as they are); needs a principal allowed to ALTER the cluster."""
+    admin = AdminClient(dict(client_config))
+    futures = admin.create_acls(bindings, request_timeout=timeout_s)
+    for binding, future in futures.items():
+        future.result(timeout=timeout_s)
+        log.info("granted %s", describe_acl(binding))

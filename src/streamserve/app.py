@@ -10,9 +10,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import redis
 from confluent_kafka import KafkaException, TopicPartition
 
+from streamserve.clients import redis_client
 from streamserve.config import PipelineSettings
 from streamserve.control.follower import ControlFollower
 from streamserve.control.registry import ModelRegistry
@@ -69,11 +69,8 @@ class Worker:
         self.drained = False
         """Set once the final batch was flushed and committed: what remains (closing clients) loses nothing."""
         check_event_schema(json.loads(settings.input.schema_path.read_text()), settings)
-        self._decode = make_decoder(settings.input.schema_path, settings.kafka.schema_registry_url)
-        timeout_s = settings.redis.timeout_ms / 1000
-        self.redis = redis.Redis.from_url(
-            settings.redis.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        self._decode = make_decoder(settings.input.schema_path, settings.kafka.schema_registry_config())
+        self.redis = redis_client(settings.redis)
         self.features = FeatureBuilder(settings.features, redis_fetcher(self.redis, settings.redis))
         self.registry = ModelRegistry(
             settings.model,

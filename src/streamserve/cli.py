@@ -80,6 +80,19 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_acls_grant(args: argparse.Namespace) -> int:
+    """Grant the worker and publisher principals exactly the ACLs the pipeline needs (run as an admin)."""
+    from streamserve.admin import describe_acl, grant, publisher_acls, worker_acls
+    from streamserve.config import load_settings
+
+    settings = load_settings(args.config)
+    bindings = worker_acls(settings, args.worker) + publisher_acls(settings, args.publisher)
+    grant(settings.kafka.common(), bindings)
+    for binding in bindings:
+        print(describe_acl(binding))
+    return 0
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
     """Produce synthetic card transactions (the demo's schema) to the input topic."""
     from streamserve.config import load_settings
@@ -225,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(create)
     create.add_argument("--partitions", type=int, default=4, help="partitions of input/output topics (4)")
     create.set_defaults(func=cmd_topics_create)
+
+    acls = sub.add_parser("acls", help="Kafka ACLs of a pipeline's principals").add_subparsers(
+        dest="action", required=True
+    )
+    grant = acls.add_parser(
+        "grant",
+        help="let the worker read input/control and write outputs; let only the publisher write control",
+        description=cmd_acls_grant.__doc__,
+    )
+    _add_config(grant)
+    grant.add_argument("--worker", default="User:worker", help="principal of the workers (User:worker)")
+    grant.add_argument("--publisher", default="User:publisher", help="principal of `models publish` (User:publisher)")
+    grant.set_defaults(func=cmd_acls_grant)
 
     produce = sub.add_parser(
         "produce", help="produce synthetic demo events (load generator)", description=cmd_produce.__doc__

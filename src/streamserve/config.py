@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -57,6 +58,24 @@ class KafkaSettings(_Section):
     """Passed as sasl.password; kept out of logs and reprs."""
     schema_registry_url: str | None = None
     """Confluent Schema Registry URL; when set, input values in wire format are decoded through it."""
+    schema_registry_username: str | None = None
+    """Basic-auth user (or API key) of the Schema Registry."""
+    schema_registry_password: SecretStr | None = None
+    """Basic-auth password (or API secret) of the Schema Registry; kept out of logs and reprs."""
+    schema_registry_ca_location: Path | None = None
+    """CA bundle that signed the registry's certificate (https); the system's CAs when unset."""
+    schema_registry_certificate_location: Path | None = None
+    """Client certificate (PEM) when the registry requires mutual TLS."""
+    schema_registry_key_location: Path | None = None
+    """Private key (PEM) of the client certificate."""
+
+    @model_validator(mode="after")
+    def _check_registry_auth(self) -> KafkaSettings:
+        if (self.schema_registry_username is None) != (self.schema_registry_password is None):
+            raise ValueError("schema_registry_username and schema_registry_password go together")
+        if (self.schema_registry_certificate_location is None) != (self.schema_registry_key_location is None):
+            raise ValueError("schema_registry_certificate_location and schema_registry_key_location go together")
+        return self
 
     def common(self) -> dict[str, LibrdkafkaValue]:
         """librdkafka settings every client of this worker starts from."""
@@ -64,6 +83,23 @@ class KafkaSettings(_Section):
         conf.update(self.client)
         if self.sasl_password is not None:
             conf["sasl.password"] = self.sasl_password.get_secret_value()
+        return conf
+
+    def schema_registry_config(self) -> dict[str, str] | None:
+        """Settings of confluent-kafka's SchemaRegistryClient (url, TLS, basic auth); None without a registry."""
+        if not self.schema_registry_url:
+            return None
+        conf = {"url": self.schema_registry_url}
+        if self.schema_registry_username is not None and self.schema_registry_password is not None:
+            secret = self.schema_registry_password.get_secret_value()
+            conf["basic.auth.user.info"] = f"{self.schema_registry_username}:{secret}"
+        for key, path in (
+            ("ssl.ca.location", self.schema_registry_ca_location),
+            ("ssl.certificate.location", self.schema_registry_certificate_location),
+            ("ssl.key.location", self.schema_registry_key_location),
+        ):
+            if path is not None:
+                conf[key] = str(path)
         return conf
 
     def consumer_config(self, **defaults: LibrdkafkaValue) -> dict[str, LibrdkafkaValue]:
@@ -251,6 +287,19 @@ class RedisSettings(_Section):
     """Feature store connection and failure policy."""
 
     url: str = "redis://127.0.0.1:6379/0"
+    """``redis://`` or, for TLS, ``rediss://`` host, port and database; credentials go in username/password."""
+    username: str | None = None
+    """ACL user (Redis 6+); the ``default`` user when unset."""
+    password: SecretStr | None = None
+    """Password of the ACL user; kept out of logs and reprs."""
+    ssl_ca_certs: Path | None = None
+    """CA bundle that signed the server's certificate (``rediss://``); the system's CAs when unset."""
+    ssl_certfile: Path | None = None
+    """Client certificate (PEM) when the server requires one (``tls-auth-clients yes``)."""
+    ssl_keyfile: Path | None = None
+    """Private key (PEM) of the client certificate."""
+    ssl_check_hostname: bool = True
+    """Check that the server's certificate names the host of ``url``."""
     timeout_ms: int = Field(default=1000, ge=1)
     retries: int = Field(default=3, ge=0)
     backoff_ms: int = Field(default=100, ge=0)
@@ -261,6 +310,22 @@ class RedisSettings(_Section):
     the worker."""
     max_backoff_ms: int = Field(default=5000, ge=1)
     """Longest pause between retries."""
+
+    @field_validator("url")
+    @classmethod
+    def _no_password_in_url(cls, url: str) -> str:
+        if urlsplit(url).password is not None:
+            raise ValueError("put the password in redis.password (STREAMSERVE_REDIS__PASSWORD), not in the URL")
+        return url
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> RedisSettings:
+        tls_files = (self.ssl_ca_certs, self.ssl_certfile, self.ssl_keyfile)
+        if any(path is not None for path in tls_files) and urlsplit(self.url).scheme != "rediss":
+            raise ValueError("ssl_* files need a rediss:// URL (TLS)")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together")
+        return self
 
 
 class ControlSettings(_Section):
@@ -377,6 +442,11 @@ def _resolve_paths(settings: PipelineSettings, base: Path) -> PipelineSettings:
         path = path.expanduser()
         return path if path.is_absolute() else (base / path).resolve()
 
+    def resolve_files(section: _Section) -> Any:
+        """The section with its optional certificate/key paths made absolute."""
+        files = {name: resolve(value) for name, value in section if isinstance(value, Path)}
+        return section.model_copy(update=files)
+
     model_uri = settings.model.uri
     if "://" not in model_uri:
         model_uri = str(resolve(Path(model_uri)))
@@ -392,6 +462,8 @@ def _resolve_paths(settings: PipelineSettings, base: Path) -> PipelineSettings:
             "input": settings.input.model_copy(update={"schema_path": resolve(settings.input.schema_path)}),
             "output": settings.output.model_copy(update={"schema_path": resolve(settings.output.schema_path)}),
             "model": settings.model.model_copy(update={"uri": model_uri}),
+            "kafka": resolve_files(settings.kafka),
+            "redis": resolve_files(settings.redis),
         }
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -76,11 +77,12 @@ class RegistryDecoder:
         self._writers: dict[int, Schema] = {}
 
     @classmethod
-    def from_url(cls, url: str, reader_schema: Schema) -> RegistryDecoder:
-        """A decoder backed by confluent-kafka's Schema Registry client (``mock://`` for tests)."""
+    def from_config(cls, registry_config: Mapping[str, str], reader_schema: Schema) -> RegistryDecoder:
+        """A decoder backed by confluent-kafka's Schema Registry client: url (``mock://`` for tests), TLS and
+        basic-auth settings as KafkaSettings.schema_registry_config() gives them."""
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        return cls(SchemaRegistryClient.new_client({"url": url}), reader_schema)
+        return cls(SchemaRegistryClient.new_client(dict(registry_config)), reader_schema)
 
     def writer_schema(self, schema_id: int) -> Schema:
         """The parsed writer schema for an id, fetched once."""
@@ -105,11 +107,11 @@ class RegistryDecoder:
         return _read_exact(value, _WIRE_HEADER.size, self.writer_schema(schema_id), self._reader)
 
 
-def make_decoder(schema_path: Path, registry_url: str | None) -> Decoder:
-    """The decoder a pipeline config asks for."""
+def make_decoder(schema_path: Path, registry_config: Mapping[str, str] | None) -> Decoder:
+    """The decoder a pipeline config asks for (Schema Registry wire format when a registry is configured)."""
     schema = load_schema(schema_path)
-    if registry_url:
-        return RegistryDecoder.from_url(registry_url, schema)
+    if registry_config:
+        return RegistryDecoder.from_config(registry_config, schema)
     return LocalSchemaDecoder(schema)
 
 

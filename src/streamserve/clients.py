@@ -1,0 +1,23 @@
+"""Clients built from settings, in one place so TLS and credentials are applied the same way everywhere."""
+
+from __future__ import annotations
+
+import redis
+
+from streamserve.config import RedisSettings
+
+
+def redis_client(settings: RedisSettings) -> redis.Redis:
+    """A Redis client for the feature store: the URL plus ACL user, password and TLS files from settings."""
+    timeout_s = settings.timeout_ms / 1000
+    options: dict[str, object] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if settings.username is not None:
+        options["username"] = settings.username
+    if settings.password is not None:
+        options["password"] = settings.password.get_secret_value()
+    if settings.url.startswith("rediss://"):
+        options["ssl_check_hostname"] = settings.ssl_check_hostname
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            if (path := getattr(settings, name)) is not None:
+                options[name] = str(path)
+    return redis.Redis.from_url(settings.url, **options)
