@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import threading
@@ -17,7 +18,10 @@ from confluent_kafka import Consumer, Producer
 from streamserve.admin import ensure_topics, pipeline_topics
 from streamserve.app import Worker
 from streamserve.config import PipelineSettings, load_settings
+from streamserve.control.follower import acceptance_policy
 from streamserve.control.publish import fleet_status, publish
+from streamserve.control.registry import ModelLoader
+from streamserve.control.signing import generate, load_private
 from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_entities, make_events
 from streamserve.demo.train import train_versions
 from streamserve.pipeline.decode import load_schema
@@ -138,6 +142,11 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
             "STREAMSERVE_LOG_EVERY_S": "0",
         }
     )
+    # Signed announcements: the worker trusts this key, so it refuses anything unsigned or signed otherwise.
+    sign_key = model_dir.parent / "keys" / f"demo-{run_id}.pem"
+    _, public_line = generate(sign_key)
+    os.environ["STREAMSERVE_CONTROL__TRUSTED_KEYS"] = json.dumps([public_line])
+    _say(f"      signing key {sign_key} (public {public_line[:24]}...) trusted by the worker")
     settings = load_settings(config)
     _say(f"[2/6] creating topics on {settings.kafka.bootstrap_servers} ({partitions} partitions)")
     ensure_topics(settings.kafka.common(), pipeline_topics(settings, partitions))
@@ -172,16 +181,19 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     reader.wait_for(first, timeout_s=180)
 
     _say("[5/6] announcing v2 on the control topic and streaming the second half (hot swap, no restart)")
-    publish(
+    loader = ModelLoader(settings.model, worker.features.width, keep_versions=1)
+    announced = publish(
         settings.kafka.common(),
         settings.control.topic,
-        settings.control.status_topic,
-        settings.model.name,
+        acceptance_policy(settings.control, settings.model.name),
         "v2",
         str(trained["v2"].path),
         action="deploy",
         notes="demo hot swap",
+        sign_key=load_private(sign_key),
+        validate=lambda ref: loader.load(ref.version, ref.uri, ref.sha256),
     )
+    _say(f"      validated locally, signed by key {announced.key_id}, generation {announced.generation}")
     deadline = time.monotonic() + 60
     while worker.registry.routing.live.version != "v2" and time.monotonic() < deadline:
         time.sleep(0.1)
