@@ -130,8 +130,10 @@ def test_changing_any_field_after_signing_is_detected(name: str) -> None:
 def test_replays_of_older_or_equal_generations_are_rejected() -> None:
     first, second = announce(1, "v2"), announce(2, "v3")
     state, reasons = run(first, second, first, second)
-    assert state.desired is not None and state.desired.live == ref("v3")
-    assert len(reasons) == 2 and all("replayed or stale" in r for r in reasons)
+    assert state.desired is not None
+    assert state.desired.live == ref("v3")
+    assert len(reasons) == 2
+    assert all("replayed or stale" in r for r in reasons)
 
 
 def test_rollback_is_a_deploy_of_an_earlier_version() -> None:
@@ -151,7 +153,8 @@ def test_canary_and_shadow_keep_the_live_version_beside_the_candidate() -> None:
     assert (state.desired.mode, state.desired.live, state.desired.canary_share) == ("shadow", ref("v2"), 0.0)
     # With nothing before, it is the workers' config version (None).
     state, _ = run(announce(1, "v3", action="shadow"))
-    assert state.desired is not None and state.desired.live is None
+    assert state.desired is not None
+    assert state.desired.live is None
 
 
 SEQUENCE = [
@@ -195,18 +198,24 @@ def test_key_rotation_trusts_several_keys_and_retires_the_old_one() -> None:
     old_signed = announce(1, "v2")
     new_signed = sign(announce(2, "v3").unsigned(), new_key)
     state, reasons = run(old_signed, new_signed, policy=both)
-    assert reasons == [] and state.desired is not None and state.desired.live == ref("v3")
+    assert reasons == []
+    assert state.desired is not None
+    assert state.desired.live == ref("v3")
     only_new = replace(SIGNED, trusted=TrustedKeys({}).with_key(new_key.public_key()))
     state, reasons = run(old_signed, new_signed, policy=only_new)
-    assert state.desired is not None and state.desired.live == ref("v3")
-    assert len(reasons) == 1 and "untrusted key" in reasons[0]
+    assert state.desired is not None
+    assert state.desired.live == ref("v3")
+    assert len(reasons) == 1
+    assert "untrusted key" in reasons[0]
 
 
 def test_without_trusted_keys_unsigned_announcements_are_accepted_but_digests_still_checked() -> None:
     open_policy = AcceptancePolicy("fraud")
     state, reasons = run(announce(1, "v2").unsigned(), announce(2, "v3", sha256="").unsigned(), policy=open_policy)
-    assert state.desired is not None and state.desired.live == ref("v2")
-    assert len(reasons) == 1 and "empty sha256" in reasons[0]
+    assert state.desired is not None
+    assert state.desired.live == ref("v2")
+    assert len(reasons) == 1
+    assert "empty sha256" in reasons[0]
 
 
 def test_other_models_tombstones_and_garbage() -> None:
@@ -215,7 +224,9 @@ def test_other_models_tombstones_and_garbage() -> None:
     for value in (None, b"", other.encode()):
         assert state.offer_record(value, SIGNED) == (state, None)
     after, rejection = state.offer_record(b"\xff\x00garbage", SIGNED)
-    assert after is state and rejection is not None and "not a model announcement" in rejection.reason
+    assert after is state
+    assert rejection is not None
+    assert "not a model announcement" in rejection.reason
 
 
 def test_artifact_uris_are_redacted() -> None:
