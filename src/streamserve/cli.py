@@ -205,9 +205,8 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
 def _validator(settings: PipelineSettings) -> Callable[[ArtifactRef], None]:
     """Loads an artifact as a worker does: digest, onnxruntime, the feature spec's signature, a warm-up batch."""
     from streamserve.control.registry import ModelLoader
-    from streamserve.pipeline.enrich import FeatureBuilder
 
-    loader = ModelLoader(settings.model, FeatureBuilder(settings.features, None).width, keep_versions=1)
+    loader = ModelLoader(settings.model, len(settings.features), keep_versions=1)  # one input per feature
 
     def validate(ref: ArtifactRef) -> None:
         loader.load(ref.version, ref.uri, ref.sha256)
