@@ -169,7 +169,7 @@ def test_fleet_converges_after_rejects_restart_compaction_and_a_late_joiner(
     status = _statuses(pipe)
     assert {s.serving_version for s in status.values()} == {"v2"}
     assert {s.state for s in status.values()} == {"degraded"}, "v3-corrupt is desired but loads nowhere"
-    assert all("onnxruntime cannot load" in (s.reason or "") for s in status.values()), status
+    assert all("protobuf" in (s.reason or "").lower() for s in status.values()), status
 
 
 def test_poisoned_announcements_are_rejected_and_a_valid_one_follows(
@@ -199,7 +199,7 @@ def test_poisoned_announcements_are_rejected_and_a_valid_one_follows(
     boom.write_bytes(models["v2"].path.read_bytes())
     poisons = [
         ("v-strings", _string_label_model(tmp_path, entities), "ValueError"),
-        ("v-corrupt", corrupt, "onnxruntime cannot load"),
+        ("v-corrupt", corrupt, "protobuf"),
         ("v-boom", boom, "RuntimeError: injected warm-up failure"),
         ("v-missing", tmp_path / "absent.onnx", "cannot read artifact"),
     ]
@@ -210,7 +210,9 @@ def test_poisoned_announcements_are_rejected_and_a_valid_one_follows(
 
             def rejected(version: str = version, reason: str = reason) -> bool:
                 return all(
-                    (r := w.worker.follower.last_rejection) is not None and r.version == version and reason in r.reason
+                    (r := w.worker.follower.last_rejection) is not None
+                    and r.version == version
+                    and reason.lower() in r.reason.lower()
                     for w in workers
                     if w.worker.follower is not None
                 )
