@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from streamserve.control.announcements import ModelAnnouncement, WorkerStatus
@@ -118,8 +118,10 @@ def test_fleet_converges_after_rejects_restart_compaction_and_a_late_joiner(
     # Roll segments and clean quickly, so the log cleaner really compacts the control topic during the test.
     admin = AdminClient(_kafka(pipe))
     fast = {"segment.ms": "100", "min.cleanable.dirty.ratio": "0.01", "min.compaction.lag.ms": "0"}
-    fast |= {"delete.retention.ms": "100", "cleanup.policy": "compact"}
-    for future in admin.alter_configs([ConfigResource(ConfigResource.Type.TOPIC, control, set_config=fast)]).values():
+    fast |= {"delete.retention.ms": "100"}
+    entries = [ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET) for name, value in fast.items()]
+    resource = ConfigResource(ConfigResource.Type.TOPIC, control, incremental_configs=entries)
+    for future in admin.incremental_alter_configs([resource]).values():
         future.result(30)
 
     workers = {f"conv-{i}": WorkerProcess(pipe.path, tmp_path, f"conv-{i}") for i in range(2)}
