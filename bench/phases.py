@@ -24,6 +24,7 @@ from bench.measure import Latency, match_latencies, read_topic, sustained_rate, 
 from bench.procs import GroupWatcher, Job, Sampler, TopicCounter, wait_for_count
 from bench.scenarios import Scenario, commands, job_env, streamserve_topics
 from streamserve.control.publish import publish
+from streamserve.control.rollout import AcceptancePolicy
 from streamserve.pipeline.decode import load_schema
 
 log = logging.getLogger(__name__)
@@ -240,8 +241,7 @@ def hot_swap(
             args=(
                 {"bootstrap.servers": dataset.stack.bootstrap},
                 f"{output_topic}.control",
-                f"{output_topic}.status",
-                "fraud",
+                AcceptancePolicy("fraud"),
                 "v2",
                 str(dataset.models["v2"]),
             ),

@@ -105,7 +105,11 @@ class Worker:
         self.sink = OutputSink(self._producer_config, self._size_limits)
         self.source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
         self.batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms)
-        self.health = HealthState(settings.observe.liveness_timeout_s, ready=lambda: self.source.joined)
+        # control plane: not ready while the control-topic follower is down (it stops the worker, see _step)
+        self.health = HealthState(
+            settings.observe.liveness_timeout_s,
+            ready=lambda: self.source.joined and (self.follower is None or self.follower.healthy()),
+        )
         self.observe_server: ObserveServer | None = None
         readers: list[object] = []
         if settings.observe.port is not None:
@@ -120,13 +124,7 @@ class Worker:
             readers=readers,
         )
         self.follower = (
-            ControlFollower(
-                settings.kafka.common(),
-                settings.control.topic,
-                settings.control.status_topic,
-                self.registry,
-                self.worker_id,
-            )
+            ControlFollower(settings.kafka.common(), settings.control, self.registry, self.worker_id)
             if settings.control.enabled
             else None
         )
@@ -162,6 +160,8 @@ class Worker:
                     next_log = time.monotonic() + self.settings.log_every_s
             self._drain(self.settings.shutdown_timeout_s)
             self.drained = True
+            if self.follower is not None:  # control plane: a failed follower ends the worker non-zero
+                self.follower.raise_if_failed()
         except Fenced as exc:
             # Another instance owns our transactional.id: stop without committing anything (no crash loop).
             self.stats.fenced = True
@@ -180,6 +180,9 @@ class Worker:
 
     def _step(self) -> None:
         self.health.beat()
+        if self.follower is not None and not self.follower.healthy():  # control plane: drain, then fail
+            log.error("the control-topic follower stopped or stalled: draining and exiting")
+            self._stop.set()
         self._apply_backpressure()
         if not len(self.batcher):
             self.batcher.mark_open()  # the time bound counts from when we started waiting

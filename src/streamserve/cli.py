@@ -8,11 +8,20 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from streamserve import __version__
 from streamserve.errors import StreamServeError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from streamserve.config import PipelineSettings
+    from streamserve.control.rollout import AcceptancePolicy, ArtifactRef
 
 log = logging.getLogger("streamserve")
 
@@ -132,71 +141,159 @@ def cmd_features_load(args: argparse.Namespace) -> int:
     return 0
 
 
-def _control_config(args: argparse.Namespace) -> tuple[dict[str, str | int | float | bool], str, str]:
+@dataclass(frozen=True)
+class _ControlTarget:
+    """Where and how the models subcommands talk to the control plane."""
+
+    kafka: dict[str, str | int | float | bool]
+    topic: str
+    status_topic: str
+    settings: PipelineSettings | None
+
+
+def _control_target(args: argparse.Namespace) -> _ControlTarget:
     if args.config is not None:
         from streamserve.config import load_settings
 
         settings = load_settings(args.config)
-        return settings.kafka.common(), settings.control.topic, settings.control.status_topic
+        return _ControlTarget(settings.kafka.common(), settings.control.topic, settings.control.status_topic, settings)
     bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
         raise StreamServeError("give -c PIPELINE.yaml, --bootstrap-servers, or set KAFKA_BOOTSTRAP_SERVERS")
-    return {"bootstrap.servers": bootstrap}, args.control_topic, args.status_topic
+    return _ControlTarget({"bootstrap.servers": bootstrap}, args.control_topic, args.status_topic, None)
+
+
+def _policy_and_key(
+    args: argparse.Namespace, target: _ControlTarget
+) -> tuple[AcceptancePolicy, Ed25519PrivateKey | None]:
+    """The workers' acceptance policy as the config describes it; the signing key's own key is trusted too."""
+    from streamserve.config import ControlSettings
+    from streamserve.control.follower import acceptance_policy
+    from streamserve.control.signing import TrustedKeys, load_private
+
+    key = load_private(args.sign_key) if args.sign_key else None
+    own = TrustedKeys({}).with_key(key.public_key()) if key is not None else None
+    control = target.settings.control if target.settings is not None else ControlSettings()
+    return acceptance_policy(control, args.model, also_trust=own), key
 
 
 def cmd_models_publish(args: argparse.Namespace) -> int:
-    """Announce a model version on the control topic."""
+    """Validate a model version locally, then announce it (signed with --sign-key) on the control topic."""
     from streamserve.control.publish import publish
 
-    config, topic, status_topic = _control_config(args)
+    target = _control_target(args)
+    policy, key = _policy_and_key(args, target)
+    validate = None
+    config_model = None
+    if target.settings is not None:
+        validate = None if args.no_validate else _validator(target.settings)
+        config_model = _config_model(target.settings)
+    elif not args.no_validate:
+        raise StreamServeError(
+            "validation loads the model against the pipeline's feature spec: give -c, or --no-validate"
+        )
     announcement = publish(
-        config,
-        topic,
-        status_topic,
-        args.model,
+        target.kafka,
+        target.topic,
+        policy,
         args.version,
         args.uri,
         args.sha256,
         args.action,
         args.share,
         args.notes,
+        sign_key=key,
+        validate=validate,
+        config_model=config_model,
     )
     print(
-        f"announced {announcement.action} {announcement.model} {announcement.version} "
-        f"(sha256 {announcement.sha256[:12]}..., previous {announcement.baseline_version}) on {topic}"
+        f"announced {announcement.action} {announcement.model} {announcement.version} generation "
+        f"{announcement.generation} (sha256 {announcement.sha256[:12]}..., "
+        f"{'signed by ' + announcement.key_id if announcement.key_id else 'unsigned'}, "
+        f"previous {announcement.baseline_version}) on {target.topic}"
     )
     return 0
+
+
+def _validator(settings: PipelineSettings) -> Callable[[ArtifactRef], None]:
+    """Loads an artifact as a worker does: digest, onnxruntime, the feature spec's signature, a warm-up batch."""
+    from streamserve.control.registry import ModelLoader
+
+    loader = ModelLoader(settings.model, settings.features, keep_versions=1)
+
+    def validate(ref: ArtifactRef) -> None:
+        loader.load(ref.version, ref.uri, ref.sha256)
+        print(f"validated {settings.model.name} {ref.version}: loads, fits the feature spec, warms up")
+
+    return validate
+
+
+def _config_model(settings: PipelineSettings) -> ArtifactRef | None:
+    """The version of the workers' config, with its digest (when readable here): the first rollback target."""
+    from streamserve.control.fetch import fetch, sha256_hex
+    from streamserve.control.rollout import ArtifactRef
+    from streamserve.errors import ModelError
+
+    try:
+        digest = settings.model.sha256 or sha256_hex(fetch(settings.model.uri))
+    except ModelError:
+        return None
+    return ArtifactRef(settings.model.version, settings.model.uri, digest.lower())
 
 
 def cmd_models_rollback(args: argparse.Namespace) -> int:
     """Announce a rollback to the previous (or a named) version."""
     from streamserve.control.publish import rollback
 
-    config, topic, _ = _control_config(args)
-    announcement = rollback(config, topic, args.model, args.to, args.notes)
-    print(f"announced rollback of {announcement.model} {announcement.baseline_version} -> {announcement.version}")
+    target = _control_target(args)
+    policy, key = _policy_and_key(args, target)
+    announcement = rollback(target.kafka, target.topic, policy, args.to, args.notes, sign_key=key)
+    print(
+        f"announced rollback of {announcement.model} {announcement.baseline_version} -> {announcement.version} "
+        f"(generation {announcement.generation})"
+    )
     return 0
 
 
 def cmd_models_status(args: argparse.Namespace) -> int:
-    """Print what every worker serves."""
+    """Print, per worker: the version served, the version the control topic asks for, the last rejection."""
     from datetime import UTC, datetime
 
     from streamserve.control.publish import fleet_status
 
-    config, _, status_topic = _control_config(args)
-    rows = fleet_status(config, status_topic)
+    target = _control_target(args)
+    rows = fleet_status(target.kafka, target.status_topic)
     if not rows:
-        print(f"no worker has reported on {status_topic} yet")
+        print(f"no worker has reported on {target.status_topic} yet")
         return 0
-    print(f"{'WORKER':<28} {'MODEL':<12} {'VERSION':<10} {'MODE':<8} {'CANDIDATE':<10} {'STATE':<9} SINCE / REASON")
+    print(
+        f"{'WORKER':<24} {'MODEL':<10} {'SERVING':<16} {'MODE':<7} {'CANDIDATE':<10} {'DESIRED':<16} {'STATE':<9} SINCE"
+    )
     for s in rows:
         since = datetime.fromtimestamp(s.since / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        detail = f"{since}" + (f"  rejected {s.rejected_version}: {s.reason}" if s.reason else "")
+        serving = f"{s.serving_version} (g{s.serving_generation})"
+        desired = f"{s.desired_version} (g{s.desired_generation})" if s.desired_version else "-"
         print(
-            f"{s.worker_id:<28} {s.model:<12} {s.serving_version:<10} {s.mode:<8} "
-            f"{s.candidate_version or '-':<10} {s.state:<9} {detail}"
+            f"{s.worker_id:<24} {s.model:<10} {serving:<16} {s.mode:<7} {s.candidate_version or '-':<10} "
+            f"{desired:<16} {s.state:<9} {since}"
         )
+        if s.reason:
+            at = datetime.fromtimestamp(s.rejected_at / 1000, UTC).strftime("%H:%M:%S") if s.rejected_at else "?"
+            generation = f" generation {s.rejected_generation}" if s.rejected_generation is not None else ""
+            print(f"    last rejection at {at}: {s.rejected_version or '?'}{generation}: {s.reason}")
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    """Create an Ed25519 signing key (PEM, mode 0600) and print its public key for the workers to trust."""
+    from streamserve.control.signing import generate
+
+    public_path, public_line = generate(args.out)
+    print(f"private key: {args.out} (keep it secret; pass it as `models publish --sign-key`)")
+    print(f"public key:  {public_path}")
+    print(public_line)
+    print("trust it on the workers with control.trusted_keys, STREAMSERVE_CONTROL__TRUSTED_KEYS='[\"...\"]',")
+    print("or a file of such lines in control.trusted_keys_file")
     return 0
 
 
@@ -296,14 +393,28 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "status":
             cmd.add_argument("--model", required=True, help="model name (the control topic's key)")
             cmd.add_argument("--notes", help="free text kept with the announcement")
+        if name != "status":
+            cmd.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM) to sign the announcement with")
         if name == "publish":
             cmd.add_argument("--version", required=True, dest="version")
             cmd.add_argument("--uri", required=True, help="artifact: path, file://, http(s)://")
             cmd.add_argument("--sha256", help="artifact digest (computed from the artifact when readable)")
             cmd.add_argument("--action", choices=["deploy", "canary", "shadow"], default="deploy")
             cmd.add_argument("--share", type=float, default=0.1, help="canary share of keys (0.1)")
+            cmd.add_argument(
+                "--no-validate",
+                action="store_true",
+                help="announce without loading the model locally first (workers still validate it)",
+            )
         if name == "rollback":
             cmd.add_argument("--to", help="version to return to (default: the one before the current)")
+
+    keys = sub.add_parser("keys", help="signing keys of model announcements").add_subparsers(
+        dest="action", required=True
+    )
+    keys_generate = keys.add_parser("generate", help="create a signing key pair", description=cmd_keys_generate.__doc__)
+    keys_generate.add_argument("--out", type=Path, required=True, help="private key file to create (FILE.pub beside)")
+    keys_generate.set_defaults(func=cmd_keys_generate)
 
     demo = sub.add_parser(
         "demo", help="run the card-fraud demo end to end on a running local stack", description=cmd_demo.__doc__

@@ -338,6 +338,28 @@ class ControlSettings(_Section):
     """Verified http(s) artifacts are kept here under their sha256, so restarts need no download."""
     keep_versions: int = Field(default=3, ge=1)
     """Loaded versions kept in memory so a rollback needs no reload."""
+    trusted_keys: list[str] = Field(default_factory=list)
+    """Ed25519 public keys (``ed25519:<base64>``, from ``streamserve keys generate``) whose signed
+    announcements are accepted; several at once during a key rotation. As an env var:
+    ``STREAMSERVE_CONTROL__TRUSTED_KEYS='["ed25519:..."]'``."""
+    trusted_keys_file: Path | None = None
+    """A file of trusted public keys, one per line (``#`` comments), e.g. a mounted Kubernetes secret."""
+    require_signatures: bool | None = None
+    """Reject unsigned announcements. Unset: required as soon as a trusted key is configured."""
+    allowed_uri_schemes: list[str] = Field(default_factory=lambda: ["file", "http", "https"])
+    """Artifact URI schemes an announcement may use (plain paths count as ``file``)."""
+    follower_timeout_s: float = Field(default=300.0, gt=0)
+    """The control-topic follower must go round within this time (a load included), or the worker turns
+    unready and exits non-zero: a worker never serves a stale state silently."""
+    retry_interval_s: float = Field(default=5.0, gt=0)
+    """First pause before loading again an accepted version whose artifact could not be fetched
+    (doubling up to five minutes)."""
+
+    @model_validator(mode="after")
+    def _check_trust(self) -> ControlSettings:
+        if self.require_signatures and not self.trusted_keys and self.trusted_keys_file is None:
+            raise ValueError("require_signatures needs trusted_keys or trusted_keys_file")
+        return self
 
 
 class ObserveSettings(_Section):

@@ -85,3 +85,11 @@ class Fenced(StreamServeError):
 class ProducerFailed(StreamServeError):
     """The transactional producer hit a fatal error that is not fencing (e.g. after a broker restart):
     a new producer with the same transactional.id replaces it."""
+
+
+class ArtifactUnavailable(ModelError):
+    """The artifact could not be read or downloaded (possibly transient: the worker retries)."""
+
+
+class ControlPlaneFailed(StreamServeError):
+    """The control-topic follower stopped or stalled: the worker stops rather than serve a stale state."""

@@ -21,6 +21,7 @@ from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from streamserve.control.publish import publish
+from streamserve.control.rollout import AcceptancePolicy
 from streamserve.demo.data import Entities, make_events
 from streamserve.demo.train import TrainedModel
 from streamserve.pipeline.decode import load_schema
@@ -162,8 +163,7 @@ def hot_swap_during_rebalance(s: Scenario) -> None:
     publish(
         {"bootstrap.servers": s.pipeline.bootstrap},
         s.pipeline.settings.control.topic,
-        s.pipeline.settings.control.status_topic,
-        "fraud",
+        AcceptancePolicy("fraud"),
         "v2",
         str(s.models["v2"].path),
     )  # ...during a swap

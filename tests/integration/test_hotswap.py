@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import redis
 
+from streamserve.control.fetch import sha256_hex
 from streamserve.control.publish import fleet_status, publish, rollback
 from streamserve.control.registry import canary_bucket
+from streamserve.control.rollout import AcceptancePolicy, ArtifactRef
 from streamserve.demo.data import Entities, make_events
 from streamserve.demo.train import TrainedModel
 from streamserve.pipeline.decode import load_schema
@@ -32,9 +34,9 @@ from tests.integration.harness import (
 )
 
 
-def _control(pipeline: Pipeline) -> tuple[dict[str, Any], str, str]:
+def _control(pipeline: Pipeline) -> tuple[dict[str, Any], str, AcceptancePolicy, str]:
     s = pipeline.settings
-    return {"bootstrap.servers": pipeline.bootstrap}, s.control.topic, s.control.status_topic
+    return {"bootstrap.servers": pipeline.bootstrap}, s.control.topic, AcceptancePolicy("fraud"), s.control.status_topic
 
 
 def _assert_scores_match_named_version(
@@ -75,8 +77,8 @@ def test_deploy_v2_under_load_on_two_workers(
         w.wait_logged("assigned")
     producer = produce_in_background(pipeline, events, rate=3500)
     time.sleep(2.0)  # let a steady stream build up before the announcement
-    config, topic, status_topic = _control(pipeline)
-    announced = publish(config, topic, status_topic, "fraud", "v2", str(models["v2"].path))
+    config, topic, policy, status_topic = _control(pipeline)
+    announced = publish(config, topic, policy, "v2", str(models["v2"].path))
     producer.join(60)
     outputs = predictions(pipeline, len(events), timeout_s=120)
     for w in workers:
@@ -118,6 +120,12 @@ def _bad_width_model(directory: Path) -> Path:
     return path
 
 
+def _rejected_version(worker: WorkerThread) -> str | None:
+    follower = worker.worker.follower
+    assert follower is not None
+    return follower.last_rejection.version if follower.last_rejection else None
+
+
 def test_rejected_versions_never_serve_and_say_why(
     pipeline: Pipeline,
     entities: Entities,
@@ -125,23 +133,22 @@ def test_rejected_versions_never_serve_and_say_why(
     tmp_path: Path,
 ) -> None:
     worker = WorkerThread(pipeline.settings)
-    config, topic, status_topic = _control(pipeline)
+    config, topic, policy, status_topic = _control(pipeline)
     events = list(make_events(entities, 6000, seed=61))
     producer = produce_in_background(pipeline, events, rate=2000)
     try:
         time.sleep(1.0)
-        publish(config, topic, status_topic, "fraud", "v2-tampered", str(models["v2"].path), sha256="0" * 64)
-        wait_until(lambda: worker.worker.registry.status.rejected_version == "v2-tampered", 30, "digest rejection")
+        publish(config, topic, policy, "v2-tampered", str(models["v2"].path), sha256="0" * 64)
+        wait_until(lambda: _rejected_version(worker) == "v2-tampered", 30, "digest rejection")
         status = fleet_status(config, status_topic)[0]
-        assert status.state == "rejected"
+        # Accepted as the desired state (well-formed, signed if required) but no worker can load it.
+        assert status.state == "degraded"
         assert status.rejected_version == "v2-tampered"
         assert "sha256 mismatch" in (status.reason or "")
         assert status.serving_version == "v1"
 
-        publish(config, topic, status_topic, "fraud", "v9-wrong-inputs", str(_bad_width_model(tmp_path)))
-        wait_until(
-            lambda: worker.worker.registry.status.rejected_version == "v9-wrong-inputs", 30, "signature rejection"
-        )
+        publish(config, topic, policy, "v9-wrong-inputs", str(_bad_width_model(tmp_path)))
+        wait_until(lambda: _rejected_version(worker) == "v9-wrong-inputs", 30, "signature rejection")
         status = fleet_status(config, status_topic)[0]
         assert "takes 5 features; the feature spec has 7" in (status.reason or "")
         assert status.serving_version == "v1"
@@ -162,11 +169,11 @@ def test_late_worker_converges_on_latest_deployment(
     redis_client: redis.Redis,
     tmp_path: Path,
 ) -> None:
-    config, topic, status_topic = _control(pipeline)
+    config, topic, policy, status_topic = _control(pipeline)
     v3 = tmp_path / "fraud-v3.onnx"
     shutil.copy(models["v2"].path, v3)  # same weights as v2, announced as a new version
     for version, path in (("v2", models["v2"].path), ("v1", models["v1"].path), ("v3", v3)):
-        publish(config, topic, status_topic, "fraud", version, str(path))
+        publish(config, topic, policy, version, str(path))
     worker = WorkerThread(pipeline.settings)
     events = list(make_events(entities, 500, seed=71))
     try:
@@ -185,15 +192,16 @@ def test_rollback_is_instant_on_every_worker(
     entities: Entities,
     models: dict[str, TrainedModel],
 ) -> None:
-    config, topic, status_topic = _control(pipeline)
+    config, topic, policy, _status_topic = _control(pipeline)
     workers = [WorkerThread(pipeline.settings) for _ in range(2)]
     try:
         v1_models = [w.worker.registry.routing.live for w in workers]
-        publish(config, topic, status_topic, "fraud", "v2", str(models["v2"].path))
+        v1 = ArtifactRef("v1", str(models["v1"].path), sha256_hex(models["v1"].path.read_bytes()))
+        publish(config, topic, policy, "v2", str(models["v2"].path), config_model=v1)
         wait_until(lambda: all(w.worker.registry.routing.live.version == "v2" for w in workers), 30, "v2 served")
         batches_before = [w.worker.stats.batches for w in workers]
         producer = produce_in_background(pipeline, list(make_events(entities, 4000, seed=81)), rate=2000)
-        announced = rollback(config, topic, "fraud")
+        announced = rollback(config, topic, policy)
         assert announced.version == "v1"
         wait_until(
             lambda: all(w.worker.registry.routing.live.version == "v1" for w in workers), 10, "every worker back on v1"
@@ -219,11 +227,11 @@ def test_canary_and_shadow(
     models: dict[str, TrainedModel],
     redis_client: redis.Redis,
 ) -> None:
-    config, topic, status_topic = _control(pipeline)
+    config, topic, policy, _status_topic = _control(pipeline)
     worker = WorkerThread(pipeline.settings)
     events = list(make_events(entities, 3000, seed=91))
     try:
-        publish(config, topic, status_topic, "fraud", "v2", str(models["v2"].path), action=mode, canary_share=0.1)
+        publish(config, topic, policy, "v2", str(models["v2"].path), action=mode, canary_share=0.1)
         wait_until(lambda: worker.worker.registry.routing.mode == mode, 30, f"{mode} routing")
         produce_events(pipeline, events)
         outputs = predictions(pipeline, len(events))

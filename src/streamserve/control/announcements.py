@@ -1,12 +1,14 @@
-"""Model announcements on the compacted control topic, and worker status records."""
+"""Model announcements on the control topic, and worker status records."""
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import io
+import json
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -16,6 +18,9 @@ from streamserve.errors import DecodeError
 from streamserve.schemas import bundled
 
 Action = Literal["deploy", "canary", "shadow", "rollback"]
+
+CANONICAL_PREFIX = b"streamserve.model-announcement.v1\n"
+"""Domain separation: a signature over an announcement cannot be passed off as one over anything else."""
 
 
 def _millis(value: Any) -> int:
@@ -38,12 +43,30 @@ class ModelAnnouncement:
     announced_at: int = 0
     announced_by: str = ""
     notes: str | None = None
+    generation: int = 0
+    key_id: str | None = None
+    signature: bytes | None = None
 
     @classmethod
     def now(cls, **fields: Any) -> ModelAnnouncement:
         """An announcement stamped with the current time and user@host."""
         by = f"{getpass.getuser()}@{socket.gethostname()}"
         return cls(announced_at=int(time.time() * 1000), announced_by=by, **fields)
+
+    def canonical(self) -> bytes:
+        """The bytes a signature covers: every field but the signature, as sorted compact JSON."""
+        body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "signature"}
+        return CANONICAL_PREFIX + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def unsigned(self) -> ModelAnnouncement:
+        """The same announcement without key id and signature."""
+        return replace(self, key_id=None, signature=None)
+
+    def record_key(self) -> bytes:
+        """Control-topic key: one per distinct announcement, so compaction only drops exact duplicates
+        (a rejected record can never compact an accepted one away)."""
+        content = hashlib.sha256(self.encode()).hexdigest()[:16]
+        return f"{self.model}/{self.generation}/{content}".encode()
 
     def encode(self) -> bytes:
         """Avro bytes for the control topic."""
@@ -56,16 +79,17 @@ class ModelAnnouncement:
         """Parse a control-topic record."""
         try:
             record = fastavro.schemaless_reader(io.BytesIO(value), bundled("model_announcement"), None)
-        except (EOFError, ValueError, TypeError, KeyError) as exc:
+        except (EOFError, ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as exc:
             raise DecodeError(f"not a model announcement: {exc}") from exc
-        assert isinstance(record, dict)
+        if not isinstance(record, dict):
+            raise DecodeError("not a model announcement: not a record")
         record["announced_at"] = _millis(record["announced_at"])
         return cls(**record)
 
 
 @dataclass(frozen=True)
 class WorkerStatus:
-    """What one worker serves for one model, reported on the status topic."""
+    """What one worker serves for one model, what the control topic asks for, and its last rejection."""
 
     worker_id: str
     model: str
@@ -81,6 +105,12 @@ class WorkerStatus:
     reason: str | None
     since: int
     reported_at: int
+    serving_generation: int = 0
+    desired_generation: int = 0
+    desired_version: str | None = None
+    desired_mode: str | None = None
+    rejected_generation: int | None = None
+    rejected_at: int | None = None
 
     def encode(self) -> bytes:
         """Avro bytes for the status topic."""
@@ -93,6 +123,7 @@ class WorkerStatus:
         """Parse a status-topic record."""
         record = fastavro.schemaless_reader(io.BytesIO(value), bundled("worker_status"), None)
         assert isinstance(record, dict)
-        record["since"] = _millis(record["since"])
-        record["reported_at"] = _millis(record["reported_at"])
+        for name in ("since", "reported_at", "rejected_at"):
+            if record.get(name) is not None:
+                record[name] = _millis(record[name])
         return cls(**record)

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Protocol
 
-from streamserve.errors import DigestMismatch, ModelError
+from streamserve.errors import ArtifactUnavailable, DigestMismatch, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class FileFetcher:
         try:
             return path.read_bytes()
         except OSError as exc:
-            raise ModelError(f"cannot read artifact {uri}: {exc.strerror}") from exc
+            raise ArtifactUnavailable(f"cannot read artifact {redact(uri)}: {exc.strerror}") from exc
 
 
 class HttpFetcher:
@@ -45,7 +45,7 @@ class HttpFetcher:
                 data: bytes = response.read()
                 return data
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            raise ModelError(f"cannot download artifact {uri}: {exc}") from exc
+            raise ArtifactUnavailable(f"cannot download artifact {redact(uri)}: {_redact_text(str(exc), uri)}") from exc
 
 
 FETCHERS: dict[str, ArtifactFetcher] = {
@@ -54,6 +54,24 @@ FETCHERS: dict[str, ArtifactFetcher] = {
     "http": HttpFetcher(),
     "https": HttpFetcher(),
 }
+
+
+def redact(uri: str) -> str:
+    """The URI without credentials, query string or fragment: pre-signed URLs carry secrets there."""
+    parsed = urllib.parse.urlparse(uri)
+    if not parsed.scheme:
+        return uri
+    netloc = parsed.hostname or ""
+    if parsed.port is not None:
+        netloc += f":{parsed.port}"
+    if parsed.username or parsed.password:
+        netloc = "***@" + netloc
+    suffix = "?***" if parsed.query or parsed.fragment else ""
+    return urllib.parse.urlunparse((parsed.scheme, netloc, parsed.path, "", "", "")) + suffix
+
+
+def _redact_text(text: str, uri: str) -> str:
+    return text.replace(uri, redact(uri))
 
 
 def fetch(uri: str) -> bytes:
@@ -85,7 +103,7 @@ def fetch_verified(uri: str, expected_sha256: str | None, cache_dir: Path | None
     data = fetch(uri)
     digest = sha256_hex(data)
     if expected_sha256 and digest != expected_sha256.lower():
-        raise DigestMismatch(uri, expected_sha256, digest)
+        raise DigestMismatch(redact(uri), expected_sha256, digest)
     if cached is not None:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -93,5 +111,5 @@ def fetch_verified(uri: str, expected_sha256: str | None, cache_dir: Path | None
             partial.write_bytes(data)
             partial.replace(cached)
         except OSError as exc:  # a cache that cannot be written only costs a download next time
-            log.warning("cannot cache %s in %s: %s", uri, cache_dir, exc)
+            log.warning("cannot cache %s in %s: %s", redact(uri), cache_dir, exc)
     return data, digest

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from streamserve.config import FeatureSpec, ModelSettings
-from streamserve.control.announcements import ModelAnnouncement
-from streamserve.control.fetch import fetch_verified
-from streamserve.errors import ModelError
+from streamserve.control.fetch import fetch_verified, redact
+from streamserve.control.rollout import ArtifactRef, DesiredState
 from streamserve.pipeline.infer import OnnxModel
 
 log = logging.getLogger(__name__)
@@ -51,19 +50,8 @@ def canary_bucket(key: str) -> int:
     return int.from_bytes(digest, "big") % _BUCKETS
 
 
-@dataclass(frozen=True)
-class RegistryState:
-    """For status reports: what is served, what is loading, the last rejection."""
-
-    state: str
-    loading_version: str | None
-    rejected_version: str | None
-    reason: str | None
-    since_ms: int
-
-
-class ModelRegistry:
-    """Holds the current Routing and the cache of loaded versions for one model."""
+class ModelLoader:
+    """Fetches, verifies, loads (signature check and warm-up included) and caches model versions."""
 
     def __init__(
         self,
@@ -73,14 +61,11 @@ class ModelRegistry:
         cache_dir: Path | None = None,
     ) -> None:
         self.settings = settings
-        self.cache_dir = cache_dir
         self.features = list(features)
         self.keep_versions = keep_versions
+        self.cache_dir = cache_dir
         self._cache: OrderedDict[tuple[str, str], OnnxModel] = OrderedDict()
         self._lock = threading.Lock()
-        initial = self.load(settings.version, settings.uri, settings.sha256)
-        self.routing = Routing(live=initial)
-        self.status = RegistryState("serving", None, None, None, _now_ms())
 
     def load(self, version: str, uri: str, sha256: str | None) -> OnnxModel:
         """A loaded, verified, warmed-up model version (from the cache when already loaded)."""
@@ -93,58 +78,71 @@ class ModelRegistry:
         data, digest = fetch_verified(uri, sha256, self.cache_dir)
         model = OnnxModel.load(data, self.settings, version, self.features, sha256=digest, uri=uri)
         log.info(
-            "loaded %s %s from %s in %.0f ms", self.settings.name, version, uri, (time.perf_counter() - started) * 1000
+            "loaded %s %s from %s in %.0f ms",
+            self.settings.name,
+            version,
+            redact(uri),
+            (time.perf_counter() - started) * 1000,
         )
         with self._lock:
             self._cache[(version, digest)] = model
             self._cache.move_to_end((version, digest))
         return model
 
-    def apply(self, announcement: ModelAnnouncement) -> Routing:
-        """Load what the announcement needs, then switch the routing; raises ModelError if rejected."""
-        self.status = RegistryState("loading", announcement.version, None, None, self.status.since_ms)
-        try:
-            candidate = self.load(announcement.version, announcement.uri, announcement.sha256)
-            if announcement.action in ("deploy", "rollback"):
-                routing = Routing(live=candidate)
-            else:
-                live = self.routing.live
-                if announcement.baseline_version and announcement.baseline_uri:
-                    live = self.load(
-                        announcement.baseline_version, announcement.baseline_uri, announcement.baseline_sha256
-                    )
-                routing = Routing(
-                    live=live,
-                    mode=announcement.action,
-                    candidate=candidate,
-                    canary_share=announcement.canary_share if announcement.action == "canary" else 0.0,
-                )
-        except ModelError as exc:
-            log.error("rejected %s %s: %s", announcement.model, announcement.version, exc)
-            self.status = RegistryState(
-                "rejected", None, announcement.version, f"{type(exc).__name__}: {exc}", self.status.since_ms
-            )
-            raise
-        self.routing = routing  # the hot loop reads this once per batch: the swap is between batches
-        self.status = RegistryState("serving", None, None, None, _now_ms())
-        self._release_unused()
-        log.info(
-            "serving %s %s (mode %s%s)",
-            self.settings.name,
-            routing.live.version,
-            routing.mode,
-            f", candidate {routing.candidate.version}" if routing.candidate else "",
-        )
-        return routing
-
-    def _release_unused(self) -> None:
-        in_use = {id(self.routing.live), id(self.routing.candidate)}
+    def release_unused(self, in_use: set[int]) -> None:
+        """Forget the least recently used versions beyond keep_versions that no routing uses."""
         with self._lock:
             while len(self._cache) > self.keep_versions:
                 oldest = next((key for key, model in self._cache.items() if id(model) not in in_use), None)
                 if oldest is None:
                     break
                 del self._cache[oldest]
+
+
+class ModelRegistry:
+    """Holds the current Routing of one model and the desired state it realizes."""
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        features: Sequence[FeatureSpec],
+        keep_versions: int = 3,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.loader = ModelLoader(settings, features, keep_versions, cache_dir)
+        self.routing = Routing(live=self.load(None))
+        self.serving: DesiredState | None = None
+        """The accepted state the routing realizes; None: the config's version."""
+        self.since_ms = _now_ms()
+
+    def load(self, ref: ArtifactRef | None) -> OnnxModel:
+        """One version (None: the config's), loaded and warmed up or from the cache; raises when it cannot serve."""
+        if ref is None:
+            return self.loader.load(self.settings.version, self.settings.uri, self.settings.sha256)
+        return self.loader.load(ref.version, ref.uri, ref.sha256)
+
+    def realize(self, desired: DesiredState | None) -> Routing:
+        """Load what a desired state needs, then switch the routing; raises (routing unchanged) if it cannot."""
+        live = self.load(desired.live if desired is not None else None)
+        if desired is None or desired.mode == "deploy":
+            routing = Routing(live=live)
+        else:
+            candidate = self.load(desired.candidate)
+            routing = Routing(live=live, mode=desired.mode, candidate=candidate, canary_share=desired.canary_share)
+        self.routing = routing  # the hot loop reads this once per batch: the swap is between batches
+        self.serving = desired
+        self.since_ms = _now_ms()
+        self.loader.release_unused({id(routing.live), id(routing.candidate)})
+        log.info(
+            "serving %s %s (mode %s%s, generation %d)",
+            self.settings.name,
+            routing.live.version,
+            routing.mode,
+            f", candidate {routing.candidate.version}" if routing.candidate else "",
+            desired.generation if desired is not None else 0,
+        )
+        return routing
 
 
 def _now_ms() -> int:

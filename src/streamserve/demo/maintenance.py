@@ -239,8 +239,14 @@ def run_example(config: Path, readings: int, partitions: int) -> int:
     from streamserve.admin import ensure_topics, pipeline_topics
     from streamserve.app import Worker
     from streamserve.config import load_settings
-    from streamserve.control.publish import publish
-    from streamserve.demo.run import PredictionReader, env_overrides, fresh_topics, say
+    from streamserve.demo.run import (
+        PredictionReader,
+        env_overrides,
+        fresh_topics,
+        publish_validated,
+        say,
+        trust_a_new_key,
+    )
     from streamserve.pipeline.decode import load_schema
     from streamserve.tools import load_features, produce_avro
 
@@ -253,7 +259,7 @@ def run_example(config: Path, readings: int, partitions: int) -> int:
     trained = {m.version: m for m in train_versions(machines, model_dir)}
     for m in trained.values():
         say(f"      {m.version}: holdout accuracy {m.accuracy:.3f} over classes {list(CLASSES)}  ({m.path.name})")
-    fresh_topics(base)
+    sign_key = trust_a_new_key(model_dir, fresh_topics(base))
     settings = load_settings(config)
     say(f"[2/6] creating topics on {settings.kafka.bootstrap_servers} ({partitions} partitions)")
     ensure_topics(settings.kafka.common(), pipeline_topics(settings, partitions))
@@ -278,16 +284,7 @@ def run_example(config: Path, readings: int, partitions: int) -> int:
     reader.wait_for(first, timeout_s=180)
 
     say("[5/6] announcing v2 on the control topic; streaming the second half (hot swap, no restart)")
-    publish(
-        settings.kafka.common(),
-        settings.control.topic,
-        settings.control.status_topic,
-        settings.model.name,
-        "v2",
-        str(trained["v2"].path),
-        action="deploy",
-        notes="maintenance example hot swap",
-    )
+    publish_validated(settings, sign_key, "v2", trained["v2"].path, "maintenance example hot swap")
     deadline = time.monotonic() + 60
     while worker.registry.routing.live.version != "v2" and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import threading
@@ -10,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import redis
 from confluent_kafka import Consumer, Producer
@@ -17,7 +19,10 @@ from confluent_kafka import Consumer, Producer
 from streamserve.admin import ensure_topics, pipeline_topics
 from streamserve.app import Worker
 from streamserve.config import PipelineSettings, load_settings
+from streamserve.control.follower import acceptance_policy
 from streamserve.control.publish import fleet_status, publish
+from streamserve.control.registry import ModelLoader
+from streamserve.control.signing import generate, load_private
 from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_entities, make_events
 from streamserve.demo.train import train_versions
 from streamserve.pipeline.decode import load_schema
@@ -114,7 +119,7 @@ class PredictionReader:
         self.consumer.close()
 
 
-def fresh_topics(base: PipelineSettings) -> None:
+def fresh_topics(base: PipelineSettings) -> str:
     """A fresh set of topics and group per run (env overrides), so a long-lived local stack never mixes runs."""
     run_id = uuid.uuid4().hex[:6]
     os.environ.update(
@@ -127,6 +132,32 @@ def fresh_topics(base: PipelineSettings) -> None:
             "STREAMSERVE_KAFKA__GROUP_ID": f"{base.kafka.group_id}-{run_id}",
             "STREAMSERVE_LOG_EVERY_S": "0",
         }
+    )
+    return run_id
+
+
+def trust_a_new_key(model_dir: Path, run_id: str) -> Path:
+    """Signed announcements: a new Ed25519 key that the worker (through the env) trusts, and nothing else."""
+    sign_key = model_dir.parent / "keys" / f"demo-{run_id}.pem"
+    _, public_line = generate(sign_key)
+    os.environ["STREAMSERVE_CONTROL__TRUSTED_KEYS"] = json.dumps([public_line])
+    say(f"      signing key {sign_key} (public {public_line[:24]}...) trusted by the worker")
+    return sign_key
+
+
+def publish_validated(settings: PipelineSettings, sign_key: Path, version: str, path: Path, notes: str) -> Any:
+    """Announce a version to deploy: validated locally against the pipeline first, then signed."""
+    loader = ModelLoader(settings.model, settings.features, keep_versions=1)
+    return publish(
+        settings.kafka.common(),
+        settings.control.topic,
+        acceptance_policy(settings.control, settings.model.name),
+        version,
+        str(path),
+        action="deploy",
+        notes=notes,
+        sign_key=load_private(sign_key),
+        validate=lambda ref: loader.load(ref.version, ref.uri, ref.sha256),
     )
 
 
@@ -143,7 +174,8 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     for m in trained.values():
         say(f"      {m.version}: holdout ROC AUC {m.auc:.3f}  ({m.path.name})")
 
-    fresh_topics(base)
+    run_id = fresh_topics(base)
+    sign_key = trust_a_new_key(model_dir, run_id)
     settings = load_settings(config)
     say(f"[2/6] creating topics on {settings.kafka.bootstrap_servers} ({partitions} partitions)")
     ensure_topics(settings.kafka.common(), pipeline_topics(settings, partitions))
@@ -178,16 +210,8 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     reader.wait_for(first, timeout_s=180)
 
     say("[5/6] announcing v2 on the control topic and streaming the second half (hot swap, no restart)")
-    publish(
-        settings.kafka.common(),
-        settings.control.topic,
-        settings.control.status_topic,
-        settings.model.name,
-        "v2",
-        str(trained["v2"].path),
-        action="deploy",
-        notes="demo hot swap",
-    )
+    announced = publish_validated(settings, sign_key, "v2", trained["v2"].path, "demo hot swap")
+    say(f"      validated locally, signed by key {announced.key_id}, generation {announced.generation}")
     deadline = time.monotonic() + 60
     while worker.registry.routing.live.version != "v2" and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -1,0 +1,360 @@
+"""Property-based tests (issue 10): generated schemas, features, models and records through the whole data path.
+
+Every record of a generated batch must end either as a prediction (whose score is what onnxruntime gives
+for the inputs worked out here from the written record) or as a dead letter with a stage and a reason, and
+nothing may escape the batch processor. Feature paths into constructs the pipeline cannot read are refused
+at start with an error naming the field.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tempfile
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import fastavro
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from streamserve.config import FeatureSpec, InputSettings, ModelSettings
+from streamserve.control.registry import Routing
+from streamserve.errors import ConfigError, DecodeError
+from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
+from streamserve.pipeline.encode import PredictionEncoder, decode_prediction
+from streamserve.pipeline.enrich import FeatureBuilder
+from streamserve.pipeline.fields import check_event_schema, resolve
+from streamserve.pipeline.infer import OnnxModel
+from streamserve.pipeline.process import BatchProcessor
+from streamserve.records import Source
+from tests.unit.generated import (
+    Reject,
+    Scenario,
+    build_model,
+    epoch_millis,
+    expected_columns,
+    render,
+    scenarios,
+    unfit,
+)
+
+PREDICTION_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "prediction.avsc"
+STAGES = {"decode", "features", "infer", "encode"}
+MODEL = ModelSettings(name="generated", uri="memory", extra_outputs=["total"])
+
+PIPELINE_RUNS = settings(
+    max_examples=1500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
+
+
+def run_pipeline(scenario: Scenario, model_bytes: bytes) -> tuple[list[Source], Any]:
+    """The scenario's records through BatchProcessor.run, as one micro-batch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        schema_path = Path(tmp) / "event.avsc"
+        schema_path.write_text(json.dumps(scenario.schema))
+        input_settings = InputSettings(
+            topic="in",
+            schema=schema_path,
+            key_field=scenario.key_field,
+            event_id_field=scenario.id_field,
+            event_time_field=scenario.time_field,
+        )
+        check_event_schema(
+            scenario.schema,
+            SimpleNamespace(input=input_settings, features=scenario.specs, output=SimpleNamespace(copy_fields={})),
+        )
+        model = OnnxModel.load(model_bytes, MODEL, "1", scenario.specs)
+        processor = BatchProcessor(
+            LocalSchemaDecoder(load_schema(schema_path)),
+            FeatureBuilder(scenario.specs, None),
+            PredictionEncoder(PREDICTION_SCHEMA, input_settings),
+            output_topic="out",
+            shadow_topic="out.shadow",
+        )
+        sources = [
+            Source(
+                "in",
+                offset % 3,
+                offset,
+                None,
+                scenario.encode(record) if isinstance(record, dict) else record,
+                None,
+                1_700_000_000_000 + offset,
+            )
+            for offset, record in enumerate(scenario.records)
+        ]
+        return sources, processor.run(sources, Routing(live=model))
+
+
+def offline_scores(scenario: Scenario, model_bytes: bytes, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """onnxruntime on input tensors built here from the expected feature columns."""
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    feeds = {
+        model_input.name: model_input.tensor([expected_columns(model_input, row) for row in rows])
+        for model_input in scenario.inputs
+    }
+    probabilities, label, total = session.run(["probabilities", "label", "total"], feeds)
+    return {"score": probabilities[:, 1].astype(np.float64), "label": label, "total": total}
+
+
+@PIPELINE_RUNS
+@given(scenario=scenarios())
+def test_every_record_is_predicted_or_dead_lettered_with_a_reason(scenario: Scenario) -> None:
+    model_bytes = build_model(scenario.inputs)
+    sources, result = run_pipeline(scenario, model_bytes)
+
+    outputs = [encoded for topic, encoded in result.outputs if topic == "out"]
+    assert len(outputs) == len(result.outputs), "no shadow lane: everything goes to the output topic"
+    seen = Counter([o.source.offset for o in outputs] + [r.source.offset for r in result.rejected])
+    assert seen == Counter(s.offset for s in sources), "each input ends exactly once: predicted or dead-lettered"
+    for rejected in result.rejected:
+        assert rejected.stage in STAGES, rejected
+        assert rejected.message.strip(), rejected
+        assert rejected.error_class, rejected
+    rejected_by_offset = {r.source.offset: r for r in result.rejected}
+    output_by_offset = {o.source.offset: o for o in outputs}
+    prediction_schema = load_schema(PREDICTION_SCHEMA)
+
+    # What should happen to each valid record, worked out from the written values.
+    to_score: list[int] = []
+    expected_rows: list[dict[str, Any]] = []
+    for offset, record in enumerate(scenario.records):
+        if not isinstance(record, dict):
+            if offset in scenario.truncated or not record:
+                assert rejected_by_offset[offset].stage == "decode", f"offset {offset}: {record!r} is not a record"
+            continue
+        expected = scenario.expect(record)
+        bad = [name for name, columns in expected.items() if isinstance(columns, Reject)]
+        if bad:
+            rejected = rejected_by_offset.get(offset)
+            assert rejected is not None, f"offset {offset} {record!r} should be rejected: {expected}"
+            assert rejected.stage == "features", rejected
+            assert any(f"feature {name!r}" in rejected.message for name in bad), (rejected.message, expected)
+            continue
+        if any(unfit(i, expected_columns(i, expected)) for i in scenario.inputs):
+            assert rejected_by_offset[offset].stage == "features", f"offset {offset}: a value does not fit float32"
+            continue
+        assert offset not in rejected_by_offset or rejected_by_offset[offset].stage == "infer", (
+            f"offset {offset} {record!r} has valid features {expected}, rejected: {rejected_by_offset.get(offset)}"
+        )
+        to_score.append(offset)
+        expected_rows.append(expected)
+
+    event(f"records: {len(scenario.records)}, to score: {len(to_score)}")
+    for r in result.rejected:
+        event(f"rejected at {r.stage}")
+    for i in scenario.inputs:
+        event(f"input {i.element} rank {i.rank}")
+    for f in scenario.features:
+        event(f"feature {f.role} {f.leaf.kind} {f.spec.dtype}")
+    if not to_score:
+        return
+    offline = offline_scores(scenario, model_bytes, expected_rows)
+    for position, offset in enumerate(to_score):
+        score = float(offline["score"][position])
+        if not math.isfinite(score):
+            assert rejected_by_offset[offset].stage == "infer", f"offset {offset}: non-finite score {score}"
+            continue
+        assert offset in output_by_offset, f"offset {offset} should be predicted: {rejected_by_offset.get(offset)}"
+        record = scenario.records[offset]
+        assert isinstance(record, dict)
+        prediction = decode_prediction(prediction_schema, output_by_offset[offset].value)
+        assert math.isfinite(prediction["score"])  # type: ignore[arg-type]
+        assert prediction["score"] == pytest.approx(score, rel=1e-6, abs=1e-9), (offset, expected_rows[position])
+        total = float(offline["total"][position])
+        got_total = prediction["outputs"]["total"]  # type: ignore[index]
+        assert got_total == pytest.approx(total, rel=1e-9, abs=1e-12, nan_ok=True), (offset, expected_rows[position])
+        assert prediction["label"] == int(offline["label"][position])
+        assert prediction["event_id"] == render(record["event_id"])
+        assert prediction["key"] == render(record["key"])
+        assert prediction["source_offset"] == offset
+        event_time = prediction["event_time"]
+        if scenario.time_field is None:
+            expected_time = 1_700_000_000_000 + offset
+        else:
+            expected_time = epoch_millis(record["event_time"])
+        got_time = None if event_time is None else epoch_millis(event_time)
+        assert got_time == expected_time, (record.get("event_time"), event_time)
+
+
+# --- bugs the property found, as plain examples ---------------------------------------------------------------
+
+
+def one_feature_pipeline(field_type: Any, spec: FeatureSpec, element: str, width: int = 1) -> Scenario:
+    """A minimal scenario: one feature reading field ``v`` into one model input."""
+    from tests.unit.generated import Feature, Leaf, ModelInput
+
+    schema = {
+        "type": "record",
+        "name": "Event",
+        "fields": [
+            {"name": "event_id", "type": "string"},
+            {"name": "key", "type": "string"},
+            {"name": "v", "type": field_type},
+        ],
+    }
+    spec = spec.model_copy(update={"input": "x"})
+    feature = Feature(spec, Leaf("v", "v", "", field_type, False, st.nothing()))
+    model_input = ModelInput("x", element, 2, [feature], [1.0] * width)
+    return Scenario(schema, "event_id", "key", None, [feature], [model_input], [], set())
+
+
+def predict_one(scenario: Scenario, value: Any) -> tuple[Any, float | None]:
+    """(result, the total the model saw) for one record whose ``v`` is value."""
+    scenario.records = [{"event_id": "e", "key": "k", "v": value}]
+    sources, result = run_pipeline(scenario, build_model(scenario.inputs))
+    if not result.outputs:
+        return result, None
+    prediction = decode_prediction(load_schema(PREDICTION_SCHEMA), result.outputs[0][1].value)
+    return result, prediction["outputs"]["total"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("value", [2**63 - 1, -(2**63), 2**53 + 1, -(2**62) - 1])
+def test_int64_feature_reaches_an_int64_input_exactly(value: int) -> None:
+    spec = FeatureSpec(name="count", source="event", field="v", dtype="int64")
+    result, total = predict_one(one_feature_pipeline("long", spec, "int64"), value)
+    assert not result.rejected, result.rejected[0].message
+    assert total == float(value)  # the model multiplies by 1.0 in double: what it saw, rounded once
+    assert result.outputs
+
+
+def test_float64_feature_too_large_for_an_int64_input_is_not_fed_as_garbage() -> None:
+    spec = FeatureSpec(name="amount", source="event", field="v", dtype="float64")
+    result, total = predict_one(one_feature_pipeline("double", spec, "int64"), 1e300)
+    assert result.rejected, f"1e300 was fed to an int64 input as {total}"
+    assert result.rejected[0].stage == "features"
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_event_value_read_as_bool_is_rejected(value: float) -> None:
+    spec = FeatureSpec(name="flag", source="event", field="v", dtype="bool")
+    result, total = predict_one(one_feature_pipeline("double", spec, "float"), value)
+    assert result.rejected, f"{value} in an event field was read as bool {total}"
+    assert result.rejected[0].stage == "features"
+
+
+# --- decoding arbitrary bytes ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario=scenarios(max_records=1), junk=st.binary(max_size=64))
+def test_decoder_raises_only_decode_errors(scenario: Scenario, junk: bytes) -> None:
+    decoder = LocalSchemaDecoder(fastavro.parse_schema(scenario.schema))
+    try:
+        decoded = decoder(junk)
+    except DecodeError as exc:
+        assert str(exc)
+    else:
+        assert isinstance(decoded, dict)
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, fastavro.parse_schema(scenario.schema), decoded)
+
+
+# --- start-time checks of feature paths -----------------------------------------------------------------------
+
+SUPPORTED = {
+    # type -> (kind, nullable)
+    "int": ("int", False),
+    "long": ("int", False),
+    "float": ("float", False),
+    "double": ("float", False),
+    "boolean": ("boolean", False),
+    "string": ("string", False),
+    "bytes": ("bytes", False),
+    '{"type": "string", "logicalType": "uuid"}': ("string", False),
+    '{"type": "bytes", "logicalType": "decimal", "precision": 5, "scale": 2}': ("decimal", False),
+    '{"type": "long", "logicalType": "timestamp-millis"}': ("timestamp", False),
+    '{"type": "long", "logicalType": "timestamp-micros"}': ("timestamp", False),
+    '{"type": "int", "logicalType": "date"}': ("date", False),
+    '{"type": "int", "logicalType": "time-millis"}': ("time", False),
+    '{"type": "enum", "name": "Colour", "symbols": ["RED", "GREEN"]}': ("enum", False),
+}
+UNSUPPORTED = {
+    "map": {"type": "map", "values": "double"},
+    "union": ["int", "string"],
+    "nullable union": ["null", "int", "string"],
+    "record": {"type": "record", "name": "Inner", "fields": [{"name": "x", "type": "double"}]},
+    "array": {"type": "array", "items": "double"},
+    "array of maps": {"type": "array", "items": {"type": "map", "values": "double"}},
+}
+
+names = st.from_regex(r"[a-z][a-z0-9_]{0,5}", fullmatch=True)
+
+
+@st.composite
+def nested_path(draw: st.DrawFn, leaf_type: Any) -> tuple[dict[str, Any], str, bool]:
+    """A record schema with ``leaf_type`` at the end of a path through 0-2 records or arrays; and its nullability."""
+    top = draw(names)
+    nullable = isinstance(leaf_type, list) or draw(st.booleans())  # a union is not put in another
+    node: Any = ["null", leaf_type] if nullable and not isinstance(leaf_type, list) else leaf_type
+    path = top
+    for depth in range(draw(st.integers(0, 2))):
+        parent = draw(names)
+        if draw(st.booleans()):  # an array of records, one element picked by index
+            items = {"type": "record", "name": f"Item{depth}", "fields": [{"name": top, "type": node}]}
+            node = {"type": "array", "items": items}
+            path, nullable = f"{parent}[{draw(st.integers(0, 3))}].{path}", True
+        else:
+            node = {"type": "record", "name": f"Level{depth}", "fields": [{"name": top, "type": node}]}
+            if draw(st.booleans()):
+                node, nullable = ["null", node], True
+            path = f"{parent}.{path}"
+        top = parent
+    fields = [{"name": top, "type": node}]
+    if top != "id":
+        fields.insert(0, {"name": "id", "type": "string"})
+    return {"type": "record", "name": "Event", "fields": fields}, path, nullable
+
+
+def _settings(features: list[FeatureSpec], schema: dict[str, Any]) -> Any:
+    id_field = schema["fields"][0]["name"]
+    return SimpleNamespace(
+        input=SimpleNamespace(key_field=id_field, event_id_field=id_field, event_time_field=None),
+        features=features,
+        output=SimpleNamespace(copy_fields={}),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), avro=st.sampled_from(sorted(SUPPORTED)))
+def test_supported_paths_resolve(data: st.DataObject, avro: str) -> None:
+    leaf_type = json.loads(avro) if avro.startswith("{") else avro
+    schema, path, nullable = data.draw(nested_path(leaf_type))
+    found = resolve(schema, path)
+    kind, _ = SUPPORTED[avro]
+    assert (found.kind, found.nullable) == (kind, nullable)
+    fastavro.parse_schema(schema)  # the generated schema is valid Avro
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), construct=st.sampled_from(sorted(UNSUPPORTED)), dtype=st.sampled_from(["float64", "string"]))
+def test_unsupported_constructs_are_refused_naming_the_field(data: st.DataObject, construct: str, dtype: str) -> None:
+    schema, path, _ = data.draw(nested_path(UNSUPPORTED[construct]))
+    fastavro.parse_schema(schema)
+    spec = FeatureSpec(name="feature", source="event", field=path, dtype=dtype)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as refused:
+        check_event_schema(schema, _settings([spec], schema))
+    assert repr(path) in str(refused.value)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(data=st.data(), construct=st.sampled_from(sorted(UNSUPPORTED)))
+def test_paths_through_unsupported_constructs_are_refused(data: st.DataObject, construct: str) -> None:
+    """A path that goes on past a map, a multi-type union or an array without an index."""
+    schema, path, _ = data.draw(nested_path(UNSUPPORTED[construct]))
+    deeper = f"{path}.x"
+    if construct == "record":
+        deeper = f"{path}.missing"
+    spec = FeatureSpec(name="feature", source="event", field=deeper, dtype="float64")
+    with pytest.raises(ConfigError) as refused:
+        check_event_schema(schema, _settings([spec], schema))
+    assert repr(deeper) in str(refused.value)
