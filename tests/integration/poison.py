@@ -1,20 +1,35 @@
-"""Helpers of the poison-pill suite: reading whole topics up to their end, the group's lag and offsets, and
-models built without streamserve's code (a maintenance model that fails on an unseen category, a tiny
-regressor over one float input)."""
+"""Helpers of the poison-pill suite: models built without streamserve's code (a maintenance model that fails
+on an unseen category, a tiny regressor over one float input), whole topics read up to their end, the group's
+lag and offsets, and the input records of a test counted per id in the predictions and dead letters."""
 
 from __future__ import annotations
 
+import copy
+import io
+import json
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import numpy as np
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from streamserve.demo.maintenance import STRING_INPUTS, Machines, condition, make_readings, model_inputs, to_onnx
-from tests.integration.harness import WorkerProcess, wait_until
+from streamserve.pipeline.deadletter import (
+    HEADER_ERROR_MESSAGE,
+    HEADER_KIP1034_MESSAGE,
+    HEADER_SOURCE_TOPIC,
+    HEADER_STAGE,
+    HEADER_VALUE_REPLACED,
+)
+from streamserve.pipeline.decode import load_schema
+from streamserve.pipeline.encode import decode_prediction
+from tests.integration.harness import WorkerProcess, headers_of, wait_until
 
 
 def _frame(inputs: dict[str, np.ndarray]) -> Any:
@@ -178,3 +193,129 @@ def rewind_group(bootstrap: str, group: str, topic: str, offsets: dict[int, int]
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last error: {errors[-1:]}") from None
     assert committed_offsets(bootstrap, group, topic, sorted(offsets)) == offsets
+
+
+# --- records of a test and where they ended --------------------------------------------------------------------
+
+
+@dataclass
+class Pill:
+    """One input record: its identity, bytes, and where it must end (stage None: predicted)."""
+
+    ident: str
+    key: bytes | None
+    value: bytes | None
+    stage: str | None = None
+    reason: str = ""
+    """Text the dead letter's error message must contain."""
+    reading: dict[str, Any] | None = None
+    """The reading as written (predicted records are scored offline from it)."""
+
+
+class Records:
+    """The records of one pipeline, written with its schema and produced in order."""
+
+    def __init__(self, schema_path: Path, key_field: str, id_field: str) -> None:
+        self.schema = load_schema(schema_path)
+        self.raw_schema = json.loads(schema_path.read_text())
+        self.key_field, self.id_field = key_field, id_field
+
+    def avro(self, record: dict[str, Any], schema: Any = None) -> bytes:
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, schema or self.schema, record)
+        return buffer.getvalue()
+
+    def reading(self, record: dict[str, Any], stage: str | None = None, reason: str = "") -> Pill:
+        key = str(record[self.key_field]).encode()
+        return Pill(str(record[self.id_field]), key, self.avro(record), stage, reason, record)
+
+    def produce(self, bootstrap: str, topic: str, pills: list[Pill]) -> None:
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True})
+        for pill in pills:
+            producer.produce(topic, pill.value, pill.key)
+            producer.poll(0)
+        assert producer.flush(60) == 0, "the broker did not acknowledge every input record"
+
+    def ident(self, msg: Message) -> str:
+        """A dead letter's input record: its `poison-*` key, or the id in its (decodable) value."""
+        key = msg.key() or b""
+        if key.startswith(b"poison-"):
+            return key.decode()
+        return str(fastavro.schemaless_reader(io.BytesIO(msg.value()), self.schema, None)[self.id_field])
+
+
+def interleave(normal: list[Pill], pills: list[Pill]) -> list[Pill]:
+    """The pills spread evenly among the normal records."""
+    out, step = [], max(1, len(normal) // (len(pills) + 1))
+    for i, pill in enumerate(pills):
+        out += [*normal[i * step : (i + 1) * step], pill]
+    return out + normal[len(pills) * step :]
+
+
+@dataclass
+class Outcome:
+    """What the output and dead-letter topics hold, per input record."""
+
+    predicted: dict[str, list[dict[str, Any]]]
+    dead: dict[str, list[Message]]
+
+    def count(self, ident: str) -> tuple[int, int]:
+        return len(self.predicted.get(ident, [])), len(self.dead.get(ident, []))
+
+
+def outcome(bootstrap: str, settings: Any, records: Records) -> Outcome:
+    schema = load_schema(settings.output.schema_path)
+    predicted: dict[str, list[dict[str, Any]]] = {}
+    for msg in read_all(bootstrap, settings.output.topic):
+        record = decode_prediction(schema, msg.value())
+        predicted.setdefault(record["event_id"], []).append(record)
+    dead: dict[str, list[Message]] = {}
+    for msg in read_all(bootstrap, settings.output.dead_letter_topic):
+        dead.setdefault(records.ident(msg), []).append(msg)
+    return Outcome(predicted, dead)
+
+
+def assert_each_in_one_place(result: Outcome, once: list[Pill], twice: Sequence[Pill] = ()) -> None:
+    """Every pill once (`twice`: read again after a crash) in the place it belongs, predictions or dead
+    letters, never in the other; and nothing else in either."""
+    wrong = {}
+    for times, pills in ((1, once), (2, twice)):
+        for pill in pills:
+            expected = (times, 0) if pill.stage is None else (0, times)
+            if result.count(pill.ident) != expected:
+                wrong[pill.ident] = f"(predictions, dead letters) {result.count(pill.ident)}, expected {expected}"
+    assert not wrong, f"{len(wrong)} records misplaced: {dict(list(wrong.items())[:10])}"
+    unknown = (result.predicted.keys() | result.dead.keys()) - {p.ident for p in [*once, *twice]}
+    assert not unknown, f"outputs for records never produced: {sorted(unknown)[:10]}"
+
+
+def assert_dead_letters(result: Outcome, pills: list[Pill], topic: str) -> None:
+    """Each dead letter says which stage failed and why, and keeps the original bytes (or a reference)."""
+    for pill in pills:
+        if pill.stage is None:
+            continue
+        for msg in result.dead[pill.ident]:
+            headers = headers_of(msg)
+            message = headers[HEADER_ERROR_MESSAGE].decode()
+            assert (headers[HEADER_STAGE].decode(), pill.reason in message) == (pill.stage, True), (
+                f"{pill.ident}: stage {headers[HEADER_STAGE]!r}, message {message!r}; expected stage {pill.stage!r}"
+                f" and a message with {pill.reason!r}"
+            )
+            assert headers[HEADER_KIP1034_MESSAGE] == headers[HEADER_ERROR_MESSAGE]
+            assert headers[HEADER_SOURCE_TOPIC] == topic.encode()
+            assert msg.key() == pill.key
+            if HEADER_VALUE_REPLACED not in headers:
+                assert msg.value() == pill.value, f"{pill.ident}: the dead letter's value is not the original"
+
+
+def variant(reading: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy of a reading with a new id and some fields changed (``machine__firmware__major`` for nested ones)."""
+    out = copy.deepcopy(reading)
+    out["reading_id"] = str(uuid.uuid4())
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        node = out
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return out

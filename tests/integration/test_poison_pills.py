@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import math
 import re
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -28,142 +25,34 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import redis
-from confluent_kafka import Message, Producer
 
 from streamserve.demo.maintenance import CLASSES, Machines, TrainedModel, make_readings, model_inputs
 from streamserve.pipeline.deadletter import (
     HEADER_ERROR_MESSAGE,
-    HEADER_KIP1034_MESSAGE,
-    HEADER_SOURCE_TOPIC,
     HEADER_STAGE,
     HEADER_VALUE_REPLACED,
 )
-from streamserve.pipeline.decode import load_schema
-from streamserve.pipeline.encode import decode_prediction
 from tests.integration.harness import SCHEMAS, Pipeline, WorkerProcess, headers_of, unique
 from tests.integration.maintenance import MaintenancePipeline
 from tests.integration.poison import (
+    Outcome,
+    Pill,
+    Records,
+    assert_dead_letters,
+    assert_each_in_one_place,
     end_offsets,
+    interleave,
     make_affine_model,
-    read_all,
+    outcome,
     rewind_group,
     train_strict_maintenance,
+    variant,
     wait_lag_zero,
 )
 from tests.integration.servers import Servers
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FAILURE = CLASSES.index("failure_imminent")
-
-
-@dataclass
-class Pill:
-    """One input record: its identity, bytes, and where it must end (stage None: predicted)."""
-
-    ident: str
-    key: bytes | None
-    value: bytes | None
-    stage: str | None = None
-    reason: str = ""
-    """Text the dead letter's error message must contain."""
-    reading: dict[str, Any] | None = None
-    """The reading as written (predicted records are scored offline from it)."""
-
-
-class Records:
-    """The records of one pipeline, written with its schema and produced in order."""
-
-    def __init__(self, schema_path: Path, key_field: str, id_field: str) -> None:
-        self.schema = load_schema(schema_path)
-        self.raw_schema = json.loads(schema_path.read_text())
-        self.key_field, self.id_field = key_field, id_field
-
-    def avro(self, record: dict[str, Any], schema: Any = None) -> bytes:
-        buffer = io.BytesIO()
-        fastavro.schemaless_writer(buffer, schema or self.schema, record)
-        return buffer.getvalue()
-
-    def reading(self, record: dict[str, Any], stage: str | None = None, reason: str = "") -> Pill:
-        key = str(record[self.key_field]).encode()
-        return Pill(str(record[self.id_field]), key, self.avro(record), stage, reason, record)
-
-    def produce(self, bootstrap: str, topic: str, pills: list[Pill]) -> None:
-        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True})
-        for pill in pills:
-            producer.produce(topic, pill.value, pill.key)
-            producer.poll(0)
-        assert producer.flush(60) == 0, "the broker did not acknowledge every input record"
-
-    def ident(self, msg: Message) -> str:
-        """A dead letter's input record: its `poison-*` key, or the id in its (decodable) value."""
-        key = msg.key() or b""
-        if key.startswith(b"poison-"):
-            return key.decode()
-        return str(fastavro.schemaless_reader(io.BytesIO(msg.value()), self.schema, None)[self.id_field])
-
-
-def interleave(normal: list[Pill], pills: list[Pill]) -> list[Pill]:
-    """The pills spread evenly among the normal records."""
-    out, step = [], max(1, len(normal) // (len(pills) + 1))
-    for i, pill in enumerate(pills):
-        out += [*normal[i * step : (i + 1) * step], pill]
-    return out + normal[len(pills) * step :]
-
-
-@dataclass
-class Outcome:
-    """What the output and dead-letter topics hold, per input record."""
-
-    predicted: dict[str, list[dict[str, Any]]]
-    dead: dict[str, list[Message]]
-
-    def count(self, ident: str) -> tuple[int, int]:
-        return len(self.predicted.get(ident, [])), len(self.dead.get(ident, []))
-
-
-def outcome(bootstrap: str, settings: Any, records: Records) -> Outcome:
-    schema = load_schema(settings.output.schema_path)
-    predicted: dict[str, list[dict[str, Any]]] = {}
-    for msg in read_all(bootstrap, settings.output.topic):
-        record = decode_prediction(schema, msg.value())
-        predicted.setdefault(record["event_id"], []).append(record)
-    dead: dict[str, list[Message]] = {}
-    for msg in read_all(bootstrap, settings.output.dead_letter_topic):
-        dead.setdefault(records.ident(msg), []).append(msg)
-    return Outcome(predicted, dead)
-
-
-def assert_each_in_one_place(result: Outcome, once: list[Pill], twice: Sequence[Pill] = ()) -> None:
-    """Every pill once (`twice`: read again after a crash) in the place it belongs, predictions or dead
-    letters, never in the other; and nothing else in either."""
-    wrong = {}
-    for times, pills in ((1, once), (2, twice)):
-        for pill in pills:
-            expected = (times, 0) if pill.stage is None else (0, times)
-            if result.count(pill.ident) != expected:
-                wrong[pill.ident] = f"(predictions, dead letters) {result.count(pill.ident)}, expected {expected}"
-    assert not wrong, f"{len(wrong)} records misplaced: {dict(list(wrong.items())[:10])}"
-    unknown = (result.predicted.keys() | result.dead.keys()) - {p.ident for p in [*once, *twice]}
-    assert not unknown, f"outputs for records never produced: {sorted(unknown)[:10]}"
-
-
-def assert_dead_letters(result: Outcome, pills: list[Pill], topic: str) -> None:
-    """Each dead letter says which stage failed and why, and keeps the original bytes (or a reference)."""
-    for pill in pills:
-        if pill.stage is None:
-            continue
-        for msg in result.dead[pill.ident]:
-            headers = headers_of(msg)
-            message = headers[HEADER_ERROR_MESSAGE].decode()
-            assert (headers[HEADER_STAGE].decode(), pill.reason in message) == (pill.stage, True), (
-                f"{pill.ident}: stage {headers[HEADER_STAGE]!r}, message {message!r}; expected stage {pill.stage!r}"
-                f" and a message with {pill.reason!r}"
-            )
-            assert headers[HEADER_KIP1034_MESSAGE] == headers[HEADER_ERROR_MESSAGE]
-            assert headers[HEADER_SOURCE_TOPIC] == topic.encode()
-            assert msg.key() == pill.key
-            if HEADER_VALUE_REPLACED not in headers:
-                assert msg.value() == pill.value, f"{pill.ident}: the dead letter's value is not the original"
 
 
 def assert_predicted_like_offline(
@@ -189,20 +78,15 @@ def assert_predicted_like_offline(
         assert time_ms == reading["event_time"]
 
 
-def variant(reading: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    """A copy of a reading with a new id and some fields changed (``machine__firmware__major`` for nested ones)."""
-    out = copy.deepcopy(reading)
-    out["reading_id"] = str(uuid.uuid4())
-    for path, value in changes.items():
-        *parents, leaf = path.split("__")
-        node = out
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return out
-
-
 # --- the maintenance example: decode, feature and edge-value pills, restarts --------------------------------
+
+
+def unknown_enum_symbol(records: Records, base: dict[str, Any]) -> bytes:
+    """A reading written by a producer whose schema has a fifth operating mode, TURBO (symbol index 4)."""
+    extended = copy.deepcopy(records.raw_schema)
+    mode = next(f for f in extended["fields"] if f["name"] == "mode")
+    mode["type"]["symbols"].append("TURBO")
+    return records.avro(variant(base, mode="TURBO"), fastavro.parse_schema(extended))
 
 
 def decode_pills(records: Records, base: dict[str, Any], rng: np.random.Generator) -> tuple[list[Pill], bytes]:
@@ -219,10 +103,7 @@ def decode_pills(records: Records, base: dict[str, Any], rng: np.random.Generato
         "is_online": True,
         "event_time": 1_700_000_000_000,
     }
-    extended = copy.deepcopy(records.raw_schema)
-    mode = next(f for f in extended["fields"] if f["name"] == "mode")
-    mode["type"]["symbols"].append("TURBO")  # a writer schema a symbol ahead of the worker's
-    turbo = records.avro(variant(base, mode="TURBO"), fastavro.parse_schema(extended))
+    turbo = unknown_enum_symbol(records, base)
     invalid = "not a valid Avro record"
     pills = [
         Pill("poison-990k", b"poison-990k", rng.bytes(990_000), "decode", invalid),
@@ -345,9 +226,6 @@ def test_poison_pills_are_dead_lettered_or_predicted_and_restarted_workers_do_no
 
     # Last, the reasons: each names the stage and what is wrong with the record.
     assert_dead_letters(final, everything, topic)
-    (turbo,) = final.dead["poison-unknown-enum-symbol"]
-    reason = headers_of(turbo)[HEADER_ERROR_MESSAGE].decode()
-    assert "enum" in reason.lower(), f"the reason does not say an enum symbol is unknown: {reason!r}"
 
 
 # --- a model that fails on one row: the batch is bisected -----------------------------------------------------
@@ -491,3 +369,29 @@ def test_a_string_where_the_model_wants_a_number_is_predicted_when_it_parses_and
     np.testing.assert_array_equal([g["score"] for g in got], expected[:, 0].astype(np.float64))
     assert [g["key"] for g in got] == [p.key.decode() for p in predicted if p.key]
     assert_dead_letters(result, everything, s.input.topic)
+
+
+# --- the reason given for an unknown enum symbol ----------------------------------------------------------------
+
+
+def test_an_unknown_enum_symbol_is_dead_lettered_with_a_reason_naming_the_enum(
+    example: MaintenancePipeline, machines: Machines, tmp_path: Path
+) -> None:
+    s, bootstrap = example.settings, example.bootstrap
+    records = Records(s.input.schema_path, "machine_id", "reading_id")
+    normal = [records.reading(r) for r in make_readings(machines, 40, seed=71)]
+    assert normal[0].reading is not None
+    turbo = Pill("poison-turbo", b"poison-turbo", unknown_enum_symbol(records, normal[0].reading), "decode")
+    records.produce(bootstrap, s.input.topic, interleave(normal, [turbo]))
+    worker = WorkerProcess(example.path, tmp_path, unique("w-enum"))
+    wait_lag_zero(bootstrap, s.kafka.group_id, s.input.topic, worker)
+    result = outcome(bootstrap, s, records)
+    assert worker.stop() == 0, worker.log_tail()
+    assert_each_in_one_place(result, [*normal, turbo])
+
+    (dead,) = result.dead["poison-turbo"]
+    reason = headers_of(dead)[HEADER_ERROR_MESSAGE].decode()
+    assert headers_of(dead)[HEADER_STAGE] == b"decode"
+    # The operator must learn that an enum symbol is unknown (and which enum), not a Python IndexError.
+    assert "enum" in reason.lower(), f"the reason does not say an enum symbol is unknown: {reason!r}"
+    assert "OperatingMode" in reason or "mode" in reason, f"the reason does not name the enum: {reason!r}"
