@@ -78,17 +78,18 @@ def _statuses(pipeline: Pipeline) -> dict[str, WorkerStatus]:
     return {s.worker_id: s for s in fleet_status(_kafka(pipeline), pipeline.settings.control.status_topic)}
 
 
-def _string_label_model(directory: Path, entities: Entities) -> Path:
-    """A classifier whose labels are strings: this worker's output mapping cannot serve it."""
+def _regressor_model(directory: Path, entities: Entities) -> Path:
+    """A regressor: no `probabilities` or `label` output, so this classifier pipeline's output mapping cannot
+    serve it (string labels, the poison of the original report, are servable since multi-output models)."""
     from skl2onnx import to_onnx
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LinearRegression
 
     from streamserve.demo.train import training_set
 
     x, y = training_set(entities, 500, seed=5)
-    model = LogisticRegression(max_iter=300).fit(x, np.where(y > 0, "fraud", "legit"))
-    path = directory / "string-labels.onnx"
-    path.write_bytes(to_onnx(model, x[:1], options={"zipmap": False}).SerializeToString())
+    model = LinearRegression().fit(x, y.astype(np.float64))
+    path = directory / "regressor.onnx"
+    path.write_bytes(to_onnx(model, x[:1]).SerializeToString())
     return path
 
 
@@ -200,7 +201,7 @@ def test_poisoned_announcements_are_rejected_and_a_valid_one_follows(
     boom = tmp_path / "boom.onnx"
     boom.write_bytes(models["v2"].path.read_bytes())
     poisons = [
-        ("v-strings", _string_label_model(tmp_path, entities), "ValueError"),
+        ("v-regressor", _regressor_model(tmp_path, entities), "has no output 'probabilities'"),
         ("v-corrupt", corrupt, "protobuf"),
         ("v-boom", boom, "RuntimeError: injected warm-up failure"),
         ("v-missing", tmp_path / "absent.onnx", "cannot read artifact"),
@@ -242,9 +243,9 @@ def test_publish_validates_locally_and_refuses_bad_digests(
 ) -> None:
     pipe = signed_pipeline
     cli = [sys.executable, "-m", "streamserve", "models", "publish", "-c", str(pipe.path), "--model", "fraud"]
-    strings = _string_label_model(tmp_path, entities)
+    regressor = _regressor_model(tmp_path, entities)
     refused = subprocess.run(
-        [*cli, "--version", "v-strings", "--uri", str(strings), "--sign-key", str(signing_key[0])],
+        [*cli, "--version", "v-regressor", "--uri", str(regressor), "--sign-key", str(signing_key[0])],
         capture_output=True,
         text=True,
         timeout=120,

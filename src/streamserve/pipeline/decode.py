@@ -39,7 +39,13 @@ def _read_exact(payload: bytes, offset: int, writer: Schema, reader: Schema | No
     buffer.seek(offset)
     try:
         record = fastavro.schemaless_reader(buffer, writer, reader)
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, OverflowError, struct.error) as exc:
+    except IndexError as exc:
+        # fastavro looks enum symbols (and union branches) up by index: a newer writer's extra symbol lands here.
+        raise DecodeError(
+            f"not a valid Avro record: an enum symbol or union branch index is beyond the schema's (an unknown"
+            f" symbol of enum {_enum_names(reader or writer)} from a newer writer schema, or corrupt bytes): {exc}"
+        ) from exc
+    except (EOFError, ValueError, TypeError, KeyError, OverflowError, struct.error) as exc:
         # UnicodeDecodeError is a ValueError; SchemaResolutionError is an AvroException below.
         raise DecodeError(f"not a valid Avro record: {type(exc).__name__}: {exc}") from exc
     except fastavro.read.SchemaResolutionError as exc:
@@ -50,6 +56,32 @@ def _read_exact(payload: bytes, offset: int, writer: Schema, reader: Schema | No
     if not isinstance(record, dict):
         raise DecodeError(f"expected an Avro record, got {type(record).__name__}")
     return record
+
+
+def _enum_names(schema: Any) -> str:
+    """The enums of a schema, as ``Name (field)`` for the reason of a dead letter."""
+    found: list[str] = []
+
+    def walk(node: Any, field: str) -> None:
+        if isinstance(node, list):
+            for branch in node:
+                walk(branch, field)
+        elif isinstance(node, dict):
+            kind = node.get("type")
+            if kind == "enum":
+                found.append(f"{str(node.get('name', '?')).rsplit('.', 1)[-1]} ({field})")
+            elif kind == "record":
+                for child in node.get("fields", []):
+                    walk(child["type"], f"{field}.{child['name']}" if field else child["name"])
+            elif kind == "array":
+                walk(node.get("items"), field)
+            elif kind == "map":
+                walk(node.get("values"), field)
+            elif isinstance(kind, (dict, list)):
+                walk(kind, field)
+
+    walk(schema, "")
+    return ", ".join(found) or "(none in the schema)"
 
 
 class LocalSchemaDecoder:
