@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from streamserve.control.publish import publish
+from streamserve.control.rollout import AcceptancePolicy
 from streamserve.demo.maintenance import CLASSES, Machines, TrainedModel, make_readings
 from streamserve.pipeline.decode import load_schema
 from streamserve.tools import produce_avro
@@ -32,11 +33,9 @@ def test_multi_input_string_label_model_served_and_hot_swapped_exactly_like_offl
         publish(
             {"bootstrap.servers": example.bootstrap},
             s.control.topic,
-            s.control.status_topic,
-            s.model.name,
+            AcceptancePolicy(s.model.name),
             "v2",
             str(maintenance_models["v2"].path),
-            action="deploy",
         )
         wait_until(lambda: worker.worker.registry.routing.live.version == "v2", 60, "the worker serving v2")
         produce_avro({"bootstrap.servers": example.bootstrap}, s.input.topic, schema, second, "machine_id")
