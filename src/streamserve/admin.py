@@ -116,6 +116,11 @@ def worker_acls(settings: PipelineSettings, principal: str = "User:worker") -> l
                 settings.control.status_topic,
             )
         ),
+        # The topics' max.message.bytes, read at start so no record is ever produced over the limit.
+        *(
+            _allow(principal, AclOperation.DESCRIBE_CONFIGS, topic, name)
+            for name in (settings.output.topic, settings.shadow_topic, settings.output.dead_letter_topic)
+        ),
         _allow(principal, read, group, settings.kafka.group_id),
         _allow(principal, read, group, CONTROL_GROUP_PREFIX, prefixed),
         # transactional.id is "<group_id>-<worker_id>" (app.py); WRITE implies DESCRIBE.

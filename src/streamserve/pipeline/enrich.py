@@ -116,14 +116,27 @@ def redis_fetcher(client: redis.Redis, settings: RedisSettings) -> FetchFeatures
 
 
 class _HashScript:
-    """HMGET_MANY loaded once by its SHA1; loaded again if the server forgot it (a restart, SCRIPT FLUSH)."""
+    """HMGET_MANY loaded once by its SHA1; loaded again if the server forgot it (a restart, SCRIPT FLUSH).
+
+    Where scripts are not allowed (an ACL user limited to reads, a proxy without scripting), hashes are read
+    with one pipelined HMGET per key instead: the same replies, more client work per key.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.sha: str | None = None
+        self.refused = False
 
-    def load(self) -> str:
-        self.sha = str(self.client.script_load(HMGET_MANY))
+    def load(self) -> str | None:
+        """The script's SHA1, or None when this server or user does not allow scripts."""
+        if self.refused:
+            return None
+        try:
+            self.sha = str(self.client.script_load(HMGET_MANY))
+        except (redis.exceptions.NoPermissionError, redis.exceptions.ResponseError) as exc:
+            log.warning("Redis refuses scripts (%s): reading hashes with one HMGET per key", exc)
+            self.refused = True
+            return None
         return self.sha
 
 
@@ -140,14 +153,19 @@ def _redis_fetch_with_retry(
                     continue
                 if fields is None:
                     pipe.mget(group_keys)
+                elif sha is None:
+                    for key in group_keys:
+                        pipe.hmget(key, fields)
                 else:
                     pipe.evalsha(sha, len(group_keys), *group_keys, *fields)
-            replies = pipe.execute(raise_on_error=False)  # a failing group is rejected, not the worker
+            replies = pipe.execute(raise_on_error=False)  # a failing key or group is rejected, not the worker
             if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
-                script.load()
+                script.sha = None
                 continue
+            if any(isinstance(reply, redis.exceptions.NoPermissionError) for reply in replies):
+                raise redis.exceptions.NoPermissionError(next(str(r) for r in replies if isinstance(r, Exception)))
             break
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:  # the feature store, never a record: retried, then redis.on_error
             if attempt >= settings.retries and settings.on_error != "wait":
                 raise EnrichError(
                     f"Redis unavailable after {attempt + 1} attempts: {type(exc).__name__}: {exc}"
@@ -162,6 +180,10 @@ def _redis_fetch_with_retry(
     for fields, group_keys in requests:
         if not group_keys:
             results.append({})
+            continue
+        if fields is not None and script.sha is None:  # one HMGET reply (or error) per key
+            results.append(dict(zip(group_keys, replies[position : position + len(group_keys)], strict=True)))
+            position += len(group_keys)
             continue
         reply = replies[position]
         position += 1
