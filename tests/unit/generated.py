@@ -157,6 +157,8 @@ def expect_number(value: Any, dtype: str) -> Any:
     if value is None:
         return Reject("null element")
     number: int | float
+    if dtype == "bool":
+        return expect_bool(value)
     if isinstance(value, bool):
         number = int(value)
     elif isinstance(value, str):
@@ -168,6 +170,8 @@ def expect_number(value: Any, dtype: str) -> Any:
         number = float(value)
     else:
         number = value
+    if dtype in ("float32", "float64"):
+        number = float(number)  # read as a float64, rounded once (float32 only bounds the range)
     if isinstance(number, float):
         if not math.isfinite(number):
             return Reject("not finite")
@@ -182,6 +186,21 @@ def expect_number(value: Any, dtype: str) -> Any:
         if not low <= number < high:
             return Reject(f"out of {dtype} range")
     return number
+
+
+TRUE_WORDS = {"1", "true", "True", "TRUE", "yes", "y", "on"}
+FALSE_WORDS = {"0", "false", "False", "FALSE", "no", "n", "off"}
+
+
+def expect_bool(value: Any) -> int | Reject:
+    """A bool feature: a boolean, a finite number (non-zero is true), or a yes/no word."""
+    if isinstance(value, str):
+        word = value.strip()
+        if word in TRUE_WORDS | FALSE_WORDS:
+            return int(word in TRUE_WORDS)
+        return Reject(f"{value!r} is not a boolean word")
+    number = float(value)
+    return int(number != 0) if math.isfinite(number) else Reject("not finite")
 
 
 def expect_text(value: Any) -> str | Reject:
@@ -203,6 +222,11 @@ def epoch_millis(value: Any) -> int | None:
         return micros // 1000
     assert isinstance(value, date)
     return (value - date(1970, 1, 1)).days * 86_400_000
+
+
+MIN_TIME_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+"""Event times a prediction can carry (readers decode timestamp-millis to datetimes)."""
 
 
 def render(value: Any) -> str | None:
@@ -309,8 +333,7 @@ def features_of(draw: st.DrawFn, leaf: Leaf, prefix: str) -> list[Feature]:
                 default=default,
             )
         else:
-            dtypes = ("bool", *NUMERIC_DTYPES) if leaf.kind == "boolean" else NUMERIC_DTYPES
-            dtype = draw(st.sampled_from(dtypes))
+            dtype = draw(st.sampled_from(("bool", *NUMERIC_DTYPES)))
             default = draw(st.one_of(st.none(), st.integers(-3, 3).map(float)))
             if dtype == "bool" and default is not None:
                 default = float(default > 0)
@@ -321,8 +344,23 @@ def features_of(draw: st.DrawFn, leaf: Leaf, prefix: str) -> list[Feature]:
 
 # --- the model ------------------------------------------------------------------------------------------------
 
-INPUT_TYPES = {"float": TensorProto.FLOAT, "double": TensorProto.DOUBLE, "int64": TensorProto.INT64}
-NUMPY_TYPES = {"float": np.float32, "double": np.float64, "int64": np.int64, "string": object}
+INPUT_TYPES = {
+    "float": TensorProto.FLOAT,
+    "double": TensorProto.DOUBLE,
+    "int64": TensorProto.INT64,
+    "int32": TensorProto.INT32,
+    "bool": TensorProto.BOOL,
+}
+NUMPY_TYPES: dict[str, Any] = {
+    "float": np.float32,
+    "double": np.float64,
+    "int64": np.int64,
+    "int32": np.int32,
+    "bool": np.bool_,
+    "string": object,
+}
+INPUT_RANGES = {"float": (-FLOAT32_MAX, FLOAT32_MAX), "int64": (-(2**63), 2**63 - 1), "int32": (-(2**31), 2**31 - 1)}
+"""[low, high] of the numbers an input can hold; others are dead-lettered before inference."""
 
 
 @dataclass
@@ -331,7 +369,7 @@ class ModelInput:
 
     name: str
     element: str
-    """float, double, int64 or string"""
+    """float, double, int64, int32, bool or string"""
     rank: int
     features: list[Feature]
     weights: list[float]
@@ -345,24 +383,41 @@ class ModelInput:
         return sum(f.spec.width for f in self.features)
 
     def tensor(self, rows: list[list[Any]]) -> np.ndarray:
-        """The input tensor for rows of expected columns (exact numbers or texts)."""
-        if self.element == "float":
-            tensor = np.array([[np.float32(float(v)) for v in row] for row in rows], dtype=np.float32)
-        elif self.element == "double":
-            tensor = np.array([[float(v) for v in row] for row in rows], dtype=np.float64)
-        elif self.element == "int64":
-            tensor = np.array([[int(v) for v in row] for row in rows], dtype=np.int64)
-        else:
+        """The input tensor for rows of expected columns (exact numbers or texts), cast as C casts them."""
+        if self.element == "string":
             tensor = np.empty((len(rows), self.width), dtype=object)
             for i, row in enumerate(rows):
                 tensor[i, :] = row
+        else:
+            tensor = np.array([[cast(v, self.element) for v in row] for row in rows], dtype=NUMPY_TYPES[self.element])
         return tensor.reshape(len(rows)) if self.rank == 1 else tensor
+
+
+def cast(value: int | float, element: str) -> Any:
+    """One exact number as an input of ``element`` type holds it: rounded once, or truncated toward zero."""
+    if element == "bool":
+        return value != 0
+    if element in ("int64", "int32"):
+        return int(value)  # Python's int() truncates toward zero, like a C cast
+    if element == "float" and isinstance(value, int):
+        return np.array([value], dtype=np.int64).astype(np.float32)[0]  # one rounding, not two via float64
+    return NUMPY_TYPES[element](value)
+
+
+MODULUS = 1009
+
+
+def extra_outputs(inputs: list[ModelInput]) -> list[str]:
+    """The model's outputs beside probabilities and label."""
+    return ["total", *(["low_digits"] if any(i.element == "int64" for i in inputs) else [])]
 
 
 def build_model(inputs: list[ModelInput]) -> bytes:
     """total = sum over inputs of (columns as double) @ weights; probabilities = [1 - s, s] with s = sigmoid(total).
 
-    Outputs: ``probabilities`` [N, 2] float, ``label`` [N] int64 (argmax), ``total`` [N] double.
+    Outputs: ``probabilities`` [N, 2] float, ``label`` [N] int64 (argmax), ``total`` [N] double; with an int64
+    input also ``low_digits`` [N] double: the sum of its values modulo MODULUS, computed in int64, which shows
+    whether integers beyond 2**53 reached the model exactly.
     """
     nodes, initializers, graph_inputs, parts = [], [], [], []
     one_axis = helper.make_tensor("axis1", TensorProto.INT64, [1], [1])
@@ -389,6 +444,11 @@ def build_model(inputs: list[ModelInput]) -> bytes:
         if model_input.rank == 1:
             nodes.append(helper.make_node("Unsqueeze", [current, "axis1"], [f"{name}_2d"]))
             current = f"{name}_2d"
+        if model_input.element == "int64":  # low digits in int64 arithmetic: exact where doubles are not
+            nodes.append(helper.make_node("Mod", [current, "modulus"], [f"{name}_mod"]))
+            nodes.append(helper.make_node("ReduceSum", [f"{name}_mod", "axis1"], [f"{name}_low"], keepdims=0))
+            nodes.append(helper.make_node("Cast", [f"{name}_low"], ["low_digits"], to=TensorProto.DOUBLE))
+            initializers.append(helper.make_tensor("modulus", TensorProto.INT64, [], [MODULUS]))
         nodes.append(helper.make_node("Cast", [current], [f"{name}_double"], to=TensorProto.DOUBLE))
         weights = helper.make_tensor(f"{name}_weights", TensorProto.DOUBLE, [width, 1], model_input.weights)
         initializers.append(weights)
@@ -404,15 +464,18 @@ def build_model(inputs: list[ModelInput]) -> bytes:
         helper.make_node("Concat", ["negative", "positive"], ["probabilities"], axis=1),
         helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
     ]
+    outputs = [
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2]),
+        helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+        helper.make_tensor_value_info("total", TensorProto.DOUBLE, [None]),
+    ]
+    if any(i.element == "int64" for i in inputs):
+        outputs.append(helper.make_tensor_value_info("low_digits", TensorProto.DOUBLE, [None]))
     graph = helper.make_graph(
         nodes,
         "generated",
         graph_inputs,
-        [
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2]),
-            helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
-            helper.make_tensor_value_info("total", TensorProto.DOUBLE, [None]),
-        ],
+        outputs,
         initializer=initializers,
     )
     model = helper.make_model(
@@ -568,22 +631,16 @@ def scenarios(draw: st.DrawFn, max_records: int = 8) -> Scenario:
 
 @st.composite
 def model_inputs(draw: st.DrawFn, features: list[Feature], pools: list[list[str]]) -> list[ModelInput]:
-    """Assign every feature to a model input: numbers to float/double/int64 inputs, texts to a string input.
-
-    Features are given an ``input`` (their specs are replaced) and an int64 input only takes integer
-    features (int dtypes, bool, ordinal and one-hot codes): casting other numbers to it is not exact.
-    """
+    """Assign every feature to a model input: numbers to float/double/int64/int32/bool inputs, texts to a
+    string input. The features' specs are replaced by copies naming their input."""
     chosen: dict[str, str] = {}
     for feature in features:
-        spec = feature.spec
         if feature.role == "text":
-            chosen[spec.name] = "string"
-        elif feature.role in ("ordinal", "onehot") or spec.dtype in ("int32", "int64", "bool"):
-            chosen[spec.name] = draw(st.sampled_from(["float", "double", "int64"]))
+            chosen[feature.spec.name] = "string"
         else:
-            chosen[spec.name] = draw(st.sampled_from(["float", "double"]))
+            chosen[feature.spec.name] = draw(st.sampled_from(["float", "double", "int64", "int32", "bool"]))
     inputs = []
-    for element in ("float", "double", "int64", "string"):
+    for element in ("float", "double", "int64", "int32", "bool", "string"):
         fed = [f for f in features if chosen[f.spec.name] == element]
         if not fed:
             continue
@@ -614,5 +671,10 @@ def expected_columns(model_input: ModelInput, expected: dict[str, list[Any] | Re
 
 
 def unfit(model_input: ModelInput, row: list[Any]) -> bool:
-    """A number a float input cannot hold (a float64 feature beyond float32's range)."""
-    return model_input.element == "float" and any(abs(float(v)) > FLOAT32_MAX for v in row)
+    """A number the input's type cannot hold (beyond float32's range, or int64's, or int32's)."""
+    if model_input.element not in INPUT_RANGES:
+        return False
+    low, high = INPUT_RANGES[model_input.element]
+    if model_input.element != "float":  # truncated toward zero, so up to (not including) high + 1
+        return any(not low <= v < high + 1 for v in row)
+    return any(not low <= v <= high for v in row)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -35,11 +36,18 @@ from streamserve.pipeline.infer import OnnxModel
 from streamserve.pipeline.process import BatchProcessor
 from streamserve.records import Source
 from tests.unit.generated import (
+    MAX_TIME_MS,
+    MIN_TIME_MS,
+    MODULUS,
+    Feature,
+    Leaf,
+    ModelInput,
     Reject,
     Scenario,
     build_model,
     epoch_millis,
     expected_columns,
+    extra_outputs,
     render,
     scenarios,
     unfit,
@@ -47,10 +55,12 @@ from tests.unit.generated import (
 
 PREDICTION_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "prediction.avsc"
 STAGES = {"decode", "features", "infer", "encode"}
-MODEL = ModelSettings(name="generated", uri="memory", extra_outputs=["total"])
+MODEL = ModelSettings(name="generated", uri="memory")
 
+# More examples for a longer hunt: STREAMSERVE_PROPERTY_EXAMPLES=2000 pytest tests/unit/test_properties.py
+PIPELINE_EXAMPLES = int(os.environ.get("STREAMSERVE_PROPERTY_EXAMPLES", "60"))
 PIPELINE_RUNS = settings(
-    max_examples=1500,
+    max_examples=PIPELINE_EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
 )
@@ -72,7 +82,8 @@ def run_pipeline(scenario: Scenario, model_bytes: bytes) -> tuple[list[Source], 
             scenario.schema,
             SimpleNamespace(input=input_settings, features=scenario.specs, output=SimpleNamespace(copy_fields={})),
         )
-        model = OnnxModel.load(model_bytes, MODEL, "1", scenario.specs)
+        model_settings = MODEL.model_copy(update={"extra_outputs": extra_outputs(scenario.inputs)})
+        model = OnnxModel.load(model_bytes, model_settings, "1", scenario.specs)
         processor = BatchProcessor(
             LocalSchemaDecoder(load_schema(schema_path)),
             FeatureBuilder(scenario.specs, None),
@@ -102,8 +113,9 @@ def offline_scores(scenario: Scenario, model_bytes: bytes, rows: list[dict[str, 
         model_input.name: model_input.tensor([expected_columns(model_input, row) for row in rows])
         for model_input in scenario.inputs
     }
-    probabilities, label, total = session.run(["probabilities", "label", "total"], feeds)
-    return {"score": probabilities[:, 1].astype(np.float64), "label": label, "total": total}
+    names = ["probabilities", "label", *extra_outputs(scenario.inputs)]
+    found = dict(zip(names, session.run(names, feeds), strict=True))
+    return {**found, "score": found["probabilities"][:, 1].astype(np.float64)}
 
 
 @PIPELINE_RUNS
@@ -141,9 +153,9 @@ def test_every_record_is_predicted_or_dead_lettered_with_a_reason(scenario: Scen
             assert any(f"feature {name!r}" in rejected.message for name in bad), (rejected.message, expected)
             continue
         if any(unfit(i, expected_columns(i, expected)) for i in scenario.inputs):
-            assert rejected_by_offset[offset].stage == "features", f"offset {offset}: a value does not fit float32"
+            assert rejected_by_offset[offset].stage == "features", f"offset {offset}: a value unfit for its input"
             continue
-        assert offset not in rejected_by_offset or rejected_by_offset[offset].stage == "infer", (
+        assert offset not in rejected_by_offset or rejected_by_offset[offset].stage in ("infer", "encode"), (
             f"offset {offset} {record!r} has valid features {expected}, rejected: {rejected_by_offset.get(offset)}"
         )
         to_score.append(offset)
@@ -164,81 +176,111 @@ def test_every_record_is_predicted_or_dead_lettered_with_a_reason(scenario: Scen
         if not math.isfinite(score):
             assert rejected_by_offset[offset].stage == "infer", f"offset {offset}: non-finite score {score}"
             continue
-        assert offset in output_by_offset, f"offset {offset} should be predicted: {rejected_by_offset.get(offset)}"
         record = scenario.records[offset]
         assert isinstance(record, dict)
+        if scenario.time_field is not None:
+            event_time = epoch_millis(record["event_time"])
+            if event_time is not None and not MIN_TIME_MS <= event_time <= MAX_TIME_MS:
+                assert rejected_by_offset[offset].stage == "encode", f"offset {offset}: event time {event_time}"
+                continue
+        assert offset in output_by_offset, f"offset {offset} should be predicted: {rejected_by_offset.get(offset)}"
         prediction = decode_prediction(prediction_schema, output_by_offset[offset].value)
         assert math.isfinite(prediction["score"])  # type: ignore[arg-type]
         assert prediction["score"] == pytest.approx(score, rel=1e-6, abs=1e-9), (offset, expected_rows[position])
         total = float(offline["total"][position])
         got_total = prediction["outputs"]["total"]  # type: ignore[index]
         assert got_total == pytest.approx(total, rel=1e-9, abs=1e-12, nan_ok=True), (offset, expected_rows[position])
+        if "low_digits" in offline:
+            assert prediction["outputs"]["low_digits"] == offline["low_digits"][position], (  # type: ignore[index]
+                f"offset {offset}: the int64 input did not get exactly {expected_rows[position]}"
+            )
         assert prediction["label"] == int(offline["label"][position])
         assert prediction["event_id"] == render(record["event_id"])
         assert prediction["key"] == render(record["key"])
         assert prediction["source_offset"] == offset
         event_time = prediction["event_time"]
-        if scenario.time_field is None:
-            expected_time = 1_700_000_000_000 + offset
-        else:
-            expected_time = epoch_millis(record["event_time"])
+        kafka_time = 1_700_000_000_000 + offset
+        expected_time = kafka_time if scenario.time_field is None else epoch_millis(record["event_time"])
         got_time = None if event_time is None else epoch_millis(event_time)
         assert got_time == expected_time, (record.get("event_time"), event_time)
 
 
-# --- bugs the property found, as plain examples ---------------------------------------------------------------
+# --- what the property found or checks, as plain examples -----------------------------------------------------
 
 
-def one_feature_pipeline(field_type: Any, spec: FeatureSpec, element: str, width: int = 1) -> Scenario:
-    """A minimal scenario: one feature reading field ``v`` into one model input."""
-    from tests.unit.generated import Feature, Leaf, ModelInput
-
+def small_pipeline(fields: dict[str, Any], specs: list[FeatureSpec], element: str) -> Scenario:
+    """Event fields ``fields`` (name -> Avro type) read by ``specs``, all feeding one model input of ``element``."""
     schema = {
         "type": "record",
         "name": "Event",
         "fields": [
             {"name": "event_id", "type": "string"},
             {"name": "key", "type": "string"},
-            {"name": "v", "type": field_type},
+            *({"name": name, "type": avro} for name, avro in fields.items()),
         ],
     }
-    spec = spec.model_copy(update={"input": "x"})
-    feature = Feature(spec, Leaf("v", "v", "", field_type, False, st.nothing()))
-    model_input = ModelInput("x", element, 2, [feature], [1.0] * width)
-    return Scenario(schema, "event_id", "key", None, [feature], [model_input], [], set())
+    features = [
+        Feature(spec.model_copy(update={"input": "x"}), Leaf("v", "v", "", None, False, st.nothing())) for spec in specs
+    ]
+    width = sum(spec.width for spec in specs)
+    return Scenario(
+        schema, "event_id", "key", None, features, [ModelInput("x", element, 2, features, [1.0] * width)], [], set()
+    )
 
 
-def predict_one(scenario: Scenario, value: Any) -> tuple[Any, float | None]:
-    """(result, the total the model saw) for one record whose ``v`` is value."""
-    scenario.records = [{"event_id": "e", "key": "k", "v": value}]
-    sources, result = run_pipeline(scenario, build_model(scenario.inputs))
+def predict_one(scenario: Scenario, record: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    """(result, the prediction's extra outputs) for one record."""
+    scenario.records = [{"event_id": "e", "key": "k", **record}]
+    _, result = run_pipeline(scenario, build_model(scenario.inputs))
     if not result.outputs:
-        return result, None
+        return result, {}
     prediction = decode_prediction(load_schema(PREDICTION_SCHEMA), result.outputs[0][1].value)
-    return result, prediction["outputs"]["total"]  # type: ignore[index]
+    return result, prediction["outputs"]  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("value", [2**63 - 1, -(2**63), 2**53 + 1, -(2**62) - 1])
 def test_int64_feature_reaches_an_int64_input_exactly(value: int) -> None:
     spec = FeatureSpec(name="count", source="event", field="v", dtype="int64")
-    result, total = predict_one(one_feature_pipeline("long", spec, "int64"), value)
+    result, outputs = predict_one(small_pipeline({"v": "long"}, [spec], "int64"), {"v": value})
     assert not result.rejected, result.rejected[0].message
-    assert total == float(value)  # the model multiplies by 1.0 in double: what it saw, rounded once
-    assert result.outputs
+    assert outputs["low_digits"] == value % MODULUS
+
+
+@pytest.mark.parametrize("value", [2**63 - 1, 2**53 + 1])
+def test_int64_feature_beside_a_float_feature_reaches_an_int64_input_exactly(value: int) -> None:
+    """Found by the property: the int64 column is stacked with a float64 one into float64, then cast back."""
+    specs = [
+        FeatureSpec(name="count", source="event", field="v", dtype="int64"),
+        FeatureSpec(name="amount", source="event", field="w", dtype="float64"),
+    ]
+    result, outputs = predict_one(small_pipeline({"v": "long", "w": "double"}, specs, "int64"), {"v": value, "w": 0.0})
+    assert not result.rejected, result.rejected[0].message
+    assert outputs["low_digits"] == value % MODULUS, f"the model saw {outputs['total']:.0f} for {value}"
+
+
+@pytest.mark.parametrize("value", [2**63 - 1, 2**53 + 1])
+def test_int64_vector_feature_reaches_an_int64_input_exactly(value: int) -> None:
+    """Vector features (length) go through float64 even for dtype int64 and an array of longs."""
+    spec = FeatureSpec(name="counts", source="event", field="v", dtype="int64", length=1)
+    result, outputs = predict_one(
+        small_pipeline({"v": {"type": "array", "items": "long"}}, [spec], "int64"), {"v": [value]}
+    )
+    assert not result.rejected, result.rejected[0].message
+    assert outputs["low_digits"] == value % MODULUS, f"the model saw {outputs['total']:.0f} for {value}"
 
 
 def test_float64_feature_too_large_for_an_int64_input_is_not_fed_as_garbage() -> None:
     spec = FeatureSpec(name="amount", source="event", field="v", dtype="float64")
-    result, total = predict_one(one_feature_pipeline("double", spec, "int64"), 1e300)
-    assert result.rejected, f"1e300 was fed to an int64 input as {total}"
+    result, outputs = predict_one(small_pipeline({"v": "double"}, [spec], "int64"), {"v": 1e300})
+    assert result.rejected, f"1e300 was fed to an int64 input as {outputs}"
     assert result.rejected[0].stage == "features"
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_event_value_read_as_bool_is_rejected(value: float) -> None:
     spec = FeatureSpec(name="flag", source="event", field="v", dtype="bool")
-    result, total = predict_one(one_feature_pipeline("double", spec, "float"), value)
-    assert result.rejected, f"{value} in an event field was read as bool {total}"
+    result, outputs = predict_one(small_pipeline({"v": "double"}, [spec], "float"), {"v": value})
+    assert result.rejected, f"{value} in an event field was read as a bool: {outputs}"
     assert result.rejected[0].stage == "features"
 
 
@@ -248,15 +290,15 @@ def test_non_finite_event_value_read_as_bool_is_rejected(value: float) -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario=scenarios(max_records=1), junk=st.binary(max_size=64))
 def test_decoder_raises_only_decode_errors(scenario: Scenario, junk: bytes) -> None:
-    decoder = LocalSchemaDecoder(fastavro.parse_schema(scenario.schema))
+    """Whatever the bytes, the decoder gives a record that round-trips, or a DecodeError (never another error)."""
+    schema = fastavro.parse_schema(scenario.schema)
+    decoder = LocalSchemaDecoder(schema)
     try:
         decoded = decoder(junk)
-    except DecodeError as exc:
-        assert str(exc)
-    else:
-        assert isinstance(decoded, dict)
-        buffer = io.BytesIO()
-        fastavro.schemaless_writer(buffer, fastavro.parse_schema(scenario.schema), decoded)
+    except DecodeError:
+        return
+    assert isinstance(decoded, dict)
+    fastavro.schemaless_writer(io.BytesIO(), schema, decoded)
 
 
 # --- start-time checks of feature paths -----------------------------------------------------------------------
