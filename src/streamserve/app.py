@@ -10,17 +10,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaException, TopicPartition
-
 from streamserve.clients import redis_client
 from streamserve.config import PipelineSettings
 from streamserve.control.follower import ControlFollower
 from streamserve.control.registry import ModelRegistry
-from streamserve.errors import Fenced, ProducerFailed, RecordTooLarge, TransactionAborted
+from streamserve.errors import Fenced, RecordTooLarge
 from streamserve.observe.metrics import HealthState, ObserveServer, WorkerMetrics
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.decode import make_decoder
+from streamserve.pipeline.delivery import delivery_for
 from streamserve.pipeline.encode import PredictionEncoder
 from streamserve.pipeline.enrich import FeatureBuilder, redis_fetcher
 from streamserve.pipeline.fields import check_event_schema
@@ -31,8 +30,6 @@ from streamserve.records import Rejected, Source
 
 log = logging.getLogger(__name__)
 
-MAX_PRODUCER_RESTARTS = 10
-"""Fatal producer errors tolerated within five minutes before the worker gives up."""
 PAUSE_AFTER_S = 1.0
 """How long the sink may hold intake back before the partitions are paused."""
 
@@ -62,7 +59,6 @@ class Worker:
     def __init__(self, settings: PipelineSettings) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.exactly_once = settings.delivery == "exactly_once"
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self._paused = False
@@ -88,23 +84,28 @@ class Worker:
             settings.redis.on_error,
         )
         producer_options: dict[str, str | int | float | bool] = {}
-        if self.exactly_once:
+        if settings.delivery == "exactly_once":
             # Stable per worker: a restarted worker with the same id fences its zombie predecessor.
             producer_options = {
                 "transactional.id": f"{settings.kafka.group_id}-{self.worker_id}",
                 "transaction.timeout.ms": settings.transaction_timeout_ms,
             }
-        self._producer_config = settings.kafka.producer_config(**producer_options)
-        self._producer_restarts: list[float] = []
+        producer_config = settings.kafka.producer_config(**producer_options)
         # Known once at start, so every record's size is checked before it is produced (issue 10).
-        self._size_limits = size_limits(
-            self._producer_config,
+        limits = size_limits(
+            producer_config,
             settings.kafka.common(),
             [settings.output.topic, settings.shadow_topic, settings.output.dead_letter_topic],
         )
-        self.sink = OutputSink(self._producer_config, self._size_limits)
         self.source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
         self.batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms)
+        self.delivery = delivery_for(
+            settings.delivery,
+            self.source,
+            self.batcher,
+            lambda: OutputSink(producer_config, limits),
+            settings.shutdown_timeout_s,
+        )
         # control plane: not ready while the control-topic follower is down (it stops the worker, see _step)
         self.health = HealthState(
             settings.observe.liveness_timeout_s,
@@ -120,7 +121,7 @@ class Worker:
         self.metrics = WorkerMetrics(
             self.worker_id,
             serving=lambda: (settings.model.name, self.registry.routing.live.version),
-            inflight=lambda: self.sink.inflight,
+            inflight=lambda: self.delivery.sink.inflight,
             readers=readers,
         )
         self.follower = (
@@ -137,12 +138,13 @@ class Worker:
         """Serve until stopped; on the way out finish the open batch, commit, and leave the group."""
         if self.observe_server is not None:
             self.observe_server.start()
-        if self.exactly_once:
-            self.sink.init_transactions(self.settings.shutdown_timeout_s)
+        self.delivery.start()
         if self.follower is not None:
             self.follower.catch_up()
             self.follower.start()
-        self.source.start(on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.source.start(
+            on_revoke=lambda partitions: self.delivery.revoked(partitions, self.process), on_lost=self.delivery.lost
+        )
         log.info(
             "worker %s serving %s %s from %s (%s)",
             self.worker_id,
@@ -158,7 +160,7 @@ class Worker:
                 if self.settings.log_every_s and time.monotonic() >= next_log:
                     self._log_progress()
                     next_log = time.monotonic() + self.settings.log_every_s
-            self._drain(self.settings.shutdown_timeout_s)
+            self.delivery.drain(self.process, self.settings.shutdown_timeout_s)
             self.drained = True
             if self.follower is not None:  # control plane: a failed follower ends the worker non-zero
                 self.follower.raise_if_failed()
@@ -170,8 +172,7 @@ class Worker:
             if self.follower is not None:
                 self.follower.stop()
             self.source.close()
-            if not self.exactly_once:
-                self.sink.producer.flush(5)
+            self.delivery.close()
             if self.observe_server is not None:
                 self.observe_server.stop()
             self.metrics.shutdown()
@@ -190,8 +191,8 @@ class Worker:
         self.batcher.add(records)
         if self.batcher.ready():
             self.process(self.batcher.take())
-        self.sink.poll(0)
-        self._commit()
+        self.delivery.sink.poll(0)
+        self.delivery.commit()
 
     def _apply_backpressure(self) -> None:
         """Wait while too many batches await acknowledgement; pause the partitions if that lasts.
@@ -200,13 +201,14 @@ class Worker:
         sink, so that waiting costs no memory and the consumer keeps serving group membership meanwhile.
         """
         limit = self.settings.batch.max_inflight_batches
-        if self._paused and self.sink.inflight <= limit // 2:
+        sink = self.delivery.sink
+        if self._paused and sink.inflight <= limit // 2:
             self.source.resume()
             self._paused = False
         waiting_since = time.monotonic()
-        while self.sink.inflight >= limit and not self._stop.is_set():
-            self.sink.poll(0.05)
-            self._commit()
+        while sink.inflight >= limit and not self._stop.is_set():
+            sink.poll(0.05)
+            self.delivery.commit()
             if not self._paused and time.monotonic() - waiting_since > PAUSE_AFTER_S:
                 self.source.pause()
                 self._paused = True
@@ -214,60 +216,14 @@ class Worker:
             if self._paused and self.batcher.room:
                 self.batcher.add(self.source.poll(self.batcher.room, 0))  # serves rebalance callbacks
 
-    def _commit(self) -> None:
-        if self.exactly_once:
-            return  # offsets travel inside each batch's transaction
-        self.source.release(self.sink.releasable())
-        # Idle: whatever poll() handed out is processed and acknowledged, so its positions may be committed.
-        self.source.commit(idle=not len(self.batcher) and not self.sink.inflight)
-
-    def _drain(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while len(self.batcher) and time.monotonic() < deadline:
-            self.process(self.batcher.take())
-        if self.exactly_once:
-            self.batcher.take()  # past the deadline: abandoned uncommitted, the next owner re-reads it
-            return
-        self.source.release(self.sink.flush(max(deadline - time.monotonic(), 1.0)))
-        # Also re-sends offsets whose earlier asynchronous commit failed (e.g. during a rebalance).
-        self.source.commit(idle=not len(self.batcher) and not self.sink.inflight, asynchronous=False)
-
-    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
-        if self.exactly_once:
-            # No transaction is open between batches; records not yet processed are left to the next owner.
-            self.batcher.drop(lambda s: (s.topic, s.partition) not in {(p.topic, p.partition) for p in partitions})
-            return
-        # Finish and commit what we hold before the partitions move, so the next owner starts after it.
-        self._drain(self.settings.shutdown_timeout_s)
-
-    def _on_lost(self, partitions: list[TopicPartition]) -> None:
-        # Another member may own them already: drop what we hold of them, commit nothing for them.
-        lost = {(p.topic, p.partition) for p in partitions}
-        self.batcher.drop(lambda s: (s.topic, s.partition) not in lost)
-
     def process(self, sources: list[Source]) -> None:
         """Run one micro-batch through decode -> enrich -> infer -> encode -> produce (-> commit)."""
         started = time.perf_counter()
-        if not self.exactly_once:
-            inflight, rejected = self._run_batch(sources)
-            self.sink.seal(inflight)
-        else:
-            try:
-                self.sink.begin()
-                inflight, rejected = self._run_batch(sources)
-                offsets = [TopicPartition(t, p, o) for (t, p), o in inflight.next_offsets.items()]
-                self.sink.commit_transaction(
-                    offsets, self.source.consumer.consumer_group_metadata(), self.settings.shutdown_timeout_s
-                )
-            except TransactionAborted:
-                self.stats.aborted_batches += 1
-                self._rewind(sources)
-                return
-            except (ProducerFailed, KafkaException) as exc:
-                if isinstance(exc, KafkaException) and not exc.args[0].fatal():
-                    raise
-                self._replace_producer(exc, sources)
-                return
+        rejected = self.delivery.process(sources, self._run_batch)
+        self.stats.aborted_batches = self.delivery.aborted_batches
+        self.stats.producer_restarts = self.delivery.producer_restarts
+        if rejected is None:
+            return  # abandoned (an aborted transaction): read again
         self.stats.events_in += len(sources)
         self.stats.dead_letters += len(rejected)
         self.stats.batches += 1
@@ -279,21 +235,20 @@ class Worker:
             count = sum(item.stage == stage for item in rejected)
             self.metrics.events.add(count, {"outcome": "dead_letter", "stage": stage})
 
-    def _run_batch(self, sources: list[Source]) -> tuple[InflightBatch, list[Rejected]]:
-        inflight = InflightBatch()
-        inflight.cover(sources)
+    def _run_batch(self, sources: list[Source], inflight: InflightBatch, sink: OutputSink) -> list[Rejected]:
+        """Process a batch and produce its outputs and dead letters (the delivery strategy wraps this)."""
         result = self.processor.run(sources, self.registry.routing)
         rejected = result.rejected
         for topic, record in result.outputs:
             try:
-                self.sink.produce(inflight, topic, record.key, record.value, record.headers)
+                sink.produce(inflight, topic, record.key, record.value, record.headers)
             except RecordTooLarge as exc:
                 if topic != self.settings.shadow_topic:  # a shadow output is dropped, its live one stands
                     rejected.append(Rejected.from_error(record.source, exc.stage, exc))
                     result.predictions -= 1
         for item in rejected:
             dlq_topic = self.settings.output.dead_letter_topic
-            self.sink.produce(inflight, dlq_topic, *dead_letter(item, self.sink.max_record_bytes(dlq_topic)))
+            sink.produce(inflight, dlq_topic, *dead_letter(item, sink.max_record_bytes(dlq_topic)))
             self.stats.by_stage[item.stage] = self.stats.by_stage.get(item.stage, 0) + 1
         s = self.stats
         s.predictions_out += result.predictions
@@ -305,33 +260,7 @@ class Worker:
             self.metrics.feature_defaults.add(result.missing_defaults, {"reason": "missing"})
         if result.stale_defaults:
             self.metrics.feature_defaults.add(result.stale_defaults, {"reason": "stale"})
-        return inflight, rejected
-
-    def _replace_producer(self, cause: Exception, sources: list[Source]) -> None:
-        """A fatal, non-fencing producer error: a new producer with the same transactional.id takes over
-        (aborting whatever the old one left open) and the input is re-read from the committed offsets."""
-        now = time.monotonic()
-        self._producer_restarts = [t for t in self._producer_restarts if now - t < 300] + [now]
-        if len(self._producer_restarts) > MAX_PRODUCER_RESTARTS:
-            raise ProducerFailed(f"{len(self._producer_restarts)} producer failures within 5 minutes, last: {cause}")
-        log.warning("transactional producer failed (%s): replacing it, re-reading from committed offsets", cause)
-        self.stats.producer_restarts += 1
-        self.sink = OutputSink(self._producer_config, self._size_limits)
-        self.sink.init_transactions(self.settings.shutdown_timeout_s)
-        self._rewind(sources)
-
-    def _rewind(self, sources: list[Source]) -> None:
-        """After an aborted transaction: forget buffered records and read again from the aborted batch's start.
-
-        Each batch commits its offsets in its own transaction, so the first record of the aborted batch (or
-        of the buffered ones) in each partition is exactly the committed position; seeking there needs no
-        round trip to a group coordinator that may be the reason the transaction failed.
-        """
-        start: dict[tuple[str, int], int] = {}
-        for source in [*sources, *self.batcher.drop(lambda _: False)]:
-            tp = (source.topic, source.partition)
-            start[tp] = min(source.offset, start.get(tp, source.offset))
-        self.source.seek(start)
+        return rejected
 
     def _log_progress(self) -> None:
         s = self.stats

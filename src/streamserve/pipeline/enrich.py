@@ -496,22 +496,39 @@ class FeatureBuilder:
         return onehot
 
     def _vectors(self, spec: FeatureSpec, raw: list[Any], reasons: dict[int, str]) -> np.ndarray:
-        """A (rows, length) float64 matrix of array fields; nulls take the default in every element."""
+        """A (rows, length) matrix of array fields (int64 for integer dtypes, else float64); nulls take the
+        default in every element."""
         length = spec.length or 1
-        out = np.full((len(raw), length), math.nan if spec.default is None else float(spec.default))
+        integers = spec.dtype in _INT_DTYPES
+        if integers:
+            out = np.full((len(raw), length), 0 if spec.default is None else int(float(spec.default)), np.int64)
+        else:
+            out = np.full((len(raw), length), math.nan if spec.default is None else float(spec.default))
         for row, value in enumerate(raw):
             if value is None:
                 if spec.default is None:
                     reasons.setdefault(row, f"feature {spec.name!r}: missing (null) and no default")
+                continue
+            if not isinstance(value, (list, tuple)) or len(value) != length:
+                size = len(value) if isinstance(value, (list, tuple)) else "no array"
+                reasons.setdefault(row, f"feature {spec.name!r}: expected {length} values, got {size}")
+                continue
+            if integers:
+                element_reasons: dict[int, str] = {}
+                _, exact = self._int_column(spec, list(value), element_reasons, finite_only=True)
+                if element_reasons:
+                    reasons.setdefault(row, next(iter(element_reasons.values())))
+                elif any(element is None for element in value):
+                    reasons.setdefault(row, f"feature {spec.name!r}: a null element in the array")
+                else:
+                    out[row] = exact
                 continue
             try:
                 vector = np.asarray(value, dtype=np.float64)
             except (TypeError, ValueError) as exc:
                 reasons.setdefault(row, f"feature {spec.name!r}: not an array of numbers: {exc}")
                 continue
-            if vector.shape != (length,):
-                reasons.setdefault(row, f"feature {spec.name!r}: expected {length} values, got {vector.size}")
-            elif not np.isfinite(vector).all():
+            if not np.isfinite(vector).all():
                 reasons.setdefault(row, f"feature {spec.name!r}: NaN or infinity in the array")
             elif (why := _out_of_range(spec.dtype, vector)) is not None:
                 reasons.setdefault(row, f"feature {spec.name!r}: {why}")

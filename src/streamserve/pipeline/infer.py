@@ -66,9 +66,10 @@ class InputBinding:
 
     def feed(self, columns: dict[str, np.ndarray]) -> np.ndarray:
         """The input tensor for a batch of feature columns."""
-        parts = [columns[name] for name in self.features]
+        # Each column takes the input's type before they are put side by side: stacking an exact int64
+        # column beside a float one would round it through float64.
+        parts = [columns[name].astype(self.dtype, copy=False) for name in self.features]
         tensor = parts[0][:, None] if len(parts) == 1 and parts[0].ndim == 1 else np.column_stack(parts)
-        tensor = tensor.astype(self.dtype, copy=False)
         return tensor.reshape(len(tensor)) if self.rank == 1 else tensor
 
     def unfit_rows(self, columns: dict[str, np.ndarray]) -> np.ndarray:
