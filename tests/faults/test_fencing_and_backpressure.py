@@ -29,7 +29,9 @@ def test_zombie_is_fenced_and_stops_cleanly_without_duplicates(
     events = list(make_events(entities, 10_000, seed=123))
     zombie = WorkerProcess(pipeline.path, tmp_path, "same-id")
     zombie.wait_logged("assigned")
-    producer = produce_in_background(pipeline, events, rate=2500)
+    # Slow enough that input still flows when the successor is up, even on a loaded machine: an idle zombie
+    # opens no transaction, so it learns it was fenced only from its next batch.
+    producer = produce_in_background(pipeline, events, rate=500)
     time.sleep(1.5)
     # A second instance with the same worker id (hence transactional.id) fences the first one.
     successor = WorkerProcess(pipeline.path, tmp_path, "same-id")

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -106,8 +107,12 @@ FENCING_CODES = {
 
 
 def fatal_error(error: KafkaError) -> Fenced | ProducerFailed:
-    """Fencing means another instance took over (stop); anything else fatal means start a new producer."""
-    if error.code() in FENCING_CODES:
+    """Fencing means another instance took over (stop); anything else fatal means start a new producer.
+
+    A bare _FATAL (its cause not reported) counts as fencing: replacing the producer would fence the instance
+    that most likely took over, and the two would fight for the transactional.id.
+    """
+    if error.code() in FENCING_CODES or error.code() == KafkaError._FATAL:
         return Fenced(f"another producer took over this worker's transactional.id: {error}")
     return ProducerFailed(str(error))
 
@@ -169,11 +174,24 @@ class OutputSink:
     """Produces output records and tells which input offsets may be committed."""
 
     def __init__(self, producer_config: dict[str, str | int | float | bool], limits: SizeLimits | None = None) -> None:
-        config = {**PRODUCER_DEFAULTS, **producer_config}
+        config: dict[str, Any] = {**PRODUCER_DEFAULTS, **producer_config}
         self.limits = limits or SizeLimits(int(config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)))
         # librdkafka fills a batch up to batch.size whatever the topic takes: keep it under every topic's limit.
         batch_size = int(config.get("batch.size", DEFAULT_MESSAGE_MAX_BYTES))
         config["batch.size"] = min(batch_size, self.limits.max_batch_bytes)
+        self.fatal: KafkaError | None = None
+        """The producer's fatal error as librdkafka reported it (produce() itself only says _FATAL)."""
+        user_error_cb = config.pop("error_cb", None)
+
+        def on_error(error: KafkaError) -> None:
+            if error.fatal():
+                self.fatal = error
+            if callable(user_error_cb):
+                user_error_cb(error)
+            elif not error.fatal():
+                log.warning("producer: %s", error)
+
+        config["error_cb"] = on_error
         self.producer = Producer(config)
         self.transactional = "transactional.id" in producer_config
         self._inflight: deque[InflightBatch] = deque()
@@ -266,6 +284,9 @@ class OutputSink:
             except BufferError:
                 self.producer.poll(0.05)
             except KafkaException as exc:
+                if exc.args[0].code() == KafkaError._FATAL or exc.args[0].fatal():
+                    self.producer.poll(0)  # serves the error callback, which names the cause (e.g. fencing)
+                    raise fatal_error(self.fatal or exc.args[0]) from exc
                 if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
                     raise RecordTooLarge(topic, size, limit) from exc
                 raise
