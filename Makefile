@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STACK  := $(PYTHON) scripts/stack
 
-.PHONY: help venv lint test test-unit test-integration demo demo-maintenance stack-up stack-down stack-status stack-up-secure stack-down-secure test-secure bench clean
+.PHONY: help venv lint test test-unit test-integration demo demo-maintenance stack-up stack-down stack-status stack-up-secure stack-down-secure test-secure stack-up-registry stack-down-registry test-registry bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -54,6 +54,15 @@ stack-down-secure:  ## stop what stack-up-secure started
 
 test-secure: venv  ## worker + publisher end to end on the secured stack (started when needed)
 	$(BIN)/pytest tests/secure
+
+stack-up-registry:  ## Apicurio Schema Registry alone (.stack-registry/, needs a JDK >= 21), beside any stack
+	$(STACK) up --registry-only
+
+stack-down-registry:  ## stop what stack-up-registry started
+	$(STACK) down --registry-only
+
+test-registry: venv  ## evolution, registry outage, wire-format predictions, schemas check on the real registry
+	$(BIN)/pytest tests/integration/test_schema_registry.py tests/unit/test_schema_registry.py
 
 bench: venv  ## benchmark against the Kafka limit, a hand-written loop, Quix Streams, faust (BENCHMARKS.md)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

@@ -22,7 +22,7 @@ from streamserve.demo.maintenance import train_versions as train_maintenance
 from streamserve.demo.train import TrainedModel, train_versions
 from tests.integration.harness import Pipeline, WorkerProcess, unique
 from tests.integration.maintenance import MaintenancePipeline
-from tests.integration.servers import Servers, ServerStartError, servers, warm_up
+from tests.integration.servers import Registry, Servers, ServerStartError, registry, servers, warm_up
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,16 @@ def stack() -> Iterator[Servers]:
     try:
         with servers() as found:
             warm_up(found.bootstrap_servers)
+            yield found
+    except ServerStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def schema_registry() -> Iterator[Registry]:
+    """The real Schema Registry, started once per session and only when a test asks for it."""
+    try:
+        with registry() as found:
             yield found
     except ServerStartError as exc:
         pytest.fail(str(exc), pytrace=False)

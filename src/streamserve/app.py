@@ -27,6 +27,7 @@ from streamserve.pipeline.process import BatchProcessor
 from streamserve.pipeline.sink import InflightBatch, OutputSink, size_limits
 from streamserve.pipeline.source import KafkaSource
 from streamserve.records import Rejected, Source
+from streamserve.schema_registry import prediction_prefix
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Worker:
         self.drained = False
         """Set once the final batch was flushed and committed: what remains (closing clients) loses nothing."""
         check_event_schema(json.loads(settings.input.schema_path.read_text()), settings)
-        self._decode = make_decoder(settings.input.schema_path, settings.kafka.schema_registry_config())
+        self._decode = make_decoder(settings.input.schema_path, settings.kafka)
         self.redis = redis_client(settings.redis)
         self.features = FeatureBuilder(settings.features, redis_fetcher(self.redis, settings.redis))
         self.registry = ModelRegistry(
@@ -74,7 +75,12 @@ class Worker:
             settings.control.keep_versions,
             settings.control.artifact_cache_dir.expanduser(),
         )
-        self.encoder = PredictionEncoder(settings.output.schema_path, settings.input, settings.output.copy_fields)
+        self.encoder = PredictionEncoder(
+            settings.output.schema_path,
+            settings.input,
+            settings.output.copy_fields,
+            value_prefix=prediction_prefix(settings),  # b"" unless output.wire_format
+        )
         self.processor = BatchProcessor(
             self._decode,
             self.features,

@@ -297,6 +297,32 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schemas_check(args: argparse.Namespace) -> int:
+    """Ask the pipeline's Schema Registry whether the reader schema reads the latest writer schema of the input
+    subject and whether the prediction schema is compatible with the registered one. Exit 0 when both are,
+    1 when one is not (the reasons are printed), 2 when the check could not be made (config, registry down)."""
+    from streamserve.config import load_settings
+    from streamserve.schema_registry import check_schemas
+
+    settings = load_settings(args.config)
+    try:
+        checks = check_schemas(settings)
+    except StreamServeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the registry's client raises its own and its HTTP layer's errors
+        print(
+            f"streamserve: error: the Schema Registry at {settings.kafka.schema_registry_url} did not answer the "
+            f"check: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    for check in checks:
+        print(f"{'yes' if check.ok else 'NO '}  {check.title}")
+        for line in check.lines:
+            print(f"     {line}")
+    return 0 if all(check.ok for check in checks) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run an example end to end on the local stack: the card-fraud demo (default) or the predictive-maintenance
     example (a nested, nullable schema and a multi-input scikit-learn model with string labels)."""
@@ -415,6 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys_generate = keys.add_parser("generate", help="create a signing key pair", description=cmd_keys_generate.__doc__)
     keys_generate.add_argument("--out", type=Path, required=True, help="private key file to create (FILE.pub beside)")
     keys_generate.set_defaults(func=cmd_keys_generate)
+
+    schemas = sub.add_parser("schemas", help="Schema Registry checks for CI/CD").add_subparsers(
+        dest="action", required=True
+    )
+    check = schemas.add_parser(
+        "check",
+        help="can the reader schema read the registered writer schema; is the prediction schema compatible",
+        description=cmd_schemas_check.__doc__,
+    )
+    _add_config(check)
+    check.set_defaults(func=cmd_schemas_check)
 
     demo = sub.add_parser(
         "demo", help="run the card-fraud demo end to end on a running local stack", description=cmd_demo.__doc__

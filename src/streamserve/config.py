@@ -68,6 +68,22 @@ class KafkaSettings(_Section):
     """Client certificate (PEM) when the registry requires mutual TLS."""
     schema_registry_key_location: Path | None = None
     """Private key (PEM) of the client certificate."""
+    schema_registry_timeout_s: float = Field(default=10.0, gt=0)
+    """Timeout of one HTTP request to the registry."""
+    schema_registry_cache_capacity: int = Field(default=1000, ge=1)
+    """Schemas kept by the registry client, and writer schemas (resolved to the reader schema) kept by id."""
+    schema_registry_retries: int = Field(default=2, ge=0)
+    """Retries of one request by the client (connection errors, 408/429/5xx) before the policy below applies."""
+    schema_registry_backoff_ms: int = Field(default=200, ge=1)
+    """First pause between retries; doubled each time."""
+    schema_registry_max_backoff_ms: int = Field(default=5000, ge=1)
+    """Longest pause between retries."""
+    schema_registry_on_unavailable: Literal["wait", "dead_letter", "fail"] = "wait"
+    """When a writer schema cannot be fetched because the registry does not answer (connection refused, timeout,
+    TLS or auth failure, 5xx) after the retries: ``wait`` keeps retrying with backoff, blocking intake, until it
+    answers (nothing is lost); ``dead_letter`` routes the record to the DLQ (stage decode); ``fail`` stops the
+    worker. Ids the registry says do not exist, and writer schemas the reader schema cannot resolve, always go
+    to the DLQ: they are the record's fault."""
 
     @model_validator(mode="after")
     def _check_registry_auth(self) -> KafkaSettings:
@@ -85,11 +101,19 @@ class KafkaSettings(_Section):
             conf["sasl.password"] = self.sasl_password.get_secret_value()
         return conf
 
-    def schema_registry_config(self) -> dict[str, str] | None:
-        """Settings of confluent-kafka's SchemaRegistryClient (url, TLS, basic auth); None without a registry."""
+    def schema_registry_config(self) -> dict[str, str | int | float] | None:
+        """Settings of confluent-kafka's SchemaRegistryClient (url, TLS, basic auth, timeouts, cache, retries);
+        None without a registry."""
         if not self.schema_registry_url:
             return None
-        conf = {"url": self.schema_registry_url}
+        conf: dict[str, str | int | float] = {
+            "url": self.schema_registry_url,
+            "timeout": self.schema_registry_timeout_s,
+            "cache.capacity": self.schema_registry_cache_capacity,
+            "max.retries": self.schema_registry_retries,
+            "retries.wait.ms": self.schema_registry_backoff_ms,
+            "retries.max.wait.ms": self.schema_registry_max_backoff_ms,
+        }
         if self.schema_registry_username is not None and self.schema_registry_password is not None:
             secret = self.schema_registry_password.get_secret_value()
             conf["basic.auth.user.info"] = f"{self.schema_registry_username}:{secret}"
@@ -128,6 +152,9 @@ class InputSettings(_Section):
     event_time_field: str | None = None
     """Event field path with the event time (timestamp-millis/micros, date, or a long in epoch ms); the
     Kafka timestamp when unset. A null event time is valid: the prediction carries null."""
+    subject: str | None = None
+    """Registry subject of the producers' writer schemas (``streamserve schemas check``); ``<topic>-value``
+    (Confluent's TopicNameStrategy) when unset."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -270,6 +297,16 @@ class OutputSettings(_Section):
     copy_fields: dict[str, str] = Field(default_factory=dict)
     """Event fields copied into each prediction: prediction field name -> event field path, e.g.
     ``{region: region, os: device.os.name}``; the output schema must have these fields."""
+    wire_format: bool = False
+    """Write predictions in Schema Registry wire format (magic byte 0, the 4-byte schema id, the Avro body), so
+    any Confluent-compatible consumer (AvroDeserializer, Connect, ksqlDB, Flink) reads them; needs
+    kafka.schema_registry_url. Off: schemaless Avro, as before. Dead letters keep the original bytes either way."""
+    subject_name_strategy: Literal["topic", "record", "topic_record"] = "topic"
+    """Subject of the prediction schema (wire_format): ``topic`` is ``<topic>-value``, ``record`` the schema's
+    full name, ``topic_record`` ``<topic>-<full name>`` (Confluent's TopicName/RecordName/TopicRecordName)."""
+    auto_register: bool = True
+    """Register the prediction schema at start (wire_format); off: it must already be registered (a CI step
+    registers it) and the worker only looks its id up."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -414,6 +451,12 @@ class PipelineSettings(BaseSettings):
             if feature.source == "redis" and layouts.setdefault(feature.key or "", feature.layout) != feature.layout:
                 raise ValueError(f"features of key {feature.key!r} mix layouts 'hash' and 'packed'")
         return features
+
+    @model_validator(mode="after")
+    def _wire_format_needs_a_registry(self) -> PipelineSettings:
+        if self.output.wire_format and not self.kafka.schema_registry_url:
+            raise ValueError("output.wire_format needs kafka.schema_registry_url")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -53,6 +53,11 @@ class RecordTooLarge(RecordError):
         self.limit = limit
 
 
+class RegistryUnavailable(StreamServeError):
+    """The Schema Registry did not answer (a platform failure, not the record's): the worker stops
+    (kafka.schema_registry_on_unavailable=fail)."""
+
+
 class ModelError(StreamServeError):
     """A model artifact cannot serve: fetch, digest, signature or warm-up failed."""
 

@@ -1,8 +1,9 @@
-"""Finding or starting the real Kafka broker and Redis server the integration tests talk to.
+"""Finding or starting the real Kafka broker, Redis server and Schema Registry the integration tests talk to.
 
 Order: KAFKA_BOOTSTRAP_SERVERS + REDIS_URL when both are set; testcontainers when a Docker engine
-answers; otherwise the project's own native stack (scripts/stack). A server that cannot start fails
-the run with its log tail - never a skip.
+answers; otherwise the project's own native stack (scripts/stack). The Schema Registry likewise, on its own and
+only when a registry test runs: SCHEMA_REGISTRY_URL; a testcontainer; `scripts/stack up --registry-only`.
+A server that cannot start fails the run with its log tail - never a skip.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +137,69 @@ def servers() -> Iterator[Servers]:
     else:
         with _native_stack() as found:
             yield found
+
+
+@dataclass(frozen=True)
+class Registry:
+    url: str
+    """Confluent-compatible API root, e.g. http://127.0.0.1:38081/apis/ccompat/v7."""
+    origin: str
+    bounce: Callable[[float], float] | None = None
+    """Makes the registry unreachable for that many seconds, keeping its schemas; returns the downtime."""
+
+
+def _native_registry() -> Iterator[Registry]:
+    state_dir = Path(os.environ.get("STREAMSERVE_REGISTRY_STACK_DIR", REPO / ".stack-registry"))
+    base = [sys.executable, str(STACK), "--state-dir", str(state_dir)]
+    already_up = subprocess.run([*base, "status", "--registry-only"], capture_output=True).returncode == 0
+    result = subprocess.run([*base, "up", "--registry-only"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ServerStartError(
+            "scripts/stack up --registry-only failed (Schema Registry did not start):\n"
+            + result.stdout[-4000:]
+            + result.stderr[-4000:]
+        )
+
+    def bounce(down_for: float) -> float:
+        command = [*base, "bounce", "registry", "--registry-only", "--down-for", str(down_for)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ServerStartError(f"scripts/stack bounce registry failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+        return float(done.stdout.split("downtime:", 1)[1].split("s", 1)[0])
+
+    env = _read_env_file(state_dir / "stack.env")
+    try:
+        yield Registry(env["SCHEMA_REGISTRY_URL"], "native stack (scripts/stack --registry-only)", bounce)
+    finally:
+        if not already_up:
+            subprocess.run([*base, "down", "--registry-only"], capture_output=True)
+
+
+def _registry_container() -> Iterator[Registry]:
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    image = f"apicurio/apicurio-registry:{os.environ.get('STREAMSERVE_REGISTRY_VERSION', '3.3.3')}"
+    with DockerContainer(image).with_exposed_ports(8080) as container:
+        wait_for_logs(container, "Listening on", timeout=180)
+        url = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(8080)}/apis/ccompat/v7"
+
+        def bounce(down_for: float) -> float:  # paused, not stopped: a restart would lose the in-memory schemas
+            started = time.monotonic()
+            container.get_wrapped_container().pause()
+            time.sleep(down_for)
+            container.get_wrapped_container().unpause()
+            return time.monotonic() - started
+
+        yield Registry(url, "testcontainers", bounce)
+
+
+@contextlib.contextmanager
+def registry() -> Iterator[Registry]:
+    """The Schema Registry for this session, started if needed and stopped if this session started it."""
+    if url := os.environ.get("SCHEMA_REGISTRY_URL"):
+        yield Registry(url, "environment")
+    elif os.environ.get("STREAMSERVE_TESTS_USE_DOCKER", "auto") != "never" and _docker_engine_reachable():
+        yield from _registry_container()
+    else:
+        yield from _native_registry()

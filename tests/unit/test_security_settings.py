@@ -76,6 +76,11 @@ def test_schema_registry_client_config_carries_tls_and_basic_auth() -> None:
         "url": "mock://registry",
         "basic.auth.user.info": "svc:hunter2-registry",
         "ssl.ca.location": str(ca_bundle),
+        "timeout": 10.0,
+        "cache.capacity": 1000,
+        "max.retries": 2,
+        "retries.wait.ms": 200,
+        "retries.max.wait.ms": 5000,
     }
     assert "hunter2-registry" not in repr(kafka)
     assert KafkaSettings().schema_registry_config() is None

@@ -48,9 +48,15 @@ class PredictionEncoder:
     """
 
     def __init__(
-        self, schema_path: Path, input_settings: InputSettings, copy_fields: dict[str, str] | None = None
+        self,
+        schema_path: Path,
+        input_settings: InputSettings,
+        copy_fields: dict[str, str] | None = None,
+        value_prefix: bytes = b"",
     ) -> None:
         self.schema = load_schema(schema_path)
+        self.value_prefix = value_prefix
+        """Written before each value: Schema Registry wire format's magic byte and schema id, or nothing."""
         schema_fields = cast("list[dict[str, Any]]", self.schema["fields"])  # type: ignore[call-overload,index]
         names = {field["name"] for field in schema_fields}
         missing = [name for name in copy_fields or {} if name not in names]
@@ -101,7 +107,7 @@ class PredictionEncoder:
         }
         name_header, version_header = model_name.encode(), model_version.encode()
         common: dict[tuple[str, int], Headers] = {}  # every header but the offset, per source partition
-        write, schema, buffer = fastavro.schemaless_writer, self.schema, io.BytesIO()
+        write, schema, buffer, prefix = fastavro.schemaless_writer, self.schema, io.BytesIO(), self.value_prefix
         key_of, id_of, time_of, copies = self._key, self._id, self._time, self._copies
         encoded: list[Encoded] = []
         rejected: list[Rejected] = []
@@ -127,6 +133,7 @@ class PredictionEncoder:
                     record[name] = get(fields)
                 buffer.seek(0)
                 buffer.truncate()
+                buffer.write(prefix)
                 write(buffer, schema, record)
             except Exception as exc:  # noqa: BLE001 - whatever one record's values do, only that record fails
                 rejected.append(Rejected.from_error(source, ENCODE_STAGE, exc))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from streamserve.control.registry import Routing
-from streamserve.errors import EnrichError, InferenceError
+from streamserve.errors import EnrichError, InferenceError, RegistryUnavailable
 from streamserve.pipeline.decode import Decoder
 from streamserve.pipeline.encode import ENCODE_STAGE, Encoded, PredictionEncoder
 from streamserve.pipeline.enrich import FeatureBuilder
@@ -67,6 +67,8 @@ class BatchProcessor:
         for source in sources:
             try:
                 events.append(Event(source, self.decode(source.value)))
+            except RegistryUnavailable:
+                raise  # the platform, not the record (kafka.schema_registry_on_unavailable=fail)
             except Exception as exc:  # noqa: BLE001 - whatever a record's bytes do, it is that record's fault
                 result.rejected.append(Rejected.from_error(source, DECODE_STAGE, exc))
         if not events:

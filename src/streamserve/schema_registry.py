@@ -1,0 +1,228 @@
+"""The Schema Registry around the pipeline: subject names, the prediction schema's id, schema checks for CI.
+
+Input decoding through the registry lives in pipeline/decode.py (RegistryDecoder); this module holds what is
+done once: registering the prediction schema under its subject (wire-format predictions), and
+``streamserve schemas check``: can the reader schema read the latest registered writer schema of the input
+subject, and may the prediction schema be registered after the one already there.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import fastavro
+
+from streamserve.config import KafkaSettings, PipelineSettings
+from streamserve.errors import ConfigError
+from streamserve.pipeline.decode import WIRE_MAGIC, load_schema
+
+_WIRE_HEADER = struct.Struct(">bI")
+_PROMOTIONS = {
+    "int": {"long", "float", "double"},
+    "long": {"float", "double"},
+    "float": {"double"},
+    "string": {"bytes"},
+    "bytes": {"string"},
+}
+
+
+def registry_client(kafka: KafkaSettings) -> Any:
+    """confluent-kafka's SchemaRegistryClient with the pipeline's URL, TLS, basic auth, timeouts and cache."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    conf = kafka.schema_registry_config()
+    if conf is None:
+        raise ConfigError("kafka.schema_registry_url is not set")
+    return SchemaRegistryClient.new_client(conf)
+
+
+def full_name(schema: dict[str, Any]) -> str:
+    """The record's full name (namespace.name), as Confluent's RecordNameStrategy uses it."""
+    name = str(schema["name"])
+    namespace = schema.get("namespace")
+    return name if "." in name or not namespace else f"{namespace}.{name}"
+
+
+def subject_name(strategy: str, topic: str, schema: dict[str, Any]) -> str:
+    """The subject of a record value schema under a subject name strategy (topic, record, topic_record)."""
+    if strategy == "topic":
+        return f"{topic}-value"
+    if strategy == "record":
+        return full_name(schema)
+    if strategy == "topic_record":
+        return f"{topic}-{full_name(schema)}"
+    raise ConfigError(f"unknown subject name strategy {strategy!r} (expected topic, record or topic_record)")
+
+
+def prediction_subject(settings: PipelineSettings) -> str:
+    """The subject of the prediction schema: the output topic's under output.subject_name_strategy.
+
+    Shadow predictions carry the same schema id (a consumer resolves ids, not subjects).
+    """
+    schema = json.loads(settings.output.schema_path.read_text())
+    return subject_name(settings.output.subject_name_strategy, settings.output.topic, schema)
+
+
+def prediction_prefix(settings: PipelineSettings, client: Any | None = None) -> bytes:
+    """The 5 bytes (magic byte, schema id) every prediction starts with under output.wire_format; b"" when off.
+
+    With output.auto_register the schema is registered (a no-op when it already is; the registry refuses a
+    schema its compatibility rule forbids), otherwise it must be registered already.
+    """
+    if not settings.output.wire_format:
+        return b""
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryError
+
+    client = client or registry_client(settings.kafka)
+    schema = Schema(settings.output.schema_path.read_text(), "AVRO")
+    subject = prediction_subject(settings)
+    try:
+        if settings.output.auto_register:
+            schema_id = client.register_schema(subject, schema)
+        else:
+            schema_id = client.lookup_schema(subject, schema).schema_id
+    except SchemaRegistryError as exc:
+        action = "register" if settings.output.auto_register else "find"
+        raise ConfigError(
+            f"cannot {action} the prediction schema {settings.output.schema_path} under subject {subject!r}: {exc}"
+        ) from exc
+    return _WIRE_HEADER.pack(WIRE_MAGIC, schema_id)
+
+
+# --------------------------------------------------------------------------- local resolution (Avro spec)
+
+
+def resolution_errors(writer: Any, reader: Any, path: str = "") -> list[str]:
+    """Why data written with `writer` cannot be read with `reader` (Avro schema resolution); [] when it can.
+
+    Schemas as fastavro.parse_schema(..., expand=True) returns them (named types inlined).
+    """
+    where = path or "the record"
+    if isinstance(writer, list):  # every branch the writer may have used must be readable
+        return [error for branch in writer for error in resolution_errors(branch, reader, path)]
+    if isinstance(reader, list):
+        if any(not resolution_errors(writer, branch, path) for branch in reader):
+            return []
+        return [f"{where}: no branch of the reader's union reads the writer's {_type_name(writer)}"]
+    w_type, r_type = _type_name(writer), _type_name(reader)
+    if w_type != r_type:
+        if r_type in _PROMOTIONS.get(w_type, set()):
+            return []
+        return [f"{where}: the writer's {w_type} cannot be read as {r_type}"]
+    if w_type == "record":
+        errors = []
+        written = {f["name"]: f for f in writer["fields"]}
+        for r_field in reader["fields"]:
+            names = [r_field["name"], *r_field.get("aliases", [])]
+            w_field = next((written[name] for name in names if name in written), None)
+            child = f"{path}.{r_field['name']}" if path else r_field["name"]
+            if w_field is not None:
+                errors += resolution_errors(w_field["type"], r_field["type"], child)
+            elif "default" not in r_field:
+                errors.append(f"field {child} is not in the writer's schema and has no default in the reader's")
+        return errors
+    if w_type == "enum":
+        unknown = sorted(set(writer["symbols"]) - set(reader["symbols"]))
+        if unknown and "default" not in reader:
+            return [f"{where}: enum symbols {unknown} are unknown to the reader (and it has no default)"]
+        return []
+    if w_type == "array":
+        return resolution_errors(writer["items"], reader["items"], f"{path}[]")
+    if w_type == "map":
+        return resolution_errors(writer["values"], reader["values"], f"{path}{{}}")
+    if w_type == "fixed" and writer["size"] != reader["size"]:
+        return [f"{where}: fixed size {writer['size']} cannot be read as size {reader['size']}"]
+    return []
+
+
+def _type_name(schema: Any) -> str:
+    return schema if isinstance(schema, str) else str(schema["type"])
+
+
+def _expanded(schema_str: str) -> Any:
+    return fastavro.parse_schema(json.loads(schema_str), expand=True, _write_hint=False)
+
+
+# --------------------------------------------------------------------------- schemas check
+
+
+@dataclass
+class Check:
+    """One question of ``schemas check`` and its answer."""
+
+    title: str
+    ok: bool
+    lines: list[str] = field(default_factory=list)
+
+
+def _level(client: Any, subject: str) -> str:
+    from confluent_kafka.schema_registry import SchemaRegistryError
+
+    try:
+        return str(client.get_compatibility(subject))
+    except SchemaRegistryError:  # no subject-level setting: the global one applies
+        return str(client.get_compatibility())
+
+
+def check_input(settings: PipelineSettings, client: Any) -> Check:
+    """Can the pipeline's reader schema read the latest writer schema registered for its input subject?"""
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryError
+
+    subject = settings.input.subject or f"{settings.input.topic}-value"
+    title = f"input: reader schema {settings.input.schema_path.name} vs. latest writer schema of {subject!r}"
+    try:
+        latest = client.get_latest_version(subject)
+    except SchemaRegistryError as exc:
+        if exc.http_status_code == 404:
+            return Check(title, True, ["no writer schema registered yet: nothing to read"])
+        raise
+    reader_str = settings.input.schema_path.read_text()
+    errors = resolution_errors(_expanded(latest.schema.schema_str), _expanded(reader_str))
+    lines = [f"latest: version {latest.version}, id {latest.schema_id}"]
+    lines += [f"cannot resolve: {error}" for error in errors] or ["resolves: the reader schema reads it"]
+    compatible = client.test_compatibility(subject, Schema(reader_str, "AVRO"))
+    level = _level(client, subject)
+    lines.append(f"registry ({level}): the reader schema is {'' if compatible else 'NOT '}compatible with {subject!r}")
+    return Check(title, not errors and bool(compatible), lines)
+
+
+def check_output(settings: PipelineSettings, client: Any) -> Check:
+    """Is the prediction schema compatible with the one registered under its subject (registry's rule)?"""
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryError
+
+    subject = prediction_subject(settings)
+    title = f"output: prediction schema {settings.output.schema_path.name} vs. subject {subject!r}"
+    schema_str = settings.output.schema_path.read_text()
+    load_schema(settings.output.schema_path)  # a ConfigError naming the file when it is not valid Avro
+    try:
+        latest = client.get_latest_version(subject)
+    except SchemaRegistryError as exc:
+        if exc.http_status_code == 404:
+            return Check(title, True, ["not registered yet: the first worker with output.wire_format registers it"])
+        raise
+    level = _level(client, subject)
+    ours, theirs = _expanded(schema_str), _expanded(latest.schema.schema_str)
+    lines = [f"latest: version {latest.version}, id {latest.schema_id}"]
+    if ours == theirs:
+        lines.append("the same schema is registered")
+    errors = []  # the registry's rule, checked here too: Apicurio's answers carry no reasons
+    if level.startswith(("BACKWARD", "FULL")):
+        errors += [f"the new schema cannot read old predictions: {e}" for e in resolution_errors(theirs, ours)]
+    if level.startswith(("FORWARD", "FULL")):
+        errors += [
+            f"readers of the registered schema cannot read new predictions: {e}"
+            for e in resolution_errors(ours, theirs)
+        ]
+    compatible = bool(client.test_compatibility(subject, Schema(schema_str, "AVRO")))
+    lines += errors
+    lines.append(f"registry ({level}): the prediction schema is {'' if compatible else 'NOT '}compatible")
+    return Check(title, compatible and not errors, lines)
+
+
+def check_schemas(settings: PipelineSettings, client: Any | None = None) -> list[Check]:
+    """Both checks of ``streamserve schemas check``, answered by the registry of the pipeline's settings."""
+    client = client or registry_client(settings.kafka)
+    return [check_input(settings, client), check_output(settings, client)]
