@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 from confluent_kafka import KafkaException, TopicPartition
@@ -16,8 +17,11 @@ from confluent_kafka import KafkaException, TopicPartition
 from streamserve.config import PipelineSettings
 from streamserve.control.follower import ControlFollower
 from streamserve.control.registry import ModelRegistry
-from streamserve.errors import Fenced, ProducerFailed, RecordTooLarge, TransactionAborted
+from streamserve.errors import Fenced, ModelError, ProducerFailed, RecordTooLarge, TransactionAborted
+from streamserve.observe.context import set_worker
 from streamserve.observe.metrics import HealthState, ObserveServer, WorkerMetrics
+from streamserve.observe.telemetry import Telemetry, consumer_lag
+from streamserve.observe.tracing import TRACEPARENT, BatchTracer
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.decode import make_decoder
@@ -62,6 +66,7 @@ class Worker:
     def __init__(self, settings: PipelineSettings) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        set_worker(self.worker_id)
         self.exactly_once = settings.delivery == "exactly_once"
         self.stats = WorkerStats()
         self._stop = threading.Event()
@@ -121,7 +126,10 @@ class Worker:
             serving=lambda: (settings.model.name, self.registry.routing.live.version),
             inflight=lambda: self.sink.inflight,
             readers=readers,
+            desired=lambda: self._desired_version,
+            lag=consumer_lag(self.source.consumer),
         )
+        self._observe_batches(settings)
         self.follower = (
             ControlFollower(
                 settings.kafka.common(),
@@ -133,6 +141,53 @@ class Worker:
             if settings.control.enabled
             else None
         )
+
+    # --- observability (issue 14): everything the worker records, wired in one place ---------------------
+
+    def _observe_batches(self, settings: PipelineSettings) -> None:
+        """Metrics, log context and spans per batch: stage boundaries are marked by wrapping their callables."""
+        updated_at = {spec.updated_at_field for spec in settings.features if spec.updated_at_field}
+        self.telemetry = Telemetry(
+            self.metrics,
+            BatchTracer.from_settings(settings.observe, self.worker_id),
+            updated_at,
+            export=self.observe_server is not None,
+        )
+        t, p = self.telemetry, self.processor
+        p.decode = t.timed("decode", p.decode)
+        p.features.build = t.timed("enrich", p.features.build)  # type: ignore[method-assign]
+        if p.features._fetch is not None:  # the Redis round trip inside enrich
+            p.features._fetch = t.redis_fetcher(p.features._fetch)
+        p._predict = t.timed("infer", p._predict)  # type: ignore[method-assign]
+        p.encoder.encode = t.timed("encode", p.encoder.encode)  # type: ignore[method-assign]
+        p.run = t.timed("process", p.run)  # type: ignore[method-assign]  # its end starts "produce"
+        self._desired_version = settings.model.version
+        self._traceparent: bytes | None = None
+        self._degraded = 0
+        apply = self.registry.apply
+
+        def apply_and_count(announcement: Any) -> Any:
+            self._desired_version = announcement.version
+            try:
+                routing = apply(announcement)
+            except ModelError as exc:
+                self.metrics.swaps.add(1, {"result": "rejected", "reason": type(exc).__name__})
+                raise
+            self.metrics.swaps.add(1, {"result": "accepted", "reason": announcement.action})
+            return routing
+
+        self.registry.apply = apply_and_count  # type: ignore[method-assign]
+
+    def _observed(self, sources: list[Source]) -> None:
+        """process() inside the batch's log context and span; outputs carry the span's traceparent."""
+        with self.telemetry.batch(sources, self.registry.routing.live.version) as scope:
+            self._traceparent = scope.traceparent
+            self.process(sources)
+
+    def _with_trace(self, headers: Any) -> Any:
+        if self._traceparent is None:
+            return headers
+        return [*(h for h in headers or () if h[0] != TRACEPARENT), (TRACEPARENT, self._traceparent)]
 
     def stop(self) -> None:
         """Ask the loop to drain and exit (safe from signal handlers and other threads)."""
@@ -177,6 +232,7 @@ class Worker:
                 self.sink.producer.flush(5)
             if self.observe_server is not None:
                 self.observe_server.stop()
+            self.telemetry.close()
             self.metrics.shutdown()
         self._log_progress()
         return self.stats
@@ -189,7 +245,7 @@ class Worker:
         records = self.source.poll(self.batcher.room, self.batcher.time_left())
         self.batcher.add(records)
         if self.batcher.ready():
-            self.process(self.batcher.take())
+            self._observed(self.batcher.take())
         self.sink.poll(0)
         self._commit()
 
@@ -211,12 +267,14 @@ class Worker:
                 self.source.pause()
                 self._paused = True
                 self.stats.paused += 1
+                self.metrics.pauses.add(1)
             if self._paused and self.batcher.room:
                 self.batcher.add(self.source.poll(self.batcher.room, 0))  # serves rebalance callbacks
 
     def _commit(self) -> None:
         if self.exactly_once:
             return  # offsets travel inside each batch's transaction
+        self.telemetry.poll_acknowledged()
         self.source.release(self.sink.releasable())
         # Idle: whatever poll() handed out is processed and acknowledged, so its positions may be committed.
         self.source.commit(idle=not len(self.batcher) and not self.sink.inflight)
@@ -224,7 +282,7 @@ class Worker:
     def _drain(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while len(self.batcher) and time.monotonic() < deadline:
-            self.process(self.batcher.take())
+            self._observed(self.batcher.take())
         if self.exactly_once:
             self.batcher.take()  # past the deadline: abandoned uncommitted, the next owner re-reads it
             return
@@ -251,6 +309,7 @@ class Worker:
         if not self.exactly_once:
             inflight, rejected = self._run_batch(sources)
             self.sink.seal(inflight)
+            self.telemetry.sealed(inflight, sources)
         else:
             try:
                 self.sink.begin()
@@ -259,8 +318,10 @@ class Worker:
                 self.sink.commit_transaction(
                     offsets, self.source.consumer.consumer_group_metadata(), self.settings.shutdown_timeout_s
                 )
+                self.telemetry.acknowledged(sources)
             except TransactionAborted:
                 self.stats.aborted_batches += 1
+                self.metrics.transactions_aborted.add(1)
                 self._rewind(sources)
                 return
             except (ProducerFailed, KafkaException) as exc:
@@ -271,13 +332,7 @@ class Worker:
         self.stats.events_in += len(sources)
         self.stats.dead_letters += len(rejected)
         self.stats.batches += 1
-        self.metrics.batches.add(1)
-        self.metrics.batch_size.record(len(sources))
-        self.metrics.batch_duration.record(time.perf_counter() - started)
-        self.metrics.events.add(len(sources) - len(rejected), {"outcome": "predicted"})
-        for stage in {item.stage for item in rejected}:
-            count = sum(item.stage == stage for item in rejected)
-            self.metrics.events.add(count, {"outcome": "dead_letter", "stage": stage})
+        self.telemetry.batch_done(sources, rejected, self._degraded, time.perf_counter() - started)
 
     def _run_batch(self, sources: list[Source]) -> tuple[InflightBatch, list[Rejected]]:
         inflight = InflightBatch()
@@ -286,7 +341,7 @@ class Worker:
         rejected = result.rejected
         for topic, record in result.outputs:
             try:
-                self.sink.produce(inflight, topic, record.key, record.value, record.headers)
+                self.sink.produce(inflight, topic, record.key, record.value, self._with_trace(record.headers))
             except RecordTooLarge as exc:
                 if topic != self.settings.shadow_topic:  # a shadow output is dropped, its live one stands
                     rejected.append(Rejected.from_error(record.source, exc.stage, exc))
@@ -299,6 +354,7 @@ class Worker:
         s.predictions_out += result.predictions
         s.shadow_out += result.shadow
         s.degraded_predictions += result.degraded
+        self._degraded = result.degraded
         s.missing_defaults += result.missing_defaults
         s.stale_defaults += result.stale_defaults
         if result.missing_defaults:
@@ -316,6 +372,7 @@ class Worker:
             raise ProducerFailed(f"{len(self._producer_restarts)} producer failures within 5 minutes, last: {cause}")
         log.warning("transactional producer failed (%s): replacing it, re-reading from committed offsets", cause)
         self.stats.producer_restarts += 1
+        self.metrics.producer_replacements.add(1)
         self.sink = OutputSink(self._producer_config, self._size_limits)
         self.sink.init_transactions(self.settings.shutdown_timeout_s)
         self._rewind(sources)
