@@ -127,7 +127,7 @@ class Worker:
             inflight=lambda: self.sink.inflight,
             readers=readers,
             desired=lambda: self._desired_version,
-            lag=consumer_lag(self.source.consumer),
+            lag=lambda: self.telemetry.lag,
         )
         self._observe_batches(settings)
         self.follower = (
@@ -161,6 +161,7 @@ class Worker:
         p._predict = t.timed("infer", p._predict)  # type: ignore[method-assign]
         p.encoder.encode = t.timed("encode", p.encoder.encode)  # type: ignore[method-assign]
         p.run = t.timed("process", p.run)  # type: ignore[method-assign]  # its end starts "produce"
+        self._read_lag = consumer_lag(self.source.consumer)
         self._desired_version = settings.model.version
         self._traceparent: bytes | None = None
         self._degraded = 0
@@ -272,6 +273,7 @@ class Worker:
                 self.batcher.add(self.source.poll(self.batcher.room, 0))  # serves rebalance callbacks
 
     def _commit(self) -> None:
+        self.telemetry.sample_lag(self._read_lag)
         if self.exactly_once:
             return  # offsets travel inside each batch's transaction
         self.telemetry.poll_acknowledged()

@@ -30,6 +30,7 @@ from streamserve.observe.tracing import BatchTracer
 from streamserve.records import Rejected, Source
 
 F = TypeVar("F", bound=Callable[..., Any])
+LAG_INTERVAL_S = 1.0
 MAX_AGE_SAMPLES = 64
 """Feature ages recorded per key group and batch (evenly spaced keys): freshness, not a census."""
 
@@ -41,7 +42,8 @@ class StageClock:
     stages: dict[str, list[int]] = field(default_factory=dict)
     redis_s: list[float] = field(default_factory=list)
     inference_s: list[tuple[str, float]] = field(default_factory=list)
-    depth: int = 0
+    depth: dict[str, int] = field(default_factory=dict)
+    """Open calls per stage: only the outermost call of a recursive stage (bisection) is measured."""
 
     def mark(self, stage: str, start_ns: int, end_ns: int) -> None:
         span = self.stages.get(stage)
@@ -83,6 +85,9 @@ class Telemetry:
             REGISTRY.register(self.collector)
             self._registered = True
         self.clock: StageClock | None = None
+        self.lag: list[tuple[str, int, int]] = []
+        """(topic, partition, records behind) of the assigned partitions, as last sampled."""
+        self._next_lag_sample = 0.0
         self._unacknowledged: deque[tuple[Any, np.ndarray]] = deque()
 
     def close(self) -> None:
@@ -104,15 +109,17 @@ class Telemetry:
             clock = self.clock
             if clock is None:
                 return fn(*args, **kwargs)
-            clock.depth += 1
+            depth = clock.depth.get(stage, 0)
+            clock.depth[stage] = depth + 1
             start = time.perf_counter_ns()
             try:
                 return fn(*args, **kwargs)
             finally:
-                clock.depth -= 1
+                clock.depth[stage] = depth
                 end = time.perf_counter_ns()
-                clock.mark(stage, start, end)
-                if stage == "infer" and clock.depth == 0 and args:
+                if depth == 0:
+                    clock.mark(stage, start, end)
+                if stage == "infer" and depth == 0 and args:
                     clock.inference_s.append((str(getattr(args[0], "version", "")), (end - start) / 1e9))
 
         return wrapper  # type: ignore[return-value]
@@ -207,6 +214,14 @@ class Telemetry:
     def sealed(self, inflight: Any, sources: Sequence[Source]) -> None:
         """A batch handed to the producer: its latency is recorded once all its outputs are acknowledged."""
         self._unacknowledged.append((inflight, _timestamps_ms(sources)))
+
+    def sample_lag(self, read_lag: Callable[[], list[tuple[str, int, int]]]) -> None:
+        """Refresh the consumer lag at most once per LAG_INTERVAL_S, from the loop's thread (the consumer is
+        not safe to call from the metrics thread: its calls wait for the loop's consume())."""
+        now = time.monotonic()
+        if now >= self._next_lag_sample:
+            self._next_lag_sample = now + LAG_INTERVAL_S
+            self.lag = read_lag()
 
     def poll_acknowledged(self) -> None:
         """Record the latency of the batches acknowledged since the last call (in order, like commits)."""
