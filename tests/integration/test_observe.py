@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 
 from streamserve.demo.data import Entities, make_events
+from tests.deploy.test_monitoring import exported_families, referenced_metrics
 from tests.integration.harness import Pipeline, WorkerThread, predictions, produce_events, wait_until
 
 
@@ -62,6 +63,8 @@ def test_metrics_count_what_the_worker_did_and_probes_answer(pipeline: Pipeline,
     ):
         assert name in body, name
     assert re.search(r'streamserve_inference_duration_seconds_count\{[^}]*version="v1"[^}]*\} [1-9]', body)
+    missing = referenced_metrics() - exported_families(body)
+    assert not missing, f"the dashboard or the alert rules query metrics the worker does not export: {missing}"
     assert re.search(r'streamserve_model_info\{[^}]*desired_version="v1"[^}]*serving_version="v1"[^}]*\} 1', body)
 
 

@@ -93,6 +93,14 @@ class WorkerMetrics:
             "streamserve.model.swaps", unit="1", description="control-topic announcements applied, by result and reason"
         )
 
+        # Counters appear in the scrape from the start (at 0), so dashboards and alerts never see "no data".
+        for counter in (self.degraded, self.transactions_aborted, self.pauses, self.producer_replacements):
+            counter.add(0)
+        for reason in ("missing", "stale"):
+            self.feature_defaults.add(0, {"reason": reason})
+        self.swaps.add(0, {"result": "accepted", "reason": "deploy"})
+        self.swaps.add(0, {"result": "rejected", "reason": "ModelError"})
+
         def serving_version(options: CallbackOptions) -> Iterable[Observation]:
             model, version = serving()
             yield Observation(1, {"model": model, "version": version})
