@@ -9,13 +9,17 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from streamserve.clients import redis_client
 from streamserve.config import PipelineSettings
 from streamserve.control.follower import ControlFollower
 from streamserve.control.registry import ModelRegistry
 from streamserve.errors import Fenced, RecordTooLarge
+from streamserve.observe.context import set_worker
 from streamserve.observe.metrics import HealthState, ObserveServer, WorkerMetrics
+from streamserve.observe.telemetry import Telemetry, consumer_lag
+from streamserve.observe.tracing import TRACEPARENT, BatchTracer
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.decode import make_decoder
@@ -60,6 +64,7 @@ class Worker:
     def __init__(self, settings: PipelineSettings) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        set_worker(self.worker_id)
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self._paused = False
@@ -129,12 +134,65 @@ class Worker:
             serving=lambda: (settings.model.name, self.registry.routing.live.version),
             inflight=lambda: self.delivery.sink.inflight,
             readers=readers,
+            desired=lambda: self._desired_version,
+            lag=lambda: self.telemetry.lag,
         )
+        self._observe_batches(settings)
         self.follower = (
             ControlFollower(settings.kafka.common(), settings.control, self.registry, self.worker_id)
             if settings.control.enabled
             else None
         )
+
+    # --- observability (issue 14): everything the worker records, wired in one place ---------------------
+
+    def _observe_batches(self, settings: PipelineSettings) -> None:
+        """Metrics, log context and spans per batch: stage boundaries are marked by wrapping their callables."""
+        updated_at = {spec.updated_at_field for spec in settings.features if spec.updated_at_field}
+        self.telemetry = Telemetry(
+            self.metrics,
+            BatchTracer.from_settings(settings.observe, self.worker_id),
+            updated_at,
+            export=self.observe_server is not None,
+        )
+        t, p = self.telemetry, self.processor
+        p.decode = t.timed("decode", p.decode)
+        p.features.build = t.timed("enrich", p.features.build)  # type: ignore[method-assign]
+        if p.features._fetch is not None:  # the Redis round trip inside enrich
+            p.features._fetch = t.redis_fetcher(p.features._fetch)
+        p._predict = t.timed("infer", p._predict)  # type: ignore[method-assign]
+        p.encoder.encode = t.timed("encode", p.encoder.encode)  # type: ignore[method-assign]
+        p.run = t.timed("process", p.run)  # type: ignore[method-assign]  # its end starts "produce"
+        self._read_lag = consumer_lag(self.source.consumer)
+        self._desired_version = settings.model.version
+        self._traceparent: bytes | None = None
+        self._degraded = 0
+        self.delivery.telemetry = self.telemetry
+        realize = self.registry.realize
+
+        def realize_and_count(desired: Any) -> Any:
+            if desired is not None:
+                self._desired_version = desired.version
+            try:
+                routing = realize(desired)
+            except Exception as exc:
+                self.metrics.swaps.add(1, {"result": "rejected", "reason": type(exc).__name__})
+                raise
+            self.metrics.swaps.add(1, {"result": "accepted", "reason": desired.mode if desired else "config"})
+            return routing
+
+        self.registry.realize = realize_and_count  # type: ignore[method-assign]
+
+    def _observed(self, sources: list[Source]) -> None:
+        """process() inside the batch's log context and span; outputs carry the span's traceparent."""
+        with self.telemetry.batch(sources, self.registry.routing.live.version) as scope:
+            self._traceparent = scope.traceparent
+            self.process(sources)
+
+    def _with_trace(self, headers: Any) -> Any:
+        if self._traceparent is None:
+            return headers
+        return [*(h for h in headers or () if h[0] != TRACEPARENT), (TRACEPARENT, self._traceparent)]
 
     def stop(self) -> None:
         """Ask the loop to drain and exit (safe from signal handlers and other threads)."""
@@ -149,7 +207,7 @@ class Worker:
             self.follower.catch_up()
             self.follower.start()
         self.source.start(
-            on_revoke=lambda partitions: self.delivery.revoked(partitions, self.process), on_lost=self.delivery.lost
+            on_revoke=lambda partitions: self.delivery.revoked(partitions, self._observed), on_lost=self.delivery.lost
         )
         log.info(
             "worker %s serving %s %s from %s (%s)",
@@ -166,7 +224,7 @@ class Worker:
                 if self.settings.log_every_s and time.monotonic() >= next_log:
                     self._log_progress()
                     next_log = time.monotonic() + self.settings.log_every_s
-            self.delivery.drain(self.process, self.settings.shutdown_timeout_s)
+            self.delivery.drain(self._observed, self.settings.shutdown_timeout_s)
             self.drained = True
             if self.follower is not None:  # control plane: a failed follower ends the worker non-zero
                 self.follower.raise_if_failed()
@@ -181,6 +239,7 @@ class Worker:
             self.delivery.close()
             if self.observe_server is not None:
                 self.observe_server.stop()
+            self.telemetry.close()
             self.metrics.shutdown()
         self._log_progress()
         return self.stats
@@ -196,9 +255,10 @@ class Worker:
         records = self.source.poll(self.batcher.room, self.batcher.time_left())
         self.batcher.add(records)
         if self.batcher.ready():
-            self.process(self.batcher.take())
+            self._observed(self.batcher.take())
         self.delivery.sink.poll(0)
         self.delivery.commit()
+        self.telemetry.sample_lag(self._read_lag)
 
     def _apply_backpressure(self) -> None:
         """Wait while too many batches await acknowledgement; pause the partitions if that lasts.
@@ -219,6 +279,7 @@ class Worker:
                 self.source.pause()
                 self._paused = True
                 self.stats.paused += 1
+                self.metrics.pauses.add(1)
             if self._paused and self.batcher.room:
                 self.batcher.add(self.source.poll(self.batcher.room, 0))  # serves rebalance callbacks
 
@@ -233,13 +294,7 @@ class Worker:
         self.stats.events_in += len(sources)
         self.stats.dead_letters += len(rejected)
         self.stats.batches += 1
-        self.metrics.batches.add(1)
-        self.metrics.batch_size.record(len(sources))
-        self.metrics.batch_duration.record(time.perf_counter() - started)
-        self.metrics.events.add(len(sources) - len(rejected), {"outcome": "predicted"})
-        for stage in {item.stage for item in rejected}:
-            count = sum(item.stage == stage for item in rejected)
-            self.metrics.events.add(count, {"outcome": "dead_letter", "stage": stage})
+        self.telemetry.batch_done(sources, rejected, self._degraded, time.perf_counter() - started)
 
     def _run_batch(self, sources: list[Source], inflight: InflightBatch, sink: OutputSink) -> list[Rejected]:
         """Process a batch and produce its outputs and dead letters (the delivery strategy wraps this)."""
@@ -247,7 +302,7 @@ class Worker:
         rejected = result.rejected
         for topic, record in result.outputs:
             try:
-                sink.produce(inflight, topic, record.key, record.value, record.headers)
+                sink.produce(inflight, topic, record.key, record.value, self._with_trace(record.headers))
             except RecordTooLarge as exc:
                 if topic != self.settings.shadow_topic:  # a shadow output is dropped, its live one stands
                     rejected.append(Rejected.from_error(record.source, exc.stage, exc))
@@ -260,6 +315,7 @@ class Worker:
         s.predictions_out += result.predictions
         s.shadow_out += result.shadow
         s.degraded_predictions += result.degraded
+        self._degraded = result.degraded
         s.missing_defaults += result.missing_defaults
         s.stale_defaults += result.stale_defaults
         if result.missing_defaults:

@@ -28,12 +28,10 @@ log = logging.getLogger("streamserve")
 DEFAULT_CONFIG = "pipeline.yaml"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, log_format: str = "auto") -> None:
+    from streamserve.observe.logs import setup_logging
+
+    setup_logging(level, log_format)  # type: ignore[arg-type]  # argparse restricts it to the choices
 
 
 def _add_config(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -346,7 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=os.environ.get("STREAMSERVE_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+        help="DEBUG, INFO, WARNING or ERROR (default INFO; env STREAMSERVE_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        default=os.environ.get("STREAMSERVE_LOG_FORMAT", "auto"),
+        help="json: one JSON object per line with worker id, topic, partitions, offsets, batch id, model version "
+        "and trace id; text: human-readable; auto (default): text on a terminal, JSON otherwise "
+        "(env STREAMSERVE_LOG_FORMAT). Secrets are masked either way",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -469,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `streamserve` command."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     try:
         return int(args.func(args))
     except StreamServeError as exc:

@@ -408,6 +408,11 @@ class ObserveSettings(_Section):
     """Address to listen on; Kubernetes probes reach the pod IP."""
     liveness_timeout_s: float = Field(default=120.0, gt=0)
     """/healthz fails when the micro-batch loop has not gone round for this long."""
+    trace_sample_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of micro-batches traced (OpenTelemetry, exported over OTLP/HTTP); 0 turns tracing off at no cost."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP base URL of the trace collector, e.g. http://otel-collector:4318; unset: the exporter's own
+    default (OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else http://localhost:4318)."""
 
 
 class PipelineSettings(BaseSettings):
@@ -491,7 +496,25 @@ def load_settings(path: str | os.PathLike[str], **overrides: Any) -> PipelineSet
         raise ConfigError(_explain(file, exc)) from exc
     finally:
         _yaml_path.reset(token)
+    _register_secrets(settings)
     return _resolve_paths(settings, file.parent)
+
+
+def _register_secrets(settings: PipelineSettings) -> None:
+    """Tell the log redactor every secret of the config, so no log line ever shows one."""
+    from urllib.parse import urlsplit
+
+    from streamserve.observe.logs import register_secret
+
+    if settings.kafka.sasl_password is not None:
+        register_secret(settings.kafka.sasl_password.get_secret_value())
+    register_secret(urlsplit(settings.redis.url).password)
+    for secret in (settings.redis.password, settings.kafka.schema_registry_password):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
+    for key, value in settings.kafka.client.items():
+        if any(word in key for word in ("password", "secret", "token")):
+            register_secret(str(value))
 
 
 def _explain(file: Path, exc: ValidationError) -> str:

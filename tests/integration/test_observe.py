@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 
 from streamserve.demo.data import Entities, make_events
+from tests.deploy.test_monitoring import exported_families, referenced_metrics
 from tests.integration.harness import Pipeline, WorkerThread, predictions, produce_events, wait_until
 
 
@@ -34,6 +35,14 @@ def test_metrics_count_what_the_worker_did_and_probes_answer(pipeline: Pipeline,
         produce_events(pipeline, events)
         predictions(pipeline, len(events))
         wait_until(lambda: worker.worker.stats.events_in >= len(events), 30, "the worker's own count")
+        wait_until(
+            lambda: _lag(_get(server.port, "/metrics")[1]) == [0.0] * 4, 30, "consumer lag 0 on all 4 partitions"
+        )
+        wait_until(
+            lambda: _count(_get(server.port, "/metrics")[1], "streamserve_record_latency_seconds") == len(events),
+            30,
+            "an end-to-end latency per acknowledged record",
+        )
         status, body = _get(server.port, "/metrics")
         assert _get(server.port, "/nope")[0] == 404
     finally:
@@ -47,3 +56,22 @@ def test_metrics_count_what_the_worker_did_and_probes_answer(pipeline: Pipeline,
     assert float(batches.group(1)) == worker.worker.stats.batches
     assert re.search(r'streamserve_model_serving\{[^}]*version="v1"[^}]*\} 1', body)
     assert "streamserve_batch_duration_seconds_bucket" in body
+    for name in (
+        "streamserve_redis_duration_seconds_count",
+        "streamserve_batch_size_bucket",
+        "# TYPE streamserve_feature_age_seconds histogram",  # the test pipeline stamps no feature: no sample
+    ):
+        assert name in body, name
+    assert re.search(r'streamserve_inference_duration_seconds_count\{[^}]*version="v1"[^}]*\} [1-9]', body)
+    missing = referenced_metrics() - exported_families(body)
+    assert not missing, f"the dashboard or the alert rules query metrics the worker does not export: {missing}"
+    assert re.search(r'streamserve_model_info\{[^}]*desired_version="v1"[^}]*serving_version="v1"[^}]*\} 1', body)
+
+
+def _lag(body: str) -> list[float]:
+    return [float(v) for v in re.findall(r"streamserve_consumer_lag\{[^}]*\} (\S+)", body)]
+
+
+def _count(body: str, histogram: str) -> float:
+    found = re.search(rf"{histogram}_count(?:\{{[^}}]*\}})? (\S+)", body)
+    return float(found.group(1)) if found else -1.0

@@ -20,6 +20,7 @@ from opentelemetry.sdk.resources import Resource
 log = logging.getLogger(__name__)
 
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class WorkerMetrics:
@@ -31,6 +32,8 @@ class WorkerMetrics:
         serving: Callable[[], tuple[str, str]],
         inflight: Callable[[], int],
         readers: Iterable[object] = (),
+        desired: Callable[[], str] | None = None,
+        lag: Callable[[], Iterable[tuple[str, int, int]]] | None = None,
     ) -> None:
         from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
@@ -41,7 +44,19 @@ class WorkerMetrics:
                 View(
                     instrument_name="streamserve.batch.duration",
                     aggregation=ExplicitBucketHistogramAggregation(BATCH_SECONDS_BUCKETS),
-                )
+                ),
+                View(
+                    instrument_name="streamserve.redis.duration",
+                    aggregation=ExplicitBucketHistogramAggregation(BATCH_SECONDS_BUCKETS),
+                ),
+                View(
+                    instrument_name="streamserve.inference.duration",
+                    aggregation=ExplicitBucketHistogramAggregation(BATCH_SECONDS_BUCKETS),
+                ),
+                View(
+                    instrument_name="streamserve.batch.size",
+                    aggregation=ExplicitBucketHistogramAggregation(BATCH_SIZE_BUCKETS),
+                ),
             ],
         )
         meter: Meter = self.provider.get_meter("streamserve")
@@ -52,17 +67,65 @@ class WorkerMetrics:
         )
         self.batch_size = meter.create_histogram("streamserve.batch.size", unit="1", description="records per batch")
         self.feature_defaults = meter.create_counter(
-            "streamserve.feature.defaults", unit="1", description="feature values replaced by their default"
+            "streamserve.feature.defaults", unit="1", description="feature values replaced by their default, by reason"
         )
+        self.redis_duration = meter.create_histogram(
+            "streamserve.redis.duration", unit="s", description="Redis round trip (one pipelined fetch per batch)"
+        )
+        self.inference_duration = meter.create_histogram(
+            "streamserve.inference.duration", unit="s", description="onnxruntime run, per batch and model version"
+        )
+        self.degraded = meter.create_counter(
+            "streamserve.predictions.degraded", unit="1", description="predictions made with default features only"
+        )
+        self.transactions_aborted = meter.create_counter(
+            "streamserve.transactions.aborted", unit="1", description="exactly-once batches aborted and re-read"
+        )
+        self.pauses = meter.create_counter(
+            "streamserve.consumer.pauses", unit="1", description="times intake was paused by a slow sink"
+        )
+        self.producer_replacements = meter.create_counter(
+            "streamserve.producer.replacements",
+            unit="1",
+            description="transactional producers replaced after a fatal error",
+        )
+        self.swaps = meter.create_counter(
+            "streamserve.model.swaps", unit="1", description="control-topic announcements applied, by result and reason"
+        )
+
+        # Counters appear in the scrape from the start (at 0), so dashboards and alerts never see "no data".
+        for counter in (self.degraded, self.transactions_aborted, self.pauses, self.producer_replacements):
+            counter.add(0)
+        for reason in ("missing", "stale"):
+            self.feature_defaults.add(0, {"reason": reason})
+        self.swaps.add(0, {"result": "accepted", "reason": "deploy"})
+        self.swaps.add(0, {"result": "rejected", "reason": "ModelError"})
 
         def serving_version(options: CallbackOptions) -> Iterable[Observation]:
             model, version = serving()
             yield Observation(1, {"model": model, "version": version})
 
+        def model_info(options: CallbackOptions) -> Iterable[Observation]:
+            model, version = serving()
+            wanted = desired() if desired is not None else version
+            yield Observation(1, {"model": model, "serving_version": version, "desired_version": wanted})
+
+        def consumer_lag(options: CallbackOptions) -> Iterable[Observation]:
+            for topic, partition, records in lag() if lag is not None else ():
+                yield Observation(records, {"topic": topic, "partition": str(partition)})
+
         def inflight_batches(options: CallbackOptions) -> Iterable[Observation]:
             yield Observation(inflight())
 
         meter.create_observable_gauge("streamserve.model.serving", [serving_version], description="served version")
+        meter.create_observable_gauge(
+            "streamserve.model.info",
+            [model_info],
+            description="1, labelled with the version served and the desired one",
+        )
+        meter.create_observable_gauge(
+            "streamserve.consumer.lag", [consumer_lag], unit="1", description="records behind the partition's end"
+        )
         meter.create_observable_gauge(
             "streamserve.inflight.batches", [inflight_batches], description="batches awaiting acknowledgement"
         )

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaException, TopicPartition
 
@@ -30,6 +31,33 @@ Emit = Callable[[list[Source], InflightBatch, OutputSink], list[Rejected]]
 """Runs a batch and produces its outputs and dead letters to the sink; returns the rejected records."""
 Process = Callable[[list[Source]], None]
 """The worker's whole handling of one batch (used when draining)."""
+
+
+class DeliveryObserver(Protocol):
+    """What the delivery tells the telemetry: when outputs are handed over and acknowledged, aborts, replacements."""
+
+    def sealed(self, inflight: Any, sources: Sequence[Source]) -> None: ...
+    def poll_acknowledged(self) -> None: ...
+    def acknowledged(self, sources: Sequence[Source]) -> None: ...
+    def transaction_aborted(self) -> None: ...
+    def producer_replaced(self) -> None: ...
+
+
+class _Unobserved:
+    def sealed(self, inflight: Any, sources: Sequence[Source]) -> None:
+        """Nothing to record."""
+
+    def poll_acknowledged(self) -> None:
+        """Nothing to record."""
+
+    def acknowledged(self, sources: Sequence[Source]) -> None:
+        """Nothing to record."""
+
+    def transaction_aborted(self) -> None:
+        """Nothing to record."""
+
+    def producer_replaced(self) -> None:
+        """Nothing to record."""
 
 
 class Delivery(ABC):
@@ -51,6 +79,7 @@ class Delivery(ABC):
         self.timeout_s = timeout_s
         self.aborted_batches = 0
         self.producer_restarts = 0
+        self.telemetry: DeliveryObserver = _Unobserved()
 
     @abstractmethod
     def start(self) -> None:
@@ -95,9 +124,11 @@ class AtLeastOnce(Delivery):
         inflight.cover(sources)
         rejected = emit(sources, inflight, self.sink)
         self.sink.seal(inflight)
+        self.telemetry.sealed(inflight, sources)
         return rejected
 
     def commit(self) -> None:
+        self.telemetry.poll_acknowledged()
         self.source.release(self.sink.releasable())
         # Idle: whatever poll() handed out is processed and acknowledged, so its positions may be committed.
         self.source.commit(idle=not len(self.batcher) and not self.sink.inflight)
@@ -144,9 +175,11 @@ class ExactlyOnce(Delivery):
             rejected = emit(sources, inflight, self.sink)
             offsets = [TopicPartition(t, p, o) for (t, p), o in inflight.next_offsets.items()]
             self.sink.commit_transaction(offsets, self.source.consumer.consumer_group_metadata(), self.timeout_s)
+            self.telemetry.acknowledged(sources)
             return rejected
         except TransactionAborted:
             self.aborted_batches += 1
+            self.telemetry.transaction_aborted()
             self._rewind(sources)
         except (ProducerFailed, KafkaException) as exc:
             if isinstance(exc, KafkaException) and not exc.args[0].fatal():
@@ -179,6 +212,7 @@ class ExactlyOnce(Delivery):
             raise ProducerFailed(f"{len(self._failures)} producer failures within 5 minutes, last: {cause}")
         log.warning("transactional producer failed (%s): replacing it, re-reading from committed offsets", cause)
         self.producer_restarts += 1
+        self.telemetry.producer_replaced()
         self.sink = self.make_sink()
         self.sink.init_transactions(self.timeout_s)
         self._rewind(sources)

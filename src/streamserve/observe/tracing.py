@@ -1,0 +1,124 @@
+"""OpenTelemetry traces through Kafka: one span per micro-batch, linked to its inputs, continued by its outputs.
+
+Input records may carry a W3C ``traceparent`` header; the batch span links to each of them (a batch has many
+parents, so links rather than a parent). The stages run inside the batch become child spans (decode, enrich,
+redis, infer, encode, produce) with their measured times. Every output record gets a ``traceparent`` naming
+the batch span, so a downstream consumer continues the trace from there.
+
+Off by default (``observe.trace_sample_ratio: 0``): then no tracer exists and nothing is parsed or created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.trace import Link, Span, SpanContext, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from streamserve.observe.context import BatchContext
+from streamserve.records import Source
+
+if TYPE_CHECKING:
+    from streamserve.config import ObserveSettings
+    from streamserve.observe.telemetry import StageClock
+
+TRACEPARENT = "traceparent"
+MAX_LINKS = 128
+"""OpenTelemetry's default span link limit; inputs beyond it are counted in an attribute, not linked."""
+STAGE_ORDER = ("decode", "enrich", "redis", "infer", "encode", "produce")
+
+provider_override: TracerProvider | None = None
+"""A provider to use instead of building one from the settings (tests: the SDK's in-memory exporter)."""
+
+_propagator = TraceContextTextMapPropagator()
+
+
+def input_context(headers: Sequence[tuple[str, Any]] | None) -> SpanContext | None:
+    """The span context of an input record's ``traceparent`` header, if it has a valid one."""
+    if not headers:
+        return None
+    for name, value in headers:
+        if name == TRACEPARENT and value is not None:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            span_context = trace.get_current_span(_propagator.extract({TRACEPARENT: text})).get_span_context()
+            return span_context if span_context.is_valid else None
+    return None
+
+
+class BatchTracer:
+    """Creates the batch spans of one worker."""
+
+    def __init__(self, provider: TracerProvider, owned: bool = True) -> None:
+        self.provider = provider
+        self.owned = owned
+        self.tracer = provider.get_tracer("streamserve")
+
+    @classmethod
+    def from_settings(cls, settings: ObserveSettings, worker_id: str) -> BatchTracer | None:
+        """A tracer exporting over OTLP/HTTP, or None when tracing is off."""
+        if provider_override is not None:
+            return cls(provider_override, owned=False)
+        if settings.trace_sample_ratio <= 0:
+            return None
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": "streamserve", "service.instance.id": worker_id}),
+            sampler=TraceIdRatioBased(settings.trace_sample_ratio),
+        )
+        endpoint = settings.otlp_endpoint.rstrip("/") + "/v1/traces" if settings.otlp_endpoint else None
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        return cls(provider)
+
+    @contextmanager
+    def batch_span(self, sources: Sequence[Source], batch: BatchContext) -> Iterator[Span]:
+        """The span of one micro-batch, current for the block, linked to its inputs' trace contexts."""
+        links: list[Link] = []
+        traced = 0
+        for source in sources:
+            span_context = input_context(source.headers)
+            if span_context is not None:
+                traced += 1
+                if len(links) < MAX_LINKS:
+                    links.append(Link(span_context))
+        attributes: dict[str, str | int] = {
+            "messaging.system": "kafka",
+            "messaging.destination.name": batch.topic,
+            "messaging.batch.message_count": len(sources),
+            "streamserve.batch.id": batch.batch_id,
+            "streamserve.model.version": batch.model_version,
+            "streamserve.batch.traced_inputs": traced,
+        }
+        with self.tracer.start_as_current_span(
+            "streamserve.batch", kind=trace.SpanKind.CONSUMER, links=links, attributes=attributes
+        ) as span:
+            yield span
+
+    def stage_spans(self, parent: Span, clock: StageClock, offset_ns: int) -> None:
+        """Children of the batch span for the measured stages (perf_counter times shifted to wall clock)."""
+        if not parent.is_recording():
+            return
+        parent_context = trace.set_span_in_context(parent)
+        for stage in sorted(clock.stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
+            start, end = clock.stages[stage]
+            child = self.tracer.start_span(stage, context=parent_context, start_time=start + offset_ns)
+            child.end(end_time=end + offset_ns)
+
+    @staticmethod
+    def traceparent(span: Span) -> bytes:
+        """The W3C traceparent naming ``span``, for output record headers."""
+        span_context = span.get_span_context()
+        flags = TraceFlags.SAMPLED if span_context.trace_flags.sampled else TraceFlags.DEFAULT
+        return f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{flags:02x}".encode()
+
+    def shutdown(self) -> None:
+        """Export what is buffered and stop (only a provider this tracer built)."""
+        if self.owned:
+            self.provider.shutdown()

@@ -1,0 +1,104 @@
+"""Alert rules and the dashboard as code: promtool checks and unit tests, and metric names the worker exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+MONITORING = REPO / "monitoring"
+RULES = MONITORING / "streamserve.rules.yml"
+DASHBOARD = MONITORING / "grafana" / "streamserve-dashboard.json"
+_METRIC = re.compile(r"\bstreamserve_[a-z_]+")
+_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def promtool() -> str:
+    """promtool, installed by scripts/ensure-promtool when missing (Debian's prometheus package)."""
+    subprocess.run([str(REPO / "scripts" / "ensure-promtool")], check=False, capture_output=True, timeout=600)
+    found = shutil.which("promtool")
+    assert found, "promtool not found and scripts/ensure-promtool could not install Debian's prometheus package"
+    return found
+
+
+def queries() -> list[str]:
+    """Every PromQL expression of the dashboard and the alert rules."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    rules = yaml.safe_load(RULES.read_text())
+    exprs += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    return exprs
+
+
+def referenced_metrics() -> set[str]:
+    """Metric family names the queries use (histogram series names reduced to their family)."""
+    names = set()
+    for expr in queries():
+        for name in _METRIC.findall(expr):
+            for suffix in _SUFFIXES:
+                if name.endswith(suffix):
+                    name = name.removesuffix(suffix)
+                    break
+            names.add(name)
+    return names
+
+
+def exported_families(scrape: str) -> set[str]:
+    """Family names in a Prometheus text scrape, counters with their _total (as queried)."""
+    families = set()
+    for line in scrape.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            families.add(f"{name}_total" if kind == "counter" and not name.endswith("_total") else name)
+    return families
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def test_promtool_checks_the_rules() -> None:
+    out = _run([promtool(), "check", "rules", RULES.name], MONITORING)
+    assert "SUCCESS" in out
+
+
+def test_promtool_unit_tests_of_the_alerts() -> None:
+    tests = yaml.safe_load((MONITORING / "streamserve.rules.test.yml").read_text())
+    tested = {case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"]}
+    assert {"StreamserveLagGrowing", "StreamserveDeadLetterRate", "StreamserveVersionDivergence"} <= tested
+    _run([promtool(), "test", "rules", "streamserve.rules.test.yml"], MONITORING)
+
+
+def test_compose_prometheus_config_is_valid(tmp_path: Path) -> None:
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    (tmp_path / "streamserve.rules.yml").write_text(RULES.read_text())
+    config["rule_files"] = [str(tmp_path / "streamserve.rules.yml")]  # where compose mounts it: in the container
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    _run([promtool(), "check", "config", "prometheus.yml"], tmp_path)
+
+
+def test_every_dashboard_query_is_valid_promql() -> None:
+    # promtool parses rule expressions: wrap each panel query in a recording rule and check them all.
+    rules = {
+        "groups": [
+            {"name": "dashboard", "rules": [{"record": f"panel:{i}", "expr": e} for i, e in enumerate(queries())]}
+        ]
+    }
+    path = MONITORING.parent / ".pytest_cache" / "dashboard-queries.rules.yml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(rules))
+    _run([promtool(), "check", "rules", str(path)], MONITORING)
+
+
+@pytest.mark.parametrize("panel", json.loads(DASHBOARD.read_text())["panels"], ids=lambda p: p["title"][:30])
+def test_dashboard_panels_are_complete(panel: dict[str, object]) -> None:
+    assert panel["targets"], "a panel without a query"
+    assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
