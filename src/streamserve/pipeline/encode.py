@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import fastavro
+import numpy as np
 
 from streamserve.config import InputSettings
 from streamserve.errors import ConfigError
+from streamserve.pipeline.avrocolumns import ColumnWriter
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.fields import epoch_ms, getter, render_id
 from streamserve.records import Event, Headers, ModelOutputs, Rejected, Source
@@ -67,6 +69,8 @@ class PredictionEncoder:
         self._id = getter(input_settings.event_id_field)
         self._time = getter(input_settings.event_time_field) if input_settings.event_time_field else None
         self._copies = [(name, getter(path)) for name, path in (copy_fields or {}).items()]
+        self._columns = ColumnWriter.for_schema(self.schema)
+        """Writes a batch's values column-wise, byte-identical to fastavro; None for schemas it does not cover."""
 
     def key_of(self, event: Event) -> str | None:
         """The event's key as text (canary routing, output record key)."""
@@ -83,7 +87,6 @@ class PredictionEncoder:
         """Encode one record per event (outputs are aligned with events); records that fail are rejected."""
         if not events:
             return [], []
-        scores = outputs.score.tolist()
         n = len(events)
         labels = outputs.label.tolist() if outputs.label is not None else [None] * n
         texts: list[Any] = [None] * n
@@ -99,45 +102,64 @@ class PredictionEncoder:
         if outputs.extra and self._optional["outputs"]:
             named = {name: values.tolist() for name, values in outputs.extra.items()}
             extras = [{name: values[i] for name, values in named.items()} for i in range(n)]
-        record: dict[str, Any] = {
+        shared: dict[str, Any] = {
             "model_name": model_name,
             "model_version": model_version,
             "prediction_time": int(time.time() * 1000),
             "degraded": degraded,
         }
-        name_header, version_header = model_name.encode(), model_version.encode()
-        common: dict[tuple[str, int], Headers] = {}  # every header but the offset, per source partition
-        write, schema, buffer, prefix = fastavro.schemaless_writer, self.schema, io.BytesIO(), self.value_prefix
+        # Per event, what only the event knows (ids, time, copied fields); a value that cannot be read
+        # rejects its event alone.
         key_of, id_of, time_of, copies = self._key, self._id, self._time, self._copies
-        encoded: list[Encoded] = []
         rejected: list[Rejected] = []
+        kept: list[int] = []
+        keys: list[str | None] = []
+        per_event: dict[str, list[Any]] = {
+            name: [] for name in ("event_id", "event_time", "source_topic", "source_partition", "source_offset")
+        }
+        copied: dict[str, list[Any]] = {name: [] for name, _ in copies}
         for i, event in enumerate(events):
             source, fields = event.source, event.fields
             try:
                 key = render_id(key_of(fields))
-                record["event_id"] = render_id(id_of(fields))
-                record["key"] = key
-                record["score"] = scores[i]
-                record["label"] = labels[i]
-                record["predicted_class"] = texts[i]
-                record["probabilities"] = probabilities[i]
-                record["outputs"] = extras[i]
+                event_id = render_id(id_of(fields))
                 event_time = epoch_ms(time_of(fields)) if time_of else source.timestamp_ms
                 if event_time is not None and not _MIN_TIME_MS <= event_time <= _MAX_TIME_MS:
                     raise ValueError(f"event time {event_time} ms is outside years 1-9999: readers cannot decode it")
-                record["event_time"] = event_time
-                record["source_topic"] = source.topic
-                record["source_partition"] = source.partition
-                record["source_offset"] = source.offset
-                for name, get in copies:
-                    record[name] = get(fields)
-                buffer.seek(0)
-                buffer.truncate()
-                buffer.write(prefix)
-                write(buffer, schema, record)
+                values = [get(fields) for _, get in copies]
             except Exception as exc:  # noqa: BLE001 - whatever one record's values do, only that record fails
                 rejected.append(Rejected.from_error(source, ENCODE_STAGE, exc))
                 continue
+            kept.append(i)
+            keys.append(key)
+            per_event["event_id"].append(event_id)
+            per_event["event_time"].append(event_time)
+            per_event["source_topic"].append(source.topic)
+            per_event["source_partition"].append(source.partition)
+            per_event["source_offset"].append(source.offset)
+            for (name, _), value in zip(copies, values, strict=True):
+                copied[name].append(value)
+        rows = np.array(kept, dtype=np.intp)
+        columns: dict[str, Any] = {
+            **shared,
+            **per_event,
+            **copied,
+            "key": keys,
+            "score": outputs.score[rows],
+            "label": [labels[i] for i in kept],
+            "predicted_class": [texts[i] for i in kept],
+            "probabilities": [probabilities[i] for i in kept],
+            "outputs": [extras[i] for i in kept],
+        }
+        values = self._write(columns, len(kept), [events[i].source for i in kept], rejected)
+        name_header, version_header = model_name.encode(), model_version.encode()
+        common: dict[tuple[str, int], Headers] = {}  # every header but the offset, per source partition
+        encoded: list[Encoded] = []
+        for position, i in enumerate(kept):
+            value = values[position]
+            if value is None:
+                continue
+            source, key = events[i].source, keys[position]
             base = common.get((source.topic, source.partition))
             if base is None:
                 base = common[(source.topic, source.partition)] = [
@@ -150,11 +172,47 @@ class PredictionEncoder:
                 Encoded(
                     source,
                     None if key is None else key.encode(),
-                    buffer.getvalue(),
+                    value,
                     [*base, (HEADER_SOURCE_OFFSET, str(source.offset).encode())],
                 )
             )
         return encoded, rejected
+
+    def _write(
+        self, columns: dict[str, Any], n: int, sources: list[Source], rejected: list[Rejected]
+    ) -> list[bytes | None]:
+        """Each row's value: column-wise when the schema allows, else (or for a batch with a value the
+        column writer refuses) record by record with fastavro, where a record that fails is rejected alone."""
+        prefix = self.value_prefix
+        if self._columns is not None and n:
+            try:
+                return (
+                    [prefix + value for value in self._columns.write(columns, n)]
+                    if prefix
+                    else [*self._columns.write(columns, n)]
+                )
+            except (TypeError, ValueError, OverflowError):
+                pass  # find the failing records one by one below
+        write, schema, buffer = fastavro.schemaless_writer, self.schema, io.BytesIO()
+        shared = {name: value for name, value in columns.items() if not isinstance(value, (list, np.ndarray))}
+        per_row = {name: value for name, value in columns.items() if isinstance(value, (list, np.ndarray))}
+        as_lists = {name: value.tolist() if isinstance(value, np.ndarray) else value for name, value in per_row.items()}
+        values: list[bytes | None] = []
+        record = dict(shared)
+        for row in range(n):
+            try:
+                for name, column in as_lists.items():
+                    record[name] = column[row]
+                buffer.seek(0)
+                buffer.truncate()
+                buffer.write(prefix)
+                write(buffer, schema, record)
+            except Exception as exc:  # noqa: BLE001 - whatever one record's values do, only that record fails
+                rejected.append(Rejected.from_error(sources[row], ENCODE_STAGE, exc))
+                values.append(None)
+                continue
+            values.append(buffer.getvalue())
+        return values
 
 
 def decode_prediction(schema: fastavro.types.Schema, value: bytes) -> dict[str, object]:
