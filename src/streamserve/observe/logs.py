@@ -35,7 +35,7 @@ def register_secret(value: str | None) -> None:
 
 def redact(text: str) -> str:
     """``text`` with registered secrets and secret-looking values replaced by ``***``."""
-    for secret in _secrets:
+    for secret in sorted(_secrets, key=len, reverse=True):  # a longer secret may contain a shorter one
         if secret in text:
             text = text.replace(secret, MASK)
     text = _URL_USERINFO.sub(rf"\1{MASK}@", text)
