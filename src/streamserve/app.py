@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -217,6 +218,10 @@ class Worker:
             self.settings.input.topic,
             self.settings.delivery,
         )
+        # Everything built so far (clients, models, schemas) lives as long as the worker: out of the cyclic
+        # collector's sight, so its full collections stop walking it (pauses of 65-150 ms every ~50k events).
+        gc.collect()
+        gc.freeze()
         next_log = time.monotonic() + self.settings.log_every_s
         try:
             while not self._stop.is_set():

@@ -7,6 +7,7 @@ loaded versions stay in memory, so a rollback is a pointer switch.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import threading
@@ -134,6 +135,7 @@ class ModelRegistry:
         self.serving = desired
         self.since_ms = _now_ms()
         self.loader.release_unused({id(routing.live), id(routing.candidate)})
+        gc.freeze()  # a loaded model lives until it is released: keep the cyclic collector off its objects
         log.info(
             "serving %s %s (mode %s%s, generation %d)",
             self.settings.name,
