@@ -22,6 +22,7 @@ from streamserve.demo.maintenance import train_versions as train_maintenance
 from streamserve.demo.train import TrainedModel, train_versions
 from tests.integration.harness import Pipeline, WorkerProcess, unique
 from tests.integration.maintenance import MaintenancePipeline
+from tests.integration.prometheus import Prometheus, prometheus
 from tests.integration.servers import Registry, Servers, ServerStartError, registry, servers, warm_up
 
 
@@ -41,6 +42,16 @@ def schema_registry() -> Iterator[Registry]:
     try:
         with registry() as found:
             yield found
+    except ServerStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """A real Prometheus with the alert rules loaded, started once per session and only when a test asks for it."""
+    try:
+        with prometheus(tmp_path_factory.mktemp("prometheus")) as server:
+            yield server
     except ServerStartError as exc:
         pytest.fail(str(exc), pytrace=False)
 
