@@ -618,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except StreamServeError as exc:
+        log.debug("%s failed", args.command, exc_info=True)
         print(f"streamserve: error: {exc}", file=sys.stderr)
         return 2
     except _environment_errors() as exc:

@@ -107,22 +107,16 @@ class Unreachable(StreamServeError):
 class BrokerUnreachable(Unreachable):
     """No Kafka broker answered a metadata request."""
 
-    def __init__(self, bootstrap: str, timeout_s: float, reason: str) -> None:
-        super().__init__(
-            f"Kafka at {bootstrap} did not answer within {timeout_s:g}s ({reason}): is it running? "
-            "`scripts/stack up` starts a local one, `scripts/stack env` prints the KAFKA_BOOTSTRAP_SERVERS to export"
-        )
+    def __init__(self, bootstrap: str, timeout_s: float, reason: str, hint: str) -> None:
+        super().__init__(f"Kafka at {bootstrap} did not answer within {timeout_s:g}s ({reason}): {hint}")
         self.bootstrap = bootstrap
 
 
 class RedisUnreachable(Unreachable):
     """Redis did not answer PING."""
 
-    def __init__(self, url: str, timeout_s: float, reason: str) -> None:
-        super().__init__(
-            f"Redis at {url} does not answer within {timeout_s:g}s ({reason}): is it running? "
-            "`scripts/stack up` starts a local one, `scripts/stack env` prints the REDIS_URL to export"
-        )
+    def __init__(self, url: str, timeout_s: float, reason: str, hint: str) -> None:
+        super().__init__(f"Redis at {url} does not answer within {timeout_s:g}s ({reason}): {hint}")
         self.url = url
 
 

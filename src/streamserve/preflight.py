@@ -26,6 +26,21 @@ LIBRDKAFKA_LOGGER = "streamserve.librdkafka"
 """The Python logger every Kafka client logs through (config.KafkaSettings.common passes it as `logger`)."""
 
 
+def stack_hint(variable: str, tried: str) -> str:
+    """What to do when a server does not answer: use the local stack's address when one is recorded in
+    stack.env and differs from the one tried, else start the stack."""
+    state_dir = Path(os.environ.get("STREAMSERVE_STACK_DIR") or ".stack")
+    try:
+        lines = (state_dir / "stack.env").read_text().splitlines()
+    except OSError:
+        lines = []
+    recorded = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    value = recorded.get(variable, "").strip()
+    if value and value != tried:
+        return f"the local stack's is {value} ({state_dir}/stack.env): export $(python3 scripts/stack env)"
+    return f"is it running? `scripts/stack up` starts a local one, `scripts/stack env` prints the {variable} to export"
+
+
 def env_overrides() -> None:
     """Point every pipeline at the local stack when its variables are exported (an explicit STREAMSERVE_ wins)."""
     for source, target in STACK_ENV.items():
@@ -104,7 +119,8 @@ def check_kafka(config: Mapping[str, Any], timeout_s: float) -> None:
     except KafkaException as exc:
         admin.poll(0)  # serves error_cb: the connection errors say why
         bootstrap = str(config.get("bootstrap.servers", "?"))
-        raise BrokerUnreachable(bootstrap, timeout_s, _kafka_reason(errors, exc)) from exc
+        hint = stack_hint("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        raise BrokerUnreachable(bootstrap, timeout_s, _kafka_reason(errors, exc), hint) from exc
 
 
 def display_url(url: str) -> str:
@@ -123,9 +139,11 @@ def check_redis(client: redis.Redis, url: str, timeout_s: float) -> None:
     try:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise RedisUnreachable(display_url(url), timeout_s, str(exc).rstrip(".")) from exc
+        hint = stack_hint("REDIS_URL", url)
+        raise RedisUnreachable(display_url(url), timeout_s, str(exc).rstrip("."), hint) from exc
     except redis.RedisError as exc:  # answered, but refused us (credentials, ACL, protocol)
-        raise RedisUnreachable(display_url(url), timeout_s, f"{type(exc).__name__}: {exc}") from exc
+        hint = "check redis.username/redis.password (or the URL's) and the user's ACL"
+        raise RedisUnreachable(display_url(url), timeout_s, f"{type(exc).__name__}: {exc}", hint) from exc
 
 
 def quick_redis(url: str, timeout_s: float, **options: Any) -> redis.Redis:

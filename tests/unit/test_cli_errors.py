@@ -46,6 +46,7 @@ def cli(closed_port: int, tmp_path: Path) -> Callable[..., subprocess.CompletedP
             "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{closed_port}",
             "REDIS_URL": f"redis://127.0.0.1:{closed_port}/0",
             "STREAMSERVE_CONTROL__ARTIFACT_CACHE_DIR": str(tmp_path / "cache"),
+            "STREAMSERVE_STACK_DIR": str(tmp_path / "stack"),  # no local stack recorded, unless a test writes one
         }
         return subprocess.run(
             [sys.executable, "-m", "streamserve", *args],
@@ -157,6 +158,15 @@ def test_an_explicit_streamserve_variable_wins_over_the_stack_env(
         "topics", "create", "-c", str(EXAMPLE), "--timeout", "1", STREAMSERVE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:1"
     )
     assert_one_line(result, "Kafka at 127.0.0.1:1 ")
+
+
+def test_the_local_stack_address_is_suggested_when_another_was_tried(
+    cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    (tmp_path / "stack").mkdir()
+    (tmp_path / "stack" / "stack.env").write_text("KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:39092\nREDIS_URL=redis://x\n")
+    result = cli("topics", "create", "-c", str(EXAMPLE), "--timeout", "1", KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    assert_one_line(result, "Kafka at 127.0.0.1:1 ", "the local stack's is 127.0.0.1:39092", "scripts/stack env")
 
 
 # --- an unreachable Redis ------------------------------------------------------------------------------
