@@ -40,7 +40,26 @@ def _add_config(parser: argparse.ArgumentParser, required: bool = True) -> None:
         "--config",
         required=required,
         type=Path,
-        help="pipeline YAML file (env vars STREAMSERVE_<SECTION>__<KEY> override its keys)",
+        help="pipeline YAML file, e.g. examples/fraud/pipeline.yaml (env vars STREAMSERVE_<SECTION>__<KEY> "
+        "override its keys; KAFKA_BOOTSTRAP_SERVERS and REDIS_URL, as `scripts/stack env` prints them, set "
+        "kafka.bootstrap_servers and redis.url)",
+    )
+
+
+ADMIN_TIMEOUT_S = 5.0
+RUN_TIMEOUT_S = 10.0
+"""How long a starting worker waits for Redis and Kafka (an orchestrator restarts it after that)."""
+"""How long admin commands wait for Kafka or Redis to answer before saying which one does not."""
+
+
+def _add_timeout(parser: argparse.ArgumentParser, default: float = ADMIN_TIMEOUT_S, servers: str = "Kafka") -> None:
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default,
+        metavar="SECONDS",
+        help=f"give up with one line naming the server when {servers} does not answer within this many seconds, "
+        f"checked before any work starts ({default:g})",
     )
 
 
@@ -48,8 +67,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run a worker until SIGTERM/SIGINT, then drain and leave the group."""
     from streamserve.app import Worker
     from streamserve.config import load_settings
+    from streamserve.preflight import check_pipeline_files, check_pipeline_servers
 
     settings = load_settings(args.config)
+    check_pipeline_files(settings)
+    check_pipeline_servers(settings, args.timeout)
     worker = Worker(settings)
 
     def give_up() -> None:
@@ -78,8 +100,10 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     """Create the pipeline's topics."""
     from streamserve.admin import ensure_topics, pipeline_topics
     from streamserve.config import load_settings
+    from streamserve.preflight import check_kafka
 
     settings = load_settings(args.config)
+    check_kafka(settings.kafka.common(), args.timeout)
     topics = pipeline_topics(settings, args.partitions)
     ensure_topics(settings.kafka.common(), topics)
     for topic in topics:
@@ -91,8 +115,10 @@ def cmd_acls_grant(args: argparse.Namespace) -> int:
     """Grant the worker and publisher principals exactly the ACLs the pipeline needs (run as an admin)."""
     from streamserve.admin import describe_acl, grant, publisher_acls, worker_acls
     from streamserve.config import load_settings
+    from streamserve.preflight import check_kafka
 
     settings = load_settings(args.config)
+    check_kafka(settings.kafka.common(), args.timeout)
     bindings = worker_acls(settings, args.worker) + publisher_acls(settings, args.publisher)
     grant(settings.kafka.common(), bindings)
     for binding in bindings:
@@ -105,9 +131,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from streamserve.config import load_settings
     from streamserve.demo.data import make_entities, make_events
     from streamserve.pipeline.decode import load_schema
+    from streamserve.preflight import check_file, check_kafka
     from streamserve.tools import produce_avro
 
     settings = load_settings(args.config)
+    check_file(settings.input.schema_path, "input schema", "fix input.schema in the pipeline config")
+    check_kafka(settings.kafka.common(), args.timeout)
     entities = make_entities(n_cards=args.cards, seed=args.entity_seed)
     sent = produce_avro(
         settings.kafka.producer_config(),
@@ -126,16 +155,24 @@ def cmd_features_load(args: argparse.Namespace) -> int:
     """Bulk-load entity features from CSV/Parquet into Redis hashes."""
     import redis
 
+    from streamserve.preflight import check_file, check_redis, display_url, quick_redis
     from streamserve.tools import load_features, load_packed_features, read_rows
 
+    check_file(args.file, "feature file", "give --file an existing CSV (header row) or .parquet file")
+    probe = quick_redis(args.redis_url, args.timeout)
+    try:
+        check_redis(probe, args.redis_url, args.timeout)
+    finally:
+        probe.close()
     client = redis.Redis.from_url(args.redis_url)
+    shown_url = display_url(args.redis_url)
     if args.packed:
         fields = args.packed.split(",")
         written = load_packed_features(client, read_rows(args.file), args.key_template, fields)
-        print(f"wrote {written} packed float32 vectors [{args.packed}] to {args.redis_url} ({args.key_template})")
+        print(f"wrote {written} packed float32 vectors [{args.packed}] to {shown_url} ({args.key_template})")
         return 0
     written = load_features(client, read_rows(args.file), args.key_template)
-    print(f"wrote {written} hashes to {args.redis_url} ({args.key_template})")
+    print(f"wrote {written} hashes to {shown_url} ({args.key_template})")
     return 0
 
 
@@ -158,7 +195,10 @@ def _control_target(args: argparse.Namespace) -> _ControlTarget:
     bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
         raise StreamServeError("give -c PIPELINE.yaml, --bootstrap-servers, or set KAFKA_BOOTSTRAP_SERVERS")
-    return _ControlTarget({"bootstrap.servers": bootstrap}, args.control_topic, args.status_topic, None)
+    from streamserve.config import KafkaSettings
+
+    kafka = KafkaSettings(bootstrap_servers=bootstrap).common()  # librdkafka's log through Python logging
+    return _ControlTarget(kafka, args.control_topic, args.status_topic, None)
 
 
 def _policy_and_key(
@@ -178,9 +218,14 @@ def _policy_and_key(
 def cmd_models_publish(args: argparse.Namespace) -> int:
     """Validate a model version locally, then announce it (signed with --sign-key) on the control topic."""
     from streamserve.control.publish import publish
+    from streamserve.preflight import check_file, check_kafka, local_model_path
 
     target = _control_target(args)
     policy, key = _policy_and_key(args, target)
+    artifact = local_model_path(args.uri)
+    if artifact is not None and args.sha256 is None:
+        check_file(artifact, "artifact", "give --uri an existing .onnx file (or an http(s):// URI with --sha256)")
+    check_kafka(target.kafka, args.timeout)
     validate = None
     config_model = None
     if target.settings is not None:
@@ -242,9 +287,11 @@ def _config_model(settings: PipelineSettings) -> ArtifactRef | None:
 def cmd_models_rollback(args: argparse.Namespace) -> int:
     """Announce a rollback to the previous (or a named) version."""
     from streamserve.control.publish import rollback
+    from streamserve.preflight import check_kafka
 
     target = _control_target(args)
     policy, key = _policy_and_key(args, target)
+    check_kafka(target.kafka, args.timeout)
     announcement = rollback(target.kafka, target.topic, policy, args.to, args.notes, sign_key=key)
     print(
         f"announced rollback of {announcement.model} {announcement.baseline_version} -> {announcement.version} "
@@ -258,8 +305,10 @@ def cmd_models_status(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from streamserve.control.publish import fleet_status
+    from streamserve.preflight import check_kafka
 
     target = _control_target(args)
+    check_kafka(target.kafka, args.timeout)
     rows = fleet_status(target.kafka, target.status_topic)
     if not rows:
         print(f"no worker has reported on {target.status_topic} yet")
@@ -303,6 +352,8 @@ def cmd_schemas_check(args: argparse.Namespace) -> int:
     from streamserve.schema_registry import check_schemas
 
     settings = load_settings(args.config)
+    kafka = settings.kafka.model_copy(update={"schema_registry_timeout_s": args.timeout})
+    settings = settings.model_copy(update={"kafka": kafka})
     try:
         checks = check_schemas(settings)
     except StreamServeError:
@@ -324,13 +375,18 @@ def cmd_schemas_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run an example end to end on the local stack: the card-fraud demo (default) or the predictive-maintenance
     example (a nested, nullable schema and a multi-input scikit-learn model with string labels)."""
+    from streamserve.config import load_settings
+    from streamserve.preflight import check_pipeline_servers
+
+    config = args.config or Path(f"examples/{args.example}/pipeline.yaml")
+    check_pipeline_servers(load_settings(config), args.timeout)  # before minutes of training
     if args.example == "maintenance":
         from streamserve.demo.maintenance import run_example
 
-        return run_example(args.config or Path("examples/maintenance/pipeline.yaml"), args.events, args.partitions)
+        return run_example(config, args.events, args.partitions)
     from streamserve.demo.run import run_demo
 
-    return run_demo(args.config or Path("examples/fraud/pipeline.yaml"), args.events, args.partitions)
+    return run_demo(config, args.events, args.partitions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,12 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streamserve",
         description="Streaming inference: Avro events from Kafka, features from Redis, ONNX micro-batches, "
         "Avro predictions out; model versions hot-swapped through a control topic.",
+        epilog="Environment: STREAMSERVE_<SECTION>__<KEY> overrides a key of the pipeline config; "
+        "KAFKA_BOOTSTRAP_SERVERS and REDIS_URL (`scripts/stack env` prints the local stack's) set "
+        "kafka.bootstrap_servers and redis.url unless their STREAMSERVE_ variable is set. Exit codes: 0 done; "
+        "1 a check failed (schemas check, demo); 2 the command could not do its work (one line on stderr says "
+        "which server or file, and what to do).",
     )
     parser.add_argument("--version", action="version", version=f"streamserve {__version__}")
     parser.add_argument(
         "--log-level",
         default=os.environ.get("STREAMSERVE_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING or ERROR (default INFO; env STREAMSERVE_LOG_LEVEL)",
+        help="DEBUG, INFO, WARNING or ERROR: the lowest level of log lines on stderr, librdkafka's included "
+        "(default INFO; env STREAMSERVE_LOG_LEVEL)",
     )
     parser.add_argument(
         "--log-format",
@@ -360,12 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run a worker (workers with one config form one consumer group)", description=cmd_run.__doc__
     )
     _add_config(run)
+    _add_timeout(run, RUN_TIMEOUT_S, "Redis or Kafka")
     run.set_defaults(func=cmd_run)
 
     topics = sub.add_parser("topics", help="topic administration").add_subparsers(dest="action", required=True)
     create = topics.add_parser("create", help="create the pipeline's input, output, DLQ, control, status topics")
     _add_config(create)
-    create.add_argument("--partitions", type=int, default=4, help="partitions of input/output topics (4)")
+    _add_timeout(create)
+    create.add_argument(
+        "--partitions", type=int, default=4, help="partitions of the input, output and shadow topics (4)"
+    )
     create.set_defaults(func=cmd_topics_create)
 
     acls = sub.add_parser("acls", help="Kafka ACLs of a pipeline's principals").add_subparsers(
@@ -377,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=cmd_acls_grant.__doc__,
     )
     _add_config(grant)
+    _add_timeout(grant)
     grant.add_argument("--worker", default="User:worker", help="principal of the workers (User:worker)")
     grant.add_argument("--publisher", default="User:publisher", help="principal of `models publish` (User:publisher)")
     grant.set_defaults(func=cmd_acls_grant)
@@ -385,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         "produce", help="produce synthetic demo events (load generator)", description=cmd_produce.__doc__
     )
     _add_config(produce)
+    _add_timeout(produce)
     produce.add_argument("--count", type=int, default=10_000, help="events to produce (10000)")
     produce.add_argument("--rate", type=float, default=None, help="events per second (unlimited)")
     produce.add_argument("--seed", type=int, default=11, help="seed of the events (event ids depend on it)")
@@ -398,14 +466,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="bulk-load entity features from CSV/Parquet into Redis hashes",
         description=cmd_features_load.__doc__,
     )
-    load.add_argument("--file", type=Path, required=True, help="CSV with a header row, or .parquet")
-    load.add_argument("--key-template", required=True, help="Redis key from row columns, e.g. 'card:{card_id}'")
-    load.add_argument("--packed", metavar="COL,COL", help="write one float32 vector of these columns per row")
+    load.add_argument(
+        "--file", type=Path, required=True, help="CSV with a header row (one entity per row), or .parquet"
+    )
+    load.add_argument(
+        "--key-template", required=True, help="Redis key from row columns, e.g. 'card:{card_id}'; one hash per row"
+    )
+    load.add_argument(
+        "--packed",
+        metavar="COL,COL",
+        help="instead of a hash: one little-endian float32 vector of these columns per row (features with "
+        "layout: packed read it by index)",
+    )
     load.add_argument(
         "--redis-url",
         default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
         help="Redis URL (default $REDIS_URL or redis://127.0.0.1:6379/0)",
     )
+    _add_timeout(load, servers="Redis")
     load.set_defaults(func=cmd_features_load)
 
     models = sub.add_parser("models", help="model versions on the control topic").add_subparsers(
@@ -418,9 +496,20 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = models.add_parser(name, help=help_text, description=func.__doc__)
         _add_config(cmd, required=False)
-        cmd.add_argument("--bootstrap-servers", help="instead of -c: brokers (default $KAFKA_BOOTSTRAP_SERVERS)")
-        cmd.add_argument("--control-topic", default="streamserve.control", help="instead of -c")
-        cmd.add_argument("--status-topic", default="streamserve.status", help="instead of -c")
+        cmd.add_argument(
+            "--bootstrap-servers", help="without -c: host:port of the brokers (default $KAFKA_BOOTSTRAP_SERVERS)"
+        )
+        cmd.add_argument(
+            "--control-topic",
+            default="streamserve.control",
+            help="without -c: the topic of model announcements (streamserve.control)",
+        )
+        cmd.add_argument(
+            "--status-topic",
+            default="streamserve.status",
+            help="without -c: the topic the workers report their state on (streamserve.status)",
+        )
+        _add_timeout(cmd)
         cmd.set_defaults(func=func)
         if name != "status":
             cmd.add_argument("--model", required=True, help="model name (the control topic's key)")
@@ -428,11 +517,21 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "status":
             cmd.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM) to sign the announcement with")
         if name == "publish":
-            cmd.add_argument("--version", required=True, dest="version")
-            cmd.add_argument("--uri", required=True, help="artifact: path, file://, http(s)://")
+            cmd.add_argument(
+                "--version", required=True, dest="version", help="the version's name, e.g. v2 (predictions carry it)"
+            )
+            cmd.add_argument(
+                "--uri", required=True, help="the .onnx artifact the workers load: a path, file:// or http(s):// URI"
+            )
             cmd.add_argument("--sha256", help="artifact digest (computed from the artifact when readable)")
-            cmd.add_argument("--action", choices=["deploy", "canary", "shadow"], default="deploy")
-            cmd.add_argument("--share", type=float, default=0.1, help="canary share of keys (0.1)")
+            cmd.add_argument(
+                "--action",
+                choices=["deploy", "canary", "shadow"],
+                default="deploy",
+                help="deploy: serve it everywhere; canary: serve it for --share of the keys; shadow: score with it "
+                "beside the live version, to the shadow topic only (deploy)",
+            )
+            cmd.add_argument("--share", type=float, default=0.1, help="canary share of keys, 0 < share < 1 (0.1)")
             cmd.add_argument(
                 "--no-validate",
                 action="store_true",
@@ -457,6 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=cmd_schemas_check.__doc__,
     )
     _add_config(check)
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=ADMIN_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"timeout of each request to the Schema Registry (replaces kafka.schema_registry_timeout_s; "
+        f"{ADMIN_TIMEOUT_S:g})",
+    )
     check.set_defaults(func=cmd_schemas_check)
 
     demo = sub.add_parser(
@@ -465,22 +572,61 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--example", choices=["fraud", "maintenance"], default="fraud", help="which example to run (fraud)"
     )
-    demo.add_argument("-c", "--config", type=Path, help="pipeline config (the example's pipeline.yaml)")
+    demo.add_argument("-c", "--config", type=Path, help="pipeline config (default examples/<example>/pipeline.yaml)")
     demo.add_argument("--events", type=int, default=20_000, help="events to stream (20000)")
     demo.add_argument("--partitions", type=int, default=4, help="partitions of the demo topics (4)")
+    _add_timeout(demo, servers="Redis or Kafka")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
+def _environment_errors() -> tuple[type[BaseException], ...]:
+    """What a command's servers and files raise that is not ours: reported in one line, never a traceback."""
+    from confluent_kafka import KafkaException
+    from redis import RedisError
+
+    return KafkaException, RedisError, OSError
+
+
+def _one_line(exc: BaseException) -> str:
+    """A third-party error as one line that names its source."""
+    from confluent_kafka import KafkaError, KafkaException
+    from redis import RedisError
+
+    if isinstance(exc, KafkaException):
+        error = exc.args[0] if exc.args else None
+        text = f"Kafka: {error.str() if isinstance(error, KafkaError) else exc}"
+    elif isinstance(exc, RedisError):
+        text = f"Redis: {exc}"
+    elif isinstance(exc, TimeoutError):
+        text = f"gave up waiting for a server{': ' + str(exc) if str(exc) else ''} (`scripts/stack status` shows "
+        text += "whether the local stack runs; --timeout waits longer)"
+    elif isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `streamserve` command."""
+    from streamserve.preflight import env_overrides
+
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level, args.log_format)
+    env_overrides()
     try:
         return int(args.func(args))
     except StreamServeError as exc:
+        log.debug("%s failed", args.command, exc_info=True)
         print(f"streamserve: error: {exc}", file=sys.stderr)
         return 2
+    except _environment_errors() as exc:
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"streamserve: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 
 from streamserve.config import RedisSettings
 
 
-def redis_client(settings: RedisSettings) -> redis.Redis:
-    """A Redis client for the feature store: the URL plus ACL user, password and TLS files from settings."""
+def redis_client(settings: RedisSettings, **overrides: Any) -> redis.Redis:
+    """A Redis client for the feature store: the URL plus ACL user, password and TLS files from settings
+    (``overrides`` are further redis.Redis options, e.g. the preflight's ``retry``)."""
     timeout_s = settings.timeout_ms / 1000
     options: dict[str, object] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if settings.username is not None:
@@ -20,4 +23,4 @@ def redis_client(settings: RedisSettings) -> redis.Redis:
         for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
             if (path := getattr(settings, name)) is not None:
                 options[name] = str(path)
-    return redis.Redis.from_url(settings.url, **options)
+    return redis.Redis.from_url(settings.url, **{**options, **overrides})

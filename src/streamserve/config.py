@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from streamserve.errors import ConfigError
+from streamserve.preflight import librdkafka_logger
 
 _yaml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("streamserve_yaml", default=None)
 
@@ -95,7 +96,13 @@ class KafkaSettings(_Section):
 
     def common(self) -> dict[str, LibrdkafkaValue]:
         """librdkafka settings every client of this worker starts from."""
-        conf: dict[str, LibrdkafkaValue] = {"bootstrap.servers": self.bootstrap_servers}
+        # librdkafka logs through Python logging (not its own `%3|...|FAIL|` lines on stderr); an idle connection
+        # the broker closes is not worth a line. `logger` is no librdkafka value, hence the Any.
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "logger": librdkafka_logger(),
+            "log.connection.close": False,
+        }
         conf.update(self.client)
         if self.sasl_password is not None:
             conf["sasl.password"] = self.sasl_password.get_secret_value()

@@ -98,3 +98,31 @@ class ArtifactUnavailable(ModelError):
 
 class ControlPlaneFailed(StreamServeError):
     """The control-topic follower stopped or stalled: the worker stops rather than serve a stale state."""
+
+
+class Unreachable(StreamServeError):
+    """A server a command needs did not answer within the command's --timeout (checked before any work)."""
+
+
+class BrokerUnreachable(Unreachable):
+    """No Kafka broker answered a metadata request."""
+
+    def __init__(self, bootstrap: str, timeout_s: float, reason: str, hint: str) -> None:
+        super().__init__(f"Kafka at {bootstrap} did not answer within {timeout_s:g}s ({reason}): {hint}")
+        self.bootstrap = bootstrap
+
+
+class RedisUnreachable(Unreachable):
+    """Redis did not answer PING."""
+
+    def __init__(self, url: str, timeout_s: float, reason: str, hint: str) -> None:
+        super().__init__(f"Redis at {url} does not answer within {timeout_s:g}s ({reason}): {hint}")
+        self.url = url
+
+
+class FileMissing(StreamServeError):
+    """A file a command reads does not exist; the message says how to get it."""
+
+    def __init__(self, what: str, path: str, hint: str) -> None:
+        super().__init__(f"{what} {path} not found: {hint}")
+        self.path = path

@@ -27,6 +27,7 @@ from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_e
 from streamserve.demo.train import train_versions
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.encode import decode_prediction
+from streamserve.preflight import env_overrides
 from streamserve.tools import load_features, produce_avro, read_rows
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,6 @@ log = logging.getLogger(__name__)
 
 def say(text: str) -> None:
     print(text, flush=True)
-
-
-def env_overrides() -> None:
-    """Point the pipeline at the local stack (scripts/stack writes these variables)."""
-    mapping = {"KAFKA_BOOTSTRAP_SERVERS": "STREAMSERVE_KAFKA__BOOTSTRAP_SERVERS", "REDIS_URL": "STREAMSERVE_REDIS__URL"}
-    for source, target in mapping.items():
-        if source in os.environ and target not in os.environ:
-            os.environ[target] = os.environ[source]
 
 
 def _write_entity_files(entities: Entities, directory: Path) -> tuple[Path, Path]:
@@ -67,7 +60,7 @@ class PredictionReader:
         self.schema = load_schema(settings.output.schema_path)
         self.consumer = Consumer(
             {
-                "bootstrap.servers": settings.kafka.bootstrap_servers,
+                **settings.kafka.common(),
                 "group.id": f"demo-reader-{uuid.uuid4()}",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
@@ -203,7 +196,7 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
         make_events(entities, first, seed=21),
         settings.input.key_field,
     )
-    bad = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    bad = Producer(settings.kafka.common())
     for i in range(5):  # a few undecodable records, to show where bad input goes
         bad.produce(settings.input.topic, os.urandom(24), f"bad-{i}".encode())
     bad.flush(10)
