@@ -71,7 +71,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     check_pipeline_files(settings)
-    check_pipeline_servers(settings, args.timeout)
+    # Redis down at start is fatal only under the policies that would stop on it later anyway: `wait` waits
+    # for it and `defaults` scores without it, at start as in flight.
+    check_pipeline_servers(settings, args.timeout, redis_needed=settings.redis.on_error in ("dead_letter", "fail"))
     worker = Worker(settings)
 
     def give_up() -> None:
