@@ -144,6 +144,8 @@ class Worker:
             if settings.control.enabled
             else None
         )
+        if self.follower is not None:
+            self.follower.on_rejected = lambda kind: self.metrics.swaps.add(1, {"result": "rejected", "reason": kind})
 
     # --- observability (issue 14): everything the worker records, wired in one place ---------------------
 
@@ -174,11 +176,7 @@ class Worker:
         def realize_and_count(desired: Any) -> Any:
             if desired is not None:
                 self._desired_version = desired.version
-            try:
-                routing = realize(desired)
-            except Exception as exc:
-                self.metrics.swaps.add(1, {"result": "rejected", "reason": type(exc).__name__})
-                raise
+            routing = realize(desired)  # a failure is counted by the follower's rejection, with its kind
             self.metrics.swaps.add(1, {"result": "accepted", "reason": desired.mode if desired else "config"})
             return routing
 

@@ -120,6 +120,8 @@ class ControlFollower:
                 self.control_topic,
             )
         self.rollout = RolloutState()
+        self.on_rejected: Callable[[str], None] = lambda kind: None
+        """Told the kind of every rejection (announcement, unavailable, unservable): the swaps metric."""
         self.last_rejection: LastRejection | None = None
         self.loading_version: str | None = None
         self.error: BaseException | None = None
@@ -231,7 +233,7 @@ class ControlFollower:
             rejection = Rejection(f"unexpected {type(exc).__name__} while verifying: {exc}")
             log.error("verifying a control record failed:\n%s", traceback.format_exc())
         if rejection is not None:
-            self._reject(rejection.reason, rejection.generation, rejection.version)
+            self._reject(rejection.reason, rejection.generation, rejection.version, "announcement")
         return self.rollout.generation != before
 
     def _converge(self) -> None:
@@ -257,18 +259,20 @@ class ControlFollower:
             # Possibly transient (network, object store): keep serving, try again later.
             self._retry_at = time.monotonic() + self._retry_s
             self._retry_s = min(self._retry_s * 2, MAX_RETRY_S)
-            self._reject(f"cannot load here, retrying: {exc}", desired.generation, desired.version)
+            self._reject(f"cannot load here, retrying: {exc}", desired.generation, desired.version, "unavailable")
         except Exception as exc:  # noqa: BLE001 - corrupt ONNX, bad signature, a warm-up that raises: report, go on
             self._unservable[desired.generation] = str(exc)
             log.error(
                 "generation %d (%s) cannot serve here:\n%s", desired.generation, desired.version, traceback.format_exc()
             )
-            self._reject(f"cannot serve here: {type(exc).__name__}: {exc}", desired.generation, desired.version)
+            reason = f"cannot serve here: {type(exc).__name__}: {exc}"
+            self._reject(reason, desired.generation, desired.version, "unservable")
         finally:
             self.loading_version = None
         return False
 
-    def _reject(self, reason: str, generation: int | None, version: str | None) -> None:
+    def _reject(self, reason: str, generation: int | None, version: str | None, kind: str) -> None:
+        self.on_rejected(kind)
         log.error("rejected %s %s (generation %s): %s", self.registry.settings.name, version, generation, reason)
         self.last_rejection = LastRejection(reason, generation, version, int(time.time() * 1000))
         self.report()

@@ -99,7 +99,7 @@ class WorkerMetrics:
         for reason in ("missing", "stale"):
             self.feature_defaults.add(0, {"reason": reason})
         self.swaps.add(0, {"result": "accepted", "reason": "deploy"})
-        self.swaps.add(0, {"result": "rejected", "reason": "ModelError"})
+        self.swaps.add(0, {"result": "rejected", "reason": "announcement"})
 
         def serving_version(options: CallbackOptions) -> Iterable[Observation]:
             model, version = serving()
