@@ -159,7 +159,7 @@ class Worker:
             export=self.observe_server is not None,
         )
         t, p = self.telemetry, self.processor
-        p.decode = t.timed("decode", p.decode)
+        p.decode_batch = t.timed("decode", p.decode_batch)  # type: ignore[method-assign]  # once per batch
         p.features.build = t.timed("enrich", p.features.build)  # type: ignore[method-assign]
         if p.features._fetch is not None:  # the Redis round trip inside enrich
             p.features._fetch = t.redis_fetcher(p.features._fetch)

@@ -63,20 +63,26 @@ class BatchProcessor:
     def run(self, sources: list[Source], routing: Routing) -> BatchResult:
         """Process one batch; every source ends in exactly one of result.outputs (live lane) or rejected."""
         result = BatchResult()
-        events: list[Event] = []
-        for source in sources:
-            try:
-                events.append(Event(source, self.decode(source.value)))
-            except RegistryUnavailable:
-                raise  # the platform, not the record (kafka.schema_registry_on_unavailable=fail)
-            except Exception as exc:  # noqa: BLE001 - whatever a record's bytes do, it is that record's fault
-                result.rejected.append(Rejected.from_error(source, DECODE_STAGE, exc))
+        events = self.decode_batch(sources, result)
         if not events:
             return result
         batch = self._features(events, result)
         if batch.events:
             self._score(batch, routing, result)
         return result
+
+    def decode_batch(self, sources: list[Source], result: BatchResult) -> list[Event]:
+        """The events of the records that decode; the others are rejected, each with its reason."""
+        events: list[Event] = []
+        decode = self.decode
+        for source in sources:
+            try:
+                events.append(Event(source, decode(source.value)))
+            except RegistryUnavailable:
+                raise  # the platform, not the record (kafka.schema_registry_on_unavailable=fail)
+            except Exception as exc:  # noqa: BLE001 - whatever a record's bytes do, it is that record's fault
+                result.rejected.append(Rejected.from_error(source, DECODE_STAGE, exc))
+        return events
 
     # --- features ----------------------------------------------------------------------------------------
 
