@@ -11,9 +11,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from bench.procs import Sample, watermarks
 
 
-def first_string(value: bytes) -> bytes:
-    """The first field of an Avro record when it is a string (event_id, in both the input and the output schema)."""
+def first_string(value: bytes, nullable: bool = False) -> bytes:
+    """The first field of an Avro record: a string (the input's event_id), or with ``nullable`` a
+    ["null", "string"] union (the prediction's event_id), whose branch index comes first."""
     shift = result = position = 0
+    if nullable:
+        if not value or value[0] != 2:  # branch 0 (null) or not a prediction
+            return b""
+        position = 1
     while True:
         byte = value[position]
         position += 1
@@ -34,7 +39,9 @@ class TopicRecords:
     values: list[bytes] | None = None
 
 
-def read_topic(bootstrap: str, topic: str, partitions: int, keep_values: bool = False) -> TopicRecords:
+def read_topic(
+    bootstrap: str, topic: str, partitions: int, keep_values: bool = False, predictions: bool = False
+) -> TopicRecords:
     """Every record of a topic, read from the beginning to the high watermark of each partition."""
     consumer = Consumer(
         {
@@ -59,7 +66,7 @@ def read_topic(bootstrap: str, topic: str, partitions: int, keep_values: bool = 
             if msg.error() is not None:
                 continue
             value = msg.value() or b""
-            ids.append(first_string(value))
+            ids.append(first_string(value, nullable=predictions))
             stamps.append(msg.timestamp()[1])
             if keep_values:
                 values.append(value)

@@ -87,7 +87,7 @@ def throughput(scenario: Scenario, dataset: Dataset, settings: Settings) -> dict
         stable_ms = group.stop()
         counter.close()
     wall_s = time.monotonic() - started
-    outputs = read_topic(dataset.stack.bootstrap, output_topic, dataset.partitions)
+    outputs = read_topic(dataset.stack.bootstrap, output_topic, dataset.partitions, predictions=True)
     rate, start_ms, end_ms = sustained_rate(outputs.timestamps_ms, not_before_ms=stable_ms)
     cpu_s, server_cpu_s, peak_rss = usage_in_window(samples, start_ms, end_ms)
     window_events = rate * (end_ms - start_ms) / 1000
@@ -193,7 +193,9 @@ def offered_rate(
         counter.close()
     samples = sampler.stop()
     inputs = read_topic(dataset.stack.bootstrap, input_topic, dataset.partitions)
-    outputs = read_topic(dataset.stack.bootstrap, output_topic, dataset.partitions, keep_values=keep_values)
+    outputs = read_topic(
+        dataset.stack.bootstrap, output_topic, dataset.partitions, keep_values=keep_values, predictions=True
+    )
     generated_ts = np.sort(inputs.timestamps_ms[[not i.startswith(b"p") for i in inputs.ids]])
     start_ms = float(generated_ts[0]) + settings.warmup_seconds * 1000
     end_ms = float(generated_ts[-1]) + 1
