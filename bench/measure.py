@@ -15,10 +15,8 @@ def first_string(value: bytes, nullable: bool = False) -> bytes:
     """The first field of an Avro record: a string (the input's event_id), or with ``nullable`` a
     ["null", "string"] union (the prediction's event_id), whose branch index comes first."""
     shift = result = position = 0
-    if nullable:
-        if not value or value[0] != 2:  # branch 0 (null) or not a prediction
-            return b""
-        position = 1
+    if nullable and value[:1] == b"\x02":  # branch 1 of the union; anything else reads as a plain string
+        position = 1  # (the passthrough copies input records; event ids are longer than one character)
     while True:
         byte = value[position]
         position += 1
