@@ -94,6 +94,9 @@ def size_limits(
     return SizeLimits(producer_max, found)
 
 
+ABORT_STEP_S = 10.0
+ABORT_ATTEMPTS = 3
+"""An abort retried this many times (of ABORT_STEP_S each) without completing: the producer is replaced."""
 SEND_OFFSETS_TIMEOUT_S = 10.0
 """It takes milliseconds when the coordinator is up; past this (+5 s) the producer counts as stuck."""
 
@@ -243,18 +246,22 @@ class OutputSink:
     def abort(self, timeout_s: float) -> None:
         """Abort the open transaction (its records become invisible to read_committed readers).
 
-        Retried while the broker is unreachable: until the abort completes, nothing else may be produced.
+        Retried a few times while the broker is unreachable; an abort that still does not complete (seen after a
+        broker restart: the coordinator never answers this producer again) makes the producer count as failed:
+        the worker replaces it, and the new producer's init_transactions() aborts what this one left open.
         """
-        while True:
+        step_s = min(timeout_s, ABORT_STEP_S)
+        for attempt in range(1, ABORT_ATTEMPTS + 1):
             try:
-                self.producer.abort_transaction(timeout_s)
+                self.producer.abort_transaction(step_s)
                 return
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
                 if error.fatal() or not error.retriable():
                     raise fatal_error(error) from exc
-                log.warning("retrying abort_transaction: %s", error)
+                log.warning("retrying abort_transaction (%d of %d): %s", attempt, ABORT_ATTEMPTS, error)
                 time.sleep(0.2)
+        raise ProducerFailed(f"abort_transaction did not complete in {ABORT_ATTEMPTS} attempts of {step_s:.0f}s")
 
     def max_record_bytes(self, topic: str) -> int:
         """The largest record `topic` takes from this producer (pass it to dead_letter())."""
