@@ -89,6 +89,22 @@ def headers_of(msg: Message) -> dict[str, bytes]:
     return {name: value for name, value in (msg.headers() or [])}
 
 
+def create_pipeline_topics(bootstrap: str, s: PipelineSettings, partitions: int) -> None:
+    """A test pipeline's topics: input/output/shadow with `partitions`, one-partition DLQ, compacted control."""
+    compacted = {"cleanup.policy": "compact"}
+    ensure_topics(
+        {"bootstrap.servers": bootstrap},
+        [
+            TopicSpec(s.input.topic, partitions),
+            TopicSpec(s.output.topic, partitions),
+            TopicSpec(s.shadow_topic, partitions),
+            TopicSpec(s.output.dead_letter_topic, 1),
+            TopicSpec(s.control.topic, 1, compacted),
+            TopicSpec(s.control.status_topic, 1, compacted),
+        ],
+    )
+
+
 @dataclass
 class Pipeline:
     """A pipeline config of one test: its own topics, group, Redis key prefix."""
@@ -173,19 +189,7 @@ class Pipeline:
         self.settings: PipelineSettings = load_settings(self.path)
 
     def create_topics(self) -> None:
-        s = self.settings
-        compacted = {"cleanup.policy": "compact"}
-        ensure_topics(
-            {"bootstrap.servers": self.bootstrap},
-            [
-                TopicSpec(s.input.topic, self.partitions),
-                TopicSpec(s.output.topic, self.partitions),
-                TopicSpec(s.shadow_topic, self.partitions),
-                TopicSpec(s.output.dead_letter_topic, 1),
-                TopicSpec(s.control.topic, 1, compacted),
-                TopicSpec(s.control.status_topic, 1, compacted),
-            ],
-        )
+        create_pipeline_topics(self.bootstrap, self.settings, self.partitions)
 
 
 class WorkerProcess:

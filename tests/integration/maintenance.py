@@ -11,10 +11,9 @@ import onnxruntime as ort
 import redis
 import yaml
 
-from streamserve.admin import TopicSpec, ensure_topics
 from streamserve.config import PipelineSettings, load_settings
 from streamserve.demo.maintenance import Machines, TrainedModel, model_inputs
-from tests.integration.harness import REPO, unique
+from tests.integration.harness import REPO, create_pipeline_topics, unique
 
 EXAMPLE = REPO / "examples" / "maintenance"
 
@@ -62,19 +61,7 @@ class MaintenancePipeline:
         self.settings: PipelineSettings = load_settings(self.path)
 
     def create_topics(self) -> None:
-        s = self.settings
-        compacted = {"cleanup.policy": "compact"}
-        ensure_topics(
-            {"bootstrap.servers": self.bootstrap},
-            [
-                TopicSpec(s.input.topic, self.partitions),
-                TopicSpec(s.output.topic, self.partitions),
-                TopicSpec(s.shadow_topic, self.partitions),
-                TopicSpec(s.output.dead_letter_topic, 1),
-                TopicSpec(s.control.topic, 1, compacted),
-                TopicSpec(s.control.status_topic, 1, compacted),
-            ],
-        )
+        create_pipeline_topics(self.bootstrap, self.settings, self.partitions)
 
     def load_machines(self, client: redis.Redis, machines: Machines) -> None:
         writes = client.pipeline(transaction=False)

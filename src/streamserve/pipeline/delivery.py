@@ -154,16 +154,6 @@ class ExactlyOnce(Delivery):
 
     name = "exactly_once"
 
-    def __init__(
-        self,
-        source: KafkaSource,
-        batcher: MicroBatcher[Source],
-        make_sink: Callable[[], OutputSink],
-        timeout_s: float,
-    ) -> None:
-        super().__init__(source, batcher, make_sink, timeout_s)
-        self._failures: list[float] = []
-
     def start(self) -> None:
         self.sink.init_transactions(self.timeout_s)
 
@@ -207,7 +197,7 @@ class ExactlyOnce(Delivery):
         """A fatal, non-fencing producer error: a new producer with the same transactional.id takes over
         (aborting whatever the old one left open) and the input is re-read from the committed offsets."""
         now = time.monotonic()
-        self._failures = [t for t in self._failures if now - t < 300] + [now]
+        self._failures = [t for t in getattr(self, "_failures", []) if now - t < 300] + [now]
         if len(self._failures) > MAX_PRODUCER_RESTARTS:
             raise ProducerFailed(f"{len(self._failures)} producer failures within 5 minutes, last: {cause}")
         log.warning("transactional producer failed (%s): replacing it, re-reading from committed offsets", cause)
