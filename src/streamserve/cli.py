@@ -65,16 +65,16 @@ def _add_timeout(parser: argparse.ArgumentParser, default: float = ADMIN_TIMEOUT
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a worker until SIGTERM/SIGINT, then drain and leave the group."""
-    from streamserve.app import Worker
     from streamserve.config import load_settings
     from streamserve.preflight import check_pipeline_files, check_pipeline_servers
+    from streamserve.wiring import build_worker
 
     settings = load_settings(args.config)
     check_pipeline_files(settings)
     # Redis down at start is fatal only under the policies that would stop on it later anyway: `wait` waits
     # for it and `defaults` scores without it, at start as in flight.
     check_pipeline_servers(settings, args.timeout, redis_needed=settings.redis.on_error in ("dead_letter", "fail"))
-    worker = Worker(settings)
+    worker = build_worker(settings)
 
     def give_up() -> None:
         # Closing a client can block when its coordinator vanished (a broker restart); the orchestrator's

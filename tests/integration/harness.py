@@ -21,12 +21,12 @@ import yaml
 from confluent_kafka import Consumer, Message
 
 from streamserve.admin import TopicSpec, ensure_topics
-from streamserve.app import Worker
 from streamserve.config import PipelineSettings, load_settings
 from streamserve.demo.train import TrainedModel
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.encode import decode_prediction
 from streamserve.tools import produce_avro
+from streamserve.wiring import build_worker
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO / "schemas"
@@ -244,7 +244,7 @@ class WorkerThread:
     """An in-process worker (the CLI's `run`, without the signal handlers)."""
 
     def __init__(self, settings: PipelineSettings) -> None:
-        self.worker = Worker(settings)
+        self.worker = build_worker(settings)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 _BUCKETS = 10_000
 
 
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """Rows of a batch that one model scores; live lanes' outputs are predictions, the others shadow outputs."""
+
+    model: OnnxModel
+    rows: np.ndarray
+    live: bool
+
+
 @dataclass(frozen=True)
 class Routing:
     """Which model versions score a batch: read once per batch, replaced whole on a swap."""
@@ -37,6 +46,20 @@ class Routing:
     mode: str = "deploy"
     candidate: OnnxModel | None = None
     canary_share: float = 0.0
+
+    def plan(self, n: int, keys: Callable[[], list[str]]) -> list[Lane]:
+        """The lanes that score n rows: which model scores which rows, and whether its outputs are live.
+
+        Canary splits the rows by key (``keys`` is called only then); shadow scores every row twice, the
+        candidate's outputs going to the shadow topic. The data plane runs the lanes without knowing the modes.
+        """
+        everything = np.ones(n, dtype=bool)
+        if self.candidate is None or self.mode == "deploy":
+            return [Lane(self.live, everything, live=True)]
+        if self.mode == "canary":
+            to_candidate = self.canary_mask(keys())
+            return [Lane(self.live, ~to_candidate, live=True), Lane(self.candidate, to_candidate, live=True)]
+        return [Lane(self.live, everything, live=True), Lane(self.candidate, everything, live=False)]
 
     def canary_mask(self, keys: list[str]) -> np.ndarray:
         """Rows whose key hashes into the canary share (stable: a key keeps its side)."""

@@ -237,7 +237,6 @@ def run_example(config: Path, readings: int, partitions: int) -> int:
     import redis
 
     from streamserve.admin import ensure_topics, pipeline_topics
-    from streamserve.app import Worker
     from streamserve.config import load_settings
     from streamserve.demo.run import (
         PredictionReader,
@@ -249,6 +248,7 @@ def run_example(config: Path, readings: int, partitions: int) -> int:
     )
     from streamserve.pipeline.decode import load_schema
     from streamserve.tools import load_features, produce_avro
+    from streamserve.wiring import build_worker
 
     env_overrides()
     started = time.monotonic()
@@ -268,7 +268,7 @@ def run_example(config: Path, readings: int, partitions: int) -> int:
     load_features(client, ({"machine_id": m, **values} for m, values in machines.redis.items()), "machine:{machine_id}")
 
     say("[4/6] starting a worker; streaming the first half of the readings (v1) and 3 poison pills")
-    worker = Worker(settings)
+    worker = build_worker(settings)
     worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
     worker_thread.start()
     reader = PredictionReader(settings)

@@ -17,7 +17,6 @@ import redis
 from confluent_kafka import Consumer, Producer
 
 from streamserve.admin import ensure_topics, pipeline_topics
-from streamserve.app import Worker
 from streamserve.config import PipelineSettings, load_settings
 from streamserve.control.follower import acceptance_policy
 from streamserve.control.publish import fleet_status, publish
@@ -29,6 +28,7 @@ from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.encode import decode_prediction
 from streamserve.preflight import env_overrides
 from streamserve.tools import load_features, produce_avro, read_rows
+from streamserve.wiring import build_worker
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     load_features(client, read_rows(merchants_csv), "merchant:{merchant_id}")
 
     say("[4/6] starting a worker and streaming the first half of the events (served by v1)")
-    worker = Worker(settings)
+    worker = build_worker(settings)
     worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
     worker_thread.start()
     reader = PredictionReader(settings)

@@ -84,6 +84,11 @@ class WorkerMetrics:
         self.pauses = meter.create_counter(
             "streamserve.consumer.pauses", unit="1", description="times intake was paused by a slow sink"
         )
+        self.backpressure = meter.create_counter(
+            "streamserve.backpressure.wait",
+            unit="s",
+            description="time the loop waited for acknowledgements with a full in-flight window",
+        )
         self.producer_replacements = meter.create_counter(
             "streamserve.producer.replacements",
             unit="1",
@@ -94,7 +99,8 @@ class WorkerMetrics:
         )
 
         # Counters appear in the scrape from the start (at 0), so dashboards and alerts never see "no data".
-        for counter in (self.degraded, self.transactions_aborted, self.pauses, self.producer_replacements):
+        zeroed = (self.degraded, self.transactions_aborted, self.pauses, self.backpressure, self.producer_replacements)
+        for counter in zeroed:
             counter.add(0)
         for reason in ("missing", "stale"):
             self.feature_defaults.add(0, {"reason": reason})

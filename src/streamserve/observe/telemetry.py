@@ -209,6 +209,25 @@ class Telemetry:
             for version, seconds_ in clock.inference_s:
                 m.inference_duration.record(seconds_, {"version": version})
 
+    def defaults_used(self, missing: int, stale: int) -> None:
+        """Feature defaults a batch used instead of missing or stale Redis values."""
+        if missing:
+            self.metrics.feature_defaults.add(missing, {"reason": "missing"})
+        if stale:
+            self.metrics.feature_defaults.add(stale, {"reason": "stale"})
+
+    def instrument(self, processor: Any) -> None:
+        """Mark the processor's stage boundaries (decode, enrich and its Redis round trip, infer, encode,
+        the whole run): each wrapper adds two clock reads per batch, not per record."""
+        p = processor
+        p.decode_batch = self.timed("decode", p.decode_batch)
+        p.features.build = self.timed("enrich", p.features.build)
+        if p.features.fetch is not None:
+            p.features.fetch = self.redis_fetcher(p.features.fetch)
+        p.predict = self.timed("infer", p.predict)
+        p.encoder.encode = self.timed("encode", p.encoder.encode)
+        p.run = self.timed("process", p.run)  # its end starts "produce"
+
     # --- end-to-end latency ------------------------------------------------------------------------------
 
     def sealed(self, inflight: Any, sources: Sequence[Source]) -> None:

@@ -31,6 +31,8 @@ Emit = Callable[[list[Source], InflightBatch, OutputSink], list[Rejected]]
 """Runs a batch and produces its outputs and dead letters to the sink; returns the rejected records."""
 Process = Callable[[list[Source]], None]
 """The worker's whole handling of one batch (used when draining)."""
+MakeSink = Callable[[dict[str, str | int | float | bool]], OutputSink]
+"""Builds an output sink given the producer options the guarantee needs (a replacement reuses it)."""
 
 
 class DeliveryObserver(Protocol):
@@ -69,17 +71,25 @@ class Delivery(ABC):
         self,
         source: KafkaSource,
         batcher: MicroBatcher[Source],
-        make_sink: Callable[[], OutputSink],
+        make_sink: MakeSink,
         timeout_s: float,
+        transactional_id: str = "",
+        transaction_timeout_ms: int = 60_000,
     ) -> None:
         self.source = source
         self.batcher = batcher
-        self.make_sink = make_sink
-        self.sink = make_sink()
+        self.transactional_id = transactional_id
+        self.transaction_timeout_ms = transaction_timeout_ms
+        self.make_sink = lambda: make_sink(self.producer_options())
+        self.sink = self.make_sink()
         self.timeout_s = timeout_s
         self.aborted_batches = 0
         self.producer_restarts = 0
         self.telemetry: DeliveryObserver = _Unobserved()
+
+    def producer_options(self) -> dict[str, str | int | float | bool]:
+        """What this guarantee adds to the producer's configuration."""
+        return {}
 
     @abstractmethod
     def start(self) -> None:
@@ -154,6 +164,10 @@ class ExactlyOnce(Delivery):
 
     name = "exactly_once"
 
+    def producer_options(self) -> dict[str, str | int | float | bool]:
+        # Stable per worker: a restarted worker with the same id fences its zombie predecessor.
+        return {"transactional.id": self.transactional_id, "transaction.timeout.ms": self.transaction_timeout_ms}
+
     def start(self) -> None:
         self.sink.init_transactions(self.timeout_s)
 
@@ -225,9 +239,11 @@ def delivery_for(
     guarantee: str,
     source: KafkaSource,
     batcher: MicroBatcher[Source],
-    make_sink: Callable[[], OutputSink],
+    make_sink: MakeSink,
     timeout_s: float,
+    transactional_id: str = "",
+    transaction_timeout_ms: int = 60_000,
 ) -> Delivery:
     """The strategy a pipeline's ``delivery`` setting names."""
     kinds: dict[str, type[Delivery]] = {AtLeastOnce.name: AtLeastOnce, ExactlyOnce.name: ExactlyOnce}
-    return kinds[guarantee](source, batcher, make_sink, timeout_s)
+    return kinds[guarantee](source, batcher, make_sink, timeout_s, transactional_id, transaction_timeout_ms)

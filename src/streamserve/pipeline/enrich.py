@@ -273,7 +273,7 @@ class FeatureBuilder:
         clock_ms: Callable[[], float] = lambda: time.time() * 1000,
     ) -> None:
         self.features = list(features)
-        self._fetch = fetch
+        self.fetch = fetch
         self._clock_ms = clock_ms
         groups: dict[str, list[FeatureSpec]] = {}
         for spec in self.features:
@@ -435,7 +435,7 @@ class FeatureBuilder:
         return rendered
 
     def _lookup(self, distinct: list[list[str]]) -> list[dict[str, Any]]:
-        assert self._fetch is not None
+        assert self.fetch is not None
         requests: list[FeatureRequest] = [
             (
                 None
@@ -445,7 +445,7 @@ class FeatureBuilder:
             )
             for group, keys in zip(self._groups, distinct, strict=True)
         ]
-        return self._fetch(requests)
+        return self.fetch(requests)
 
     @staticmethod
     def _stale_mask(

@@ -122,16 +122,11 @@ class BatchProcessor:
     # --- inference and encoding ---------------------------------------------------------------------------
 
     def _score(self, batch: FeatureBatch, routing: Routing, result: BatchResult) -> None:
-        everything = np.ones(len(batch.events), dtype=bool)
-        if routing.mode == "canary" and routing.candidate is not None:
-            keys = [self.encoder.key_of(event) or "" for event in batch.events]
-            to_candidate = routing.canary_mask(keys)
-            self._emit(batch, ~to_candidate, routing.live, self.output_topic, result, live=True)
-            self._emit(batch, to_candidate, routing.candidate, self.output_topic, result, live=True)
-            return
-        self._emit(batch, everything, routing.live, self.output_topic, result, live=True)
-        if routing.mode == "shadow" and routing.candidate is not None:
-            self._emit(batch, everything, routing.candidate, self.shadow_topic, result, live=False)
+        """Run the routing's plan: each lane's model scores its rows, live lanes' outputs are the predictions."""
+        events = batch.events
+        for lane in routing.plan(len(events), lambda: [self.encoder.key_of(event) or "" for event in events]):
+            topic = self.output_topic if lane.live else self.shadow_topic
+            self._emit(batch, lane.rows, lane.model, topic, result, live=lane.live)
 
     def _emit(
         self, batch: FeatureBatch, rows: np.ndarray, model: OnnxModel, topic: str, result: BatchResult, live: bool
@@ -155,7 +150,7 @@ class BatchProcessor:
             ]
             index = index[~unfit]
             columns = batch.select(index)
-        scored = self._predict(model, columns, np.arange(len(index)), [batch.events[i].source for i in index], rejected)
+        scored = self.predict(model, columns, np.arange(len(index)), [batch.events[i].source for i in index], rejected)
         for positions, outputs in scored:
             finite = np.isfinite(outputs.score)
             for position in positions[~finite]:
@@ -185,7 +180,7 @@ class BatchProcessor:
         if live:
             result.rejected += rejected
 
-    def _predict(
+    def predict(
         self,
         model: OnnxModel,
         columns: dict[str, np.ndarray],
@@ -202,8 +197,8 @@ class BatchProcessor:
                 return []
             middle = len(positions) // 2
             return [
-                *self._predict(model, columns, positions[:middle], sources, rejected),
-                *self._predict(model, columns, positions[middle:], sources, rejected),
+                *self.predict(model, columns, positions[:middle], sources, rejected),
+                *self.predict(model, columns, positions[middle:], sources, rejected),
             ]
 
 
