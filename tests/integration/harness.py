@@ -21,7 +21,7 @@ import yaml
 from confluent_kafka import Consumer, Message
 
 from streamserve.admin import TopicSpec, ensure_topics
-from streamserve.config import PipelineSettings, load_settings
+from streamserve.config import PipelineSettings, apply_overrides, config_from, load_settings
 from streamserve.demo.train import TrainedModel
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.encode import decode_prediction
@@ -30,6 +30,8 @@ from streamserve.wiring import build_worker
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO / "schemas"
+EXAMPLE_PIPELINE = REPO / "examples" / "fraud" / "pipeline.yaml"
+"""Test pipelines are the demo's pipeline plus overrides, never a retyped copy."""
 
 
 def unique(prefix: str) -> str:
@@ -119,71 +121,28 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self.prefix = self.name
-        config: dict[str, Any] = {
-            "input": {
-                "topic": f"{self.name}-in",
-                "schema": str(SCHEMAS / "card_transaction.avsc"),
-                "key_field": "card_id",
-                "event_id_field": "event_id",
-                "event_time_field": "event_time",
-            },
-            "features": [
-                {"name": "amount", "source": "event", "field": "amount"},
-                {"name": "hour_of_day", "source": "event", "field": "hour_of_day", "dtype": "int32"},
-                {"name": "is_online", "source": "event", "field": "is_online", "dtype": "bool"},
-                {
-                    "name": "avg_amount_30d",
-                    "source": "redis",
-                    "key": f"{self.prefix}:card:{{card_id}}",
-                    "field": "avg_amount_30d",
-                    "default": 50.0,
+        card, merchant = f"{self.prefix}:card:{{card_id}}", f"{self.prefix}:merchant:{{merchant_id}}"
+        config = config_from(
+            EXAMPLE_PIPELINE,
+            {
+                "input.topic": f"{self.name}-in",
+                **{f"features.{name}.key": card for name in ("avg_amount_30d", "txn_count_24h", "chargeback_rate")},
+                "features.merchant_risk.key": merchant,
+                "features.merchant_risk.default": None,  # no default: a missing merchant is a bad event
+                "model": {"uri": str(self.model_path), "version": "v1"},
+                "output.topic": f"{self.name}-out",
+                "output.dead_letter_topic": f"{self.name}-dlq",
+                "kafka": {
+                    "bootstrap_servers": self.bootstrap,
+                    "group_id": f"{self.name}-group",
+                    "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
                 },
-                {
-                    "name": "txn_count_24h",
-                    "source": "redis",
-                    "key": f"{self.prefix}:card:{{card_id}}",
-                    "field": "txn_count_24h",
-                    "default": 0.0,
-                },
-                {
-                    "name": "chargeback_rate",
-                    "source": "redis",
-                    "key": f"{self.prefix}:card:{{card_id}}",
-                    "field": "chargeback_rate",
-                    "default": 0.0,
-                },
-                {
-                    "name": "merchant_risk",
-                    "source": "redis",
-                    "key": f"{self.prefix}:merchant:{{merchant_id}}",
-                    "field": "risk_score",
-                },  # no default: a missing merchant is a bad event
-            ],
-            "model": {"name": "fraud", "uri": str(self.model_path), "version": "v1"},
-            "output": {
-                "topic": f"{self.name}-out",
-                "schema": str(SCHEMAS / "prediction.avsc"),
-                "dead_letter_topic": f"{self.name}-dlq",
+                "redis.url": self.redis_url,
+                "control": {"topic": f"{self.name}-control", "status_topic": f"{self.name}-status"},
+                "log_every_s": 2.0,
             },
-            "batch": {"max_batch_size": 256, "max_wait_ms": 10},
-            "kafka": {
-                "bootstrap_servers": self.bootstrap,
-                "group_id": f"{self.name}-group",
-                "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
-            },
-            "redis": {"url": self.redis_url},
-            "control": {"topic": f"{self.name}-control", "status_topic": f"{self.name}-status"},
-            "log_every_s": 2.0,
-        }
-        for dotted, value in self.overrides.items():
-            node = config
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-                node[leaf].update(value)
-            else:
-                node[leaf] = value
+        )
+        apply_overrides(config, self.overrides)
         self.path = self.directory / f"{self.name}.yaml"
         self.path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.settings: PipelineSettings = load_settings(self.path)

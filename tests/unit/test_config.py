@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from streamserve.config import load_settings
+from streamserve.config import config_from, load_settings
 from streamserve.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fraud" / "pipeline.yaml"
@@ -57,3 +58,30 @@ def test_librdkafka_dicts_layer_defaults_user_settings_and_secrets(monkeypatch: 
     assert consumer["group.id"] == "fraud-scorer"
     assert consumer["enable.auto.commit"] is False
     assert consumer["sasl.password"] == "s3cret"
+
+
+def test_config_from_an_example_applies_overrides_by_key_and_by_feature_name(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "fraud" / "pipeline.yaml"
+    config = config_from(
+        example,
+        {
+            "batch.max_wait_ms": 3,
+            "features.merchant_risk.default": None,
+            "features.txn_count_24h.key": "t:card:{card_id}",
+            "kafka": {"group_id": "g"},
+        },
+    )
+    assert config["batch"] == {"max_batch_size": 256, "max_wait_ms": 3}
+    by_name = {f["name"]: f for f in config["features"]}
+    assert "default" not in by_name["merchant_risk"]
+    assert by_name["txn_count_24h"]["key"] == "t:card:{card_id}"
+    assert by_name["avg_amount_30d"]["key"] == "card:{card_id}", "other features untouched"
+    assert config["kafka"] == {"bootstrap_servers": "127.0.0.1:9092", "group_id": "g"}, "dicts merge"
+    assert Path(config["input"]["schema"]).is_absolute()
+    assert Path(config["input"]["schema"]).is_file(), "relative paths resolved against the example's folder"
+    written = tmp_path / "p.yaml"
+    written.write_text(yaml.safe_dump(config))
+    settings = load_settings(written)
+    assert settings.batch.max_wait_ms == 3
+    with pytest.raises(ConfigError, match="no feature named 'nope'"):
+        config_from(example, {"features.nope.key": "x"})
