@@ -53,6 +53,8 @@ class WorkerStats:
     paused: int = 0
     backpressure_s: float = 0.0
     """Time the loop waited for acknowledgements with a full in-flight window (0 on the normal path)."""
+    max_batch_wait_s: float = 0.0
+    """The longest a batch's first record waited in the worker before the batch was scored."""
     producer_restarts: int = 0
     fenced: bool = False
     by_stage: dict[str, int] = field(default_factory=dict)
@@ -151,6 +153,9 @@ class Worker:
             self.batcher.mark_open()
         self.batcher.add(self.source.poll(self.batcher.room, self.batcher.time_left()))
         if self.batcher.ready():
+            waited = self.batcher.age()
+            self.stats.max_batch_wait_s = max(self.stats.max_batch_wait_s, waited)
+            self.metrics.batch_wait.record(waited)
             self._observed(self.batcher.take())
         self.delivery.sink.poll(0)
         self.delivery.commit()
@@ -231,9 +236,9 @@ class Worker:
         s = self.stats
         log.info(
             "events=%d predictions=%d dead_letters=%d batches=%d aborted=%d degraded=%d defaults(missing=%d "
-            "stale=%d) paused=%d backpressure_s=%.2f version=%s",
+            "stale=%d) paused=%d backpressure_s=%.2f max_batch_wait_ms=%.1f version=%s",
             *(s.events_in, s.predictions_out, s.dead_letters, s.batches, s.aborted_batches, s.degraded_predictions),
-            *(s.missing_defaults, s.stale_defaults, s.paused, s.backpressure_s, self._live),
+            *(s.missing_defaults, s.stale_defaults, s.paused, s.backpressure_s, s.max_batch_wait_s * 1000, self._live),
         )
 
 

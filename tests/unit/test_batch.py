@@ -65,3 +65,18 @@ def test_empty_batcher_is_never_ready_and_drop_removes_items() -> None:
 def test_rejects_zero_batch_size() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         MicroBatcher(max_batch_size=0, max_wait_ms=10)
+
+
+def test_age_counts_from_when_the_loop_began_waiting() -> None:
+    now = [100.0]
+    batcher = MicroBatcher[int](10, 50, clock=lambda: now[0])
+    assert batcher.age() == 0.0
+    batcher.mark_open()  # the loop starts waiting; a record arrives 30 ms later
+    now[0] += 0.030
+    batcher.add([1])
+    assert batcher.age() == pytest.approx(0.030)
+    now[0] += 0.020
+    assert batcher.ready(), "its first record has waited max_wait_ms"
+    assert batcher.age() == pytest.approx(0.050)
+    batcher.take()
+    assert batcher.age() == 0.0

@@ -65,6 +65,11 @@ class WorkerMetrics:
         self.batch_duration = meter.create_histogram(
             "streamserve.batch.duration", unit="s", description="decode to produce, per micro-batch"
         )
+        self.batch_wait = meter.create_histogram(
+            "streamserve.batch.wait",
+            unit="s",
+            description="how long a batch's first record waited in the worker before the batch was scored",
+        )
         self.batch_size = meter.create_histogram("streamserve.batch.size", unit="1", description="records per batch")
         self.feature_defaults = meter.create_counter(
             "streamserve.feature.defaults", unit="1", description="feature values replaced by their default, by reason"

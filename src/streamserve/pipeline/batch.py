@@ -50,6 +50,10 @@ class MicroBatcher(Generic[T]):
             return self.max_wait_s
         return max(0.0, self._opened_at + self.max_wait_s - self._clock())
 
+    def age(self) -> float:
+        """Seconds since the open batch's clock started (0 when nothing is open)."""
+        return 0.0 if self._opened_at is None else self._clock() - self._opened_at
+
     def ready(self) -> bool:
         """True when the open batch must be processed now."""
         if not self._items:
