@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-backlog-events",
         type=int,
         default=20_000_000,
-        help="the backlog grows to at most this many events (20000000, ~2.5 GB on the broker)",
+        help="the backlog grows to at most this many events (20000000, ~1.6 GB on the broker)",
     )
     parser.add_argument(
         "--kafka-repeats", type=int, default=3, help="runs of each Kafka passthrough scenario; the median counts (3)"

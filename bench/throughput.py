@@ -48,6 +48,8 @@ class Backlog:
     def grow_to(self, events: int) -> bool:
         """Append events until the topic holds at least `events` (at most `max_events`); False if it cannot grow."""
         target = min(events, self.max_events)
+        if target < events:
+            log.warning("backlog capped at %d events (--max-backlog-events); %d wanted", self.max_events, events)
         if target <= self.size:
             return False
         payloads = self.dataset.payloads
