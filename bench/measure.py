@@ -1,4 +1,4 @@
-"""Reading a run's topics back and turning broker timestamps into throughput, latency, CPU and memory figures."""
+"""Reading a run's topics back and turning broker timestamps into latency, CPU and memory figures."""
 
 from __future__ import annotations
 
@@ -72,22 +72,6 @@ def read_topic(
                 remaining.discard(msg.partition())
     consumer.close()
     return TopicRecords(ids, np.asarray(stamps, dtype=np.int64), values if keep_values else None)
-
-
-def sustained_rate(
-    timestamps_ms: np.ndarray, trim: float = 0.05, not_before_ms: float | None = None
-) -> tuple[float, float, float]:
-    """(events/s, window start ms, window end ms) over the middle of the output: the first and last `trim`
-    share of records (group join, the tail of the run) are left out, and everything before `not_before_ms`
-    (when the group became stable with all its members)."""
-    if len(timestamps_ms) < 20:
-        return 0.0, 0.0, 0.0
-    ordered = np.sort(timestamps_ms)
-    first, last = int(len(ordered) * trim), int(len(ordered) * (1 - trim)) - 1
-    if not_before_ms is not None:
-        first = max(first, min(int(np.searchsorted(ordered, not_before_ms)), last - 10))
-    span_s = max((ordered[last] - ordered[first]) / 1000, 1e-3)
-    return (last - first) / span_s, float(ordered[first]), float(ordered[last])
 
 
 def usage_in_window(samples: list[Sample], start_ms: float, end_ms: float) -> tuple[float, float, int]:

@@ -1,4 +1,4 @@
-"""The measurements: throughput on the pre-produced backlog, latency at an offered rate, the hot-swap window."""
+"""The latency measurements: latency at an offered rate and the hot-swap window (throughput: bench.throughput)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 
 from bench.dataset import SCHEMAS, Dataset
 from bench.loadgen import relabel
-from bench.measure import Latency, match_latencies, read_topic, sustained_rate, usage_in_window
+from bench.measure import Latency, match_latencies, read_topic, usage_in_window
 from bench.procs import GroupWatcher, Job, Sampler, TopicCounter, wait_for_count
 from bench.scenarios import Scenario, commands, job_env, streamserve_topics
 from streamserve.control.publish import publish
@@ -37,13 +37,22 @@ class Settings:
     """Knobs of one benchmark run."""
 
     out_dir: Path
-    max_seconds: float = 30.0
-    """Longest a scenario may take over the backlog; slower systems are measured on what they did by then."""
+    min_window_seconds: float = 10.0
+    """Shortest measured window a throughput figure may rest on; a shorter one is reported as such."""
+    settle_seconds: float = 1.0
+    """Left out of a throughput window after the group is stable and output flows (cooperative second round)."""
+    keep_topics: bool = False
+    """Keep each throughput run's output topic (otherwise deleted as soon as it is counted)."""
     rate_seconds: float = 10.0
     """Measured seconds of an offered-rate run (after the warm-up)."""
     warmup_seconds: float = 2.0
     drain_seconds: float = 20.0
     ready_timeout_s: float = 120.0
+
+    @property
+    def measure_seconds(self) -> float:
+        """How long a throughput window is held open: a second over the minimum, so polling never cuts it short."""
+        return self.min_window_seconds + 1.0
 
 
 def create_output_topics(dataset: Dataset, scenario: Scenario, output_topic: str) -> None:
@@ -56,7 +65,7 @@ def create_output_topics(dataset: Dataset, scenario: Scenario, output_topic: str
         dataset.create_topics(output_topic)
 
 
-def _start(
+def start_job(
     scenario: Scenario, dataset: Dataset, settings: Settings, input_topic: str, output_topic: str, tag: str
 ) -> Job:
     create_output_topics(dataset, scenario, output_topic)
@@ -68,43 +77,6 @@ def _start(
         log_dir=settings.out_dir / "logs",
         env=job_env(scenario),
     ).start()
-
-
-def throughput(scenario: Scenario, dataset: Dataset, settings: Settings) -> dict[str, Any]:
-    """Events/s, CPU per 1k events and peak RSS while the system works through the pre-produced events."""
-    output_topic = dataset.topic(f"{scenario.name}-tput")
-    job = _start(scenario, dataset, settings, dataset.events_topic, output_topic, "tput")
-    group = GroupWatcher(dataset.stack.bootstrap, f"{output_topic}-group", scenario.processes).start()
-    sampler = Sampler(job.pids, list(dataset.stack.server_pids.values())).start()
-    counter = TopicCounter(dataset.stack.bootstrap, output_topic, dataset.partitions)
-    expected = len(dataset.payloads)
-    started = time.monotonic()
-    try:
-        count, complete = wait_for_count(counter, expected, settings.max_seconds, job)
-    finally:
-        job.stop()
-        samples = sampler.stop()
-        stable_ms = group.stop()
-        counter.close()
-    wall_s = time.monotonic() - started
-    outputs = read_topic(dataset.stack.bootstrap, output_topic, dataset.partitions, predictions=True)
-    rate, start_ms, end_ms = sustained_rate(outputs.timestamps_ms, not_before_ms=stable_ms)
-    cpu_s, server_cpu_s, peak_rss = usage_in_window(samples, start_ms, end_ms)
-    window_events = rate * (end_ms - start_ms) / 1000
-    result = {
-        "events_per_s": round(float(rate), 1),
-        "cpu_s_per_1k": round(float(cpu_s / window_events * 1000), 4) if window_events else None,
-        "server_cpu_s_per_1k": round(float(server_cpu_s / window_events * 1000), 4) if window_events else None,
-        "peak_rss_mb": round(peak_rss / MB, 1),
-        "outputs": count,
-        "expected": expected,
-        "complete": complete,
-        "wall_s": round(wall_s, 1),
-        "window_s": round((end_ms - start_ms) / 1000, 2),
-        "group_stable_after_s": round((stable_ms - samples[0].wall_ms) / 1000, 2) if stable_ms else None,
-    }
-    log.info("%-22s throughput %s", scenario.name, result)
-    return result
 
 
 def _probe(dataset: Dataset, topic: str) -> int:
@@ -136,7 +108,7 @@ def offered_rate(
     input_topic = dataset.topic(f"{scenario.name}-{tag}-in")
     output_topic = dataset.topic(f"{scenario.name}-{tag}-out")
     dataset.create_topics(input_topic)
-    job = _start(scenario, dataset, settings, input_topic, output_topic, tag)
+    job = start_job(scenario, dataset, settings, input_topic, output_topic, tag)
     counter = TopicCounter(dataset.stack.bootstrap, output_topic, dataset.partitions)
     try:
         # Every process in the group first, so that no rebalance falls into the measured window.

@@ -1,7 +1,14 @@
 """`python -m bench`: every scenario on the same events and model, in one run; results, charts, BENCHMARKS.md.
 
 `make bench` brings up the stack, installs the `bench` extra and runs this with its defaults;
-`.venv/bin/python -m bench --events 20000 --max-seconds 15` is a quick run while developing.
+`.venv/bin/python -m bench --events 20000 --min-window-seconds 3 --rate-seconds 5` is a quick run while
+developing (its throughput figures are flagged: their windows are under the default 10 s).
+
+Throughput is sized by time, not by a fixed backlog: each system is measured over a window of at least
+--min-window-seconds, from when its consumer group is stable with every member and output flows. The
+backlog (--events distinct events, repeated with fresh ids) grows when a system drains it too soon, up to
+--max-backlog-events; a window that is still short is flagged in the tables and in every target that uses
+it. The Kafka limit is the median of --kafka-repeats runs of each passthrough scenario.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from confluent_kafka.admin import AdminClient
 from bench import report
 from bench.components import run_components
 from bench.dataset import REPO, Dataset, Stack, cleanup_redis, find_stack, prepare
-from bench.phases import Settings, create_output_topics, hot_swap, offered_rate, throughput
+from bench.phases import Settings, create_output_topics, hot_swap, offered_rate
 from bench.procs import Job, TopicCounter, wait_for_count
 from bench.scenarios import VENVS, Scenario, commands, ensure_peer_venv, job_env
+from bench.throughput import Backlog, throughput
 
 log = logging.getLogger("bench")
 
@@ -182,7 +190,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--events", type=int, default=200_000, help="pre-produced events (200000)")
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=200_000,
+        help="distinct events: the first backlog and the load generator's set (200000)",
+    )
+    parser.add_argument(
+        "--min-window-seconds",
+        type=float,
+        default=10.0,
+        help="shortest throughput window; the backlog grows until each window reaches it, shorter ones are "
+        "flagged (10)",
+    )
+    parser.add_argument(
+        "--max-backlog-events",
+        type=int,
+        default=20_000_000,
+        help="the backlog grows to at most this many events (20000000, ~1.6 GB on the broker)",
+    )
+    parser.add_argument(
+        "--kafka-repeats", type=int, default=3, help="runs of each Kafka passthrough scenario; the median counts (3)"
+    )
     parser.add_argument("--partitions", type=int, default=8, help="partitions of every topic (8)")
     parser.add_argument(
         "--processes", type=int, default=os.cpu_count() or 2, help="processes of the N-process scenarios (cores)"
@@ -191,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-seconds",
         type=float,
         default=30.0,
-        help="cap on one scenario's pass over the backlog; slower systems are measured on "
-        "what they processed by then (30)",
+        help="seconds py-spy samples a streamserve worker for the profile (30)",
     )
     parser.add_argument("--rate-seconds", type=float, default=10.0, help="measured seconds per offered rate (10)")
     parser.add_argument(
@@ -213,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-latency", action="store_true", help="throughput only")
     parser.add_argument("--out", type=Path, help="results directory (bench/results/<timestamp>)")
     parser.add_argument("--no-benchmarks-md", action="store_true", help="do not rewrite BENCHMARKS.md")
-    parser.add_argument("--keep-topics", action="store_true", help="leave the run's topics on the broker")
+    parser.add_argument(
+        "--keep-topics",
+        action="store_true",
+        help="leave the run's topics on the broker (throughput outputs too, which can be large)",
+    )
     parser.add_argument("--report", type=Path, metavar="RESULTS_JSON", help="only redraw a run's report from its json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -224,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     out_dir = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = Settings(out_dir, max_seconds=args.max_seconds, rate_seconds=args.rate_seconds)
+    settings = Settings(
+        out_dir,
+        min_window_seconds=args.min_window_seconds,
+        rate_seconds=args.rate_seconds,
+        keep_topics=args.keep_topics,
+    )
     stack = find_stack()
     peers = not args.no_peers
     if peers:
@@ -249,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             "events": args.events,
             "partitions": args.partitions,
             "processes": args.processes,
-            "max_seconds": args.max_seconds,
+            "min_window_seconds": args.min_window_seconds,
+            "settle_seconds": settings.settle_seconds,
+            "max_backlog_events": args.max_backlog_events,
+            "kafka_repeats": args.kafka_repeats,
+            "profile_seconds": args.max_seconds,
             "rate_seconds": args.rate_seconds,
             "warmup_seconds": settings.warmup_seconds,
             "fixed_share": args.fixed_share,
@@ -262,8 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results["components"] = run_components(dataset)
         rows = {s.name: {"name": s.name, "title": s.title, "kind": s.kind, "processes": s.processes} for s in chosen}
+        backlog = Backlog(dataset, args.max_backlog_events)
         for scenario in chosen:
-            rows[scenario.name]["throughput"] = throughput(scenario, dataset, settings)
+            repeats = args.kafka_repeats if scenario.kind == "passthrough" else 1
+            rows[scenario.name]["throughput"] = throughput(scenario, dataset, settings, backlog, repeats)
+        results["settings"]["backlog_events"] = backlog.size
         # The fixed offered rate, the sweep and the hot swap follow streamserve with 1 process (defaults).
         reference = next((s for s in chosen if s.name == "streamserve-1"), None) or next(
             (s for s in chosen if s.kind == "streamserve" and s.processes == 1), None
