@@ -130,7 +130,7 @@ def load_entities(client: redis.Redis, entities: Entities, prefix: str) -> None:
     merchants = ({"merchant_id": merchant_id, **values} for merchant_id, values in entities.merchants.items())
     load_features(
         client,
-        ({k: v for k, v in row.items() if k in ("card_id", *CARD_FIELDS)} for row in cards),
+        ({k: v for k, v in row.items() if k in ("card_id", *CARD_FIELDS, "updated_at")} for row in cards),
         f"{prefix}card:{{card_id}}",
     )
     load_features(

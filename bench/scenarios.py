@@ -11,10 +11,12 @@ from typing import Any
 import yaml
 
 from bench.dataset import SCHEMAS, Dataset
+from streamserve.config import apply_overrides, config_from
 
 JOBS = Path(__file__).resolve().parent / "jobs"
 VENVS = Path(__file__).resolve().parent / ".venvs"
 PEERS = Path(__file__).resolve().parent / "peers"
+EXAMPLE_PIPELINE = Path(__file__).resolve().parents[1] / "examples" / "fraud" / "pipeline.yaml"
 
 
 @dataclass(frozen=True)
@@ -69,49 +71,33 @@ def streamserve_config(
     prefix = dataset.packed_prefix if layout == "packed" else dataset.key_prefix
     card, merchant = f"{prefix}card:{{card_id}}", f"{prefix}merchant:{{merchant_id}}"
 
-    def entity(name: str, key: str, field: str, default: float, index: int) -> dict[str, Any]:
-        spec: dict[str, Any] = {"name": name, "source": "redis", "key": key, "field": field, "default": default}
-        if layout == "packed":
-            spec.update(layout="packed", index=index)
-        return spec
-
-    config: dict[str, Any] = {
-        "input": {
-            "topic": input_topic,
-            "schema": str(SCHEMAS / "card_transaction.avsc"),
-            "key_field": "card_id",
-            "event_id_field": "event_id",
-            "event_time_field": "event_time",
+    entities = {"avg_amount_30d": (card, 0), "txn_count_24h": (card, 1), "chargeback_rate": (card, 2)}
+    entities["merchant_risk"] = (merchant, 0)
+    features: dict[str, Any] = {}
+    for feature, (key, index) in entities.items():
+        features[f"features.{feature}.key"] = key
+        if layout == "packed":  # a vector has no time: no freshness check
+            features |= {f"features.{feature}.layout": "packed", f"features.{feature}.index": index}
+            features |= {f"features.{feature}.max_age_s": None, f"features.{feature}.updated_at_field": None}
+    # The demo's pipeline as users run it (examples/fraud/pipeline.yaml), pointed at the bench's topics.
+    config = config_from(
+        EXAMPLE_PIPELINE,
+        {
+            "input.topic": input_topic,
+            **features,
+            "model": {"uri": str(dataset.models[model_version]), "version": model_version},
+            "output.topic": output_topic,
+            "output.dead_letter_topic": f"{output_topic}.dlq",
+            "kafka": {"bootstrap_servers": dataset.stack.bootstrap, "group_id": f"{output_topic}-group"},
+            "redis.url": dataset.stack.redis_url,
+            "control": {
+                "topic": f"{output_topic}.control",
+                "status_topic": f"{output_topic}.status",
+                "artifact_cache_dir": str(directory / "artifacts"),
+            },
         },
-        "features": [
-            {"name": "amount", "source": "event", "field": "amount"},
-            {"name": "hour_of_day", "source": "event", "field": "hour_of_day", "dtype": "int32"},
-            {"name": "is_online", "source": "event", "field": "is_online", "dtype": "bool"},
-            entity("avg_amount_30d", card, "avg_amount_30d", 50.0, 0),
-            entity("txn_count_24h", card, "txn_count_24h", 0.0, 1),
-            entity("chargeback_rate", card, "chargeback_rate", 0.0, 2),
-            entity("merchant_risk", merchant, "risk_score", 0.5, 0),
-        ],
-        "model": {"name": "fraud", "uri": str(dataset.models[model_version]), "version": model_version},
-        "output": {
-            "topic": output_topic,
-            "schema": str(SCHEMAS / "prediction.avsc"),
-            "dead_letter_topic": f"{output_topic}.dlq",
-        },
-        "kafka": {"bootstrap_servers": dataset.stack.bootstrap, "group_id": f"{output_topic}-group"},
-        "redis": {"url": dataset.stack.redis_url},
-        "control": {
-            "topic": f"{output_topic}.control",
-            "status_topic": f"{output_topic}.status",
-            "artifact_cache_dir": str(directory / "artifacts"),
-        },
-    }
-    for dotted, value in (overrides or {}).items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    )
+    apply_overrides(config, overrides or {})
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
