@@ -71,10 +71,13 @@ class Worker:
         self._paused = False
         self.drained = False
         """Set once the final batch was flushed and committed: what remains (closing clients) loses nothing."""
-        check_event_schema(json.loads(settings.input.schema_path.read_text()), settings)
+        event_schema = json.loads(settings.input.schema_path.read_text())
+        check_event_schema(event_schema, settings)
         self._decode = make_decoder(settings.input.schema_path, settings.kafka)
         self.redis = redis_client(settings.redis)
-        self.features = FeatureBuilder(settings.features, redis_fetcher(self.redis, settings.redis))
+        self.features = FeatureBuilder(
+            settings.features, redis_fetcher(self.redis, settings.redis), event_schema=event_schema
+        )
         self.registry = ModelRegistry(
             settings.model,
             settings.features,
@@ -86,6 +89,7 @@ class Worker:
             settings.input,
             settings.output.copy_fields,
             value_prefix=prediction_prefix(settings),  # b"" unless output.wire_format
+            event_schema=event_schema,
         )
         self.processor = BatchProcessor(
             self._decode,
