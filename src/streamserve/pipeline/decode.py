@@ -100,9 +100,8 @@ def _read_batch(values: Sequence[bytes | memoryview], writer: Schema, reader: Sc
         return None
     if buffer.tell() != len(payload) or not isinstance(items, list) or len(items) != len(values):
         return None
-    if any(item["s"] != sentinel for item in items):
-        return None  # a value with bytes over, or one that read into the next
-    return [item["e"] for item in items]
+    records: list[Decoded] = [item["e"] for item in items if item["s"] == sentinel]
+    return records if len(records) == len(values) else None  # else a value with bytes over, or one read too far
 
 
 def _batch_or_each(
