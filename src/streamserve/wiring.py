@@ -38,7 +38,8 @@ def build_worker(settings: PipelineSettings) -> Worker:
     """A worker for the pipeline, ready to run(); raises ConfigError (one line) for what cannot be served."""
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     set_worker(worker_id)
-    check_event_schema(json.loads(settings.input.schema_path.read_text()), settings)
+    event_schema = json.loads(settings.input.schema_path.read_text())
+    check_event_schema(event_schema, settings)
     redis = redis_client(settings.redis)
     control = settings.control
     registry = ModelRegistry(
@@ -49,10 +50,11 @@ def build_worker(settings: PipelineSettings) -> Worker:
         settings.input,
         settings.output.copy_fields,
         value_prefix=prediction_prefix(settings),  # b"" unless output.wire_format
+        event_schema=event_schema,  # timestamps decode as epoch ms: rendered as before where text is needed
     )
     processor = BatchProcessor(
         make_decoder(settings.input.schema_path, settings.kafka),
-        FeatureBuilder(settings.features, redis_fetcher(redis, settings.redis)),
+        FeatureBuilder(settings.features, redis_fetcher(redis, settings.redis), event_schema=event_schema),
         encoder,
         settings.output.topic,
         settings.shadow_topic,

@@ -86,8 +86,8 @@ def run_pipeline(scenario: Scenario, model_bytes: bytes) -> tuple[list[Source], 
         model = OnnxModel.load(model_bytes, model_settings, "1", scenario.specs)
         processor = BatchProcessor(
             LocalSchemaDecoder(load_schema(schema_path)),
-            FeatureBuilder(scenario.specs, None),
-            PredictionEncoder(PREDICTION_SCHEMA, input_settings),
+            FeatureBuilder(scenario.specs, None, event_schema=scenario.schema),
+            PredictionEncoder(PREDICTION_SCHEMA, input_settings, event_schema=scenario.schema),
             output_topic="out",
             shadow_topic="out.shadow",
         )

@@ -16,7 +16,7 @@ from streamserve.config import InputSettings
 from streamserve.errors import ConfigError
 from streamserve.pipeline.avrocolumns import ColumnWriter
 from streamserve.pipeline.decode import load_schema
-from streamserve.pipeline.fields import epoch_ms, getter, render_id
+from streamserve.pipeline.fields import epoch_ms, getter, millis_timestamp, render_id, text_getter
 from streamserve.records import Event, Headers, ModelOutputs, Rejected, Source
 
 HEADER_MODEL_NAME = "streamserve.model.name"
@@ -55,7 +55,10 @@ class PredictionEncoder:
         input_settings: InputSettings,
         copy_fields: dict[str, str] | None = None,
         value_prefix: bytes = b"",
+        event_schema: Any | None = None,
     ) -> None:
+        """``event_schema`` (JSON form): a timestamp-millis key or id renders as before, as its datetime's
+        isoformat, and one copied to a field of another type is written as that datetime."""
         self.schema = load_schema(schema_path)
         self.value_prefix = value_prefix
         """Written before each value: Schema Registry wire format's magic byte and schema id, or nothing."""
@@ -65,10 +68,20 @@ class PredictionEncoder:
         if missing:
             raise ConfigError(f"output.copy_fields {missing}: the output schema {schema_path} has no such fields")
         self._optional = {name: name in names for name in _OPTIONAL_FIELDS}
-        self._key = getter(input_settings.key_field)
-        self._id = getter(input_settings.event_id_field)
+        self._key = text_getter(input_settings.key_field, event_schema)
+        self._id = text_getter(input_settings.event_id_field, event_schema)
         self._time = getter(input_settings.event_time_field) if input_settings.event_time_field else None
-        self._copies = [(name, getter(path)) for name, path in (copy_fields or {}).items()]
+        output_types = {field["name"]: _logical_type(field["type"]) for field in schema_fields}
+        self._copies = [
+            # epoch ms into a field of the same logical type as it is; else the datetime it stands for
+            (
+                name,
+                getter(path)
+                if millis_timestamp(event_schema, path) == output_types[name]
+                else text_getter(path, event_schema),
+            )
+            for name, path in (copy_fields or {}).items()
+        ]
         self._columns = ColumnWriter.for_schema(self.schema)
         """Writes a batch's values column-wise, byte-identical to fastavro; None for schemas it does not cover."""
 
@@ -213,6 +226,14 @@ class PredictionEncoder:
                 continue
             values.append(buffer.getvalue())
         return values
+
+
+def _logical_type(avro_type: Any) -> str | None:
+    """The logical type of a field's type, or of the non-null branch of a ["null", T] union."""
+    if isinstance(avro_type, list):
+        branches = [branch for branch in avro_type if branch != "null"]
+        return _logical_type(branches[0]) if len(branches) == 1 else None
+    return avro_type.get("logicalType") if isinstance(avro_type, dict) else None
 
 
 def decode_prediction(schema: fastavro.types.Schema, value: bytes) -> dict[str, object]:

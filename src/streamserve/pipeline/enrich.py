@@ -22,7 +22,7 @@ import redis
 
 from streamserve.config import FeatureSpec, RedisSettings
 from streamserve.errors import EnrichError, FeatureError
-from streamserve.pipeline.fields import getter, to_number, to_text
+from streamserve.pipeline.fields import getter, millis_timestamp, text_getter, to_number, to_text
 from streamserve.records import Event, FeatureBatch, Rejected
 
 log = logging.getLogger(__name__)
@@ -217,11 +217,12 @@ def _unpack_vectors(replies: list[Any], width: int) -> np.ndarray:
     return out
 
 
-def _key_renderer(template: str) -> Callable[[dict[str, Any]], str]:
+def _key_renderer(template: str, event_schema: Any | None = None) -> Callable[[dict[str, Any]], str]:
     """Fills a key template from event field paths; KeyError when a field is null or absent (no entity).
 
     ``prefix{field}suffix`` renders as one f-string; other shapes (several fields, dotted paths, format
-    specs) go through ``str.format`` with each field's value read by its path.
+    specs) go through ``str.format`` with each field's value read by its path. A timestamp-millis field
+    renders as the datetime it stands for (see fields.text_getter).
     """
     parts = list(string.Formatter().parse(template))
     names = [name for _, name, _, _ in parts if name is not None]
@@ -229,15 +230,16 @@ def _key_renderer(template: str) -> Callable[[dict[str, Any]], str]:
     if simple and len(names) == 1 and names[0].isidentifier():
         name, prefix = names[0], parts[0][0]
         suffix = "".join(literal for literal, *_ in parts[1:])
+        moment = text_getter(name, event_schema) if millis_timestamp(event_schema, name) else None
 
         def render_one(fields: dict[str, Any]) -> str:
-            value = fields[name]
+            value = fields[name] if moment is None else moment(fields)
             if value is None:
                 raise KeyError(name)
             return f"{prefix}{value if isinstance(value, str) else to_text(value)}{suffix}"
 
         return render_one
-    getters = {name: getter(name) for name in dict.fromkeys(names) if name}
+    getters = {name: text_getter(name, event_schema) for name in dict.fromkeys(names) if name}
     order = list(getters)
     positional = ""
     for literal, field_name, spec, conversion in parts:
@@ -271,7 +273,9 @@ class FeatureBuilder:
         features: Sequence[FeatureSpec],
         fetch: FetchFeatures | None,
         clock_ms: Callable[[], float] = lambda: time.time() * 1000,
+        event_schema: Any | None = None,
     ) -> None:
+        """``event_schema`` (JSON form): timestamp-millis key fields and categories render as datetimes."""
         self.features = list(features)
         self.fetch = fetch
         self._clock_ms = clock_ms
@@ -295,8 +299,12 @@ class FeatureBuilder:
                 )
             )
         self._group_of = {template: i for i, template in enumerate(groups)}
-        self._renderers = [_key_renderer(group.template) for group in self._groups]
-        self._getters = {spec.name: getter(spec.field) for spec in self.features if spec.source == "event"}
+        self._renderers = [_key_renderer(group.template, event_schema) for group in self._groups]
+        self._getters = {
+            spec.name: text_getter(spec.field, event_schema) if spec.categorical else getter(spec.field)
+            for spec in self.features
+            if spec.source == "event"
+        }
         self._codes = {
             spec.name: {value: float(i) for i, value in enumerate(spec.vocabulary or [])}
             for spec in self.features

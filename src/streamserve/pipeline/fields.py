@@ -72,6 +72,8 @@ class FieldType:
     items: FieldType | None = None
     symbols: tuple[str, ...] = ()
     """Enum symbols."""
+    logical: str | None = None
+    """Timestamps: the logical type (timestamp-millis, timestamp-micros...)."""
 
     @property
     def numeric(self) -> bool:
@@ -166,7 +168,9 @@ def _field_type(node: dict[str, Any], nullable: bool, named: dict[str, Any], pat
         kinds = {"date": "date", "time-millis": "time", "time-micros": "time"}
         if logical in kinds:
             return FieldType(kinds[logical], nullable)
-        return FieldType("timestamp" if logical and "timestamp" in logical else "int", nullable)
+        if logical and "timestamp" in logical:
+            return FieldType("timestamp", nullable, logical=logical)
+        return FieldType("int", nullable)
     if avro_type in ("float", "double"):
         return FieldType("float", nullable)
     if avro_type == "boolean":
@@ -205,6 +209,47 @@ def epoch_ms(value: Any) -> int | None:
     if isinstance(value, float) and math.isfinite(value):
         return int(value)
     raise TypeError(f"cannot read {type(value).__name__} {value!r} as an event time")
+
+
+_EPOCH_NAIVE = datetime(1970, 1, 1)
+_MILLIS_EPOCHS = {"timestamp-millis": _EPOCH, "local-timestamp-millis": _EPOCH_NAIVE}
+"""The decoder reads these as epoch ms (pipeline/decode.py); fastavro's datetimes count from these epochs."""
+
+
+def millis_timestamp(schema: Any | None, text: str) -> str | None:
+    """The logical type of a timestamp-millis or local-timestamp-millis path (read as epoch ms), else None."""
+    if schema is None:
+        return None
+    try:
+        logical = resolve(schema, text).logical
+    except ConfigError:
+        return None  # check_event_schema refuses such a path at start; it is read as whatever is there
+    return logical if logical in _MILLIS_EPOCHS else None
+
+
+def text_getter(text: str, schema: Any | None) -> Callable[[dict[str, Any]], Any]:
+    """getter(), except that a timestamp-millis path gives the datetime fastavro would have read.
+
+    For ids, keys, categories and copied fields: they render (isoformat, str.format) and are written as
+    they were before the decoder read timestamp-millis as epoch ms. Numbers and event times need no datetime.
+    ``schema`` (the event schema, JSON form) None: the plain getter.
+    """
+    get = getter(text)
+    logical = millis_timestamp(schema, text)
+    if logical is None:
+        return get
+    epoch = _MILLIS_EPOCHS[logical]
+
+    def get_moment(fields: dict[str, Any]) -> Any:
+        value = get(fields)
+        if type(value) is not int:
+            return value
+        try:
+            return epoch + timedelta(milliseconds=value)
+        except OverflowError as exc:
+            raise ValueError(f"{logical} {value} is outside years 1-9999") from exc
+
+    return get_moment
 
 
 def to_number(value: Any) -> float:

@@ -1,9 +1,10 @@
 """One micro-batch from input records to output records and dead letters, with no Kafka in it.
 
-Every stage keeps what it could do and rejects what it could not, record by record: decode per record;
-features for the batch, narrowed down by bisection when an unforeseen error hits the whole batch; inference
-for the batch, bisected the same way when onnxruntime rejects it, so one bad row does not take its
-neighbours with it; encoding per record. Only platform failures (Redis under the ``fail`` policy) escape.
+Every stage keeps what it could do and rejects what it could not, record by record: decode for the batch
+(one fastavro read; record by record when a value is not a record); features for the batch, narrowed down
+by bisection when an unforeseen error hits the whole batch; inference for the batch, bisected the same way
+when onnxruntime rejects it, so one bad row does not take its neighbours with it; encoding per record. Only
+platform failures (Redis under the ``fail`` policy, the Schema Registry under ``fail``) escape.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from streamserve.control.registry import Routing
-from streamserve.errors import EnrichError, InferenceError, RegistryUnavailable
+from streamserve.errors import EnrichError, InferenceError
 from streamserve.pipeline.decode import Decoder
 from streamserve.pipeline.encode import ENCODE_STAGE, Encoded, PredictionEncoder
 from streamserve.pipeline.enrich import FeatureBuilder
@@ -74,14 +75,12 @@ class BatchProcessor:
     def decode_batch(self, sources: list[Source], result: BatchResult) -> list[Event]:
         """The events of the records that decode; the others are rejected, each with its reason."""
         events: list[Event] = []
-        decode = self.decode
-        for source in sources:
-            try:
-                events.append(Event(source, decode(source.value)))
-            except RegistryUnavailable:
-                raise  # the platform, not the record (kafka.schema_registry_on_unavailable=fail)
-            except Exception as exc:  # noqa: BLE001 - whatever a record's bytes do, it is that record's fault
-                result.rejected.append(Rejected.from_error(source, DECODE_STAGE, exc))
+        # One read per batch; RegistryUnavailable (the platform, not a record) propagates from decode_many.
+        for source, decoded in zip(sources, self.decode.decode_many([s.value for s in sources]), strict=True):
+            if isinstance(decoded, Exception):
+                result.rejected.append(Rejected.from_error(source, DECODE_STAGE, decoded))
+            else:
+                events.append(Event(source, decoded))
         return events
 
     # --- features ----------------------------------------------------------------------------------------
