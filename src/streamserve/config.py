@@ -294,6 +294,11 @@ class ModelSettings(_Section):
     """Expected digest of the artifact, checked when set."""
 
 
+PredictionHeader = Literal["model_name", "model_version", "source_topic", "source_partition", "source_offset"]
+"""A Kafka header a prediction may carry (``streamserve.model.name``, ... ``streamserve.source.offset``)."""
+DEFAULT_PREDICTION_HEADERS: tuple[PredictionHeader, ...] = ("model_version",)
+
+
 class OutputSettings(_Section):
     """Where predictions and rejected records go."""
 
@@ -316,8 +321,20 @@ class OutputSettings(_Section):
     auto_register: bool = True
     """Register the prediction schema at start (wire_format); off: it must already be registered (a CI step
     registers it) and the worker only looks its id up."""
+    headers: list[PredictionHeader] = Field(default_factory=lambda: list(DEFAULT_PREDICTION_HEADERS))
+    """Kafka headers each prediction carries, named ``streamserve.<name with dots>`` (``model_version`` is
+    ``streamserve.model.version``). They repeat fields of the value, so each costs bytes on every record (see
+    the README); the model version alone by default, so a consumer can route or filter without decoding. ``[]``:
+    none. The trace header (``traceparent``) is added whenever the batch is traced, whatever this says."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("headers")
+    @classmethod
+    def _unique_headers(cls, headers: list[PredictionHeader]) -> list[PredictionHeader]:
+        if len(set(headers)) != len(headers):
+            raise ValueError(f"each header once, got {headers}")
+        return headers
 
 
 class BatchSettings(_Section):

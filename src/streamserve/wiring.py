@@ -51,6 +51,7 @@ def build_worker(settings: PipelineSettings) -> Worker:
         settings.output.copy_fields,
         value_prefix=prediction_prefix(settings),  # b"" unless output.wire_format
         event_schema=event_schema,  # timestamps decode as epoch ms: rendered as before where text is needed
+        headers=settings.output.headers,
     )
     processor = BatchProcessor(
         make_decoder(settings.input.schema_path, settings.kafka),

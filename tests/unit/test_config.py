@@ -49,6 +49,24 @@ def test_errors_name_the_bad_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         load_settings(tmp_path / "missing.yaml")
 
 
+def test_prediction_headers_default_to_the_model_version_and_name_the_key_when_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings(EXAMPLE).output.headers == ["model_version"]
+    monkeypatch.setenv("STREAMSERVE_OUTPUT__HEADERS", '["source_offset", "model_name"]')
+    assert load_settings(EXAMPLE).output.headers == ["source_offset", "model_name"]
+    monkeypatch.setenv("STREAMSERVE_OUTPUT__HEADERS", "[]")
+    assert load_settings(EXAMPLE).output.headers == []
+    monkeypatch.setenv("STREAMSERVE_OUTPUT__HEADERS", '["model_version", "source_offest"]')
+    with pytest.raises(ConfigError) as info:
+        load_settings(EXAMPLE)
+    assert "output.headers.1" in str(info.value)
+    assert "'source_offset'" in str(info.value), "the error lists the known headers"
+    monkeypatch.setenv("STREAMSERVE_OUTPUT__HEADERS", '["model_version", "model_version"]')
+    with pytest.raises(ConfigError, match=r"output\.headers: .*each header once"):
+        load_settings(EXAMPLE)
+
+
 def test_librdkafka_dicts_layer_defaults_user_settings_and_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMSERVE_KAFKA__SASL_PASSWORD", "s3cret")
     settings = load_settings(EXAMPLE)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from streamserve.config import InputSettings
+from streamserve.errors import ConfigError
 from streamserve.pipeline.decode import load_schema
-from streamserve.pipeline.encode import PredictionEncoder, decode_prediction
+from streamserve.pipeline.encode import HEADER_NAMES, PredictionEncoder, decode_prediction
 from streamserve.records import Event, ModelOutputs, Source
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -90,9 +91,51 @@ def test_encoded_bytes_equal_fastavro_of_the_full_record(
         label = int(labels[i]) if labels is not None else None
         assert value == expected(schema, batch[i], float(scores[i]), label, 1_800_000_000_123, degraded), i
         assert key == batch[i].fields["card_id"].encode()
-        assert dict(headers)["streamserve.source.offset"] == str(batch[i].source.offset).encode()
-        assert dict(headers)["streamserve.source.partition"] == str(batch[i].source.partition).encode()
-        assert dict(headers)["streamserve.model.version"] == b"v7"
+        assert headers == [("streamserve.model.version", b"v7")], "by default the model version alone"
+    assert all(record.headers is encoded[0].headers for record in encoded), "one header list for the batch"
+
+
+HEADER_VALUES = {
+    "model_name": lambda event: b"fraud",
+    "model_version": lambda event: b"v7",
+    "source_topic": lambda event: event.source.topic.encode(),
+    "source_partition": lambda event: str(event.source.partition).encode(),
+    "source_offset": lambda event: str(event.source.offset).encode(),
+}
+
+
+@pytest.mark.parametrize(
+    "selected",
+    [
+        [],
+        *[[name] for name in HEADER_VALUES],
+        ["source_offset", "model_name"],
+        ["source_topic", "source_partition"],
+        list(HEADER_VALUES),
+    ],
+    ids=lambda selected: "+".join(selected) or "none",
+)
+def test_predictions_carry_exactly_the_selected_headers(selected: list[str]) -> None:
+    encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", INPUT, headers=selected)  # type: ignore[arg-type]
+    batch = events(20, "a") + events(20, "bb")
+    encoded, rejected = encoder.encode(batch, ModelOutputs(np.zeros(40), np.zeros(40, dtype=np.int64)), "fraud", "v7")
+    assert not rejected
+    order = list(HEADER_VALUES)  # always in this order, whatever the order of the setting
+    for event, record in zip(batch, encoded, strict=True):
+        expected = [(HEADER_NAMES[name], HEADER_VALUES[name](event)) for name in sorted(selected, key=order.index)]
+        assert record.headers == expected
+    lists = {id(record.headers) for record in encoded}
+    if "source_offset" in selected:
+        assert len(lists) == len(encoded)
+    elif "source_topic" in selected or "source_partition" in selected:
+        assert len(lists) == len({(e.source.topic, e.source.partition) for e in batch}), "one per source partition"
+    else:
+        assert len(lists) == 1, "one for the batch"
+
+
+def test_an_unknown_header_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"output\.headers \['source_offest'\]"):
+        PredictionEncoder(SCHEMAS / "prediction.avsc", INPUT, headers=["source_offest"])  # type: ignore[list-item]
 
 
 def test_events_from_several_topics() -> None:

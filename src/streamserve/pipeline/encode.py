@@ -12,7 +12,7 @@ from typing import Any, cast
 import fastavro
 import numpy as np
 
-from streamserve.config import InputSettings
+from streamserve.config import DEFAULT_PREDICTION_HEADERS, InputSettings, PredictionHeader
 from streamserve.errors import ConfigError
 from streamserve.pipeline.avrocolumns import ColumnWriter
 from streamserve.pipeline.decode import load_schema
@@ -24,6 +24,14 @@ HEADER_MODEL_VERSION = "streamserve.model.version"
 HEADER_SOURCE_TOPIC = "streamserve.source.topic"
 HEADER_SOURCE_PARTITION = "streamserve.source.partition"
 HEADER_SOURCE_OFFSET = "streamserve.source.offset"
+HEADER_NAMES: dict[str, str] = {
+    "model_name": HEADER_MODEL_NAME,
+    "model_version": HEADER_MODEL_VERSION,
+    "source_topic": HEADER_SOURCE_TOPIC,
+    "source_partition": HEADER_SOURCE_PARTITION,
+    "source_offset": HEADER_SOURCE_OFFSET,
+}
+"""The headers output.headers may select, by setting name, in the order a prediction carries them."""
 
 ENCODE_STAGE = "encode"
 _MIN_TIME_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
@@ -47,6 +55,9 @@ class PredictionEncoder:
     Values are written by fastavro with the parsed schema into one reused buffer; everything that is
     the same for the whole batch (model, version, prediction time, header values) is computed once. A record
     that cannot be written (a copied field that does not fit the output schema) is rejected alone.
+
+    Only the selected headers are written. Records that carry the same headers share one list (the batch's,
+    or the source partition's); only ``source_offset`` makes a list per record. Nobody may change these lists.
     """
 
     def __init__(
@@ -56,9 +67,16 @@ class PredictionEncoder:
         copy_fields: dict[str, str] | None = None,
         value_prefix: bytes = b"",
         event_schema: Any | None = None,
+        headers: Sequence[PredictionHeader] = DEFAULT_PREDICTION_HEADERS,
     ) -> None:
         """``event_schema`` (JSON form): a timestamp-millis key or id renders as before, as its datetime's
-        isoformat, and one copied to a field of another type is written as that datetime."""
+        isoformat, and one copied to a field of another type is written as that datetime. ``headers``: the
+        headers predictions carry (output.headers)."""
+        unknown = [name for name in headers if name not in HEADER_NAMES]
+        if unknown:
+            raise ConfigError(f"output.headers {unknown}: known headers are {list(HEADER_NAMES)}")
+        self.headers = frozenset(headers)
+        """The headers predictions carry (output.headers)."""
         self.schema = load_schema(schema_path)
         self.value_prefix = value_prefix
         """Written before each value: Schema Registry wire format's magic byte and schema id, or nothing."""
@@ -165,30 +183,34 @@ class PredictionEncoder:
             "outputs": [extras[i] for i in kept],
         }
         values = self._write(columns, len(kept), [events[i].source for i in kept], rejected)
-        name_header, version_header = model_name.encode(), model_version.encode()
-        common: dict[tuple[str, int], Headers] = {}  # every header but the offset, per source partition
+        wanted = self.headers
+        batch_headers: Headers = []
+        if "model_name" in wanted:
+            batch_headers.append((HEADER_MODEL_NAME, model_name.encode()))
+        if "model_version" in wanted:
+            batch_headers.append((HEADER_MODEL_VERSION, model_version.encode()))
+        with_topic, with_partition = "source_topic" in wanted, "source_partition" in wanted
+        per_partition, per_record = with_topic or with_partition, "source_offset" in wanted
+        partition_headers: dict[tuple[str, int], Headers] = {}
         encoded: list[Encoded] = []
         for position, i in enumerate(kept):
             value = values[position]
             if value is None:
                 continue
             source, key = events[i].source, keys[position]
-            base = common.get((source.topic, source.partition))
-            if base is None:
-                base = common[(source.topic, source.partition)] = [
-                    (HEADER_MODEL_NAME, name_header),
-                    (HEADER_MODEL_VERSION, version_header),
-                    (HEADER_SOURCE_TOPIC, source.topic.encode()),
-                    (HEADER_SOURCE_PARTITION, str(source.partition).encode()),
-                ]
-            encoded.append(
-                Encoded(
-                    source,
-                    None if key is None else key.encode(),
-                    value,
-                    [*base, (HEADER_SOURCE_OFFSET, str(source.offset).encode())],
-                )
-            )
+            headers = batch_headers
+            if per_partition:
+                found = partition_headers.get((source.topic, source.partition))
+                if found is None:
+                    found = partition_headers[(source.topic, source.partition)] = [
+                        *batch_headers,
+                        *([(HEADER_SOURCE_TOPIC, source.topic.encode())] if with_topic else []),
+                        *([(HEADER_SOURCE_PARTITION, str(source.partition).encode())] if with_partition else []),
+                    ]
+                headers = found
+            if per_record:
+                headers = [*headers, (HEADER_SOURCE_OFFSET, str(source.offset).encode())]
+            encoded.append(Encoded(source, None if key is None else key.encode(), value, headers))
         return encoded, rejected
 
     def _write(
