@@ -87,6 +87,7 @@ def _avro(schema: Any, record: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.pipeline(**{"output.headers": ["source_partition", "source_offset", "model_version"]})
 def test_bad_input_goes_to_the_dead_letter_topic_and_the_worker_keeps_going(
     pipeline: Pipeline,
     worker: WorkerThread,
@@ -136,6 +137,12 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_the_worker_keeps_going(
     outputs = predictions(pipeline, len(good))
     assert len(dead) == n_bad
     assert sorted(record["event_id"] for _, record in outputs) == sorted(e["event_id"] for e in good)
+    for msg, record in outputs:  # the headers output.headers asks for, as a worker built from the YAML sends them
+        assert headers_of(msg) == {
+            "streamserve.model.version": b"v1",
+            "streamserve.source.partition": str(record["source_partition"]).encode(),
+            "streamserve.source.offset": str(record["source_offset"]).encode(),
+        }
     assert sorted(msg.value() for msg in dead) == sorted(value for value, _ in bad), "original bytes kept"
     for msg in dead:
         headers = headers_of(msg)
