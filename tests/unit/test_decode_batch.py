@@ -22,9 +22,9 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamserve.errors import RegistryUnavailable
+from streamserve.errors import DecodeError, RegistryUnavailable
 from streamserve.pipeline import decode as decode_module
-from streamserve.pipeline.decode import Decoded, LocalSchemaDecoder, RegistryDecoder, encode_wire
+from streamserve.pipeline.decode import BISECT_BELOW, Decoded, LocalSchemaDecoder, RegistryDecoder, encode_wire
 from streamserve.pipeline.process import BatchProcessor, BatchResult
 from streamserve.records import Source
 
@@ -358,3 +358,29 @@ def test_registry_unavailable_still_stops_the_batch_under_fail_and_dead_letters_
     assert BatchProcessor(lenient, None, None, "o", "s").decode_batch(sources, result) == []  # type: ignore[arg-type]
     assert [r.stage for r in result.rejected] == ["decode"] * 3
     assert all("Schema Registry unavailable fetching schema id 3" in r.message for r in result.rejected)
+
+
+@PROPERTIES
+@given(data=st.data(), name=st.sampled_from(sorted(SCHEMAS)))
+def test_a_large_batch_with_bad_values_is_narrowed_down_by_halves(data: st.DataObject, name: str) -> None:
+    schema = SCHEMAS[name]
+    records = data.draw(st.lists(RECORDS[name], min_size=BISECT_BELOW, max_size=3 * BISECT_BELOW))
+    values: list[bytes | None] = [avro(schema, record) for record in records]
+    for _ in range(data.draw(st.integers(1, 3))):
+        whole = avro(schema, data.draw(RECORDS[name]))
+        bad = data.draw(st.sampled_from([whole[: len(whole) // 2], whole + b"\x01\x02", b"", None]))
+        values.insert(data.draw(st.integers(0, len(values))), bad)
+    decoder = LocalSchemaDecoder(fastavro.parse_schema(schema))
+    assert same(decoder.decode_many(values), one_by_one(decoder, values))
+
+
+def test_one_bad_record_in_256_costs_a_few_reads_not_one_per_record(reads: list[int]) -> None:
+    decoder = LocalSchemaDecoder(fastavro.parse_schema(NODE))
+    good = avro(NODE, {"label": "n", "child": None, "leaves": [], "value": None, "tags": {}})
+    values: list[bytes | None] = [good] * 256
+    values[77] = good[:-1]  # truncated
+    outcome = decoder.decode_many(values)
+    assert isinstance(outcome[77], DecodeError)
+    assert all(isinstance(record, dict) for i, record in enumerate(outcome) if i != 77)
+    # one failed read per level (halves 256 -> 16), one good read beside each, then the 16 by record
+    assert len(reads) <= 2 * 5 + 16, len(reads)

@@ -77,6 +77,10 @@ def _batch_schema(event: Any) -> Schema | None:
         return None
 
 
+BISECT_BELOW = 16
+"""A failed batch read of at least this many values is retried as two halves; smaller ones record by record."""
+
+
 def _avro_count(n: int) -> bytes:
     """An array block count (zigzag varint) for n >= 0."""
     n <<= 1
@@ -111,9 +115,9 @@ def _batch_or_each(
     writer: Schema | None,
     reader: Schema | None,
 ) -> list[Decoded]:
-    """The values' records read as one batch (each from byte ``offset``), or when that fails, each by ``decode``.
-
-    Empty values (tombstones) always go to ``decode``, for its reason.
+    """The values' records read as one batch (each from byte ``offset``); when that fails, the two halves
+    apart (so one bad record costs a few reads, not one per record), down to BISECT_BELOW values read each
+    by ``decode``, which gives each bad record its reason. Empty values (tombstones) always go to ``decode``.
     """
     present = [value for value in values if value]
     if writer is not None and len(present) > 1:
@@ -123,6 +127,12 @@ def _batch_or_each(
                 return records
             read = iter(records)
             return [next(read) if value else _each(decode, [value])[0] for value in values]
+        if len(values) >= BISECT_BELOW:
+            middle = len(values) // 2
+            return [
+                *_batch_or_each(decode, values[:middle], offset, writer, reader),
+                *_batch_or_each(decode, values[middle:], offset, writer, reader),
+            ]
     return _each(decode, values)
 
 
