@@ -19,7 +19,8 @@ from tests.integration.harness import (
 
 
 def packed(spec: FeatureSpec, key: str, index: int) -> FeatureSpec:
-    return FeatureSpec(**{**spec.model_dump(), "key": key, "layout": "packed", "index": index})
+    fields = {**spec.model_dump(), "key": key, "layout": "packed", "index": index}
+    return FeatureSpec(**{**fields, "max_age_s": None, "updated_at_field": None})  # a vector has no time
 
 
 def test_packed_vectors_score_exactly_like_the_hashes(
