@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -164,6 +165,7 @@ def offered_rate(
         job.stop()
         counter.close()
     samples = sampler.stop()
+    batch_wait_ms = _longest_batch_wait_ms(job)
     inputs = read_topic(dataset.stack.bootstrap, input_topic, dataset.partitions)
     outputs = read_topic(
         dataset.stack.bootstrap, output_topic, dataset.partitions, keep_values=keep_values, predictions=True
@@ -181,6 +183,7 @@ def offered_rate(
         "kept_up": drained and lat.matched == offered,
         "cpu_s_per_1k": round(cpu_s / max(lat.matched, 1) * 1000, 4),
         "peak_rss_mb": round(peak_rss / MB, 1),
+        "max_batch_wait_ms": batch_wait_ms,
     }
     log.info("%-22s @%8.0f/s %s", scenario.name, rate, summary)
     raw = {
@@ -283,3 +286,17 @@ def _timeline(out_ms: np.ndarray, lat_ms: np.ndarray, publish_ms: float, switch_
                 [round((edges[bucket - 1] - switch_ms) / 1000, 3), round(float(np.percentile(chosen, 99)), 2)]
             )
     return {"p99_per_250ms": points, "publish_s": round((publish_ms - switch_ms) / 1000, 3)}
+
+
+_BATCH_WAIT = re.compile(r"max_batch_wait_ms=([0-9.]+)")
+
+
+def _longest_batch_wait_ms(job: Job) -> float | None:
+    """The longest a batch's first record waited in a streamserve worker before scoring, as the workers logged
+    it on their way out (``max_batch_wait_ms=`` of the final progress line); None for other systems."""
+    found: list[float] = []
+    for i in range(len(job.commands)):
+        path = job.log_dir / f"{job.name}-{i}.log"
+        if path.exists():
+            found += [float(m) for m in _BATCH_WAIT.findall(path.read_text(errors="replace"))]
+    return max(found) if found else None
