@@ -15,7 +15,7 @@ import pytest
 from streamserve.config import InputSettings
 from streamserve.errors import ConfigError
 from streamserve.pipeline.decode import load_schema
-from streamserve.pipeline.encode import HEADER_NAMES, PredictionEncoder, decode_prediction
+from streamserve.pipeline.encode import COLUMNS_FROM_ROWS, HEADER_NAMES, PredictionEncoder, decode_prediction
 from streamserve.records import Event, ModelOutputs, Source
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -74,15 +74,16 @@ def expected(schema: Any, event: Event, score: float, label: int | None, now_ms:
 
 @pytest.mark.parametrize("with_labels", [True, False])
 @pytest.mark.parametrize("degraded", [True, False])
+@pytest.mark.parametrize("n", [150, COLUMNS_FROM_ROWS - 1], ids=["column-wise", "record-by-record"])
 def test_encoded_bytes_equal_fastavro_of_the_full_record(
-    with_labels: bool, degraded: bool, monkeypatch: pytest.MonkeyPatch
+    with_labels: bool, degraded: bool, n: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("streamserve.pipeline.encode.time.time", lambda: 1_800_000_000.123)
     encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", INPUT)
-    batch = events(150)
-    scores = np.random.default_rng(1).random(150)
+    batch = events(n)
+    scores = np.random.default_rng(1).random(n)
     scores[3] = -0.0
-    labels = np.arange(150, dtype=np.int64) - 75 if with_labels else None
+    labels = np.arange(n, dtype=np.int64) - 75 if with_labels else None
     encoded, rejected = encoder.encode(batch, ModelOutputs(scores, labels), "fraud", "v7", degraded)
     assert not rejected
     schema = load_schema(SCHEMAS / "prediction.avsc")

@@ -219,7 +219,7 @@ class PredictionEncoder:
         """Each row's value: column-wise when the schema allows, else (or for a batch with a value the
         column writer refuses) record by record with fastavro, where a record that fails is rejected alone."""
         prefix = self.value_prefix
-        if self._columns is not None and n:
+        if self._columns is not None and n >= COLUMNS_FROM_ROWS:
             try:
                 return (
                     [prefix + value for value in self._columns.write(columns, n)]
@@ -256,6 +256,11 @@ def _logical_type(avro_type: Any) -> str | None:
         branches = [branch for branch in avro_type if branch != "null"]
         return _logical_type(branches[0]) if len(branches) == 1 else None
     return avro_type.get("logicalType") if isinstance(avro_type, dict) else None
+
+
+COLUMNS_FROM_ROWS = 48
+"""Smaller batches are written record by record: the column writer's fixed cost per batch (~0.7 ms, a few
+dozen numpy calls) is paid back from about 48 rows (`python -m bench.avrocolumns_bench 16 48 64`)."""
 
 
 def decode_prediction(schema: fastavro.types.Schema, value: bytes) -> dict[str, object]:
