@@ -94,7 +94,10 @@ def produce_avro(
     progress_every: int = 0,
 ) -> int:
     """Produce schemaless Avro records keyed by the key_field path, at most `rate` per second when given."""
-    producer = Producer({"linger.ms": 20, "enable.idempotence": True, **producer_config})
+    # Metadata refreshed every 5 s (librdkafka's default is 5 min): after a broker restart a producer was seen
+    # holding every record for minutes on "new leader-1 not found in cache", until a periodic refresh.
+    defaults = {"linger.ms": 20, "enable.idempotence": True, "topic.metadata.refresh.interval.ms": 5000}
+    producer = Producer({**defaults, **producer_config})
     failures: list[str] = []
 
     def on_delivery(err: Any, msg: Any) -> None:
@@ -124,6 +127,7 @@ def produce_avro(
         if progress_every and sent % progress_every == 0:
             log.info("produced %d events (%.0f/s)", sent, sent / max(time.monotonic() - started, 1e-9))
         producer.poll(0)
-    if producer.flush(60) or failures:
-        raise StreamServeError(f"{len(failures)} events not acknowledged: {failures[:3]}")
+    unsent = producer.flush(60)
+    if unsent or failures:
+        raise StreamServeError(f"{len(failures) + unsent} events not acknowledged: {failures[:3] or 'still queued'}")
     return sent
