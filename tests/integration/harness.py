@@ -20,7 +20,7 @@ import redis
 import yaml
 from confluent_kafka import Consumer, Message
 
-from streamserve.admin import TopicSpec, ensure_topics
+from streamserve.admin import ensure_topics, pipeline_topics
 from streamserve.config import PipelineSettings, apply_overrides, config_from, load_settings
 from streamserve.demo.train import TrainedModel
 from streamserve.pipeline.decode import load_schema
@@ -92,19 +92,8 @@ def headers_of(msg: Message) -> dict[str, bytes]:
 
 
 def create_pipeline_topics(bootstrap: str, s: PipelineSettings, partitions: int) -> None:
-    """A test pipeline's topics: input/output/shadow with `partitions`, one-partition DLQ, compacted control."""
-    compacted = {"cleanup.policy": "compact"}
-    ensure_topics(
-        {"bootstrap.servers": bootstrap},
-        [
-            TopicSpec(s.input.topic, partitions),
-            TopicSpec(s.output.topic, partitions),
-            TopicSpec(s.shadow_topic, partitions),
-            TopicSpec(s.output.dead_letter_topic, 1),
-            TopicSpec(s.control.topic, 1, compacted),
-            TopicSpec(s.control.status_topic, 1, compacted),
-        ],
-    )
+    """A test pipeline's topics, as `streamserve topics create` makes them."""
+    ensure_topics({"bootstrap.servers": bootstrap}, pipeline_topics(s, partitions))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The sink's size check before produce: header bytes counted once per shared header list, never stale."""
+"""The sink's size check before produce: every record checked with its own headers, shared lists or not."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_every_record_is_checked_with_its_own_headers_shared_lists_or_not(sink: 
     batch = InflightBatch()
     small: Headers = [("streamserve.model.version", b"v1")]
     large: Headers = [("streamserve.model.version", b"v1"), ("traceparent", b"0" * 55)]
-    for _ in range(3):  # the same list again and again: its size is counted once and still applies
+    for _ in range(3):  # the same list again and again
         sink.produce(batch, "out", b"k", value_filling(small), small)
     with pytest.raises(RecordTooLarge):
         sink.produce(batch, "out", b"k", value_filling(small), large)

@@ -3,7 +3,8 @@
 A micro-batch is read with one fastavro call, not one per record (fastavro's per-call setup costs more than
 a small record's bytes): the values are framed as one Avro array whose items are ``{event, sentinel}``, the
 sentinel 8 random bytes per batch. A value that is not exactly one valid record makes the read fail or
-misaligns a sentinel; then that batch's values are read one by one, so each bad record gets its own reason.
+misaligns a sentinel; then the read is retried on the two halves, down to a few values read one by one, so
+each bad record gets its own reason.
 timestamp-millis fields are read as their long (epoch ms): no datetime per event (fields.py renders them).
 """
 
@@ -81,15 +82,14 @@ BISECT_BELOW = 16
 """A failed batch read of at least this many values is retried as two halves; smaller ones record by record."""
 
 
+_LONG = fastavro.parse_schema("long")
+
+
 def _avro_count(n: int) -> bytes:
-    """An array block count (zigzag varint) for n >= 0."""
-    n <<= 1
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+    """An Avro array block count: n as a zig-zag varint long."""
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, _LONG, n)
+    return buffer.getvalue()
 
 
 def _read_batch(values: Sequence[bytes | memoryview], writer: Schema, reader: Schema | None) -> list[Decoded] | None:

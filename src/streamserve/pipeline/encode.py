@@ -89,13 +89,12 @@ class PredictionEncoder:
         self._key = text_getter(input_settings.key_field, event_schema)
         self._id = text_getter(input_settings.event_id_field, event_schema)
         self._time = getter(input_settings.event_time_field) if input_settings.event_time_field else None
-        output_types = {field["name"]: _logical_type(field["type"]) for field in schema_fields}
         self._copies = [
             # epoch ms into a field of the same logical type as it is; else the datetime it stands for
             (
                 name,
                 getter(path)
-                if millis_timestamp(event_schema, path) == output_types[name]
+                if millis_timestamp(event_schema, path) == millis_timestamp(self.schema, name)
                 else text_getter(path, event_schema),
             )
             for name, path in (copy_fields or {}).items()
@@ -248,14 +247,6 @@ class PredictionEncoder:
                 continue
             values.append(buffer.getvalue())
         return values
-
-
-def _logical_type(avro_type: Any) -> str | None:
-    """The logical type of a field's type, or of the non-null branch of a ["null", T] union."""
-    if isinstance(avro_type, list):
-        branches = [branch for branch in avro_type if branch != "null"]
-        return _logical_type(branches[0]) if len(branches) == 1 else None
-    return avro_type.get("logicalType") if isinstance(avro_type, dict) else None
 
 
 COLUMNS_FROM_ROWS = 48

@@ -48,19 +48,14 @@ SIZE_MARGIN_BYTES = 4096
 batch uncompressed when compressing does not shrink it), and room for error."""
 
 
-def headers_size(headers: Headers | None) -> int:
-    """Upper bound of the bytes a record's headers take in it."""
-    size = 0
+def record_size(key: bytes | None, value: bytes | None, headers: Headers | None) -> int:
+    """Upper bound of a record's serialized size, as librdkafka counts it against message.max.bytes."""
+    size = RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"")
     for name, header_value in headers or ():
         if isinstance(header_value, str):
             header_value = header_value.encode()
         size += HEADER_OVERHEAD_BYTES + len(name.encode()) + len(header_value or b"")
     return size
-
-
-def record_size(key: bytes | None, value: bytes | None, headers: Headers | None) -> int:
-    """Upper bound of a record's serialized size, as librdkafka counts it against message.max.bytes."""
-    return RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"") + headers_size(headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,11 +198,6 @@ class OutputSink:
         self.producer = Producer(config)
         self.transactional = "transactional.id" in producer_config
         self._inflight: deque[InflightBatch] = deque()
-        # The encoder gives the records of a batch (or of a source partition) one shared header list: its size
-        # is counted once, not per record. Holding the list keeps its identity from being reused.
-        self._sized_headers: Headers | None = None
-        self._sized_headers_bytes = 0
-        self._max_record_bytes: dict[str, int] = {}
 
     # Exactly-once: one transaction per micro-batch holds its outputs and its input offsets.
 
@@ -287,15 +277,10 @@ class OutputSink:
         """Queue one record of a batch; waits for room when librdkafka's queue is full.
 
         Raises RecordTooLarge (nothing queued, the batch unchanged) for a record over the size limit: the
-        caller routes the input it came from to the dead-letter topic. A header list must not change once
-        passed: while the same list comes again, its size is not counted again.
+        caller routes the input it came from to the dead-letter topic.
         """
-        if headers is not self._sized_headers:
-            self._sized_headers, self._sized_headers_bytes = headers, headers_size(headers)
-        size = RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"") + self._sized_headers_bytes
-        limit = self._max_record_bytes.get(topic)
-        if limit is None:
-            limit = self._max_record_bytes[topic] = self.limits.max_record_bytes(topic)
+        size = record_size(key, value, headers)
+        limit = self.limits.max_record_bytes(topic)
         if size > limit:
             raise RecordTooLarge(topic, size, limit)
         while True:
