@@ -5,9 +5,8 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import fastavro
 import numpy as np
@@ -39,9 +38,8 @@ _MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _OPTIONAL_FIELDS = ("predicted_class", "probabilities", "outputs")
 
 
-@dataclass(frozen=True, slots=True)
-class Encoded:
-    """One output record, with the input record it answers."""
+class Encoded(NamedTuple):
+    """One output record, with the input record it answers (a named tuple: one per record, see Source)."""
 
     source: Source
     key: bytes | None
