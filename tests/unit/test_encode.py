@@ -160,3 +160,22 @@ def test_fields_the_encoder_does_not_know_take_their_schema_default(tmp_path: Pa
     assert record["score"] == 0.5
     assert record["tags"] == []
     assert record["unit"] == "EUR"
+
+
+@pytest.mark.parametrize("n", [150, COLUMNS_FROM_ROWS - 1], ids=["column-wise", "record-by-record"])
+def test_an_unreadable_event_time_rejects_its_event_alone(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's columns are read at once; one event outside years 1-9999 sends the batch event by event,
+    and the others come out byte for byte as they do without it."""
+    monkeypatch.setattr("streamserve.pipeline.encode.time.time", lambda: 1_800_000_000.123)
+    encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", INPUT)
+    batch = events(n)
+    bad = 17
+    batch[bad] = Event(batch[bad].source, {**batch[bad].fields, "event_time": 253_402_300_800_000})
+    scores = np.random.default_rng(2).random(n)
+    encoded, rejected = encoder.encode(batch, ModelOutputs(scores), "fraud", "v7")
+    assert [(r.source, r.stage) for r in rejected] == [(batch[bad].source, "encode")]
+    assert "outside years 1-9999" in rejected[0].message
+    keep = [i for i in range(n) if i != bad]
+    alone, none_rejected = encoder.encode([batch[i] for i in keep], ModelOutputs(scores[keep]), "fraud", "v7")
+    assert not none_rejected
+    assert [(r.source, r.key, r.value) for r in encoded] == [(r.source, r.key, r.value) for r in alone]

@@ -136,10 +136,96 @@ class PredictionEncoder:
             "prediction_time": int(time.time() * 1000),
             "degraded": degraded,
         }
-        # Per event, what only the event knows (ids, time, copied fields); a value that cannot be read
-        # rejects its event alone.
-        key_of, id_of, time_of, copies = self._key, self._id, self._time, self._copies
+        # Per event, what only the event knows (ids, time, copied fields): for the whole batch at once, and
+        # one event at a time when a value cannot be read, so that only that event is rejected.
         rejected: list[Rejected] = []
+        try:
+            kept, keys, per_event, copied = self._event_columns(events)
+        except Exception:  # noqa: BLE001 - one event's values: found below, event by event
+            kept, keys, per_event, copied = self._event_columns_one_by_one(events, rejected)
+        whole = len(kept) == n
+        rows = slice(None) if whole else np.array(kept, dtype=np.intp)
+        columns: dict[str, Any] = {
+            **shared,
+            **per_event,
+            **copied,
+            "key": keys,
+            "score": outputs.score[rows],
+            "label": labels if whole else [labels[i] for i in kept],
+            "predicted_class": texts if whole else [texts[i] for i in kept],
+            "probabilities": probabilities if whole else [probabilities[i] for i in kept],
+            "outputs": extras if whole else [extras[i] for i in kept],
+        }
+        sources = [event.source for event in events] if whole else [events[i].source for i in kept]
+        values = self._write(columns, len(kept), sources, rejected)
+        wanted = self.headers
+        batch_headers: Headers = []
+        if "model_name" in wanted:
+            batch_headers.append((HEADER_MODEL_NAME, model_name.encode()))
+        if "model_version" in wanted:
+            batch_headers.append((HEADER_MODEL_VERSION, model_version.encode()))
+        with_topic, with_partition = "source_topic" in wanted, "source_partition" in wanted
+        per_partition, per_record = with_topic or with_partition, "source_offset" in wanted
+        if not per_partition and not per_record:  # the default: every record carries the batch's headers
+            return [
+                Encoded(source, None if key is None else key.encode(), value, batch_headers)
+                for source, key, value in zip(sources, keys, values, strict=True)
+                if value is not None
+            ], rejected
+        partition_headers: dict[tuple[str, int], Headers] = {}
+        encoded: list[Encoded] = []
+        for source, key, value in zip(sources, keys, values, strict=True):
+            if value is None:
+                continue
+            headers = batch_headers
+            if per_partition:
+                found = partition_headers.get((source.topic, source.partition))
+                if found is None:
+                    found = partition_headers[(source.topic, source.partition)] = [
+                        *batch_headers,
+                        *([(HEADER_SOURCE_TOPIC, source.topic.encode())] if with_topic else []),
+                        *([(HEADER_SOURCE_PARTITION, str(source.partition).encode())] if with_partition else []),
+                    ]
+                headers = found
+            if per_record:
+                headers = [*headers, (HEADER_SOURCE_OFFSET, str(source.offset).encode())]
+            encoded.append(Encoded(source, None if key is None else key.encode(), value, headers))
+        return encoded, rejected
+
+    def _event_columns(
+        self, events: Sequence[Event]
+    ) -> tuple[list[int], list[str | None], dict[str, list[Any]], dict[str, list[Any]]]:
+        """Ids, keys, times, origins and copied fields of every event, a column at a time; raises when one
+        event's value cannot be read or written (the caller then goes event by event)."""
+        everything = [event.fields for event in events]
+        topics, partitions, offsets, _, _, _, timestamps = zip(*[event.source for event in events], strict=True)
+        key_of, id_of, time_of = self._key, self._id, self._time
+        keys = _rendered([key_of(fields) for fields in everything])
+        ids = _rendered([id_of(fields) for fields in everything])
+        if time_of is None:
+            times = list(timestamps)
+        else:
+            times = [time_of(fields) for fields in everything]
+            if not _all_of(times, int):  # epoch ms already when read from timestamp-millis
+                times = [epoch_ms(value) for value in times]
+        present = times if None not in times else [value for value in times if value is not None]
+        if present and not (min(present) >= _MIN_TIME_MS and max(present) <= _MAX_TIME_MS):
+            raise ValueError("an event time is outside years 1-9999")
+        per_event = {
+            "event_id": ids,
+            "event_time": times,
+            "source_topic": list(topics),
+            "source_partition": list(partitions),
+            "source_offset": list(offsets),
+        }
+        copied = {name: [get(fields) for fields in everything] for name, get in self._copies}
+        return list(range(len(events))), keys, per_event, copied
+
+    def _event_columns_one_by_one(
+        self, events: Sequence[Event], rejected: list[Rejected]
+    ) -> tuple[list[int], list[str | None], dict[str, list[Any]], dict[str, list[Any]]]:
+        """_event_columns() event by event: an event whose values cannot be read is rejected alone."""
+        key_of, id_of, time_of, copies = self._key, self._id, self._time, self._copies
         kept: list[int] = []
         keys: list[str | None] = []
         per_event: dict[str, list[Any]] = {
@@ -167,48 +253,7 @@ class PredictionEncoder:
             per_event["source_offset"].append(source.offset)
             for (name, _), value in zip(copies, values, strict=True):
                 copied[name].append(value)
-        rows = np.array(kept, dtype=np.intp)
-        columns: dict[str, Any] = {
-            **shared,
-            **per_event,
-            **copied,
-            "key": keys,
-            "score": outputs.score[rows],
-            "label": [labels[i] for i in kept],
-            "predicted_class": [texts[i] for i in kept],
-            "probabilities": [probabilities[i] for i in kept],
-            "outputs": [extras[i] for i in kept],
-        }
-        values = self._write(columns, len(kept), [events[i].source for i in kept], rejected)
-        wanted = self.headers
-        batch_headers: Headers = []
-        if "model_name" in wanted:
-            batch_headers.append((HEADER_MODEL_NAME, model_name.encode()))
-        if "model_version" in wanted:
-            batch_headers.append((HEADER_MODEL_VERSION, model_version.encode()))
-        with_topic, with_partition = "source_topic" in wanted, "source_partition" in wanted
-        per_partition, per_record = with_topic or with_partition, "source_offset" in wanted
-        partition_headers: dict[tuple[str, int], Headers] = {}
-        encoded: list[Encoded] = []
-        for position, i in enumerate(kept):
-            value = values[position]
-            if value is None:
-                continue
-            source, key = events[i].source, keys[position]
-            headers = batch_headers
-            if per_partition:
-                found = partition_headers.get((source.topic, source.partition))
-                if found is None:
-                    found = partition_headers[(source.topic, source.partition)] = [
-                        *batch_headers,
-                        *([(HEADER_SOURCE_TOPIC, source.topic.encode())] if with_topic else []),
-                        *([(HEADER_SOURCE_PARTITION, str(source.partition).encode())] if with_partition else []),
-                    ]
-                headers = found
-            if per_record:
-                headers = [*headers, (HEADER_SOURCE_OFFSET, str(source.offset).encode())]
-            encoded.append(Encoded(source, None if key is None else key.encode(), value, headers))
-        return encoded, rejected
+        return kept, keys, per_event, copied
 
     def _write(
         self, columns: dict[str, Any], n: int, sources: list[Source], rejected: list[Rejected]
@@ -245,6 +290,16 @@ class PredictionEncoder:
                 continue
             values.append(buffer.getvalue())
         return values
+
+
+def _all_of(values: list[Any], kind: type) -> bool:
+    """Every value is exactly of this type (not a subclass: bool is no int here)."""
+    return set(map(type, values)) <= {kind}
+
+
+def _rendered(values: list[Any]) -> list[str | None]:
+    """render_id() of each value; text and nulls as they are."""
+    return values if set(map(type, values)) <= {str, type(None)} else [render_id(value) for value in values]
 
 
 COLUMNS_FROM_ROWS = 48
