@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streamserve.errors import ProducerFailed, TransactionAborted
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.delivery import MAX_PRODUCER_RESTARTS, AtLeastOnce, ExactlyOnce, delivery_for
 from streamserve.pipeline.sink import InflightBatch
-from streamserve.records import Rejected, Source
+from streamserve.records import Rejected, Source, offset_bounds
 
 
 def src(partition: int, offset: int, topic: str = "in") -> Source:
@@ -239,3 +241,16 @@ def test_exactly_once_drain_commits_what_is_batched() -> None:
     delivery.drain(lambda sources: delivery.process(sources, emit_pending), 5.0)
     assert sinks[0].transactions == [[("in", 0, 3)]]
     assert not len(batcher)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 2), st.integers(0, 10**12)), max_size=40))
+def test_offset_bounds_are_each_partitions_lowest_and_highest(records: list[tuple[str, int, int]]) -> None:
+    """A batch's offsets per (topic, partition), whatever their order: what commits and log context rely on."""
+    sources = [Source(topic, partition, offset, None, b"", None, 0) for topic, partition, offset in records]
+    lowest, highest = offset_bounds(sources)
+    partitions = {(topic, partition) for topic, partition, _ in records}
+    assert lowest == {tp: min(o for t, p, o in records if (t, p) == tp) for tp in partitions}
+    assert highest == {tp: max(o for t, p, o in records if (t, p) == tp) for tp in partitions}
+    batch = InflightBatch()
+    batch.cover(sources)
+    assert batch.next_offsets == {tp: offset + 1 for tp, offset in highest.items()}

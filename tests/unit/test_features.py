@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamserve.config import FeatureSpec
 from streamserve.pipeline.enrich import FeatureBuilder
@@ -115,3 +117,36 @@ def test_feature_spec_validation() -> None:
         FeatureSpec(name="x", source="redis", field="x")
     with pytest.raises(ValueError, match="updated_at_field"):
         FeatureSpec(name="x", source="event", field="x", max_age_s=5)
+
+
+STAMPS = st.one_of(
+    st.none(),
+    st.floats(allow_nan=True, allow_infinity=True).map(lambda x: repr(x).encode()),
+    st.integers(-(2**63), 2**63).map(lambda x: str(x).encode()),
+    st.binary(max_size=12),
+    st.text(max_size=8),
+    st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(STAMPS, min_size=1, max_size=12))
+def test_staleness_of_any_stamps_is_what_float_of_each_says(stamps: list[Any]) -> None:
+    """Stamps are parsed for the whole batch at once; whatever they hold, each event is stale exactly when
+    float() of its stamp reads a time older than max_age_s (an unreadable or missing stamp proves nothing)."""
+    spec = FeatureSpec(
+        name="avg", source="redis", key="card:{card_id}", field="avg", default=-1.0, max_age_s=60,
+        updated_at_field="updated_at",
+    )  # fmt: skip
+    hashes = {f"card:{i}": {"avg": b"1.0", "updated_at": stamp} for i, stamp in enumerate(stamps)}
+    builder = FeatureBuilder([spec], HashStore(hashes), clock_ms=lambda: NOW_MS)
+    batch = builder.build([event(i, card_id=str(i)) for i in range(len(stamps))])
+
+    def stale(stamp: Any) -> bool:
+        try:
+            return stamp is not None and float(stamp) < NOW_MS - 60_000
+        except (TypeError, ValueError):
+            return True  # cannot prove the value fresh
+
+    expected = [-1.0 if stale(stamp) or stamp is None else 1.0 for stamp in stamps]
+    assert batch.columns["avg"].tolist() == expected

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from streamserve.records import Source
+from streamserve.records import Source, offset_bounds
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,9 @@ class BatchContext:
     @classmethod
     def of(cls, batch_id: int, sources: Sequence[Source], model_version: str) -> BatchContext:
         """The context of a batch of source records."""
-        ranges: dict[int, tuple[int, int]] = {}
         topic = sources[0].topic if sources else ""
-        for source in sources:
-            low, high = ranges.get(source.partition, (source.offset, source.offset))
-            ranges[source.partition] = (min(low, source.offset), max(high, source.offset))
+        lowest, highest = offset_bounds(sources)
+        ranges = {partition: (low, highest[(t, partition)]) for (t, partition), low in lowest.items()}
         return cls(batch_id, topic, tuple(sorted(ranges)), ranges, model_version)
 
     def fields(self) -> dict[str, object]:

@@ -64,6 +64,7 @@ _NUMERIC_TYPES: dict[str, set[type]] = {
 }
 _NONE = type(None)
 _FLOAT32 = np.dtype("<f4")
+_NO_STAMP = b"-inf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,12 +464,17 @@ class FeatureBuilder:
             return None
         oldest_ms = now_ms - spec.max_age_s * 1000
         stamp_index = len(group.fields)
-        stamps = np.full(len(replies) + 1, -math.inf)
-        for i, reply in enumerate(replies):
-            if reply is not None and reply[stamp_index] is not None:
-                with contextlib.suppress(ValueError):  # an unreadable stamp cannot prove the values fresh
-                    stamps[i] = float(reply[stamp_index])
-        return stamps[event_rows] < oldest_ms
+        raw = [None if reply is None else reply[stamp_index] for reply in replies]
+        try:  # every stamp at once, parsed by numpy in C; a missing one cannot prove the values fresh
+            stamps = np.array([_NO_STAMP if value is None else value for value in raw], dtype=np.bytes_)
+            parsed = stamps.astype(np.float64)
+        except (TypeError, ValueError):  # one unreadable stamp (it cannot prove its values fresh): one by one
+            parsed = np.full(len(raw), -math.inf)
+            for i, value in enumerate(raw):
+                if value is not None:
+                    with contextlib.suppress(TypeError, ValueError):
+                        parsed[i] = float(value)
+        return np.append(parsed, -math.inf)[event_rows] < oldest_ms
 
     def _categories(
         self, spec: FeatureSpec, raw: list[Any], reasons: dict[int, str], per_key: bool = False

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 
 from streamserve.admin import topic_max_message_bytes
 from streamserve.errors import DeliveryError, Fenced, ProducerFailed, RecordTooLarge, TransactionAborted
-from streamserve.records import Headers, Source
+from streamserve.records import Headers, Source, offset_bounds
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +154,11 @@ class InflightBatch:
     sealed: bool = False
     error: str | None = None
 
-    def cover(self, sources: Iterable[Source]) -> None:
+    def cover(self, sources: Sequence[Source]) -> None:
         """Record the input positions this batch releases once acknowledged."""
-        for source in sources:
-            tp = (source.topic, source.partition)
-            if source.offset + 1 > self.next_offsets.get(tp, -1):
-                self.next_offsets[tp] = source.offset + 1
+        for tp, offset in offset_bounds(sources)[1].items():
+            if offset + 1 > self.next_offsets.get(tp, -1):
+                self.next_offsets[tp] = offset + 1
 
     def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         """librdkafka delivery report for one record of this batch."""
