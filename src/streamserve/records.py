@@ -39,12 +39,15 @@ def _by_offset(source: Source) -> int:
     return source.offset
 
 
+def highest_offsets(sources: Sequence[Source]) -> dict[tuple[str, int], int]:
+    """The highest offset of the records of each (topic, partition)."""
+    return {(s.topic, s.partition): s.offset for s in sorted(sources, key=_by_offset)}  # a partition's last wins
+
+
 def offset_bounds(sources: Sequence[Source]) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
-    """The lowest and the highest offset of the records of each (topic, partition), in one C-speed pass each."""
-    ordered = sorted(sources, key=_by_offset)
-    highest = {(s.topic, s.partition): s.offset for s in ordered}  # the last one of a partition wins
-    lowest = {(s.topic, s.partition): s.offset for s in reversed(ordered)}
-    return lowest, highest
+    """The lowest and the highest offset of the records of each (topic, partition)."""
+    ordered = sorted(sources, key=_by_offset, reverse=True)
+    return {(s.topic, s.partition): s.offset for s in ordered}, highest_offsets(sources)
 
 
 @dataclass(frozen=True, slots=True)

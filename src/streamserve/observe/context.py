@@ -11,7 +11,8 @@ import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 from streamserve.records import Source, offset_bounds
 
@@ -22,18 +23,25 @@ class BatchContext:
 
     batch_id: int
     topic: str
-    partitions: tuple[int, ...]
-    offset_range: dict[int, tuple[int, int]] = field(default_factory=dict)
-    """partition -> (first offset, last offset) of the records in the batch."""
+    sources: Sequence[Source] = ()
+    """The batch's records: their partitions and offsets are read only when a log line needs them."""
     model_version: str = ""
 
     @classmethod
     def of(cls, batch_id: int, sources: Sequence[Source], model_version: str) -> BatchContext:
         """The context of a batch of source records."""
-        topic = sources[0].topic if sources else ""
-        lowest, highest = offset_bounds(sources)
-        ranges = {partition: (low, highest[(t, partition)]) for (t, partition), low in lowest.items()}
-        return cls(batch_id, topic, tuple(sorted(ranges)), ranges, model_version)
+        return cls(batch_id, sources[0].topic if sources else "", sources, model_version)
+
+    @cached_property
+    def offset_range(self) -> dict[int, tuple[int, int]]:
+        """partition -> (first offset, last offset) of the records in the batch."""
+        lowest, highest = offset_bounds(self.sources)
+        return {partition: (low, highest[(topic, partition)]) for (topic, partition), low in lowest.items()}
+
+    @property
+    def partitions(self) -> tuple[int, ...]:
+        """The partitions the batch's records come from."""
+        return tuple(sorted(self.offset_range))
 
     def fields(self) -> dict[str, object]:
         """Flat fields for a log line."""

@@ -353,13 +353,14 @@ class FeatureBuilder:
             for group, group_replies in zip(self._groups, replies, strict=True)
         ]
         now_ms = self._clock_ms()
+        everything = [event.fields for event in events]
         columns: dict[str, np.ndarray] = {}
         missing_defaults = stale_defaults = 0
         for spec in self.features:
             stale = None
             exact: np.ndarray | None = None  # int features: the exact int64 values beside the float view
             if spec.source == "event":
-                raw = list(map(self._getters[spec.name], (event.fields for event in events)))
+                raw = list(map(self._getters[spec.name], everything))
                 if spec.categorical:
                     columns[spec.name] = self._categories(spec, raw, reasons)
                     continue

@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 
 from streamserve.admin import topic_max_message_bytes
 from streamserve.errors import DeliveryError, Fenced, ProducerFailed, RecordTooLarge, TransactionAborted
-from streamserve.records import Headers, Source, offset_bounds
+from streamserve.records import Headers, Source, highest_offsets
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class InflightBatch:
 
     def cover(self, sources: Sequence[Source]) -> None:
         """Record the input positions this batch releases once acknowledged."""
-        for tp, offset in offset_bounds(sources)[1].items():
+        for tp, offset in highest_offsets(sources).items():
             if offset + 1 > self.next_offsets.get(tp, -1):
                 self.next_offsets[tp] = offset + 1
 
