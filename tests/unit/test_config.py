@@ -30,7 +30,7 @@ def test_env_vars_override_nested_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.kafka.bootstrap_servers == "10.1.2.3:9093"
     assert settings.kafka.group_id == "fraud-scorer", "the file's other keys in the section survive"
     assert settings.batch.max_wait_ms == 3
-    assert settings.batch.max_batch_size == 256
+    assert settings.batch.max_batch_size == 1024
     assert settings.delivery == "exactly_once"
 
 
@@ -89,7 +89,7 @@ def test_config_from_an_example_applies_overrides_by_key_and_by_feature_name(tmp
             "kafka": {"group_id": "g"},
         },
     )
-    assert config["batch"] == {"max_batch_size": 256, "max_wait_ms": 3}
+    assert config["batch"] == {"max_batch_size": 1024, "max_wait_ms": 3}
     by_name = {f["name"]: f for f in config["features"]}
     assert "default" not in by_name["merchant_risk"]
     assert by_name["txn_count_24h"]["key"] == "t:card:{card_id}"

@@ -1,0 +1,95 @@
+"""CPU per micro-batch of one worker by batch size: the fixed cost per batch and the cost per event.
+
+Run with `python -m bench.batch_cost [sizes...]` against the local stack (`python3 scripts/stack up`). A
+worker is built from examples/fraud/pipeline.yaml (hash features loaded into Redis, the demo's model) and
+its batch path (decode, features with the Redis round trip, inference, encoding, produce, acknowledgement,
+commit) runs on pre-made records of each size; no consumer, so no poll cost. CPU is the whole process's
+(librdkafka's threads included). The per-batch fixed cost is what the default max_batch_size weighs against.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import redis
+import yaml
+
+from bench.dataset import REPO, encode_events, find_stack, load_entities
+from streamserve.admin import ensure_topics, pipeline_topics
+from streamserve.config import config_from, load_settings
+from streamserve.demo.data import make_entities
+from streamserve.demo.train import train_versions
+from streamserve.records import Source
+from streamserve.wiring import build_worker
+
+EVENTS = 4096
+
+
+def main(argv: list[str]) -> int:
+    sizes = [int(arg) for arg in argv] or [1, 16, 64, 256, 1024, 2048]
+    logging.basicConfig(level=logging.WARNING)
+    stack = find_stack()
+    run = uuid.uuid4().hex[:8]
+    entities = make_entities()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = next(m.path for m in train_versions(entities, Path(tmp)) if m.version == "v1")
+        client = redis.Redis.from_url(stack.redis_url)
+        load_entities(client, entities, f"cost-{run}:")
+        prefix = f"cost-{run}:"
+        config = config_from(
+            REPO / "examples" / "fraud" / "pipeline.yaml",
+            {
+                "input.topic": f"cost-{run}-in",
+                "output.topic": f"cost-{run}-out",
+                "output.dead_letter_topic": f"cost-{run}-dlq",
+                "features.avg_amount_30d.key": prefix + "card:{card_id}",
+                "features.txn_count_24h.key": prefix + "card:{card_id}",
+                "features.chargeback_rate.key": prefix + "card:{card_id}",
+                "features.merchant_risk.key": prefix + "merchant:{merchant_id}",
+                "model": {"uri": str(model), "version": "v1"},
+                "kafka": {"bootstrap_servers": stack.bootstrap, "group_id": f"cost-{run}"},
+                "redis.url": stack.redis_url,
+                "control.enabled": False,
+                "log_every_s": 0,
+            },
+        )
+        path = Path(tmp) / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(config))
+        settings = load_settings(path)
+        ensure_topics({"bootstrap.servers": stack.bootstrap}, pipeline_topics(settings, 4))
+        worker = build_worker(settings)
+        worker.delivery.start()
+        now = int(time.time() * 1000)
+        sources = [
+            Source(settings.input.topic, i % 4, i, key, value, None, now)
+            for i, (key, value) in enumerate(encode_events(entities, EVENTS))
+        ]
+        print("batch size | CPU ms per batch | CPU us per event | wall ms per batch")
+        for size in sizes:
+            batches = [sources[start : start + size] for start in range(0, EVENTS - size + 1, size)] * max(
+                1, 8 * size // EVENTS
+            )
+            for batch in batches[:3]:  # warm up
+                worker.process(batch)
+            worker.delivery.sink.flush(10)
+            cpu, wall = time.process_time(), time.perf_counter()
+            for batch in batches:
+                worker.process(batch)
+                worker.delivery.commit()
+            worker.delivery.sink.flush(10)
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            n = len(batches)
+            print(f"{size:10d} | {cpu / n * 1000:16.2f} | {cpu / n / size * 1e6:16.1f} | {wall / n * 1000:17.2f}")
+        worker.delivery.close()
+        for key in client.scan_iter(f"cost-{run}:*", count=1000):
+            client.delete(key)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
