@@ -14,22 +14,25 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 from streamserve.config import PipelineSettings
 from streamserve.control.follower import ControlFollower
 from streamserve.control.registry import ModelRegistry
-from streamserve.errors import Fenced, RecordTooLarge
+from streamserve.errors import Fenced
 from streamserve.observe.metrics import HealthState, ObserveServer, WorkerMetrics
 from streamserve.observe.telemetry import Telemetry
 from streamserve.observe.tracing import TRACEPARENT
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.delivery import Delivery
+from streamserve.pipeline.encode import Encoded
 from streamserve.pipeline.process import BatchProcessor
 from streamserve.pipeline.sink import InflightBatch, OutputSink
 from streamserve.pipeline.source import KafkaSource
-from streamserve.records import Rejected, Source
+from streamserve.records import Headers, Rejected, Source
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +213,11 @@ class Worker:
         """Process a batch and produce its outputs and dead letters (the delivery strategy wraps this)."""
         result = self.processor.run(sources, self.registry.routing)
         rejected, shadow_topic, trace = result.rejected, self.settings.shadow_topic, self._traceparent
-        for topic, record in result.outputs:
-            headers = record.headers if trace is None else _with_trace(record.headers, trace)
-            try:
-                sink.produce(inflight, topic, record.key, record.value, headers)
-            except RecordTooLarge as exc:
+        for topic, outputs in groupby(result.outputs, key=itemgetter(0)):
+            records = [record for _, record in outputs]
+            for position, exc in sink.produce_all(inflight, topic, _produced(records, trace)):
                 if topic != shadow_topic:  # a shadow output is dropped, its live one stands
-                    rejected.append(Rejected.from_error(record.source, exc.stage, exc))
+                    rejected.append(Rejected.from_error(records[position].source, exc.stage, exc))
                     result.predictions -= 1
         dlq_topic = self.settings.output.dead_letter_topic
         for item in rejected:
@@ -240,6 +241,20 @@ class Worker:
             *(s.events_in, s.predictions_out, s.dead_letters, s.batches, s.aborted_batches, s.degraded_predictions),
             *(s.missing_defaults, s.stale_defaults, s.paused, s.backpressure_s, s.max_batch_wait_s * 1000, self._live),
         )
+
+
+def _produced(records: list[Encoded], trace: bytes | None) -> list[tuple[bytes | None, bytes, Headers | None]]:
+    """(key, value, headers) of each record; a batch's trace header replaces any other, once per shared list."""
+    if trace is None:
+        return [(record.key, record.value, record.headers) for record in records]
+    traced: dict[int, Headers] = {}
+    produced = []
+    for record in records:
+        headers = traced.get(id(record.headers))
+        if headers is None:
+            headers = traced[id(record.headers)] = _with_trace(record.headers, trace)
+        produced.append((record.key, record.value, headers))
+    return produced
 
 
 def _with_trace(headers: Any, traceparent: bytes) -> Any:

@@ -42,3 +42,31 @@ def test_every_record_is_checked_with_its_own_headers_shared_lists_or_not(sink: 
     with pytest.raises(RecordTooLarge):
         sink.produce(batch, "out", b"k", value_filling(None), [("h", b"")])
     assert batch.pending == 5, "a record refused for its size is not queued"
+
+
+def test_produce_all_refuses_exactly_what_produce_refuses(sink: OutputSink) -> None:
+    """The batch path works out a shared header list's size once: each record is still judged with its own."""
+    small: Headers = [("streamserve.model.version", b"v1")]
+    large: Headers = [("streamserve.model.version", b"v1"), ("traceparent", b"0" * 55)]
+    records: list[tuple[bytes | None, bytes, Headers | None]] = [
+        (b"k", value_filling(small), small),
+        (b"k", value_filling(small), large),  # too large with the other list
+        (b"k", value_filling(small), small),
+        (b"k", value_filling(small) + b"v", small),  # one byte over
+        (None, value_filling(small) + b"v", small),  # no key: fits
+        (b"k", value_filling(large), large),
+        (b"k", value_filling(None), None),
+        (b"k", value_filling(None), [("h", b"")]),
+    ]
+    one_by_one = InflightBatch()
+    refused_alone = []
+    for position, (key, value, headers) in enumerate(records):
+        try:
+            sink.produce(one_by_one, "out", key, value, headers)
+        except RecordTooLarge:
+            refused_alone.append(position)
+    batch = InflightBatch()
+    refused = sink.produce_all(batch, "out", records)
+    assert [position for position, _ in refused] == refused_alone == [1, 3, 7]
+    assert all(isinstance(exc, RecordTooLarge) and exc.stage for _, exc in refused)
+    assert batch.pending == one_by_one.pending == len(records) - 3

@@ -297,6 +297,31 @@ class OutputSink:
                     raise RecordTooLarge(topic, size, limit) from exc
                 raise
 
+    def produce_all(
+        self, batch: InflightBatch, topic: str, records: Sequence[tuple[bytes | None, bytes, Headers | None]]
+    ) -> list[tuple[int, RecordTooLarge]]:
+        """produce() of many records to one topic, in order; the positions of those over the size limit come
+        back with their error (nothing queued for them). What is the same for the batch (the topic's limit, the
+        size of a shared header list) is worked out once."""
+        limit = self.limits.max_record_bytes(topic)
+        framing: dict[int, int] = {}  # id of a header list -> its size plus the record's framing
+        too_large: list[tuple[int, RecordTooLarge]] = []
+        produce, on_delivery = self.producer.produce, batch.on_delivery
+        for position, (key, value, headers) in enumerate(records):
+            fixed = framing.get(id(headers))
+            if fixed is None:
+                fixed = framing[id(headers)] = record_size(None, None, headers)
+            size = fixed + len(key or b"") + len(value)
+            if size > limit:
+                too_large.append((position, RecordTooLarge(topic, size, limit)))
+                continue
+            try:
+                produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                batch.pending += 1
+            except (BufferError, KafkaException):  # a full queue or an error: the one-record path handles it
+                self.produce(batch, topic, key, value, headers)
+        return too_large
+
     def seal(self, batch: InflightBatch) -> None:
         """No more records will be added to the batch."""
         batch.sealed = True
