@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from itertools import groupby
-from operator import itemgetter
 from typing import Any
 
 from streamserve.config import PipelineSettings
@@ -28,7 +26,6 @@ from streamserve.observe.tracing import TRACEPARENT
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.delivery import Delivery
-from streamserve.pipeline.encode import Encoded
 from streamserve.pipeline.process import BatchProcessor
 from streamserve.pipeline.sink import InflightBatch, OutputSink
 from streamserve.pipeline.source import KafkaSource
@@ -213,11 +210,11 @@ class Worker:
         """Process a batch and produce its outputs and dead letters (the delivery strategy wraps this)."""
         result = self.processor.run(sources, self.registry.routing)
         rejected, shadow_topic, trace = result.rejected, self.settings.shadow_topic, self._traceparent
-        for topic, outputs in groupby(result.outputs, key=itemgetter(0)):
-            records = [record for _, record in outputs]
-            for position, exc in sink.produce_all(inflight, topic, _produced(records, trace)):
+        for topic, encoded in result.outputs:
+            headers = encoded.headers if trace is None else _with_trace_once(encoded.headers, trace)
+            for position, exc in sink.produce_all(inflight, topic, encoded.keys, encoded.values, headers):
                 if topic != shadow_topic:  # a shadow output is dropped, its live one stands
-                    rejected.append(Rejected.from_error(records[position].source, exc.stage, exc))
+                    rejected.append(Rejected.from_error(encoded.sources[position], exc.stage, exc))
                     result.predictions -= 1
         dlq_topic = self.settings.output.dead_letter_topic
         for item in rejected:
@@ -243,18 +240,16 @@ class Worker:
         )
 
 
-def _produced(records: list[Encoded], trace: bytes | None) -> list[tuple[bytes | None, bytes, Headers | None]]:
-    """(key, value, headers) of each record; a batch's trace header replaces any other, once per shared list."""
-    if trace is None:
-        return [(record.key, record.value, record.headers) for record in records]
+def _with_trace_once(headers: list[Headers], trace: bytes) -> list[Headers]:
+    """Each record's headers with the batch's trace header instead of any other, once per shared list."""
     traced: dict[int, Headers] = {}
-    produced = []
-    for record in records:
-        headers = traced.get(id(record.headers))
-        if headers is None:
-            headers = traced[id(record.headers)] = _with_trace(record.headers, trace)
-        produced.append((record.key, record.value, headers))
-    return produced
+    found = []
+    for record_headers in headers:
+        with_trace = traced.get(id(record_headers))
+        if with_trace is None:
+            with_trace = traced[id(record_headers)] = _with_trace(record_headers, trace)
+        found.append(with_trace)
+    return found
 
 
 def _with_trace(headers: Any, traceparent: bytes) -> Any:

@@ -96,7 +96,7 @@ def test_one_row_the_model_rejects_takes_only_itself_out(processor: tuple[BatchP
 
     result = run.run(sources, routing)
 
-    predicted = [record.source.offset for _, record in result.outputs]
+    predicted = [record.source.offset for _, record in result.records()]
     rejected = {item.source.offset: item for item in result.rejected}
     assert sorted(predicted + list(rejected)) == list(range(len(values))), "each record exactly once"
     assert {offset: item.stage for offset, item in rejected.items()} == {
@@ -116,7 +116,7 @@ def test_one_row_the_model_rejects_takes_only_itself_out(processor: tuple[BatchP
         },
     )
     schema = load_schema(SCHEMAS / "prediction.avsc")
-    scores = {decode_prediction(schema, record.value)["event_id"]: record for _, record in result.outputs}
+    scores = {decode_prediction(schema, record.value)["event_id"]: record for _, record in result.records()}
     got = [decode_prediction(schema, scores[r["id"]].value)["score"] for r in good]  # type: ignore[index]
     np.testing.assert_allclose(got, probabilities[:, 1], rtol=0, atol=1e-6)
     assert result.predictions == len(good)
@@ -130,4 +130,4 @@ def test_null_without_a_default_is_rejected_alone(
     result = run.run([Source("in", 0, i, None, v, None, 0) for i, v in enumerate(values)], routing)
     assert [item.source.offset for item in result.rejected] == [0]
     assert "missing" in result.rejected[0].message
-    assert [record.source.offset for _, record in result.outputs] == [1]
+    assert [record.source.offset for _, record in result.records()] == [1]

@@ -124,8 +124,8 @@ def test_every_record_is_predicted_or_dead_lettered_with_a_reason(scenario: Scen
     model_bytes = build_model(scenario.inputs)
     sources, result = run_pipeline(scenario, model_bytes)
 
-    outputs = [encoded for topic, encoded in result.outputs if topic == "out"]
-    assert len(outputs) == len(result.outputs), "no shadow lane: everything goes to the output topic"
+    outputs = [encoded for topic, encoded in result.records() if topic == "out"]
+    assert len(outputs) == len(list(result.records())), "no shadow lane: everything goes to the output topic"
     seen = Counter([o.source.offset for o in outputs] + [r.source.offset for r in result.rejected])
     assert seen == Counter(s.offset for s in sources), "each input ends exactly once: predicted or dead-lettered"
     for rejected in result.rejected:
@@ -234,7 +234,7 @@ def predict_one(scenario: Scenario, record: dict[str, Any]) -> tuple[Any, dict[s
     _, result = run_pipeline(scenario, build_model(scenario.inputs))
     if not result.outputs:
         return result, {}
-    prediction = decode_prediction(load_schema(PREDICTION_SCHEMA), result.outputs[0][1].value)
+    prediction = decode_prediction(load_schema(PREDICTION_SCHEMA), next(result.records())[1].value)
     return result, prediction["outputs"]  # type: ignore[return-value]
 
 

@@ -66,7 +66,8 @@ def test_produce_all_refuses_exactly_what_produce_refuses(sink: OutputSink) -> N
         except RecordTooLarge:
             refused_alone.append(position)
     batch = InflightBatch()
-    refused = sink.produce_all(batch, "out", records)
+    keys, values, headers = (list(column) for column in zip(*records, strict=True))
+    refused = sink.produce_all(batch, "out", keys, values, headers)
     assert [position for position, _ in refused] == refused_alone == [1, 3, 7]
     assert all(isinstance(exc, RecordTooLarge) and exc.stage for _, exc in refused)
     assert batch.pending == one_by_one.pending == len(records) - 3

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -45,6 +46,26 @@ class Encoded(NamedTuple):
     key: bytes | None
     value: bytes
     headers: Headers
+
+
+@dataclass(slots=True)
+class EncodedBatch:
+    """The output records of one lane of a batch as parallel lists (record i: sources[i], keys[i], values[i],
+    headers[i]); records carrying the same headers share one list. Reads as a sequence of Encoded."""
+
+    sources: list[Source] = field(default_factory=list)
+    keys: list[bytes | None] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+    headers: list[Headers] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __iter__(self) -> Iterator[Encoded]:
+        return map(Encoded, self.sources, self.keys, self.values, self.headers)
+
+    def __getitem__(self, i: int) -> Encoded:
+        return Encoded(self.sources[i], self.keys[i], self.values[i], self.headers[i])
 
 
 class PredictionEncoder:
@@ -111,10 +132,10 @@ class PredictionEncoder:
         model_name: str,
         model_version: str,
         degraded: bool = False,
-    ) -> tuple[list[Encoded], list[Rejected]]:
+    ) -> tuple[EncodedBatch, list[Rejected]]:
         """Encode one record per event (outputs are aligned with events); records that fail are rejected."""
         if not events:
-            return [], []
+            return EncodedBatch(), []
         n = len(events)
         labels = outputs.label.tolist() if outputs.label is not None else [None] * n
         texts: list[Any] = [None] * n
@@ -166,31 +187,35 @@ class PredictionEncoder:
             batch_headers.append((HEADER_MODEL_VERSION, model_version.encode()))
         with_topic, with_partition = "source_topic" in wanted, "source_partition" in wanted
         per_partition, per_record = with_topic or with_partition, "source_offset" in wanted
+        if None in values:  # records the writer refused (rejected above): left out
+            written = [i for i, value in enumerate(values) if value is not None]
+            sources, keys, values = (
+                [sources[i] for i in written],
+                [keys[i] for i in written],
+                [values[i] for i in written],
+            )
+        out = EncodedBatch(
+            sources, [None if key is None else key.encode() for key in keys], cast("list[bytes]", values)
+        )
         if not per_partition and not per_record:  # the default: every record carries the batch's headers
-            return [
-                Encoded(source, None if key is None else key.encode(), value, batch_headers)
-                for source, key, value in zip(sources, keys, values, strict=True)
-                if value is not None
-            ], rejected
+            out.headers = [batch_headers] * len(values)
+            return out, rejected
         partition_headers: dict[tuple[str, int], Headers] = {}
-        encoded: list[Encoded] = []
-        for source, key, value in zip(sources, keys, values, strict=True):
-            if value is None:
-                continue
-            headers = batch_headers
+        for source in sources:
+            found: Headers = batch_headers
             if per_partition:
-                found = partition_headers.get((source.topic, source.partition))
-                if found is None:
-                    found = partition_headers[(source.topic, source.partition)] = [
+                tp = (source.topic, source.partition)
+                if tp not in partition_headers:
+                    partition_headers[tp] = [
                         *batch_headers,
                         *([(HEADER_SOURCE_TOPIC, source.topic.encode())] if with_topic else []),
                         *([(HEADER_SOURCE_PARTITION, str(source.partition).encode())] if with_partition else []),
                     ]
-                headers = found
+                found = partition_headers[tp]
             if per_record:
-                headers = [*headers, (HEADER_SOURCE_OFFSET, str(source.offset).encode())]
-            encoded.append(Encoded(source, None if key is None else key.encode(), value, headers))
-        return encoded, rejected
+                found = [*found, (HEADER_SOURCE_OFFSET, str(source.offset).encode())]
+            out.headers.append(found)
+        return out, rejected
 
     def _event_columns(
         self, events: Sequence[Event]

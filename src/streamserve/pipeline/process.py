@@ -10,6 +10,7 @@ platform failures (Redis under the ``fail`` policy, the Schema Registry under ``
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from streamserve.control.registry import Routing
 from streamserve.errors import EnrichError, InferenceError
 from streamserve.pipeline.decode import Decoder
-from streamserve.pipeline.encode import ENCODE_STAGE, Encoded, PredictionEncoder
+from streamserve.pipeline.encode import ENCODE_STAGE, Encoded, EncodedBatch, PredictionEncoder
 from streamserve.pipeline.enrich import FeatureBuilder
 from streamserve.pipeline.infer import OnnxModel
 from streamserve.records import Event, FeatureBatch, ModelOutputs, Rejected, Source
@@ -33,13 +34,20 @@ INFER_STAGE = "infer"
 class BatchResult:
     """What one batch produced: output records per topic, rejected inputs, and counts for the stats."""
 
-    outputs: list[tuple[str, Encoded]] = field(default_factory=list)
+    outputs: list[tuple[str, EncodedBatch]] = field(default_factory=list)
+    """Per lane, its topic and its records (parallel lists)."""
     rejected: list[Rejected] = field(default_factory=list)
     predictions: int = 0
     shadow: int = 0
     degraded: int = 0
     missing_defaults: int = 0
     stale_defaults: int = 0
+
+    def records(self) -> Iterator[tuple[str, Encoded]]:
+        """Every output record with its topic, lane after lane."""
+        for topic, encoded in self.outputs:
+            for record in encoded:
+                yield topic, record
 
 
 class BatchProcessor:
@@ -168,9 +176,13 @@ class BatchProcessor:
                 encoded, failed = self.encoder.encode(events, outputs, model.name, model.version, batch.degraded)
             except Exception as exc:  # noqa: BLE001 - outputs the encoder cannot use: these rows fail, not the worker
                 log.error("model %s %s outputs cannot be encoded: %s", model.name, model.version, exc)
-                encoded, failed = [], [Rejected.from_error(event.source, ENCODE_STAGE, exc) for event in events]
+                encoded, failed = (
+                    EncodedBatch(),
+                    [Rejected.from_error(event.source, ENCODE_STAGE, exc) for event in events],
+                )
             rejected += failed
-            result.outputs += [(topic, record) for record in encoded]
+            if len(encoded):
+                result.outputs.append((topic, encoded))
             if live:
                 result.predictions += len(encoded)
                 result.degraded += len(encoded) if batch.degraded else 0

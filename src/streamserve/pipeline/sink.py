@@ -298,7 +298,12 @@ class OutputSink:
                 raise
 
     def produce_all(
-        self, batch: InflightBatch, topic: str, records: Sequence[tuple[bytes | None, bytes, Headers | None]]
+        self,
+        batch: InflightBatch,
+        topic: str,
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes],
+        headers: Sequence[Headers | None],
     ) -> list[tuple[int, RecordTooLarge]]:
         """produce() of many records to one topic, in order; the positions of those over the size limit come
         back with their error (nothing queued for them). What is the same for the batch (the topic's limit, the
@@ -307,19 +312,19 @@ class OutputSink:
         framing: dict[int, int] = {}  # id of a header list -> its size plus the record's framing
         too_large: list[tuple[int, RecordTooLarge]] = []
         produce, on_delivery = self.producer.produce, batch.on_delivery
-        for position, (key, value, headers) in enumerate(records):
-            fixed = framing.get(id(headers))
+        for position, (key, value, record_headers) in enumerate(zip(keys, values, headers, strict=True)):
+            fixed = framing.get(id(record_headers))
             if fixed is None:
-                fixed = framing[id(headers)] = record_size(None, None, headers)
+                fixed = framing[id(record_headers)] = record_size(None, None, record_headers)
             size = fixed + len(key or b"") + len(value)
             if size > limit:
                 too_large.append((position, RecordTooLarge(topic, size, limit)))
                 continue
             try:
-                produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+                produce(topic, value, key, headers=record_headers, on_delivery=on_delivery)
                 batch.pending += 1
             except (BufferError, KafkaException):  # a full queue or an error: the one-record path handles it
-                self.produce(batch, topic, key, value, headers)
+                self.produce(batch, topic, key, value, record_headers)
         return too_large
 
     def seal(self, batch: InflightBatch) -> None:
