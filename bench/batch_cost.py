@@ -1,7 +1,7 @@
 """CPU per micro-batch of one worker by batch size: the fixed cost per batch and the cost per event.
 
 Run with `python -m bench.batch_cost [sizes...]` against the local stack (`python3 scripts/stack up`). A
-worker is built from examples/fraud/pipeline.yaml (hash features loaded into Redis, the demo's model) and
+worker is built as the bench builds it (examples/fraud/pipeline.yaml, hash features in Redis, the demo's model) and
 its batch path (decode, features with the Redis round trip, inference, encoding, produce, acknowledgement,
 commit) runs on pre-made records of each size; no consumer, so no poll cost. CPU is the whole process's
 (librdkafka's threads included). The per-batch fixed cost is what the default max_batch_size weighs against;
@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import yaml
 
-from bench.dataset import REPO, encode_events, find_stack, load_entities
+from bench.dataset import Dataset, cleanup_redis, encode_events, find_stack, load_entities
+from bench.scenarios import streamserve_config
 from streamserve.admin import ensure_topics, pipeline_topics
-from streamserve.config import config_from, load_settings
+from streamserve.config import load_settings
 from streamserve.demo.data import make_entities
 from streamserve.demo.train import train_versions
 from streamserve.records import Source
@@ -36,34 +36,31 @@ def main(argv: list[str]) -> int:
     sizes = [int(arg) for arg in argv] or [1, 16, 64, 256, 1024, 2048]
     logging.basicConfig(level=logging.WARNING)
     stack = find_stack()
-    run = uuid.uuid4().hex[:8]
+    run_id = f"cost-{uuid.uuid4().hex[:8]}"
     entities = make_entities()
     with tempfile.TemporaryDirectory() as tmp:
-        model = next(m.path for m in train_versions(entities, Path(tmp)) if m.version == "v1")
-        client = redis.Redis.from_url(stack.redis_url)
-        load_entities(client, entities, f"cost-{run}:")
-        prefix = f"cost-{run}:"
-        config = config_from(
-            REPO / "examples" / "fraud" / "pipeline.yaml",
-            {
-                "input.topic": f"cost-{run}-in",
-                "output.topic": f"cost-{run}-out",
-                "output.dead_letter_topic": f"cost-{run}-dlq",
-                "features.avg_amount_30d.key": prefix + "card:{card_id}",
-                "features.txn_count_24h.key": prefix + "card:{card_id}",
-                "features.chargeback_rate.key": prefix + "card:{card_id}",
-                "features.merchant_risk.key": prefix + "merchant:{merchant_id}",
-                "model": {"uri": str(model), "version": "v1"},
-                "kafka": {"bootstrap_servers": stack.bootstrap, "group_id": f"cost-{run}"},
-                "redis.url": stack.redis_url,
-                "control.enabled": False,
-                "log_every_s": 0,
-            },
+        directory = Path(tmp)
+        payloads = encode_events(entities, EVENTS)
+        dataset = Dataset(
+            run_id=run_id,
+            stack=stack,
+            events_topic=f"bench-{run_id}-events",
+            partitions=4,
+            payloads=payloads,
+            payload_file=directory / "unused",
+            key_prefix=f"bench-{run_id}:",
+            packed_prefix=f"bench-{run_id}-packed:",
+            models={m.version: m.path for m in train_versions(entities, directory / "models")},
+            entities=entities,
         )
-        path = Path(tmp) / "pipeline.yaml"
-        path.write_text(yaml.safe_dump(config))
+        client = redis.Redis.from_url(stack.redis_url)
+        load_entities(client, entities, dataset.key_prefix)
+        client.close()
+        output_topic = f"bench-{run_id}-out"
+        overrides = {"control.enabled": False, "log_every_s": 0}
+        path = streamserve_config(dataset, "cost", dataset.events_topic, output_topic, directory, overrides=overrides)
         settings = load_settings(path)
-        ensure_topics({"bootstrap.servers": stack.bootstrap}, pipeline_topics(settings, 4))
+        ensure_topics({"bootstrap.servers": stack.bootstrap}, pipeline_topics(settings, dataset.partitions))
         worker = build_worker(settings)
         worker.delivery.start()
         fetch, redis_s = worker.processor.features.fetch, [0.0]
@@ -79,8 +76,8 @@ def main(argv: list[str]) -> int:
         worker.processor.features.fetch = timed_fetch
         now = int(time.time() * 1000)
         sources = [
-            Source(settings.input.topic, i % 4, i, key, value, None, now)
-            for i, (key, value) in enumerate(encode_events(entities, EVENTS))
+            Source(settings.input.topic, i % dataset.partitions, i, key, value, None, now)
+            for i, (key, value) in enumerate(payloads)
         ]
         print("batch size | CPU ms per batch | CPU us per event | wall ms per batch | Redis round trip ms per batch")
         for size in sizes:
@@ -102,8 +99,7 @@ def main(argv: list[str]) -> int:
                 f"{redis_s[0] / n * 1000:29.2f}"
             )
         worker.delivery.close()
-        for key in client.scan_iter(f"cost-{run}:*", count=1000):
-            client.delete(key)
+        cleanup_redis(stack, run_id)
     return 0
 
 

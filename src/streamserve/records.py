@@ -5,6 +5,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -35,19 +36,19 @@ class Event(NamedTuple):
     fields: dict[str, Any]
 
 
-def _by_offset(source: Source) -> int:
-    return source.offset
+_BY_OFFSET = attrgetter("offset")
 
 
 def highest_offsets(sources: Sequence[Source]) -> dict[tuple[str, int], int]:
     """The highest offset of the records of each (topic, partition)."""
-    return {(s.topic, s.partition): s.offset for s in sorted(sources, key=_by_offset)}  # a partition's last wins
+    return {(s.topic, s.partition): s.offset for s in sorted(sources, key=_BY_OFFSET)}  # a partition's last wins
 
 
 def offset_bounds(sources: Sequence[Source]) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
-    """The lowest and the highest offset of the records of each (topic, partition)."""
-    ordered = sorted(sources, key=_by_offset, reverse=True)
-    return {(s.topic, s.partition): s.offset for s in ordered}, highest_offsets(sources)
+    """The lowest and the highest offset of the records of each (topic, partition), from one sort."""
+    ordered = sorted(sources, key=_BY_OFFSET)
+    lowest = {(s.topic, s.partition): s.offset for s in reversed(ordered)}
+    return lowest, {(s.topic, s.partition): s.offset for s in ordered}
 
 
 @dataclass(frozen=True, slots=True)

@@ -160,8 +160,9 @@ class PredictionEncoder:
         # Per event, what only the event knows (ids, time, copied fields): for the whole batch at once, and
         # one event at a time when a value cannot be read, so that only that event is rejected.
         rejected: list[Rejected] = []
+        sources = [event.source for event in events]
         try:
-            kept, keys, per_event, copied = self._event_columns(events)
+            kept, keys, per_event, copied = self._event_columns(events, sources)
         except Exception:  # noqa: BLE001 - one event's values: found below, event by event
             kept, keys, per_event, copied = self._event_columns_one_by_one(events, rejected)
         whole = len(kept) == n
@@ -177,7 +178,8 @@ class PredictionEncoder:
             "probabilities": probabilities if whole else [probabilities[i] for i in kept],
             "outputs": extras if whole else [extras[i] for i in kept],
         }
-        sources = [event.source for event in events] if whole else [events[i].source for i in kept]
+        if not whole:
+            sources = [sources[i] for i in kept]
         values = self._write(columns, len(kept), sources, rejected)
         wanted = self.headers
         batch_headers: Headers = []
@@ -218,12 +220,12 @@ class PredictionEncoder:
         return out, rejected
 
     def _event_columns(
-        self, events: Sequence[Event]
+        self, events: Sequence[Event], sources: list[Source]
     ) -> tuple[list[int], list[str | None], dict[str, list[Any]], dict[str, list[Any]]]:
-        """Ids, keys, times, origins and copied fields of every event, a column at a time; raises when one
-        event's value cannot be read or written (the caller then goes event by event)."""
+        """Ids, keys, times, origins and copied fields of every event (sources: the events' sources), a column
+        at a time; raises when one event's value cannot be read (the caller then goes event by event)."""
         everything = [event.fields for event in events]
-        topics, partitions, offsets, _, _, _, timestamps = zip(*[event.source for event in events], strict=True)
+        topics, partitions, offsets, _, _, _, timestamps = zip(*sources, strict=True)
         key_of, id_of, time_of = self._key, self._id, self._time
         keys = _rendered([key_of(fields) for fields in everything])
         ids = _rendered([id_of(fields) for fields in everything])

@@ -468,6 +468,8 @@ class FeatureBuilder:
         raw = [None if reply is None else reply[stamp_index] for reply in replies]
         try:  # every stamp at once, parsed by numpy in C; a missing one cannot prove the values fresh
             stamps = np.array([_NO_STAMP if value is None else value for value in raw], dtype=np.bytes_)
+            if stamps.shape != (len(raw),):
+                raise ValueError("not one stamp per key")
             parsed = stamps.astype(np.float64)
         except (TypeError, ValueError):  # one unreadable stamp (it cannot prove its values fresh): one by one
             parsed = np.full(len(raw), -math.inf)
