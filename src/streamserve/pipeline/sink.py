@@ -34,6 +34,7 @@ PRODUCER_DEFAULTS: dict[str, str | int | float | bool] = {
     "compression.type": "lz4",
     "partitioner": "murmur2_random",  # same partition for a key as the Java client
     "queue.buffering.max.messages": 200_000,
+    "topic.metadata.refresh.interval.ms": 10_000,  # bounds a stale leader after a broker restart (see source.py)
 }
 
 

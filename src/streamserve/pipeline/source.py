@@ -28,6 +28,9 @@ CONSUMER_DEFAULTS: dict[str, str | int | float | bool] = {
     "fetch.wait.max.ms": 10,
     "isolation.level": "read_committed",  # never score records of an upstream transaction that aborted
     "queued.max.messages.kbytes": 16_384,  # bounds prefetched input: memory stays flat when we pause
+    # librdkafka can keep a stale or unknown partition leader after a broker restart until the next periodic
+    # metadata refresh (5 min by default; librdkafka #4976, #3396): a worker then holds its partitions idle.
+    "topic.metadata.refresh.interval.ms": 10_000,
 }
 
 COMMIT_INTERVAL_S = 1.0
