@@ -86,6 +86,18 @@ def usage_in_window(samples: list[Sample], start_ms: float, end_ms: float) -> tu
     return used, server_used, peak
 
 
+def contention_in_window(samples: list[Sample], start_ms: float, end_ms: float) -> tuple[float, float]:
+    """(cores' worth of the scenario's run-queue wait, cores the whole machine was busy) between two times."""
+    walls = np.array([s.wall_ms for s in samples])
+    seconds = max((end_ms - start_ms) / 1000, 1e-9)
+
+    def rate(values: list[float]) -> float:
+        series = np.array(values)
+        return float(np.interp(end_ms, walls, series) - np.interp(start_ms, walls, series)) / seconds
+
+    return rate([s.wait_s for s in samples]), rate([s.busy_s for s in samples])
+
+
 @dataclass
 class Latency:
     """End-to-end latency percentiles over the matched events, in milliseconds."""

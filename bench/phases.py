@@ -21,7 +21,7 @@ from confluent_kafka import Producer
 
 from bench.dataset import SCHEMAS, Dataset
 from bench.loadgen import relabel
-from bench.measure import Latency, match_latencies, read_topic, usage_in_window
+from bench.measure import Latency, contention_in_window, match_latencies, read_topic, usage_in_window
 from bench.procs import GroupWatcher, Job, Sampler, TopicCounter, wait_for_count
 from bench.scenarios import Scenario, commands, job_env, streamserve_topics
 from streamserve.control.publish import publish
@@ -176,6 +176,7 @@ def offered_rate(
     sent_ms, latency_ms, offered = match_latencies(inputs, outputs, start_ms, end_ms)
     lat = Latency.of(latency_ms, offered)
     cpu_s, _, peak_rss = usage_in_window(samples, start_ms, end_ms)
+    waiting_cores, busy_cores = contention_in_window(samples, start_ms, end_ms)
     summary = {
         "offered_per_s": round(float(rate), 1),
         "achieved_offered_per_s": generated["rate"],
@@ -184,6 +185,8 @@ def offered_rate(
         "cpu_s_per_1k": round(cpu_s / max(lat.matched, 1) * 1000, 4),
         "peak_rss_mb": round(peak_rss / MB, 1),
         "max_batch_wait_ms": batch_wait_ms,
+        "cpu_wait_cores": round(waiting_cores, 2),
+        "machine_busy_cores": round(busy_cores, 2),
         "per_second": _per_second(sent_ms, latency_ms, start_ms - settings.warmup_seconds * 1000),
     }
     log.info("%-22s @%8.0f/s %s", scenario.name, rate, {k: v for k, v in summary.items() if k != "timeline"})

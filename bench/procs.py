@@ -24,11 +24,30 @@ class Sample:
     cpu_s: float
     rss_bytes: int
     server_cpu_s: float
+    wait_s: float = 0.0
+    """Seconds the scenario's threads were runnable but waited for a CPU (Linux schedstat; 0 elsewhere)."""
+    busy_s: float = 0.0
+    """CPU seconds the whole machine spent busy (every process, the kernel included)."""
 
 
 def _cpu(proc: psutil.Process) -> float:
     times = proc.cpu_times()
     return times.user + times.system
+
+
+def _waited(pid: int) -> float:
+    """Seconds the process's threads spent runnable on a run queue, waiting for a CPU (/proc schedstat)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+    return total / 1e9
+
+
+def _busy() -> float:
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0) - getattr(times, "guest", 0.0)
 
 
 class Sampler:
@@ -38,6 +57,7 @@ class Sampler:
         self._procs = [psutil.Process(pid) for pid in pids]
         self._servers = [psutil.Process(pid) for pid in server_pids if psutil.pid_exists(pid)]
         self._last_cpu = {p.pid: 0.0 for p in self._procs}
+        self._last_wait = {p.pid: 0.0 for p in self._procs}
         self.interval_s = interval_s
         self.samples: list[Sample] = []
         self._stop = threading.Event()
@@ -55,13 +75,23 @@ class Sampler:
                 with proc.oneshot():
                     self._last_cpu[proc.pid] = _cpu(proc)
                     rss += proc.memory_info().rss
+                self._last_wait[proc.pid] = _waited(proc.pid) or self._last_wait[proc.pid]
             except psutil.NoSuchProcess:
                 pass  # exited: keep its last CPU reading
         server_cpu = 0.0
         for proc in self._servers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 server_cpu += _cpu(proc)
-        self.samples.append(Sample(time.time() * 1000, sum(self._last_cpu.values()), rss, server_cpu))
+        self.samples.append(
+            Sample(
+                time.time() * 1000,
+                sum(self._last_cpu.values()),
+                rss,
+                server_cpu,
+                sum(self._last_wait.values()),
+                _busy(),
+            )
+        )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
