@@ -1,6 +1,8 @@
 """One fastavro read per micro-batch: it gives exactly what reading record by record gives, bad records included.
 
-The batch is framed as an Avro array of ``{event, sentinel}`` items (pipeline/decode.py). These tests hold
+The batch is framed as an Avro array of events, each followed by a sentinel (pipeline/decode.py): a field added
+to the event record, or an ``{event, sentinel}`` wrapper where that cannot be (records that contain
+themselves, a field named like the sentinel). These tests hold
 ``decode_many`` to ``__call__`` value by value (records, and the DecodeError reasons of bad ones) on schemas
 unlike the fraud demo's, and check that a batch of good records really is one read.
 """
@@ -24,7 +26,14 @@ from hypothesis import strategies as st
 
 from streamserve.errors import DecodeError, RegistryUnavailable
 from streamserve.pipeline import decode as decode_module
-from streamserve.pipeline.decode import BISECT_BELOW, Decoded, LocalSchemaDecoder, RegistryDecoder, encode_wire
+from streamserve.pipeline.decode import (
+    BISECT_BELOW,
+    SENTINEL_FIELD,
+    Decoded,
+    LocalSchemaDecoder,
+    RegistryDecoder,
+    encode_wire,
+)
 from streamserve.pipeline.process import BatchProcessor, BatchResult
 from streamserve.records import Source
 
@@ -88,6 +97,17 @@ TAKEN: dict[str, Any] = {  # the wrapper's own names: the batch read must not br
         {"name": "when", "type": {"type": "long", "logicalType": "timestamp-millis"}},
     ],
 }
+CHAIN: dict[str, Any] = {  # contains itself: a field added to it would be added to every link (the wrapper)
+    "type": "record",
+    "name": "Link",
+    "namespace": "test.chain",
+    "fields": [{"name": "n", "type": "long"}, {"name": "next", "type": ["null", "test.chain.Link"]}],
+}
+CLASH: dict[str, Any] = {  # a field named like the sentinel field (the wrapper)
+    "type": "record",
+    "name": "Clash",
+    "fields": [{"name": SENTINEL_FIELD, "type": "string"}, {"name": "x", "type": ["null", "double"]}],
+}
 OTHER: dict[str, Any] = {
     "type": "record",
     "name": "Click",
@@ -134,8 +154,14 @@ RECORDS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         }
     ),
     "taken": st.fixed_dictionaries({"e": TEXT, "s": st.binary(min_size=8, max_size=8), "when": MS}),
+    "chain": st.recursive(
+        st.fixed_dictionaries({"n": LONGS, "next": st.none()}),
+        lambda inner: st.fixed_dictionaries({"n": LONGS, "next": inner}),
+        max_leaves=4,
+    ),
+    "clash": st.fixed_dictionaries({SENTINEL_FIELD: TEXT, "x": st.none() | DOUBLES}),
 }
-SCHEMAS = {"reading": READING, "node": NODE, "taken": TAKEN}
+SCHEMAS = {"reading": READING, "node": NODE, "taken": TAKEN, "chain": CHAIN, "clash": CLASH}
 
 
 def avro(schema: Any, record: dict[str, Any]) -> bytes:
@@ -199,7 +225,7 @@ def test_a_batch_of_records_is_one_read_equal_to_reading_them_one_by_one(data: s
     assert same(batch, one_by_one(decoder, values))
     # timestamp-millis (and local-) read as the epoch ms written; everything else as fastavro reads it
     assert same(batch, [fastavro.schemaless_reader(io.BytesIO(v or b""), decoder.schema, None) for v in values])
-    assert all(same(b, r) for b, r in zip(batch, records, strict=True) if name == "node")
+    assert all(same(b, r) for b, r in zip(batch, records, strict=True) if name in ("node", "chain", "clash"))
     if name == "reading":
         assert [b["at"] for b in batch] == [r["at"] for r in records]  # type: ignore[index]
         assert [b["local_at"] for b in batch] == [r["local_at"] for r in records]  # type: ignore[index]
@@ -234,6 +260,17 @@ def test_bad_values_in_a_batch_get_exactly_their_record_by_record_outcome(data: 
     batch = decoder.decode_many(values)
     expected = one_by_one(decoder, values)
     assert same(batch, expected), [(type(b).__name__, type(e).__name__) for b, e in zip(batch, expected, strict=True)]
+
+
+def test_the_sentinel_is_a_field_of_the_event_unless_the_record_contains_itself_or_has_that_field() -> None:
+    forms = {name: decode_module._batch_schema(schema) for name, schema in SCHEMAS.items()}
+    assert {name: form.tail for name, form in forms.items() if form is not None} == {
+        "reading": True,
+        "node": True,
+        "chain": False,
+        "clash": False,
+    }
+    assert forms["taken"] is None, "the wrapper's own names are taken: record by record"
 
 
 def test_tombstones_among_good_records_keep_the_batch_read(reads: list[int]) -> None:
@@ -337,6 +374,24 @@ def test_registry_batch_with_two_writer_versions_is_one_read_per_id(reads: list[
     assert [type(o).__name__ for o in mixed] == ["dict"] + ["DecodeError"] * 7 + ["dict", "dict"]
     assert "writer schema id" in str(mixed[1])
     assert "Status" in str(mixed[1])
+
+
+def test_a_writer_with_a_field_named_like_the_sentinel_is_read_in_wrappers_on_both_sides(reads: list[int]) -> None:
+    registry = SchemaRegistryClient.new_client({"url": "mock://streamserve-decode-clash"})
+    clashing = {**V1, "fields": [*V1["fields"], {"name": SENTINEL_FIELD, "type": "string"}]}  # dropped by the reader
+    schema_id = registry.register_schema("orders-value", RegisteredSchema(json.dumps(clashing), "AVRO"))
+    decoder = RegistryDecoder(registry, fastavro.parse_schema(READER))
+    parsed = fastavro.parse_schema(clashing)
+    values: list[bytes | None] = [
+        encode_wire(schema_id, parsed, {"id": str(i), "placed": i, "status": "NEW", SENTINEL_FIELD: "x" * i})
+        for i in range(5)
+    ]
+    decoder.decode_many(values[:1])  # fetch the writer schema
+    reads.clear()
+    out = decoder.decode_many(values)
+    assert len(reads) == 1, "still one read for the batch"
+    assert out == [{"id": str(i), "placed": i, "status": "NEW", "total": None} for i in range(5)]
+    assert same(out, one_by_one(decoder, values))
 
 
 class DownRegistry:

@@ -1,4 +1,5 @@
-"""The sink's size check before produce: every record checked with its own headers, shared lists or not."""
+"""The sink: the size check before produce (every record checked with its own headers, shared lists or not), and
+when a batch counts as acknowledged."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from streamserve.errors import RecordTooLarge
+from streamserve.errors import DeliveryError, RecordTooLarge
 from streamserve.pipeline.sink import SIZE_MARGIN_BYTES, InflightBatch, OutputSink, SizeLimits, record_size
-from streamserve.records import Headers
+from streamserve.records import Headers, Source
 
 LIMIT = 1000
 
@@ -71,3 +72,34 @@ def test_produce_all_refuses_exactly_what_produce_refuses(sink: OutputSink) -> N
     assert [position for position, _ in refused] == refused_alone == [1, 3, 7]
     assert all(isinstance(exc, RecordTooLarge) and exc.stage for _, exc in refused)
     assert batch.pending == one_by_one.pending == len(records) - 3
+
+
+def test_a_batch_is_acknowledged_only_when_the_producer_holds_none_of_its_records(sink: OutputSink) -> None:
+    # Only failures are reported per record (delivery.report.only.error): a batch counts as acknowledged when
+    # librdkafka holds no record at all. Here no broker answers, so the records stay queued until purged.
+    first, second = InflightBatch(), InflightBatch()
+    first.cover([Source("in", 0, 7, None, b"", None, 0)])
+    sink.produce_all(first, "out", [b"k"] * 3, [b"v"] * 3, [None] * 3)
+    sink.seal(first)
+    empty = InflightBatch()  # a batch with nothing to produce is acknowledged at once
+    empty.cover([Source("in", 1, 3, None, b"", None, 0)])
+    sink.seal(empty)
+    sink.produce_all(second, "out", [b"k"], [b"v"], [None])
+    sink.seal(second)
+    for _ in range(3):
+        sink.poll(0.05)
+        assert sink.releasable() == [], "records still held: nothing may be committed"
+        assert not first.done
+        assert empty.done
+        assert not second.done
+    assert sink.inflight == 3
+
+    sink.producer.purge()  # each queued record now fails: its failure is reported to its batch
+    sink.poll(0)
+    assert len(sink.producer) == 0
+    assert first.done
+    assert second.done
+    assert first.error is not None
+    assert "out" in first.error
+    with pytest.raises(DeliveryError, match="input offsets stay uncommitted"):
+        sink.releasable()

@@ -1,10 +1,12 @@
 """Avro decoding of input values: a local writer schema or Confluent Schema Registry wire format.
 
 A micro-batch is read with one fastavro call, not one per record (fastavro's per-call setup costs more than
-a small record's bytes): the values are framed as one Avro array whose items are ``{event, sentinel}``, the
-sentinel 8 random bytes per batch. A value that is not exactly one valid record makes the read fail or
-misaligns a sentinel; then the read is retried on the two halves, down to a few values read one by one, so
-each bad record gets its own reason.
+a small record's bytes): the values are framed as one Avro array, each followed by a sentinel, 8 random bytes
+per batch. The array's items are the event record with the sentinel as one more, last field (one dict per
+record; ~0.6 us per record cheaper than a ``{event, sentinel}`` wrapper record, which is kept for records that
+contain themselves and for a field already named like the sentinel). A value that is not exactly one valid
+record makes the read fail or misaligns a sentinel; then the read is retried on the two halves, down to a few
+values read one by one, so each bad record gets its own reason.
 timestamp-millis fields are read as their long (epoch ms): no datetime per event (fields.py renders them).
 """
 
@@ -55,25 +57,51 @@ def primitive_timestamps(schema: Any) -> Any:
     return schema
 
 
-def _batch_schema(event: Any) -> Schema | None:
-    """The parsed schema a batch is read with: an array of ``{"e": event, "s": sentinel}`` records.
+SENTINEL_FIELD = "__streamserve_sentinel"
+_SENTINEL_TYPE = {"type": "fixed", "name": f"{_INTERNAL_NAMESPACE}.Sentinel", "size": _SENTINEL_SIZE}
 
-    None when the event is not a record or the internal names are taken (then records are read one by one).
-    """
+
+@dataclass(frozen=True, slots=True)
+class _BatchSchema:
+    """The parsed schema a batch is read with, and where each record's sentinel is."""
+
+    schema: Schema
+    tail: bool
+    """The sentinel is the record's last field (SENTINEL_FIELD); else items are ``{"e": event, "s": sentinel}``."""
+
+
+def _refers_to_itself(event: dict[str, Any]) -> bool:
+    """The record's name appears inside its fields (it may contain itself): a field added to it would be added
+    to the nested copies too. A field or doc that merely equals the name counts as well (the wrapper is still
+    correct, only slower)."""
+    name = str(event["name"])
+    names = {name, name.rsplit(".", 1)[-1], f"{event.get('namespace')}.{name}"}
+    inner = json.dumps(event.get("fields", []))
+    return any(f'"{each}"' in inner for each in names)
+
+
+def _batch_schema(event: Any, tail: bool = True) -> _BatchSchema | None:
+    """The schema a batch is read with: an array of the event record plus a sentinel field (tail) or of
+    ``{"e": event, "s": sentinel}`` records. None when the event is not a record or the internal names are taken
+    (then records are read one by one)."""
     if not isinstance(event, dict) or event.get("type") != "record":
         return None
+    fields = event.get("fields", [])
+    if tail and not _refers_to_itself(event) and all(f.get("name") != SENTINEL_FIELD for f in fields):
+        item = {**event, "fields": [*fields, {"name": SENTINEL_FIELD, "type": _SENTINEL_TYPE}]}
+        try:
+            return _BatchSchema(fastavro.parse_schema({"type": "array", "items": item}), tail=True)
+        except (ValueError, fastavro.schema.SchemaParseException):  # a user type named like the sentinel's
+            pass
     if "." not in event["name"] and not event.get("namespace"):
         event = {**event, "namespace": ""}  # keep the event's names in the null namespace, not the wrapper's
-    item = {
+    wrapper = {
         "type": "record",
         "name": f"{_INTERNAL_NAMESPACE}.BatchItem",
-        "fields": [
-            {"name": "e", "type": event},
-            {"name": "s", "type": {"type": "fixed", "name": f"{_INTERNAL_NAMESPACE}.Sentinel", "size": _SENTINEL_SIZE}},
-        ],
+        "fields": [{"name": "e", "type": event}, {"name": "s", "type": _SENTINEL_TYPE}],
     }
     try:
-        return fastavro.parse_schema({"type": "array", "items": item})
+        return _BatchSchema(fastavro.parse_schema({"type": "array", "items": wrapper}), tail=False)
     except (ValueError, fastavro.schema.SchemaParseException):  # a user type of the same name: no batch reads
         return None
 
@@ -92,19 +120,24 @@ def _avro_count(n: int) -> bytes:
     return buffer.getvalue()
 
 
-def _read_batch(values: Sequence[bytes | memoryview], writer: Schema, reader: Schema | None) -> list[Decoded] | None:
-    """The records of the values, read with one fastavro call (writer, reader: batch schemas); None unless
-    every value is exactly one valid record."""
+def _read_batch(
+    values: Sequence[bytes | memoryview], writer: _BatchSchema, reader: _BatchSchema | None
+) -> list[Decoded] | None:
+    """The records of the values, read with one fastavro call (writer, reader: batch schemas of the same form);
+    None unless every value is exactly one valid record."""
     sentinel = os.urandom(_SENTINEL_SIZE)
     payload = b"".join((_avro_count(len(values)), sentinel.join(values), sentinel, b"\x00"))
     buffer = io.BytesIO(payload)
     try:
-        items = fastavro.schemaless_reader(buffer, writer, reader)
+        items = fastavro.schemaless_reader(buffer, writer.schema, reader.schema if reader else None)
     except Exception:  # noqa: BLE001 - some value's bytes; each value is read alone for its reason
         return None
     if buffer.tell() != len(payload) or not isinstance(items, list) or len(items) != len(values):
         return None
-    records: list[Decoded] = [item["e"] for item in items if item["s"] == sentinel]
+    if writer.tail:
+        records: list[Decoded] = [item for item in items if item.pop(SENTINEL_FIELD) == sentinel]
+    else:
+        records = [item["e"] for item in items if item["s"] == sentinel]
     return records if len(records) == len(values) else None  # else a value with bytes over, or one read too far
 
 
@@ -112,8 +145,8 @@ def _batch_or_each(
     decode: Callable[[bytes | None], dict[str, Any]],
     values: Sequence[bytes | None],
     offset: int,
-    writer: Schema | None,
-    reader: Schema | None,
+    writer: _BatchSchema | None,
+    reader: _BatchSchema | None,
 ) -> list[Decoded]:
     """The values' records read as one batch (each from byte ``offset``); when that fails, the two halves
     apart (so one bad record costs a few reads, not one per record), down to BISECT_BELOW values read each
@@ -245,9 +278,9 @@ class _Writer:
     schema: Schema
     reader: Schema | None
     """The reader schema to resolve to; None when it is the writer's."""
-    batch: Schema | None
+    batch: _BatchSchema | None
     """The batch schema of the writer (None: read record by record)."""
-    batch_reader: Schema | None
+    batch_reader: _BatchSchema | None
     """The batch schema of the reader (None when no resolution)."""
 
 
@@ -334,6 +367,9 @@ class RegistryDecoder:
         # The same schema (as parsed, logical types included) needs no resolution: the cheaper read.
         same = writer == self._reader
         batch, batch_reader = _batch_schema(plain), None if same else self._batch_reader
+        if not same and batch is not None and batch_reader is not None and batch.tail != batch_reader.tail:
+            # One of the two cannot take the sentinel as a field: both wrapped.
+            batch, batch_reader = _batch_schema(plain, tail=False), _batch_schema(self._reader_plain, tail=False)
         if not same and batch_reader is None:
             batch = None  # a reader schema that cannot be wrapped: record by record
         resolved = _Writer(writer, None if same else self._reader, batch, batch_reader)
