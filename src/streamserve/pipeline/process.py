@@ -142,7 +142,7 @@ class BatchProcessor:
         index = np.flatnonzero(rows)
         if not len(index):
             return
-        columns = batch.select(index)
+        columns = batch.columns if len(index) == len(batch.events) else batch.select(index)
         rejected: list[Rejected] = []
         unfit = model.unfit_rows(columns)
         if unfit.any():
@@ -157,13 +157,15 @@ class BatchProcessor:
             ]
             index = index[~unfit]
             columns = batch.select(index)
-        scored = self.predict(model, columns, np.arange(len(index)), [batch.events[i].source for i in index], rejected)
+        # The selected events as a list (all of them, in one lane, as they are): no per-event numpy indexing.
+        chosen = batch.events if len(index) == len(batch.events) else [batch.events[i] for i in index.tolist()]
+        scored = self.predict(model, columns, np.arange(len(index)), chosen, rejected)
         for positions, outputs in scored:
             finite = np.isfinite(outputs.score)
-            for position in positions[~finite]:
+            for position in positions[~finite].tolist():
                 rejected.append(
                     Rejected(
-                        batch.events[index[position]].source,
+                        chosen[position].source,
                         INFER_STAGE,
                         InferenceError.__name__,
                         f"model {model.name} {model.version} returned a non-finite score",
@@ -171,7 +173,7 @@ class BatchProcessor:
                 )
             if not finite.all():
                 positions, outputs = positions[finite], outputs.take(np.flatnonzero(finite))
-            events = [batch.events[index[position]] for position in positions]
+            events = chosen if len(positions) == len(chosen) else [chosen[p] for p in positions.tolist()]
             try:
                 encoded, failed = self.encoder.encode(events, outputs, model.name, model.version, batch.degraded)
             except Exception as exc:  # noqa: BLE001 - outputs the encoder cannot use: these rows fail, not the worker
@@ -196,20 +198,21 @@ class BatchProcessor:
         model: OnnxModel,
         columns: dict[str, np.ndarray],
         positions: np.ndarray,
-        sources: list[Source],
+        events: list[Event],
         rejected: list[Rejected],
     ) -> list[tuple[np.ndarray, ModelOutputs]]:
-        """Outputs for the given rows; when the model fails on them, bisect until each failing row is alone."""
+        """Outputs for the given rows (positions in the columns and in events); when the model fails on them,
+        bisect until each failing row is alone."""
         try:
             return [(positions, model.predict({name: column[positions] for name, column in columns.items()}))]
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises bare pybind errors; route, don't die
             if len(positions) == 1:
-                rejected.append(Rejected.from_error(sources[int(positions[0])], INFER_STAGE, exc))
+                rejected.append(Rejected.from_error(events[int(positions[0])].source, INFER_STAGE, exc))
                 return []
             middle = len(positions) // 2
             return [
-                *self.predict(model, columns, positions[:middle], sources, rejected),
-                *self.predict(model, columns, positions[middle:], sources, rejected),
+                *self.predict(model, columns, positions[:middle], events, rejected),
+                *self.predict(model, columns, positions[middle:], events, rejected),
             ]
 
 
