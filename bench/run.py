@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 import redis
+import yaml
 from confluent_kafka.admin import AdminClient
 
 from bench import report
@@ -36,7 +37,7 @@ from bench.components import run_components
 from bench.dataset import REPO, Dataset, Stack, cleanup_redis, find_stack, prepare
 from bench.phases import Settings, create_output_topics, hot_swap, offered_rate
 from bench.procs import Job, TopicCounter, wait_for_count
-from bench.scenarios import VENVS, Scenario, commands, ensure_peer_venv, job_env
+from bench.scenarios import EXAMPLE_PIPELINE, VENVS, Scenario, commands, ensure_peer_venv, job_env
 from bench.throughput import Backlog, throughput
 
 log = logging.getLogger("bench")
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             "fixed_share": args.fixed_share,
             "near_max_share": args.near_max_share,
             "model": "demo v1 (logistic regression, zipmap disabled)",
-            "batch": {"max_batch_size": 256, "max_wait_ms": 10},
+            "batch": yaml.safe_load(EXAMPLE_PIPELINE.read_text())["batch"],  # what the workers run
         },
         "scenarios": [],
     }
