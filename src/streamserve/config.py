@@ -94,6 +94,12 @@ class KafkaSettings(_Section):
             raise ValueError("schema_registry_username and schema_registry_password go together")
         if (self.schema_registry_certificate_location is None) != (self.schema_registry_key_location is None):
             raise ValueError("schema_registry_certificate_location and schema_registry_key_location go together")
+        for section, values in (("client", self.client), ("producer", self.producer)):
+            if str(values.get("delivery.report.only.error", "false")).lower() not in ("false", "0"):
+                raise ValueError(
+                    f"kafka.{section}: remove delivery.report.only.error - a worker commits input offsets only "
+                    "after each output record's delivery report, so it needs one for every record"
+                )
         return self
 
     def common(self) -> dict[str, LibrdkafkaValue]:

@@ -67,6 +67,21 @@ def test_prediction_headers_default_to_the_model_version_and_name_the_key_when_u
         load_settings(EXAMPLE)
 
 
+@pytest.mark.parametrize("section", ["producer", "client"])
+def test_a_producer_reporting_failures_only_is_refused_with_the_reason(tmp_path: Path, section: str) -> None:
+    # Offsets are committed on each output record's delivery report: without success reports nothing would be.
+    config = tmp_path / "only-errors.yaml"
+    config.write_text(
+        EXAMPLE.read_text().replace(
+            "  group_id: fraud-scorer", f"  group_id: fraud-scorer\n  {section}: {{delivery.report.only.error: true}}"
+        )
+    )
+    with pytest.raises(ConfigError, match=rf"kafka\.{section}: remove delivery\.report\.only\.error"):
+        load_settings(config)
+    config.write_text(config.read_text().replace("only.error: true", "only.error: false"))
+    assert getattr(load_settings(config).kafka, section) == {"delivery.report.only.error": False}
+
+
 def test_librdkafka_dicts_layer_defaults_user_settings_and_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMSERVE_KAFKA__SASL_PASSWORD", "s3cret")
     settings = load_settings(EXAMPLE)

@@ -75,9 +75,10 @@ def test_produce_all_refuses_exactly_what_produce_refuses(sink: OutputSink) -> N
     assert batch.pending == one_by_one.pending == len(records) - 3
 
 
-def test_a_batch_is_acknowledged_only_when_the_producer_holds_none_of_its_records(sink: OutputSink) -> None:
-    # Only failures are reported per record (delivery.report.only.error): a batch counts as acknowledged when
-    # librdkafka holds no record at all. Here no broker answers, so the records stay queued until purged.
+def test_a_batch_is_not_acknowledged_while_librdkafka_holds_its_records_and_a_failed_one_fails_it(
+    sink: OutputSink,
+) -> None:
+    # No broker answers: the records stay queued until purged, and then each one's failure is reported.
     first, second = InflightBatch(), InflightBatch()
     first.cover([Source("in", 0, 7, None, b"", None, 0)])
     sink.produce_all(first, "out", [b"k"] * 3, [b"v"] * 3, [None] * 3)

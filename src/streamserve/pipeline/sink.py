@@ -7,14 +7,6 @@ batch's transaction, and the batch would be re-read and fail again, forever).
 An input offset is committed only after every record produced for its batch (predictions and
 dead letters alike) was acknowledged by the broker. Batches are acknowledged out of order across
 partitions, so the tracker commits the longest prefix of fully acknowledged batches.
-
-Delivery reports come only for records that failed (``delivery.report.only.error``): a report per record
-costs ~1-1.5 us of the main thread (a Message object and a Python call each). A success is known instead
-when librdkafka holds no record at all: its count (``len(producer)``) covers every record from produce()
-until its delivery report was served by poll(), failures included, so after poll() a count of zero means
-every record produced so far was acknowledged or its failure reported. The worker looks before producing
-each batch, by when the previous batch was usually acknowledged; with a producer configured to report
-every record, the per-record count still works as well.
 """
 
 from __future__ import annotations
@@ -42,7 +34,6 @@ PRODUCER_DEFAULTS: dict[str, str | int | float | bool] = {
     "compression.type": "lz4",
     "partitioner": "murmur2_random",  # same partition for a key as the Java client
     "queue.buffering.max.messages": 200_000,
-    "delivery.report.only.error": True,  # successes are known when nothing is left (module docstring)
     "topic.metadata.refresh.interval.ms": 10_000,  # bounds a stale leader after a broker restart (see source.py)
 }
 
@@ -161,10 +152,7 @@ class InflightBatch:
 
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     pending: int = 0
-    """Records produced and not reported delivered (only failures are reported by default)."""
     sealed: bool = False
-    acknowledged: bool = False
-    """The producer held no record after the batch was sealed: each one was delivered or reported failed."""
     error: str | None = None
 
     def cover(self, sources: Sequence[Source]) -> None:
@@ -174,15 +162,15 @@ class InflightBatch:
                 self.next_offsets[tp] = offset + 1
 
     def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        """librdkafka delivery report for one record of this batch (by default, only for a failed one)."""
+        """librdkafka delivery report for one record of this batch."""
         self.pending -= 1
         if err is not None and self.error is None:
             self.error = f"{msg.topic()}: {err}"
 
     @property
     def done(self) -> bool:
-        """All records were produced and acknowledged (or a failure reported)."""
-        return self.sealed and (self.acknowledged or self.pending == 0)
+        """All records were produced and acknowledged."""
+        return self.sealed and self.pending == 0
 
 
 class OutputSink:
@@ -320,9 +308,7 @@ class OutputSink:
     ) -> list[tuple[int, RecordTooLarge]]:
         """produce() of many records to one topic, in order; the positions of those over the size limit come
         back with their error (nothing queued for them). What is the same for the batch (the topic's limit, the
-        size of a shared header list) is worked out once. First, whether everything queued before is acknowledged
-        (poll): by now it usually is, and later the new records would hide it."""
-        self.poll(0)
+        size of a shared header list) is worked out once."""
         limit = self.limits.max_record_bytes(topic)
         framing: dict[int, int] = {}  # id of a header list -> its size plus the record's framing
         too_large: list[tuple[int, RecordTooLarge]] = []
@@ -354,15 +340,11 @@ class OutputSink:
         return len(self._inflight)
 
     def poll(self, timeout: float = 0.0) -> None:
-        """Serve delivery reports; when no record is left in the producer, every sealed batch is acknowledged."""
+        """Serve delivery reports."""
         self.producer.poll(timeout)
-        if self._inflight and not self._inflight[-1].acknowledged and len(self.producer) == 0:
-            for batch in self._inflight:
-                batch.acknowledged = True
 
     def releasable(self) -> list[TopicPartition]:
         """Offsets to commit: those of the acknowledged prefix of batches; raises on a failed delivery."""
-        self.poll(0)
         merged: dict[tuple[str, int], int] = {}
         while self._inflight and self._inflight[0].done:
             batch = self._inflight.popleft()
