@@ -74,28 +74,27 @@ def read_topic(
     return TopicRecords(ids, np.asarray(stamps, dtype=np.int64), values if keep_values else None)
 
 
+def _growth(samples: list[Sample], attribute: str, start_ms: float, end_ms: float) -> float:
+    """How much a cumulative reading of the samples grew between two wall-clock times (interpolated)."""
+    walls = np.array([s.wall_ms for s in samples])
+    series = np.array([getattr(s, attribute) for s in samples])
+    return float(np.interp(end_ms, walls, series) - np.interp(start_ms, walls, series))
+
+
 def usage_in_window(samples: list[Sample], start_ms: float, end_ms: float) -> tuple[float, float, int]:
     """(CPU seconds of the scenario, CPU seconds of broker+Redis, peak RSS) between two wall-clock times,
     interpolating the periodic samples."""
-    walls = np.array([s.wall_ms for s in samples])
-    cpu = np.array([s.cpu_s for s in samples])
-    servers = np.array([s.server_cpu_s for s in samples])
-    used = float(np.interp(end_ms, walls, cpu) - np.interp(start_ms, walls, cpu))
-    server_used = float(np.interp(end_ms, walls, servers) - np.interp(start_ms, walls, servers))
     peak = max((s.rss_bytes for s in samples), default=0)
-    return used, server_used, peak
+    return _growth(samples, "cpu_s", start_ms, end_ms), _growth(samples, "server_cpu_s", start_ms, end_ms), peak
 
 
 def contention_in_window(samples: list[Sample], start_ms: float, end_ms: float) -> tuple[float, float]:
     """(cores' worth of the scenario's run-queue wait, cores the whole machine was busy) between two times."""
-    walls = np.array([s.wall_ms for s in samples])
     seconds = max((end_ms - start_ms) / 1000, 1e-9)
-
-    def rate(values: list[float]) -> float:
-        series = np.array(values)
-        return float(np.interp(end_ms, walls, series) - np.interp(start_ms, walls, series)) / seconds
-
-    return rate([s.wait_s for s in samples]), rate([s.busy_s for s in samples])
+    return (
+        _growth(samples, "wait_s", start_ms, end_ms) / seconds,
+        _growth(samples, "busy_s", start_ms, end_ms) / seconds,
+    )
 
 
 @dataclass

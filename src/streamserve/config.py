@@ -94,6 +94,10 @@ class KafkaSettings(_Section):
             raise ValueError("schema_registry_username and schema_registry_password go together")
         if (self.schema_registry_certificate_location is None) != (self.schema_registry_key_location is None):
             raise ValueError("schema_registry_certificate_location and schema_registry_key_location go together")
+        return self
+
+    @model_validator(mode="after")
+    def _check_delivery_reports(self) -> KafkaSettings:
         for section, values in (("client", self.client), ("producer", self.producer)):
             if str(values.get("delivery.report.only.error", "false")).lower() not in ("false", "0"):
                 raise ValueError(

@@ -263,7 +263,7 @@ def test_bad_values_in_a_batch_get_exactly_their_record_by_record_outcome(data: 
 
 
 def test_the_sentinel_is_a_field_of_the_event_unless_the_record_contains_itself_or_has_that_field() -> None:
-    forms = {name: decode_module._batch_schema(schema) for name, schema in SCHEMAS.items()}
+    forms = {name: decode_module._batch_schemas(schema)[0] for name, schema in SCHEMAS.items()}
     assert {name: form.tail for name, form in forms.items() if form is not None} == {
         "reading": True,
         "node": True,

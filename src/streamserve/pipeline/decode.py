@@ -70,40 +70,50 @@ class _BatchSchema:
     """The sentinel is the record's last field (SENTINEL_FIELD); else items are ``{"e": event, "s": sentinel}``."""
 
 
-def _refers_to_itself(event: dict[str, Any]) -> bool:
-    """The record's name appears inside its fields (it may contain itself): a field added to it would be added
-    to the nested copies too. A field or doc that merely equals the name counts as well (the wrapper is still
-    correct, only slower)."""
+def _takes_sentinel_field(event: Any) -> bool:
+    """The record can carry the sentinel as one more field: no field of that name, and its name does not appear
+    inside its fields (a record that may contain itself would get the field in its nested copies too; a field or
+    doc that merely equals the name counts as well - the wrapper is still correct, only slower)."""
+    if not isinstance(event, dict) or event.get("type") != "record":
+        return False
+    fields = event.get("fields", [])
     name = str(event["name"])
     names = {name, name.rsplit(".", 1)[-1], f"{event.get('namespace')}.{name}"}
-    inner = json.dumps(event.get("fields", []))
-    return any(f'"{each}"' in inner for each in names)
+    inner = json.dumps(fields)
+    return all(f.get("name") != SENTINEL_FIELD for f in fields) and not any(f'"{each}"' in inner for each in names)
 
 
-def _batch_schema(event: Any, tail: bool = True) -> _BatchSchema | None:
+def _batch_schema(event: Any, tail: bool) -> _BatchSchema | None:
     """The schema a batch is read with: an array of the event record plus a sentinel field (tail) or of
     ``{"e": event, "s": sentinel}`` records. None when the event is not a record or the internal names are taken
     (then records are read one by one)."""
     if not isinstance(event, dict) or event.get("type") != "record":
         return None
-    fields = event.get("fields", [])
-    if tail and not _refers_to_itself(event) and all(f.get("name") != SENTINEL_FIELD for f in fields):
-        item = {**event, "fields": [*fields, {"name": SENTINEL_FIELD, "type": _SENTINEL_TYPE}]}
-        try:
-            return _BatchSchema(fastavro.parse_schema({"type": "array", "items": item}), tail=True)
-        except (ValueError, fastavro.schema.SchemaParseException):  # a user type named like the sentinel's
-            pass
-    if "." not in event["name"] and not event.get("namespace"):
-        event = {**event, "namespace": ""}  # keep the event's names in the null namespace, not the wrapper's
-    wrapper = {
-        "type": "record",
-        "name": f"{_INTERNAL_NAMESPACE}.BatchItem",
-        "fields": [{"name": "e", "type": event}, {"name": "s", "type": _SENTINEL_TYPE}],
-    }
+    if tail:
+        item = {**event, "fields": [*event.get("fields", []), {"name": SENTINEL_FIELD, "type": _SENTINEL_TYPE}]}
+    else:
+        if "." not in event["name"] and not event.get("namespace"):
+            event = {**event, "namespace": ""}  # keep the event's names in the null namespace, not the wrapper's
+        item = {
+            "type": "record",
+            "name": f"{_INTERNAL_NAMESPACE}.BatchItem",
+            "fields": [{"name": "e", "type": event}, {"name": "s", "type": _SENTINEL_TYPE}],
+        }
     try:
-        return _BatchSchema(fastavro.parse_schema({"type": "array", "items": wrapper}), tail=False)
-    except (ValueError, fastavro.schema.SchemaParseException):  # a user type of the same name: no batch reads
+        return _BatchSchema(fastavro.parse_schema({"type": "array", "items": item}), tail)
+    except (ValueError, fastavro.schema.SchemaParseException):  # a user type of an internal name: no batch reads
         return None
+
+
+def _batch_schemas(writer: Any, reader: Any = None) -> tuple[_BatchSchema | None, _BatchSchema | None]:
+    """The batch schemas of a writer schema and, when records are resolved, of the reader schema: both of the same
+    form (the sentinel as a field when both records can take it). (None, None) when there is no batch read."""
+    tail = _takes_sentinel_field(writer) and (reader is None or _takes_sentinel_field(reader))
+    batch = _batch_schema(writer, tail)
+    if reader is None:
+        return batch, None
+    batch_reader = _batch_schema(reader, tail)
+    return (batch, batch_reader) if batch is not None and batch_reader is not None else (None, None)
 
 
 BISECT_BELOW = 16
@@ -259,7 +269,7 @@ class LocalSchemaDecoder:
     def __init__(self, schema: Schema) -> None:
         plain = primitive_timestamps(schema)
         self.schema = fastavro.parse_schema(plain)
-        self._batch = _batch_schema(plain)
+        self._batch, _ = _batch_schemas(plain)
 
     def __call__(self, value: bytes | None) -> dict[str, Any]:
         if not value:
@@ -317,7 +327,6 @@ class RegistryDecoder:
         self._sleep, self._clock = sleep, clock
         self._reader_plain = primitive_timestamps(reader_schema)
         self._reader = fastavro.parse_schema(self._reader_plain)
-        self._batch_reader = _batch_schema(self._reader_plain)
         self._writers: OrderedDict[int, _Writer] = OrderedDict()
         self._missing: dict[int, tuple[float, str]] = {}
 
@@ -366,12 +375,7 @@ class RegistryDecoder:
             raise DecodeError(f"schema id {schema_id} is not a valid Avro schema: {exc}") from exc
         # The same schema (as parsed, logical types included) needs no resolution: the cheaper read.
         same = writer == self._reader
-        batch, batch_reader = _batch_schema(plain), None if same else self._batch_reader
-        if not same and batch is not None and batch_reader is not None and batch.tail != batch_reader.tail:
-            # One of the two cannot take the sentinel as a field: both wrapped.
-            batch, batch_reader = _batch_schema(plain, tail=False), _batch_schema(self._reader_plain, tail=False)
-        if not same and batch_reader is None:
-            batch = None  # a reader schema that cannot be wrapped: record by record
+        batch, batch_reader = _batch_schemas(plain, None if same else self._reader_plain)
         resolved = _Writer(writer, None if same else self._reader, batch, batch_reader)
         self._writers[schema_id] = resolved
         if len(self._writers) > self._capacity:

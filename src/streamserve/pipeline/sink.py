@@ -283,6 +283,20 @@ class OutputSink:
         limit = self.limits.max_record_bytes(topic)
         if size > limit:
             raise RecordTooLarge(topic, size, limit)
+        self._queue(batch, topic, key, value, headers, size, limit)
+
+    def _queue(
+        self,
+        batch: InflightBatch,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers | None,
+        size: int,
+        limit: int,
+    ) -> None:
+        """Queue a record whose size was checked, waiting for room when librdkafka's queue is full; RecordTooLarge
+        when librdkafka refuses its size all the same."""
         while True:
             try:
                 self.producer.produce(topic, value, key, headers=headers, on_delivery=batch.on_delivery)
@@ -325,7 +339,10 @@ class OutputSink:
                 produce(topic, value, key, headers=record_headers, on_delivery=on_delivery)
                 batch.pending += 1
             except (BufferError, KafkaException):  # a full queue or an error: the one-record path handles it
-                self.produce(batch, topic, key, value, record_headers)
+                try:
+                    self._queue(batch, topic, key, value, record_headers, size, limit)
+                except RecordTooLarge as exc:
+                    too_large.append((position, exc))
         return too_large
 
     def seal(self, batch: InflightBatch) -> None:
