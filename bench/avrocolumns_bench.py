@@ -1,4 +1,5 @@
-"""Microbenchmark: microseconds per prediction record, fastavro per record vs ColumnWriter per batch.
+"""Microbenchmark: microseconds per prediction record, fastavro per record vs ColumnWriter per batch (its row path
+below avrocolumns.ROWS_BELOW rows, its column path from there).
 
 Run with `python -m bench.avrocolumns_bench [batch sizes...]`. Both sides start from the same columns
 (numpy outputs, per-event lists, shared scalars); the fastavro side includes building its record dicts the way

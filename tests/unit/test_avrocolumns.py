@@ -69,13 +69,26 @@ def _rows(columns: dict[str, Any], n: int) -> list[dict[str, Any]]:
 
 
 def assert_matches_fastavro(schema: Any, columns: dict[str, Any], n: int) -> None:
+    """Both paths write fastavro's bytes: the column path, and the row path wherever it takes the values."""
     writer = ColumnWriter.for_schema(schema)
     assert writer is not None
-    written = writer.write(columns, n)
     expected = [_fastavro(schema, row) for row in _rows(columns, n)]
+    with mock.patch.object(avrocolumns, "ROWS_BELOW", 0):
+        written = writer.write(columns, n)
     assert len(written) == n
     for i, (ours, theirs) in enumerate(zip(written, expected, strict=True)):
-        assert ours == theirs, f"row {i}: {_rows(columns, n)[i]!r}"
+        assert ours == theirs, f"column path, row {i}: {_rows(columns, n)[i]!r}"
+    assert_row_path_matches_or_declines(writer, columns, n, expected)
+
+
+def assert_row_path_matches_or_declines(writer: ColumnWriter, columns: dict[str, Any], n: int, expected: Any) -> None:
+    """The row path writes exactly the expected bytes or raises (then write() takes the column path)."""
+    try:
+        by_rows = writer._write_rows(columns, n)
+    except avrocolumns._NotPlain:
+        return  # declined: the column path decides
+    for i, (ours, theirs) in enumerate(zip(by_rows, expected, strict=True)):
+        assert ours == theirs, f"row path, row {i}: {_rows(columns, n)[i]!r}"
 
 
 # Generated types of the supported subset: (schema node, strategy of one admissible value, numpy dtype or None)
@@ -214,6 +227,44 @@ def test_prediction_schemas_match_fastavro(schema_file: str, data: st.DataObject
     assert_matches_fastavro(schema, columns, n)
 
 
+PLAIN_PREDICTION_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "event_id": st.none() | TEXT,
+    "key": st.none() | TEXT,
+    "model_name": TEXT,
+    "model_version": TEXT,
+    "score": st.floats(),
+    "label": st.none() | LONGS,
+    "event_time": st.none() | LONGS,
+    "prediction_time": LONGS,
+    "source_topic": TEXT,
+    "source_partition": INTS,
+    "source_offset": LONGS,
+    "degraded": st.booleans(),
+    "predicted_class": st.none() | TEXT,
+    "probabilities": st.none() | st.dictionaries(TEXT, st.floats(), max_size=4),
+    "outputs": st.none() | st.dictionaries(TEXT, st.floats(), max_size=3),
+}
+
+
+@PROPERTIES
+@given(data=st.data())
+def test_the_row_path_writes_plain_predictions(data: st.DataObject) -> None:
+    """What the encoder hands over (lists of str, int, float, bool, None, dict) takes the row path, and its bytes
+    are fastavro's: a row path that declined everything would pass the tests above without ever being used."""
+    schema = load_schema(SCHEMAS / "prediction.avsc")
+    writer = ColumnWriter.for_schema(schema)
+    assert writer is not None
+    n = data.draw(st.integers(1, MAX_ROWS))
+    columns = {
+        name: data.draw(st.lists(values, min_size=n, max_size=n)) for name, values in PLAIN_PREDICTION_VALUES.items()
+    }
+    columns["model_name"] = "fraud"  # shared scalars come as they are
+    expected = [_fastavro(schema, row) for row in _rows(columns, n)]
+    assert writer._write_rows(columns, n) == expected
+    with mock.patch.object(avrocolumns, "_assemble", side_effect=AssertionError("the column path was taken")):
+        assert writer.write(columns, n) == expected
+
+
 # Whatever a column holds, the writer matches fastavro or raises, never writes other bytes
 
 ANYTHING = st.recursive(
@@ -240,8 +291,12 @@ def test_any_value_matches_fastavro_or_raises(data: st.DataObject) -> None:
         error = str(exc)
     if error is not None:
         assert field in error
+        with pytest.raises(avrocolumns._NotPlain):  # the row path declines, it writes nothing
+            writer._write_rows(columns, n)
     else:
-        assert written == [_fastavro(schema, row) for row in _rows(columns, n)]
+        expected = [_fastavro(schema, row) for row in _rows(columns, n)]
+        assert written == expected
+        assert_row_path_matches_or_declines(writer, columns, n, expected)
 
 
 # Constants, errors, unsupported schemas
@@ -334,8 +389,11 @@ def _one_field(node: Any, default: Any = MISSING) -> dict[str, Any]:
 def test_an_inadmissible_value_raises_naming_the_field(node: Any, column: Any) -> None:
     writer = ColumnWriter.for_schema(_one_field(node))
     assert writer is not None
+    columns = {"ok": list(range(len(column))), "the_field": column}
     with pytest.raises((ValueError, TypeError), match="the_field"):
-        writer.write({"ok": list(range(len(column))), "the_field": column}, len(column))
+        writer.write(columns, len(column))
+    with pytest.raises(avrocolumns._NotPlain):  # the row path declines; the column path above names the field
+        writer._write_rows(columns, len(column))
 
 
 def test_a_bad_batch_shape_raises_naming_the_field() -> None:

@@ -14,8 +14,9 @@ import pytest
 
 from streamserve.config import InputSettings
 from streamserve.errors import ConfigError
+from streamserve.pipeline.avrocolumns import ROWS_BELOW
 from streamserve.pipeline.decode import load_schema
-from streamserve.pipeline.encode import COLUMNS_FROM_ROWS, HEADER_NAMES, PredictionEncoder, decode_prediction
+from streamserve.pipeline.encode import HEADER_NAMES, PredictionEncoder, decode_prediction
 from streamserve.records import Event, ModelOutputs, Source
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -72,14 +73,26 @@ def expected(schema: Any, event: Event, score: float, label: int | None, now_ms:
     )
 
 
+PATHS = ["column-wise", "row-wise", "record-by-record"]
+
+
+def encoder_on(path: str) -> tuple[PredictionEncoder, int]:
+    """An encoder and a batch size that take one writing path: the column writer's column path (a batch of
+    ROWS_BELOW rows or more) or its row path (fewer), or fastavro record by record (no column writer)."""
+    encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", INPUT)
+    if path == "record-by-record":
+        encoder._columns = None
+    return encoder, {"column-wise": 150, "row-wise": ROWS_BELOW - 1, "record-by-record": 40}[path]
+
+
 @pytest.mark.parametrize("with_labels", [True, False])
 @pytest.mark.parametrize("degraded", [True, False])
-@pytest.mark.parametrize("n", [150, COLUMNS_FROM_ROWS - 1], ids=["column-wise", "record-by-record"])
+@pytest.mark.parametrize("path", PATHS)
 def test_encoded_bytes_equal_fastavro_of_the_full_record(
-    with_labels: bool, degraded: bool, n: int, monkeypatch: pytest.MonkeyPatch
+    with_labels: bool, degraded: bool, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("streamserve.pipeline.encode.time.time", lambda: 1_800_000_000.123)
-    encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", INPUT)
+    encoder, n = encoder_on(path)
     batch = events(n)
     scores = np.random.default_rng(1).random(n)
     scores[3] = -0.0
@@ -162,12 +175,12 @@ def test_fields_the_encoder_does_not_know_take_their_schema_default(tmp_path: Pa
     assert record["unit"] == "EUR"
 
 
-@pytest.mark.parametrize("n", [150, COLUMNS_FROM_ROWS - 1], ids=["column-wise", "record-by-record"])
-def test_an_unreadable_event_time_rejects_its_event_alone(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_an_unreadable_event_time_rejects_its_event_alone(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The batch's columns are read at once; one event outside years 1-9999 sends the batch event by event,
     and the others come out byte for byte as they do without it."""
     monkeypatch.setattr("streamserve.pipeline.encode.time.time", lambda: 1_800_000_000.123)
-    encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", INPUT)
+    encoder, n = encoder_on(path)
     batch = events(n)
     bad = 17
     batch[bad] = Event(batch[bad].source, {**batch[bad].fields, "event_time": 253_402_300_800_000})

@@ -285,10 +285,11 @@ class PredictionEncoder:
     def _write(
         self, columns: dict[str, Any], n: int, sources: list[Source], rejected: list[Rejected]
     ) -> list[bytes | None]:
-        """Each row's value: column-wise when the schema allows, else (or for a batch with a value the
-        column writer refuses) record by record with fastavro, where a record that fails is rejected alone."""
+        """Each row's value: by the column writer when the schema allows (its row path for small batches), else
+        (or for a batch with a value it refuses) record by record with fastavro, where a record that fails is
+        rejected alone."""
         prefix = self.value_prefix
-        if self._columns is not None and n >= COLUMNS_FROM_ROWS:
+        if self._columns is not None:
             try:
                 return (
                     [prefix + value for value in self._columns.write(columns, n)]
@@ -327,11 +328,6 @@ def _all_of(values: list[Any], kind: type) -> bool:
 def _rendered(values: list[Any]) -> list[str | None]:
     """render_id() of each value; text and nulls as they are."""
     return values if set(map(type, values)) <= {str, type(None)} else [render_id(value) for value in values]
-
-
-COLUMNS_FROM_ROWS = 48
-"""Smaller batches are written record by record: the column writer's fixed cost per batch (~0.7 ms, a few
-dozen numpy calls) is paid back from about 48 rows (`python -m bench.avrocolumns_bench 16 48 64`)."""
 
 
 def decode_prediction(schema: fastavro.types.Schema, value: bytes) -> dict[str, object]:
