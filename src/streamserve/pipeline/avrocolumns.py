@@ -321,20 +321,32 @@ class _Real(_Encoder):
                     raise _type_error("a number", types)
                 values = [float(value) for value in values]  # huge ints raise OverflowError, as in fastavro
             column = np.array(values, dtype=np.float64)
-        with np.errstate(over="ignore"):  # a double beyond float32 is written as inf, as C casts it
+        # a double beyond float32 is written as inf and a signalling NaN quieted, as C casts them
+        with np.errstate(over="ignore", invalid="ignore"):
             packed = column.astype(self.dtype)
         return [_Chunk.fixed(packed.view(np.uint8).reshape(len(column), packed.itemsize))]
 
     def row(self) -> RowWriter:
-        # a float beyond float32 makes struct raise OverflowError: the column path writes it
-        pack = struct.Struct("<f" if self.dtype == "<f4" else "<d").pack
+        if self.dtype == "<f8":
+            pack = struct.Struct("<d").pack
 
-        def write(value: Any) -> bytes:
-            if type(value) is not float:
+            def write_double(value: Any) -> bytes:
+                if type(value) is not float:
+                    raise _NotPlain
+                return pack(value)
+
+            return write_double
+        pack_float = struct.Struct("<f").pack
+
+        def write_float(value: Any) -> bytes:
+            # NaNs go to the column path: from Python 3.14 struct keeps a signalling NaN signalling when it
+            # narrows it, where fastavro's C cast quiets it. A float beyond float32 makes struct raise
+            # OverflowError: the column path writes it as inf, as fastavro does.
+            if type(value) is not float or value != value:
                 raise _NotPlain
-            return pack(value)
+            return pack_float(value)
 
-        return write
+        return write_float
 
 
 class _String(_Encoder):
