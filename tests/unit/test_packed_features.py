@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from streamserve.config import FeatureSpec, PipelineSettings
-from streamserve.pipeline.enrich import FeatureBuilder, FeatureRequest, _key_renderer
+from streamserve.pipeline.enrich import FeatureBuilder, FeatureRequest, _column_renderer, _key_renderer
 from streamserve.records import Event, Source
 from streamserve.tools import load_packed_features, pack_vector
 
@@ -200,3 +202,29 @@ def test_key_rendering_matches_format_map(template: str) -> None:
     assert _key_renderer(template)(fields) == template.format_map(fields)
     with pytest.raises(KeyError, match="missing"):
         _key_renderer(template + "{missing}")(fields)
+
+
+KEY_VALUES = st.none() | st.text(max_size=6) | st.integers(-(10**20), 10**20) | st.booleans()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    template=st.sampled_from(["card:{card_id}", "{card_id}", "x:{card_id}:y", "a:{card_id}:{n}", "p:{n:>4}", "k"]),
+    rows=st.lists(st.dictionaries(st.sampled_from(["card_id", "n"]), KEY_VALUES), max_size=6),
+)
+def test_a_batch_renders_as_its_events_do(template: str, rows: list[dict[str, object]]) -> None:
+    """The batch renderer gives each event's key as the per-event renderer does, or fails where it fails."""
+    render = _key_renderer(template)
+    expected: list[str] = []
+    failed = False
+    for fields in rows:
+        try:
+            expected.append(render(fields))
+        except (KeyError, ValueError, IndexError, TypeError):
+            failed = True
+            break
+    if failed:
+        with pytest.raises((KeyError, ValueError, IndexError, TypeError)):
+            _column_renderer(template)(rows)
+    else:
+        assert _column_renderer(template)(rows) == expected

@@ -15,7 +15,7 @@ import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -204,6 +204,13 @@ def _redis_fetch_with_retry(
     return results
 
 
+def _distinct(keys: list[str | None]) -> list[str]:
+    """The keys once each, in order of first appearance, without None (no entity)."""
+    found = dict.fromkeys(keys)
+    found.pop(None, None)
+    return cast("list[str]", list(found))
+
+
 def _unpack_vectors(replies: list[Any], width: int) -> np.ndarray:
     """(keys + 1, width) float64 matrix of packed vectors; missing or short values are NaN, as is the last row."""
     out = np.full((len(replies) + 1, width), np.nan)
@@ -218,6 +225,40 @@ def _unpack_vectors(replies: list[Any], width: int) -> np.ndarray:
     return out
 
 
+def _simple_template(template: str) -> tuple[str, str, str] | None:
+    """(field, prefix, suffix) of a ``prefix{field}suffix`` template (one plain field, no format spec), else None."""
+    parts = list(string.Formatter().parse(template))
+    names = [name for _, name, _, _ in parts if name is not None]
+    simple = all(not spec and conversion is None for _, name, spec, conversion in parts if name is not None)
+    if not (simple and len(names) == 1 and names[0].isidentifier()):
+        return None
+    return names[0], parts[0][0], "".join(literal for literal, *_ in parts[1:])
+
+
+def _column_renderer(
+    template: str, event_schema: Any | None = None
+) -> Callable[[list[dict[str, Any]]], list[str | None]]:
+    """_key_renderer for all the events of a batch at once: their keys, or the error of the first event that cannot
+    fill the template (KeyError...: the caller then goes event by event). A ``prefix{field}suffix`` template over
+    a text field reads the field as a column and formats it in one comprehension."""
+    render = _key_renderer(template, event_schema)
+    simple = _simple_template(template)
+    if simple is None or millis_timestamp(event_schema, simple[0]):
+        return lambda everything: list(map(render, everything))
+    name, prefix, suffix = simple
+
+    def render_all(everything: list[dict[str, Any]]) -> list[str | None]:
+        values = [fields[name] for fields in everything]
+        keys: list[str | None]
+        if set(map(type, values)) <= {str}:
+            keys = [f"{prefix}{value}{suffix}" for value in values]
+        else:
+            keys = list(map(render, everything))  # numbers as text; a null raises KeyError
+        return keys
+
+    return render_all
+
+
 def _key_renderer(template: str, event_schema: Any | None = None) -> Callable[[dict[str, Any]], str]:
     """Fills a key template from event field paths; KeyError when a field is null or absent (no entity).
 
@@ -227,10 +268,9 @@ def _key_renderer(template: str, event_schema: Any | None = None) -> Callable[[d
     """
     parts = list(string.Formatter().parse(template))
     names = [name for _, name, _, _ in parts if name is not None]
-    simple = all(not spec and conversion is None for _, name, spec, conversion in parts if name is not None)
-    if simple and len(names) == 1 and names[0].isidentifier():
-        name, prefix = names[0], parts[0][0]
-        suffix = "".join(literal for literal, *_ in parts[1:])
+    simple = _simple_template(template)
+    if simple is not None:
+        name, prefix, suffix = simple
         moment = text_getter(name, event_schema) if millis_timestamp(event_schema, name) else None
 
         def render_one(fields: dict[str, Any]) -> str:
@@ -301,6 +341,7 @@ class FeatureBuilder:
             )
         self._group_of = {template: i for i, template in enumerate(groups)}
         self._renderers = [_key_renderer(group.template, event_schema) for group in self._groups]
+        self._column_renderers = [_column_renderer(group.template, event_schema) for group in self._groups]
         self._getters = {
             spec.name: text_getter(spec.field, event_schema) if spec.categorical else getter(spec.field)
             for spec in self.features
@@ -328,7 +369,7 @@ class FeatureBuilder:
         n = len(events)
         reasons: dict[int, str] = {}
         keys_per_group = self._render_keys(events)
-        distinct = [list(dict.fromkeys(key for key in keys if key is not None)) for keys in keys_per_group]
+        distinct = [_distinct(keys) for keys in keys_per_group]
         degraded = bool(self._groups) and not redis_available
         if degraded or not self._groups:
             lookups: list[dict[str, Any]] = [{} for _ in self._groups]
@@ -429,9 +470,10 @@ class FeatureBuilder:
     def _render_keys(self, events: Sequence[Event]) -> list[list[str | None]]:
         """Per group, the Redis key of each event (None when a key field is null: no entity)."""
         rendered: list[list[str | None]] = []
-        for render in self._renderers:
+        everything = [event.fields for event in events]
+        for render, render_all in zip(self._renderers, self._column_renderers, strict=True):
             try:
-                rendered.append([render(event.fields) for event in events])
+                rendered.append(render_all(everything))
                 continue
             except (KeyError, ValueError, IndexError, TypeError):
                 pass  # find the events that cannot fill the template
