@@ -19,7 +19,7 @@ from typing import Any
 import fastavro
 import numpy as np
 
-from streamserve.pipeline.avrocolumns import ColumnWriter
+from streamserve.pipeline.avrocolumns import ColumnWriter, MapRows
 from streamserve.pipeline.decode import load_schema
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "prediction.avsc"
@@ -48,14 +48,15 @@ def prediction_columns(n: int, seed: int = 7) -> dict[str, Any]:
         "source_offset": 5_000_000 + np.arange(n, dtype=np.int64),
         "degraded": False,
         "predicted_class": [str(label) for label in labels.tolist()],
-        "probabilities": [{"0": 1.0 - p, "1": p} for p in scores.tolist()],
+        "probabilities": MapRows(("0", "1"), np.column_stack([1.0 - scores, scores])),  # as PredictionEncoder gives it
         "outputs": None,
     }
 
 
 def with_fastavro(schema: Any, columns: dict[str, Any], n: int) -> list[bytes]:
-    """What PredictionEncoder does today: one dict per event, one schemaless_writer call per record."""
-    per_row = {name: (value.tolist() if isinstance(value, np.ndarray) else value) for name, value in columns.items()}
+    """PredictionEncoder without the column writer: one dict per event, one schemaless_writer call per record."""
+    per_row = {name: value.rows() if isinstance(value, MapRows) else value for name, value in columns.items()}
+    per_row = {name: (value.tolist() if isinstance(value, np.ndarray) else value) for name, value in per_row.items()}
     shared = {name: value for name, value in per_row.items() if not isinstance(value, list)}
     varying = [(name, value) for name, value in per_row.items() if isinstance(value, list)]
     write, buffer, record, out = fastavro.schemaless_writer, io.BytesIO(), dict(shared), []

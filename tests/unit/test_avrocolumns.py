@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamserve.pipeline import avrocolumns
-from streamserve.pipeline.avrocolumns import ColumnWriter, Constant
+from streamserve.pipeline.avrocolumns import ColumnWriter, Constant, MapRows
 from streamserve.pipeline.decode import load_schema
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -58,6 +58,8 @@ def _rows(columns: dict[str, Any], n: int) -> list[dict[str, Any]]:
     for name, column in columns.items():
         if isinstance(column, Constant):
             values = [column.value] * n
+        elif isinstance(column, MapRows):
+            values = column.rows()
         elif isinstance(column, np.ndarray):
             values = column.tolist()
         elif isinstance(column, list):
@@ -481,3 +483,50 @@ def test_float32_nans_take_the_column_path() -> None:
     with pytest.raises(avrocolumns._NotPlain):
         writer._write_rows(columns, 2)
     assert_matches_fastavro(schema, columns, 2)
+
+
+MAP_VALUES = {"float64": st.floats(), "float32": st.floats(width=32), "int64": LONGS}
+
+
+@pytest.mark.parametrize("schema_file", PREDICTION_SCHEMAS)
+@PROPERTIES
+@given(data=st.data())
+def test_map_rows_match_fastavro(schema_file: str, data: st.DataObject) -> None:
+    """A map column given as MapRows (same keys in every row, values as one array) writes what fastavro writes for
+    the rows as dicts, on both paths: float64/float32/int64 values, no keys, repeated keys (fewer entries)."""
+    schema = load_schema(SCHEMAS / schema_file)
+    columns, n = data.draw(prediction_batches(schema))
+    keys = tuple(data.draw(st.lists(TEXT | st.sampled_from(["0", "1"]), max_size=4)))
+    dtype = data.draw(st.sampled_from(sorted(MAP_VALUES)))
+    cells = data.draw(st.lists(MAP_VALUES[dtype], min_size=n * len(keys), max_size=n * len(keys)))
+    field = data.draw(st.sampled_from(["probabilities", "outputs"]))
+    columns[field] = MapRows(keys, np.array(cells, dtype=dtype).reshape(n, len(keys)))
+    assert_matches_fastavro(schema, columns, n)
+
+
+def test_map_rows_of_another_shape_or_type_raise_naming_the_field() -> None:
+    writer = ColumnWriter.for_schema(load_schema(SCHEMAS / "prediction.avsc"))
+    assert writer is not None
+    base = {"model_name": "m", "model_version": "v", "score": [0.5, 0.5], "prediction_time": 0, "source_topic": "t"}
+    base |= {"source_partition": 0, "source_offset": [1, 2], "degraded": False}
+    for bad in (MapRows(("a", "b"), np.zeros((2, 3))), MapRows(("a",), np.array([[True], [False]]))):
+        with pytest.raises((ValueError, TypeError), match="probabilities"):
+            writer.write({**base, "probabilities": bad}, 2)
+    with pytest.raises(ValueError, match="probabilities"):
+        writer.write({**base, "probabilities": MapRows(("a",), np.zeros((3, 1)))}, 2)
+
+
+def test_map_rows_take_the_fixed_width_path() -> None:
+    """Unique text keys and float values: one numpy pass, no dict per row."""
+    schema = load_schema(SCHEMAS / "prediction.avsc")
+    writer = ColumnWriter.for_schema(schema)
+    assert writer is not None
+    probabilities = MapRows(("0", "1"), np.array([[0.25, 0.75], [1.0, -0.0]], dtype=np.float32))
+    columns = {"model_name": "m", "model_version": "v", "score": [0.75, 0.0], "prediction_time": 0}
+    columns |= {"source_topic": "t", "source_partition": 0, "source_offset": [1, 2], "degraded": False}
+    expected = [_fastavro(schema, row) for row in _rows({**columns, "probabilities": probabilities}, 2)]
+    with (
+        mock.patch.object(MapRows, "rows", side_effect=AssertionError("written as dicts")),
+        mock.patch.object(avrocolumns, "ROWS_BELOW", 0),
+    ):
+        assert writer.write({**columns, "probabilities": probabilities}, 2) == expected

@@ -192,3 +192,22 @@ def test_an_unreadable_event_time_rejects_its_event_alone(path: str, monkeypatch
     alone, none_rejected = encoder.encode([batch[i] for i in keep], ModelOutputs(scores[keep]), "fraud", "v7")
     assert not none_rejected
     assert [(r.source, r.key, r.value) for r in encoded] == [(r.source, r.key, r.value) for r in alone]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_class_probabilities_are_written_as_a_map_per_record(path: str) -> None:
+    """A classifier's (rows, classes) probabilities become one map per record keyed by class name, with the
+    float32 values exactly as onnxruntime gave them; a rejected event leaves its row out."""
+    encoder, n = encoder_on(path)
+    batch = events(n)
+    batch[5] = Event(batch[5].source, {**batch[5].fields, "event_time": 253_402_300_800_000})  # rejected
+    rng = np.random.default_rng(3)
+    probabilities = rng.random((n, 3)).astype(np.float32)
+    classes = ("no", "yes", "maybe")
+    outputs = ModelOutputs(probabilities[:, 1].astype(np.float64), probabilities=probabilities, classes=classes)
+    encoded, rejected = encoder.encode(batch, outputs, "m", "v1")
+    assert [r.source for r in rejected] == [batch[5].source]
+    schema = load_schema(SCHEMAS / "prediction.avsc")
+    kept = [i for i in range(n) if i != 5]
+    got = [decode_prediction(schema, record.value)["probabilities"] for record in encoded]
+    assert got == [{c: float(p) for c, p in zip(classes, probabilities[i].tolist(), strict=True)} for i in kept]

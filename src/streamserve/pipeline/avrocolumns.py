@@ -1,10 +1,10 @@
 """Column-wise Avro encoding: one schemaless record per row, byte-identical to fastavro's schemaless_writer.
 
-A batch arrives as named columns (numpy arrays or lists, one value per row, or a scalar for a value shared by
-every row). Each field is encoded for the whole column at once (zig-zag varints and doubles with numpy,
-strings joined and encoded once), and the pieces are scattered into one buffer that is cut into per-row
-records. The writer covers the record schemas streamserve owns; `ColumnWriter.for_schema` returns None for
-any other construct, and the caller keeps fastavro.
+A batch arrives as named columns (numpy arrays or lists, one value per row, a scalar for a value shared by
+every row, or a MapRows for a map whose rows all have the same keys). Each field is encoded for the whole column
+at once (zig-zag varints and doubles with numpy, strings joined and encoded once), and the pieces are scattered
+into one buffer that is cut into per-row records. The writer covers the record schemas streamserve owns;
+`ColumnWriter.for_schema` returns None for any other construct, and the caller keeps fastavro.
 
 What a column may hold is what fastavro's validator admits for the field, row value by row value (a numpy
 column's row value is `column.tolist()[i]`). For those values the bytes are fastavro's; anything else raises
@@ -84,6 +84,31 @@ class Constant:
     """A value shared by every row (needed only where a list would read as a column: array fields)."""
 
     value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class MapRows:
+    """A map column whose rows all have the same keys: row i is ``dict(zip(keys, values[i]))``.
+
+    ``values`` is a numeric (rows, len(keys)) array, e.g. a classifier's probabilities with its class names as
+    keys. A map of float or double values is written as fixed-width rows in one numpy pass (the count and the
+    keys' bytes are the same in every row); anything else (other value types, repeated keys, another shape) is
+    written as those dicts would be.
+    """
+
+    keys: tuple[str, ...]
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows as dicts (what fastavro would be given)."""
+        return [dict(zip(self.keys, row, strict=True)) for row in self.values.tolist()]
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> MapRows:
+        """The given rows."""
+        return MapRows(self.keys, self.values[np.asarray(rows, dtype=np.intp)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,6 +554,46 @@ class _Nullable(_Encoder):
         return write
 
 
+def _map_rows(encoder: _Encoder, column: MapRows) -> list[_Chunk]:
+    """The chunks of a MapRows column for a map field (or a union of null and a map)."""
+    blocks = encoder.inner if isinstance(encoder, _Nullable) else encoder
+    keys, values = column.keys, column.values
+    if not (
+        isinstance(blocks, _Blocks)
+        and blocks.keyed
+        and isinstance(blocks.items, _Real)
+        and values.ndim == 2
+        and values.shape[1] == len(keys)
+        and values.dtype.kind in "iuf"
+        and all(type(key) is str for key in keys)
+        and len(set(keys)) == len(keys)
+    ):
+        return encoder.encode(column.rows())
+    m, k = values.shape
+    if k:
+        with np.errstate(over="ignore", invalid="ignore"):  # as _Real: through float64, then a C cast
+            packed = np.ascontiguousarray(values.astype(np.float64).astype(blocks.items.dtype))
+        size = packed.dtype.itemsize
+        cells = packed.view(np.uint8).reshape(m, k, size)
+        names = [_long(len(data)) + data for data in (key.encode() for key in keys)]
+        count = _long(k)
+        body = np.empty((m, len(count) + sum(map(len, names)) + k * size + 1), dtype=np.uint8)
+        body[:, : len(count)] = np.frombuffer(count, dtype=np.uint8)
+        position = len(count)
+        for j, name in enumerate(names):
+            body[:, position : position + len(name)] = np.frombuffer(name, dtype=np.uint8)
+            position += len(name)
+            body[:, position : position + size] = cells[:, j]
+            position += size
+        body[:, position] = 0  # the closing empty block
+    else:
+        body = np.zeros((m, 1), dtype=np.uint8)  # every row an empty map
+    chunks = [_Chunk.fixed(body)]
+    if isinstance(encoder, _Nullable):
+        chunks.insert(0, _Chunk.fixed(np.full((m, 1), encoder.value_byte, dtype=np.uint8)))
+    return chunks
+
+
 def _compile(node: Any, named: Mapping[str, Any], within: str = "field") -> _Encoder | None:
     """The encoder of one schema node, or None when the node is outside the supported subset.
 
@@ -631,16 +696,21 @@ class ColumnWriter:
             else:
                 raise ValueError(f"field {field.name!r}: no value and no default")
             try:
-                if isinstance(value, Constant) or not _is_column(value):
+                if isinstance(value, MapRows):
+                    if len(value) != n:
+                        raise ValueError(f"column has {len(value)} values for {n} rows")
+                    encoded = _map_rows(field.encoder, value)
+                elif isinstance(value, Constant) or not _is_column(value):
                     shared += self._constant(field, value.value if isinstance(value, Constant) else value)
                     continue
-                if len(value) != n:
-                    raise ValueError(f"column has {len(value)} values for {n} rows")
-                if isinstance(value, np.ndarray) and (value.ndim > 1 or value.dtype.kind not in "biuf"):
-                    if value.dtype.kind in "mMV":
-                        raise TypeError(f"numpy dtype {value.dtype} is not supported")
-                    value = value.tolist()
-                encoded = field.encoder.encode(value if isinstance(value, np.ndarray) else list(value))
+                else:
+                    if len(value) != n:
+                        raise ValueError(f"column has {len(value)} values for {n} rows")
+                    if isinstance(value, np.ndarray) and (value.ndim > 1 or value.dtype.kind not in "biuf"):
+                        if value.dtype.kind in "mMV":
+                            raise TypeError(f"numpy dtype {value.dtype} is not supported")
+                        value = value.tolist()
+                    encoded = field.encoder.encode(value if isinstance(value, np.ndarray) else list(value))
             except (ValueError, TypeError, OverflowError) as exc:
                 error = TypeError if isinstance(exc, TypeError) else ValueError
                 raise error(f"field {field.name!r}: {exc}") from exc
@@ -673,7 +743,11 @@ class ColumnWriter:
                 value = Constant(field.default[0])
             else:
                 raise _NotPlain
-            if isinstance(value, Constant) or not _is_column(value):
+            if isinstance(value, MapRows):
+                if len(value) != n:
+                    raise _NotPlain
+                value = value.rows()
+            elif isinstance(value, Constant) or not _is_column(value):
                 pieces.append(repeat(self._constant(field, value.value if isinstance(value, Constant) else value), n))
                 continue
             if len(value) != n:

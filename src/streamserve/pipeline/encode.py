@@ -14,7 +14,7 @@ import numpy as np
 
 from streamserve.config import DEFAULT_PREDICTION_HEADERS, InputSettings, PredictionHeader
 from streamserve.errors import ConfigError
-from streamserve.pipeline.avrocolumns import ColumnWriter
+from streamserve.pipeline.avrocolumns import ColumnWriter, MapRows
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.fields import epoch_ms, getter, millis_timestamp, render_id, text_getter
 from streamserve.records import Event, Headers, ModelOutputs, Rejected, Source
@@ -143,10 +143,10 @@ class PredictionEncoder:
             texts = outputs.label_text.tolist()
         elif outputs.label is not None:
             texts = [str(label) for label in labels]
-        probabilities: list[Any] = [None] * n
+        probabilities: list[Any] | MapRows = [None] * n
         if outputs.probabilities is not None and self._optional["probabilities"]:
             classes = outputs.classes or tuple(str(i) for i in range(outputs.probabilities.shape[1]))
-            probabilities = [dict(zip(classes, row, strict=True)) for row in outputs.probabilities.tolist()]
+            probabilities = MapRows(tuple(classes), outputs.probabilities)  # no dict per row
         extras: list[Any] = [None] * n
         if outputs.extra and self._optional["outputs"]:
             named = {name: values.tolist() for name, values in outputs.extra.items()}
@@ -175,7 +175,7 @@ class PredictionEncoder:
             "score": outputs.score[rows],
             "label": labels if whole else [labels[i] for i in kept],
             "predicted_class": texts if whole else [texts[i] for i in kept],
-            "probabilities": probabilities if whole else [probabilities[i] for i in kept],
+            "probabilities": probabilities if whole else _take(probabilities, kept),
             "outputs": extras if whole else [extras[i] for i in kept],
         }
         if not whole:
@@ -299,6 +299,7 @@ class PredictionEncoder:
             except (TypeError, ValueError, OverflowError):
                 pass  # find the failing records one by one below
         write, schema, buffer = fastavro.schemaless_writer, self.schema, io.BytesIO()
+        columns = {name: value.rows() if isinstance(value, MapRows) else value for name, value in columns.items()}
         shared = {name: value for name, value in columns.items() if not isinstance(value, (list, np.ndarray))}
         per_row = {name: value for name, value in columns.items() if isinstance(value, (list, np.ndarray))}
         as_lists = {name: value.tolist() if isinstance(value, np.ndarray) else value for name, value in per_row.items()}
@@ -318,6 +319,11 @@ class PredictionEncoder:
                 continue
             values.append(buffer.getvalue())
         return values
+
+
+def _take(column: list[Any] | MapRows, rows: list[int]) -> list[Any] | MapRows:
+    """The given rows of a column."""
+    return column.take(rows) if isinstance(column, MapRows) else [column[i] for i in rows]
 
 
 def _all_of(values: list[Any], kind: type) -> bool:
