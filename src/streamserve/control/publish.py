@@ -102,13 +102,8 @@ def _check_uri(uri: str, policy: AcceptancePolicy) -> None:
         )
 
 
-def _announce(
-    config: LibrdkafkaConfig,
-    topic: str,
-    policy: AcceptancePolicy,
-    generation: int,
-    sign_key: Ed25519PrivateKey | None,
-    **fields: Any,
+def _announcement(
+    policy: AcceptancePolicy, generation: int, sign_key: Ed25519PrivateKey | None, **fields: Any
 ) -> ModelAnnouncement:
     announcement = ModelAnnouncement.now(generation=generation, **fields)
     if sign_key is not None:
@@ -119,6 +114,18 @@ def _announce(
     _, rejection = RolloutState(generation - 1).offer(announcement, policy)
     if rejection is not None:
         raise StreamServeError(f"the workers would reject this announcement: {rejection.reason}")
+    return announcement
+
+
+def _announce(
+    config: LibrdkafkaConfig,
+    topic: str,
+    policy: AcceptancePolicy,
+    generation: int,
+    sign_key: Ed25519PrivateKey | None,
+    **fields: Any,
+) -> ModelAnnouncement:
+    announcement = _announcement(policy, generation, sign_key, **fields)
     send(config, topic, announcement)
     return announcement
 
@@ -142,6 +149,32 @@ def publish(
     The digest is computed from the artifact when not given. ``config_model`` is the version of the
     workers' config: recorded as the baseline of the first announcement so it can be rolled back to.
     """
+    announcement = prepare(
+        config, topic, policy, version, uri, sha256, action, canary_share, notes, sign_key, validate, config_model
+    )
+    send(config, topic, announcement)
+    return announcement
+
+
+def prepare(
+    config: LibrdkafkaConfig,
+    topic: str,
+    policy: AcceptancePolicy,
+    version: str,
+    uri: str,
+    sha256: str | None = None,
+    action: Action = "deploy",
+    canary_share: float = 0.0,
+    notes: str | None = None,
+    sign_key: Ed25519PrivateKey | None = None,
+    validate: Validator | None = None,
+    config_model: ArtifactRef | None = None,
+) -> ModelAnnouncement:
+    """publish() up to the write: the announcement it would send (checked as the workers will check it).
+
+    For a caller that sends it later with send(), e.g. at a chosen moment; it must be the next write to the
+    control topic (its generation is the next one now).
+    """
     _check_uri(uri, policy)
     if sha256 is None:
         try:
@@ -164,9 +197,7 @@ def publish(
     state, highest, _ = accepted_state(config, topic, policy)
     desired = state.desired
     baseline = desired.live if desired is not None else config_model
-    return _announce(
-        config,
-        topic,
+    return _announcement(
         policy,
         highest + 1,
         sign_key,
