@@ -25,7 +25,7 @@ from bench.measure import Latency, contention_in_window, match_latencies, read_t
 from bench.procs import GroupWatcher, Job, Sampler, TopicCounter, wait_for_count
 from bench.scenarios import Scenario, commands, job_env, streamserve_topics
 from streamserve.control.announcements import ModelAnnouncement
-from streamserve.control.publish import prepare, send
+from streamserve.control.publish import publish, send
 from streamserve.control.rollout import AcceptancePolicy
 from streamserve.pipeline.decode import load_schema
 
@@ -233,14 +233,12 @@ def hot_swap(
 
     def announce(elapsed_s: float) -> None:
         # The publisher's own work (reading the control topic to the end for the next generation, the digest)
-        # is done at the first call, in the warm-up: on these shared cores it would otherwise land in the
-        # window as CPU taken from the worker, before the worker even sees the announcement. At 8 s the
-        # announcement is only written, as `streamserve publish` would write it.
+        # is done at the first call, in the warm-up (publish(write=False)): on these shared cores it would
+        # otherwise land in the window as CPU taken from the worker, before the worker even sees the
+        # announcement. At 8 s the announcement is only written, as `streamserve publish` would write it.
         if not prepared:
-            policy = AcceptancePolicy("fraud")
-            prepared.append(
-                prepare(config, control_topic, policy, "v2", str(dataset.models["v2"]), notes="bench hot swap")
-            )
+            policy, v2 = AcceptancePolicy("fraud"), str(dataset.models["v2"])
+            prepared.append(publish(config, control_topic, policy, "v2", v2, notes="bench hot swap", write=False))
             return
         if "wall_ms" in published or elapsed_s < settings.warmup_seconds + publish_at_s:
             return

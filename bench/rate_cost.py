@@ -1,6 +1,7 @@
 """CPU of one streamserve worker at a fixed offered rate, per thread: what a worker costs below its maximum.
 
     python -m bench.rate_cost --rate 300 [--seconds 14] [--max-wait-ms 10] [--layout hash]
+                              [--set 'kafka.consumer={"fetch.min.bytes": 65536}' ...]
 
 Against the local stack (`python3 scripts/stack up`): the bench's events, models and features (a fresh run id,
 cleaned up after), one worker started as the bench starts it (examples/fraud/pipeline.yaml plus the bench's
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import logging
 import os
 import subprocess
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.dataset import cleanup_redis, find_stack, prepare
 from bench.scenarios import streamserve_config
@@ -55,12 +58,25 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=14.0, help="seconds of load (CPU counted over all but 5)")
     parser.add_argument("--max-wait-ms", type=float, help="batch.max_wait_ms (default: the example pipeline's)")
     parser.add_argument("--layout", choices=["hash", "packed"], default="hash", help="Redis feature layout")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a pipeline setting for the worker, e.g. 'kafka.consumer={\"fetch.min.bytes\": 65536}' (repeatable)",
+    )
     args = parser.parse_args()
     if args.seconds <= 2 * SETTLE_S:
         parser.error(f"--seconds must be above {2 * SETTLE_S:g}")
     logging.basicConfig(level=logging.WARNING)
     stack = find_stack()
-    overrides = {} if args.max_wait_ms is None else {"batch.max_wait_ms": args.max_wait_ms}
+    overrides: dict[str, Any] = {} if args.max_wait_ms is None else {"batch.max_wait_ms": args.max_wait_ms}
+    for setting in args.set:
+        key, _, value = setting.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {setting!r}: the value after '=' must be JSON")
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         dataset = prepare(stack, directory, EVENTS, PARTITIONS)
@@ -102,6 +118,8 @@ def main() -> int:
     total = sum(cores.values())
     wait = "the example pipeline's" if args.max_wait_ms is None else f"{args.max_wait_ms:g} ms"
     print(f"one worker at {args.rate:,.0f} events/s ({args.layout} features, max_wait_ms {wait}), {elapsed:.1f} s:")
+    for setting in args.set:
+        print(f"  with {setting}")
     for name, used in sorted(cores.items(), key=lambda item: -item[1]):
         if used >= 0.005:
             print(f"  {name:<16} {used:.3f} cores")

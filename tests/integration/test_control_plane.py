@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from streamserve.control.announcements import ModelAnnouncement, WorkerStatus
 from streamserve.control.fetch import sha256_hex
 from streamserve.control.follower import acceptance_policy
-from streamserve.control.publish import fleet_status, publish, read_records, rollback
+from streamserve.control.publish import fleet_status, publish, read_records, rollback, send
 from streamserve.control.rollout import AcceptancePolicy, ArtifactRef
 from streamserve.control.signing import generate, load_private, sign
 from streamserve.demo.data import Entities, make_events
@@ -271,6 +271,22 @@ def test_publish_validates_locally_and_refuses_bad_digests(
                 sign_key=load_private(signing_key[0]),
             )
     assert read_records(_kafka(pipe), pipe.settings.control.topic) == [], "nothing refused was written"
+
+
+def test_an_announcement_prepared_without_the_write_is_sent_later(
+    signed_pipeline: Pipeline, signing_key: tuple[Path, str]
+) -> None:
+    """publish(write=False) does all but the write (the bench's hot swap sends it at a chosen moment)."""
+    pipe, topic = signed_pipeline, signed_pipeline.settings.control.topic
+    uri, key = str(pipe.settings.model.uri), load_private(signing_key[0])
+    held = publish(_kafka(pipe), topic, _policy(pipe), "v1b", uri, sign_key=key, write=False)
+    assert (held.generation, held.version) == (1, "v1b")
+    assert read_records(_kafka(pipe), topic) == [], "write=False writes nothing"
+    send(_kafka(pipe), topic, held)
+    written = [ModelAnnouncement.decode(value) for value in read_records(_kafka(pipe), topic) if value]
+    assert [(a.generation, a.version, a.sha256, a.signature) for a in written] == [
+        (held.generation, held.version, held.sha256, held.signature)
+    ]
 
 
 def test_forged_unsigned_tampered_and_replayed_announcements_change_no_prediction(

@@ -143,37 +143,14 @@ def publish(
     sign_key: Ed25519PrivateKey | None = None,
     validate: Validator | None = None,
     config_model: ArtifactRef | None = None,
+    write: bool = True,
 ) -> ModelAnnouncement:
     """Validate a version locally (when given a validator), then announce it with the next generation.
 
     The digest is computed from the artifact when not given. ``config_model`` is the version of the
     workers' config: recorded as the baseline of the first announcement so it can be rolled back to.
-    """
-    announcement = prepare(
-        config, topic, policy, version, uri, sha256, action, canary_share, notes, sign_key, validate, config_model
-    )
-    send(config, topic, announcement)
-    return announcement
-
-
-def prepare(
-    config: LibrdkafkaConfig,
-    topic: str,
-    policy: AcceptancePolicy,
-    version: str,
-    uri: str,
-    sha256: str | None = None,
-    action: Action = "deploy",
-    canary_share: float = 0.0,
-    notes: str | None = None,
-    sign_key: Ed25519PrivateKey | None = None,
-    validate: Validator | None = None,
-    config_model: ArtifactRef | None = None,
-) -> ModelAnnouncement:
-    """publish() up to the write: the announcement it would send (checked as the workers will check it).
-
-    For a caller that sends it later with send(), e.g. at a chosen moment; it must be the next write to the
-    control topic (its generation is the next one now).
+    ``write=False`` does everything but the write and returns the announcement (checked as the workers will
+    check it) for send() at a chosen moment; it must be the next write to the control topic.
     """
     _check_uri(uri, policy)
     if sha256 is None:
@@ -197,7 +174,7 @@ def prepare(
     state, highest, _ = accepted_state(config, topic, policy)
     desired = state.desired
     baseline = desired.live if desired is not None else config_model
-    return _announcement(
+    announcement = _announcement(
         policy,
         highest + 1,
         sign_key,
@@ -212,6 +189,9 @@ def prepare(
         baseline_sha256=baseline.sha256 if baseline else None,
         notes=notes,
     )
+    if write:
+        send(config, topic, announcement)
+    return announcement
 
 
 def rollback(
