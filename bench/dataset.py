@@ -14,6 +14,7 @@ from pathlib import Path
 import fastavro
 import redis
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 from streamserve.admin import TopicSpec, ensure_topics
 from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_entities, make_events
@@ -191,3 +192,15 @@ def cleanup_redis(stack: Stack, run_id: str) -> None:
     for start in range(0, len(keys), 1000):
         client.delete(*keys[start : start + 1000])
     client.close()
+
+
+def delete_topics(stack: Stack, run_id: str) -> None:
+    """Remove every topic of the run (they hold hundreds of thousands of records)."""
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
+    topics = [t for t in admin.list_topics(timeout=10).topics if t.startswith(f"bench-{run_id}-")]
+    if topics:
+        for future in admin.delete_topics(topics, operation_timeout=30).values():
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - best effort clean-up, report and go on
+                log.warning("could not delete a topic: %s", exc)

@@ -81,6 +81,19 @@ def start_job(
     ).start()
 
 
+def start_loadgen(dataset: Dataset, topic: str, rate: float, seconds: float) -> subprocess.Popen[str]:
+    """The load generator (bench/loadgen.py) offering `rate` events/s of the dataset to `topic` for `seconds`;
+    it prints one JSON line on stdout when done."""
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "bench.loadgen", "--bootstrap", dataset.stack.bootstrap, "--topic", topic),
+            *("--payloads", str(dataset.payload_file), "--rate", str(rate), "--seconds", str(seconds)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _probe(dataset: Dataset, topic: str) -> int:
     """One event per partition, so a reader of every partition proves it serves; returns how many."""
     producer = Producer({"bootstrap.servers": dataset.stack.bootstrap})
@@ -128,25 +141,7 @@ def offered_rate(
         if not ready:
             raise RuntimeError(f"{scenario.name}: no output for the probe events\n{job.log_tail()}")
         sampler = Sampler(job.pids, list(dataset.stack.server_pids.values())).start()
-        loadgen = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.loadgen",
-                "--bootstrap",
-                dataset.stack.bootstrap,
-                "--topic",
-                input_topic,
-                "--payloads",
-                str(dataset.payload_file),
-                "--rate",
-                str(rate),
-                "--seconds",
-                str(settings.warmup_seconds + seconds),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        loadgen = start_loadgen(dataset, input_topic, rate, settings.warmup_seconds + seconds)
         load_started = time.monotonic()
         deadline = load_started + settings.warmup_seconds + seconds + 60
         while loadgen.poll() is None:

@@ -4,58 +4,56 @@
                               [--set 'kafka.consumer={"fetch.min.bytes": 65536}' ...]
 
 Against the local stack (`python3 scripts/stack up`): the bench's events, models and features (a fresh run id,
-cleaned up after), one worker started as the bench starts it (examples/fraud/pipeline.yaml plus the bench's
-overrides), and the load generator at the given rate. Over the middle of the run it reads the worker's threads'
-CPU from /proc (the Python main thread, librdkafka's broker threads and its main thread) and prints them in
-cores, with the CPU per event. Below the maximum a worker scores ~1000 / max_wait_ms batches a second, each with
-a cost of its own, so this is what sets its CPU at low and moderate rates (README, `batch.max_wait_ms`).
+its topics and keys deleted after), one worker started as the bench starts it (examples/fraud/pipeline.yaml plus
+the bench's overrides) on a fresh input topic, and the bench's load generator at the given rate. Over the middle
+of the run it reads the CPU of the worker's threads (psutil; names from /proc: the Python main thread,
+librdkafka's broker threads and its main thread) and prints them in cores, with the CPU per event. Below the
+maximum a worker scores ~1000 / max_wait_ms batches a second, each with a cost of its own, so this is what sets
+its CPU at low and moderate rates (README, `batch.max_wait_ms`).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.dataset import cleanup_redis, find_stack, prepare
-from bench.scenarios import streamserve_config
-from streamserve.admin import ensure_topics, pipeline_topics
-from streamserve.config import load_settings
+import psutil
+
+from bench.dataset import cleanup_redis, delete_topics, find_stack, prepare
+from bench.phases import Settings, start_job, start_loadgen
+from bench.scenarios import Scenario
 
 PARTITIONS = 8
-EVENTS = 50_000
+EVENTS = 20_000
+"""Distinct events the load generator cycles through."""
 START_S = 8.0
 """Seconds the worker gets to join its group before the load starts."""
 SETTLE_S = 3.0
 """Seconds of load before CPU is counted, and left out at the end."""
 
 
-def thread_ticks(pid: int) -> collections.Counter[str]:
-    """CPU clock ticks (user + system) per thread name of a process; librdkafka's broker threads as one."""
-    ticks: collections.Counter[str] = collections.Counter()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except FileNotFoundError:
-            continue  # the thread ended
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ticks["rdk:broker*" if name.startswith("rdk:broker") else name] += int(fields[11]) + int(fields[12])
-    return ticks
+def thread_cpu(pid: int) -> collections.Counter[str]:
+    """CPU seconds (user + system) per thread name of a process; librdkafka's broker threads as one."""
+    spent: collections.Counter[str] = collections.Counter()
+    for thread in psutil.Process(pid).threads():
+        with contextlib.suppress(OSError):  # the thread ended
+            name = Path(f"/proc/{pid}/task/{thread.id}/comm").read_text().strip()
+            spent["rdk:broker*" if name.startswith("rdk:broker") else name] += thread.user_time + thread.system_time
+    return spent
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, required=True, help="offered events per second")
-    parser.add_argument("--seconds", type=float, default=14.0, help="seconds of load (CPU counted over all but 5)")
+    parser.add_argument("--seconds", type=float, default=14.0, help="seconds of load (CPU counted over all but 6)")
     parser.add_argument("--max-wait-ms", type=float, help="batch.max_wait_ms (default: the example pipeline's)")
     parser.add_argument("--layout", choices=["hash", "packed"], default="hash", help="Redis feature layout")
     parser.add_argument(
@@ -68,8 +66,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.seconds <= 2 * SETTLE_S:
         parser.error(f"--seconds must be above {2 * SETTLE_S:g}")
-    logging.basicConfig(level=logging.WARNING)
-    stack = find_stack()
     overrides: dict[str, Any] = {} if args.max_wait_ms is None else {"batch.max_wait_ms": args.max_wait_ms}
     for setting in args.set:
         key, _, value = setting.partition("=")
@@ -77,44 +73,31 @@ def main() -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             parser.error(f"--set {setting!r}: the value after '=' must be JSON")
+    logging.basicConfig(level=logging.WARNING)
+    stack = find_stack()
+    scenario = Scenario("rate-cost", "streamserve", 1, overrides=overrides, layout=args.layout)
     with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        dataset = prepare(stack, directory, EVENTS, PARTITIONS)
-        output = f"bench-{dataset.run_id}-out"
-        config = streamserve_config(
-            dataset, "rate-cost", dataset.events_topic, output, directory, overrides=overrides, layout=args.layout
-        )
-        ensure_topics({"bootstrap.servers": stack.bootstrap}, pipeline_topics(load_settings(config), PARTITIONS))
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "streamserve", "run", "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        dataset = prepare(stack, Path(tmp), EVENTS, PARTITIONS)
+        input_topic, output_topic = dataset.topic("rate-cost-in"), dataset.topic("rate-cost-out")
+        dataset.create_topics(input_topic)
+        job = start_job(scenario, dataset, Settings(out_dir=Path(tmp)), input_topic, output_topic, "rate")
         load = None
         try:
             time.sleep(START_S)
-            load = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "bench.loadgen", "--bootstrap", stack.bootstrap),
-                    *("--topic", dataset.events_topic, "--payloads", str(dataset.payload_file)),
-                    *("--rate", str(args.rate), "--seconds", str(args.seconds)),
-                ],
-                stdout=subprocess.DEVNULL,
-            )
+            job.check_alive()
+            load = start_loadgen(dataset, input_topic, args.rate, args.seconds)
             time.sleep(SETTLE_S)
-            before, started = thread_ticks(worker.pid), time.monotonic()
+            before, started = thread_cpu(job.pids[0]), time.monotonic()
             time.sleep(args.seconds - 2 * SETTLE_S)
-            after, elapsed = thread_ticks(worker.pid), time.monotonic() - started
-            if worker.poll() is not None:
-                sys.exit(f"rate_cost: the worker exited with {worker.returncode}")
+            after, elapsed = thread_cpu(job.pids[0]), time.monotonic() - started
+            job.check_alive()
         finally:
             if load is not None:
                 load.wait()
-            worker.terminate()
-            worker.wait(30)
+            job.stop()
             cleanup_redis(stack, dataset.run_id)
-    hertz = os.sysconf("SC_CLK_TCK")
-    cores = {name: (after[name] - before.get(name, 0)) / hertz / elapsed for name in after}
+            delete_topics(stack, dataset.run_id)
+    cores = {name: (after[name] - before.get(name, 0.0)) / elapsed for name in after}
     total = sum(cores.values())
     wait = "the example pipeline's" if args.max_wait_ms is None else f"{args.max_wait_ms:g} ms"
     print(f"one worker at {args.rate:,.0f} events/s ({args.layout} features, max_wait_ms {wait}), {elapsed:.1f} s:")

@@ -30,11 +30,10 @@ from typing import Any
 import psutil
 import redis
 import yaml
-from confluent_kafka.admin import AdminClient
 
 from bench import report
 from bench.components import run_components
-from bench.dataset import REPO, Dataset, Stack, cleanup_redis, find_stack, prepare
+from bench.dataset import REPO, Dataset, Stack, cleanup_redis, delete_topics, find_stack, prepare
 from bench.phases import Settings, create_output_topics, hot_swap, offered_rate
 from bench.procs import Job, TopicCounter, wait_for_count
 from bench.scenarios import EXAMPLE_PIPELINE, VENVS, Scenario, commands, ensure_peer_venv, job_env
@@ -173,18 +172,6 @@ def profile_streamserve(dataset: Dataset, settings: Settings, seconds: float, la
         job.stop()
         counter.close()
     return raw if raw.exists() else None
-
-
-def delete_topics(stack: Stack, run_id: str) -> None:
-    """Remove every topic of the run (they hold hundreds of thousands of records)."""
-    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
-    topics = [t for t in admin.list_topics(timeout=10).topics if t.startswith(f"bench-{run_id}-")]
-    if topics:
-        for future in admin.delete_topics(topics, operation_timeout=30).values():
-            try:
-                future.result()
-            except Exception as exc:  # noqa: BLE001 - best effort clean-up, report and go on
-                log.warning("could not delete a topic: %s", exc)
 
 
 def main(argv: list[str] | None = None) -> int:

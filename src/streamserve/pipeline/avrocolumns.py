@@ -400,8 +400,7 @@ class _String(_Encoder):
             if type(value) is not str:  # what a logical type's writer would convert: the column path
                 raise _NotPlain
             data = value.encode()  # a lone surrogate raises: the column path
-            size = len(data) << 1
-            return (_VARINTS[size] if size < _SMALL_VARINTS else _varint(size)) + data
+            return _long(len(data)) + data
 
         return write
 
@@ -575,7 +574,7 @@ def _map_rows(encoder: _Encoder, column: MapRows) -> list[_Chunk]:
             packed = np.ascontiguousarray(values.astype(np.float64).astype(blocks.items.dtype))
         size = packed.dtype.itemsize
         cells = packed.view(np.uint8).reshape(m, k, size)
-        names = [_long(len(data)) + data for data in (key.encode() for key in keys)]
+        names = list(map(blocks.keys.row(), keys))
         count = _long(k)
         body = np.empty((m, len(count) + sum(map(len, names)) + k * size + 1), dtype=np.uint8)
         body[:, : len(count)] = np.frombuffer(count, dtype=np.uint8)
@@ -644,6 +643,15 @@ class _Field:
     default: tuple[Any] | None  # (value,) used for a missing column; None when fastavro raises instead
 
 
+def _value_of(field: _Field, columns: Mapping[str, Any]) -> Any:
+    """A field's column, or its default as a Constant; ValueError when it has neither (fastavro raises too)."""
+    if field.name in columns:
+        return columns[field.name]
+    if field.default is not None:
+        return Constant(field.default[0])
+    raise ValueError(f"field {field.name!r}: no value and no default")
+
+
 def _is_column(value: Any) -> bool:
     if isinstance(value, np.ndarray):
         return value.ndim > 0
@@ -689,12 +697,7 @@ class ColumnWriter:
         chunks: list[_Chunk] = []
         shared = bytearray()  # adjacent constant fields, written as one piece
         for field in self._fields:
-            if field.name in columns:
-                value = columns[field.name]
-            elif field.default is not None:
-                value = Constant(field.default[0])
-            else:
-                raise ValueError(f"field {field.name!r}: no value and no default")
+            value = _value_of(field, columns)
             try:
                 if isinstance(value, MapRows):
                     if len(value) != n:
@@ -737,15 +740,8 @@ class ColumnWriter:
     def _rows_or_raise(self, columns: Mapping[str, Any], n: int) -> list[bytes]:
         pieces: list[Any] = []
         for field, write in zip(self._fields, self._rows, strict=True):
-            if field.name in columns:
-                value = columns[field.name]
-            elif field.default is not None:
-                value = Constant(field.default[0])
-            else:
-                raise _NotPlain
+            value = _value_of(field, columns)
             if isinstance(value, MapRows):
-                if len(value) != n:
-                    raise _NotPlain
                 value = value.rows()
             elif isinstance(value, Constant) or not _is_column(value):
                 pieces.append(repeat(self._constant(field, value.value if isinstance(value, Constant) else value), n))
