@@ -50,6 +50,27 @@ def thread_cpu(pid: int) -> collections.Counter[str]:
     return spent
 
 
+def runqueue_wait(pid: int) -> collections.Counter[str]:
+    """Seconds each thread name of a process spent runnable but waiting for a CPU (/proc/.../schedstat)."""
+    waited: collections.Counter[str] = collections.Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            name = (task / "comm").read_text().strip()
+            waited["rdk:broker*" if name.startswith("rdk:broker") else name] += (
+                int((task / "schedstat").read_text().split()[1]) / 1e9
+            )
+    return waited
+
+
+def process_cpu(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system, its children's included) of each named process."""
+    spent = {}
+    for name, pid in pids.items():
+        times = psutil.Process(pid).cpu_times()
+        spent[name] = times.user + times.system + times.children_user + times.children_system
+    return spent
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, required=True, help="offered events per second")
@@ -87,9 +108,13 @@ def main() -> int:
             job.check_alive()
             load = start_loadgen(dataset, input_topic, args.rate, args.seconds)
             time.sleep(SETTLE_S)
-            before, started = thread_cpu(job.pids[0]), time.monotonic()
+            others = {"load generator": load.pid, **stack.server_pids}
+            before, before_others, started = thread_cpu(job.pids[0]), process_cpu(others), time.monotonic()
+            waited_before = runqueue_wait(job.pids[0])
             time.sleep(args.seconds - 2 * SETTLE_S)
             after, elapsed = thread_cpu(job.pids[0]), time.monotonic() - started
+            waited = {name: spent - waited_before.get(name, 0.0) for name, spent in runqueue_wait(job.pids[0]).items()}
+            after_others = process_cpu(others)
             job.check_alive()
         finally:
             if load is not None:
@@ -105,8 +130,11 @@ def main() -> int:
         print(f"  with {setting}")
     for name, used in sorted(cores.items(), key=lambda item: -item[1]):
         if used >= 0.005:
-            print(f"  {name:<16} {used:.3f} cores")
+            print(f"  {name:<16} {used:.3f} cores, waited {waited.get(name, 0.0) / elapsed:.3f} s/s for a CPU")
     print(f"  {'all threads':<16} {total:.3f} cores = {total / args.rate * 1e6:,.0f} us of CPU per event")
+    print("beside it, on the same machine:")
+    for name, spent in after_others.items():
+        print(f"  {name:<16} {(spent - before_others[name]) / elapsed:.3f} cores")
     return 0
 
 
