@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamserve.config import FeatureSpec
-from streamserve.pipeline.enrich import FeatureBuilder
+from streamserve.pipeline.enrich import FeatureBuilder, Replies
 from streamserve.records import Event, Source
 
 NOW_MS = 1_800_000_000_000.0
@@ -29,9 +29,9 @@ class HashStore:
         self.hashes = hashes
         self.round_trips: list[Sequence[tuple[list[str], list[str]]]] = []
 
-    def __call__(self, requests: Sequence[tuple[list[str], list[str]]]) -> list[dict[str, list[Any]]]:
+    def __call__(self, requests: Sequence[tuple[list[str], list[str]]]) -> list[Replies]:
         self.round_trips.append(requests)
-        return [{key: [self.hashes.get(key, {}).get(f) for f in fields] for key in keys} for fields, keys in requests]
+        return [Replies([self.hashes.get(key, {}).get(f) for key in keys for f in fields]) for fields, keys in requests]
 
 
 SPECS = [

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from streamserve.config import FeatureSpec, PipelineSettings
-from streamserve.pipeline.enrich import FeatureBuilder, FeatureRequest, _column_renderer, _key_renderer
+from streamserve.pipeline.enrich import FeatureBuilder, FeatureRequest, Replies, _column_renderer, _key_renderer
 from streamserve.records import Event, Source
 from streamserve.tools import load_packed_features, pack_vector
 
@@ -34,12 +34,14 @@ class Store:
         self.strings = strings
         self.round_trips: list[Sequence[FeatureRequest]] = []
 
-    def __call__(self, requests: Sequence[FeatureRequest]) -> list[dict[str, Any]]:
+    def __call__(self, requests: Sequence[FeatureRequest]) -> list[Replies]:
         self.round_trips.append(requests)
         return [
-            {key: self.strings.get(key) for key in keys}
-            if fields is None
-            else {key: [self.hashes.get(key, {}).get(f) for f in fields] for key in keys}
+            Replies(
+                [self.strings.get(key) for key in keys]
+                if fields is None
+                else [self.hashes.get(key, {}).get(f) for key in keys for f in fields]
+            )
             for fields, keys in requests
         ]
 

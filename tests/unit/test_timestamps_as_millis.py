@@ -20,7 +20,7 @@ import pytest
 from streamserve.config import FeatureSpec, InputSettings
 from streamserve.pipeline.decode import LocalSchemaDecoder
 from streamserve.pipeline.encode import PredictionEncoder, decode_prediction
-from streamserve.pipeline.enrich import FeatureBuilder
+from streamserve.pipeline.enrich import FeatureBuilder, Replies
 from streamserve.pipeline.fields import text_getter
 from streamserve.records import Event, ModelOutputs, Source
 
@@ -50,9 +50,9 @@ class Keys:
     def __init__(self) -> None:
         self.asked: list[list[str]] = []
 
-    def __call__(self, requests: Sequence[tuple[list[str] | None, list[str]]]) -> list[dict[str, Any]]:
+    def __call__(self, requests: Sequence[tuple[list[str] | None, list[str]]]) -> list[Replies]:
         self.asked += [keys for _, keys in requests]
-        return [{} for _ in requests]
+        return [Replies([None] * (len(keys) * len(fields or [None]))) for fields, keys in requests]
 
 
 def events(values: list[bytes], decode: Any) -> list[Event]:

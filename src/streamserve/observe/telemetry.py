@@ -144,15 +144,16 @@ class Telemetry:
     def _record_ages(self, requests: Sequence[tuple[Sequence[str] | None, Sequence[str]]], replies: Any) -> None:
         now_ms = time.time() * 1000
         for (fields, _), reply in zip(requests, replies, strict=False):
-            if not fields or fields[-1] not in self.updated_at_fields or not reply:
+            if not fields or fields[-1] not in self.updated_at_fields or not reply.values:
                 continue
-            values = list(reply.values())
-            step = max(1, len(values) // MAX_AGE_SAMPLES)
+            width = len(fields)  # the stamp is the last field asked of each key (enrich.Replies, keys x fields)
+            keys = len(reply.values) // width
+            step = max(1, keys // MAX_AGE_SAMPLES)
             stamps = []
-            for value in values[::step]:
-                if value is not None and value[-1] is not None:
+            for value in reply.values[width - 1 :: width * step]:
+                if value is not None:
                     try:
-                        stamps.append(float(value[-1]))
+                        stamps.append(float(value))
                     except (TypeError, ValueError):
                         continue
             if stamps:

@@ -2,8 +2,9 @@
 
 An entity is a Redis hash (one field per feature; the fields of all a batch's keys of one key template in
 one EVALSHA of a small Lua script) or a packed little-endian float32 vector (one value per entity, MGET of
-all a batch's keys in one command). Either way it is one command per key template and one round trip. Values are parsed
-once per distinct key and the batch's matrix is assembled with numpy, not per event.
+all a batch's keys in one command). Either way it is one command per key template and one round trip. A group's
+reply stays one flat list (keys x fields), read a field at a time by slicing; values are parsed once per distinct
+key, a column at a time, and the batch's matrix is assembled with numpy, not per event.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import string
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -78,12 +79,35 @@ class _KeyGroup:
     width: int = 0
     """Elements of the packed vector the features use (largest index + 1)."""
 
+    @property
+    def requested(self) -> list[str] | None:
+        """The hash fields read for each key (the update stamp last); None for packed vectors."""
+        if self.packed:
+            return None
+        return [*self.fields, *([self.updated_at_field] if self.updated_at_field else [])]
+
 
 FeatureRequest = tuple[list[str] | None, list[str]]
 """(hash fields, distinct keys) of one key group; fields None asks for the keys' packed vectors (MGET)."""
-FetchFeatures = Callable[[Sequence[FeatureRequest]], list[dict[str, Any]]]
-"""Given one request per key group, per group a dict from key to its reply: the list of hash field
-values (HMGET), or the packed vector's bytes (MGET); None for a missing key."""
+
+
+@dataclass(slots=True)
+class Replies:
+    """One key group's reply, in the order of the keys asked: for hashes one flat list of keys x fields values
+    (row-major, None where absent), for packed vectors one bytes (or None) per key. ``errors``: the keys whose
+    read failed (WRONGTYPE...), by position; their values are ignored."""
+
+    values: list[Any]
+    errors: dict[int, Exception] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, error: Exception, keys: int, width: int) -> Replies:
+        """Every key of the group carries the error."""
+        return cls([None] * (keys * width), dict.fromkeys(range(keys), error))
+
+
+FetchFeatures = Callable[[Sequence[FeatureRequest]], list[Replies]]
+"""Given one request per key group, one Replies per group."""
 
 
 HMGET_MANY = """
@@ -110,7 +134,7 @@ def redis_fetcher(client: redis.Redis, settings: RedisSettings) -> FetchFeatures
     """Every key of every group in one pipelined round trip (one command per key template); retry with backoff."""
     script = _HashScript(client)
 
-    def fetch(requests: Sequence[FeatureRequest]) -> list[dict[str, Any]]:
+    def fetch(requests: Sequence[FeatureRequest]) -> list[Replies]:
         return _redis_fetch_with_retry(client, script, requests, settings)
 
     return fetch
@@ -143,7 +167,7 @@ class _HashScript:
 
 def _redis_fetch_with_retry(
     client: redis.Redis, script: _HashScript, requests: Sequence[FeatureRequest], settings: RedisSettings
-) -> list[dict[str, Any]]:
+) -> list[Replies]:
     attempt = 0
     while True:
         try:
@@ -176,31 +200,40 @@ def _redis_fetch_with_retry(
             log.warning("Redis error (%s), retry %d %s in %.2fs", exc, attempt + 1, limit, delay)
             time.sleep(delay)
             attempt += 1
-    results: list[dict[str, Any]] = []
+    results: list[Replies] = []
     position = 0
     for fields, group_keys in requests:
+        width = 1 if fields is None else len(fields)
         if not group_keys:
-            results.append({})
+            results.append(Replies([]))
             continue
         if fields is not None and script.sha is None:  # one HMGET reply (or error) per key
-            results.append(dict(zip(group_keys, replies[position : position + len(group_keys)], strict=True)))
+            values: list[Any] = []
+            errors: dict[int, Exception] = {}
+            for i, reply in enumerate(replies[position : position + len(group_keys)]):
+                if isinstance(reply, Exception):
+                    errors[i], reply = reply, [None] * width
+                values += reply
+            results.append(Replies(values, errors))
             position += len(group_keys)
             continue
         reply = replies[position]
         position += 1
         if isinstance(reply, Exception):  # every key of the group carries the error: its events are rejected
-            results.append(dict.fromkeys(group_keys, reply))
+            results.append(Replies.failed(reply, len(group_keys), width))
         elif fields is None:
-            results.append(dict(zip(group_keys, reply, strict=True)))
+            results.append(Replies(reply))
         else:
-            flat, errors = reply
-            width = len(fields)
-            rows = [flat[i : i + width] for i in range(0, len(flat), width)]
-            found: dict[str, Any] = dict(zip(group_keys, rows, strict=True))
-            for i in range(0, len(errors), 2):
-                key = group_keys[int(errors[i]) - 1]
-                found[key] = redis.ResponseError(errors[i + 1].decode(errors="replace"))
-            results.append(found)
+            flat, failures = reply
+            results.append(
+                Replies(
+                    flat,
+                    {
+                        int(failures[i]) - 1: redis.ResponseError(failures[i + 1].decode(errors="replace"))
+                        for i in range(0, len(failures), 2)
+                    },
+                )
+            )
     return results
 
 
@@ -371,24 +404,33 @@ class FeatureBuilder:
         keys_per_group = self._render_keys(events)
         distinct = [_distinct(keys) for keys in keys_per_group]
         degraded = bool(self._groups) and not redis_available
+        widths = [1 if group.packed else len(group.requested or ()) for group in self._groups]
         if degraded or not self._groups:
-            lookups: list[dict[str, Any]] = [{} for _ in self._groups]
+            lookups = [Replies([None] * (len(keys) * width)) for keys, width in zip(distinct, widths, strict=True)]
         else:
             lookups = self._lookup(distinct)
-        # Per group: the reply of each distinct key in order, and each event's row among them (the
-        # extra last row stands for "no entity": a key field was null).
-        replies = [[lookup.get(key) for key in keys] for lookup, keys in zip(lookups, distinct, strict=True)]
+        # Per group, each event's row among the distinct keys (the extra last row stands for "no entity": a key
+        # field was null).
         rows = []
         for keys, group_keys in zip(keys_per_group, distinct, strict=True):
             position: dict[str | None, int] = {key: i for i, key in enumerate(group_keys)}
             position[None] = len(group_keys)
             rows.append(np.fromiter(map(position.__getitem__, keys), dtype=np.intp, count=n))
-        for g, group_replies in enumerate(replies):  # a Redis error for a key (WRONGTYPE...) rejects its events
-            for i, reply in enumerate(group_replies):
-                if isinstance(reply, Exception):
-                    group_replies[i] = None
+        replies: list[list[Any]] = []  # per group, the reply values (keys x fields, row-major)
+        for g, (lookup, group_keys, width) in enumerate(zip(lookups, distinct, widths, strict=True)):
+            got = lookup.values
+            if len(got) != len(group_keys) * width:
+                raise EnrichError(
+                    f"Redis replied {len(got)} values for {len(group_keys)} keys x {width} fields "
+                    f"of {self._groups[g].template!r}"
+                )
+            if lookup.errors:  # a Redis error for a key (WRONGTYPE...) rejects its events
+                got = list(got)
+                for i, error in lookup.errors.items():
+                    got[i * width : (i + 1) * width] = [None] * width
                     for row in np.flatnonzero(rows[g] == i):
-                        reasons.setdefault(int(row), f"Redis key {distinct[g][i]!r}: {reply}")
+                        reasons.setdefault(int(row), f"Redis key {group_keys[i]!r}: {error}")
+            replies.append(got)
         vectors = [
             _unpack_vectors(group_replies, group.width) if group.packed else None
             for group, group_replies in zip(self._groups, replies, strict=True)
@@ -419,8 +461,7 @@ class FeatureBuilder:
                 if packed is not None:
                     values = packed[event_rows, spec.index]
                 else:
-                    field_index = group.fields.index(spec.field)
-                    raw = [reply[field_index] if reply is not None else None for reply in replies[g]]
+                    raw = replies[g][group.fields.index(spec.field) :: widths[g]]
                     if spec.categorical:
                         column = self._categories(spec, [*raw, None], {}, per_key=True)
                         columns[spec.name] = self._fill_text(spec, column[event_rows], reasons)
@@ -435,7 +476,7 @@ class FeatureBuilder:
                     if key_reasons:
                         for row in np.flatnonzero(np.isin(event_rows, list(key_reasons))):
                             reasons.setdefault(int(row), key_reasons[int(event_rows[row])])
-                    stale = self._stale_mask(spec, group, replies[g], now_ms, event_rows)
+                    stale = self._stale_mask(spec, replies[g][len(group.fields) :: widths[g]], now_ms, event_rows)
             missing = np.isnan(values)
             if stale is not None:
                 stale &= ~missing
@@ -486,28 +527,16 @@ class FeatureBuilder:
             rendered.append(column)
         return rendered
 
-    def _lookup(self, distinct: list[list[str]]) -> list[dict[str, Any]]:
+    def _lookup(self, distinct: list[list[str]]) -> list[Replies]:
         assert self.fetch is not None
-        requests: list[FeatureRequest] = [
-            (
-                None
-                if group.packed
-                else [*group.fields, *([group.updated_at_field] if group.updated_at_field else [])],
-                keys,
-            )
-            for group, keys in zip(self._groups, distinct, strict=True)
-        ]
-        return self.fetch(requests)
+        return self.fetch([(group.requested, keys) for group, keys in zip(self._groups, distinct, strict=True)])
 
     @staticmethod
-    def _stale_mask(
-        spec: FeatureSpec, group: _KeyGroup, replies: list[Any], now_ms: float, event_rows: np.ndarray
-    ) -> np.ndarray | None:
+    def _stale_mask(spec: FeatureSpec, raw: list[Any], now_ms: float, event_rows: np.ndarray) -> np.ndarray | None:
+        """Per event, whether the update stamps (one per key, ``raw``) say its key's values are too old."""
         if spec.max_age_s is None:
             return None
         oldest_ms = now_ms - spec.max_age_s * 1000
-        stamp_index = len(group.fields)
-        raw = [None if reply is None else reply[stamp_index] for reply in replies]
         try:  # every stamp at once, parsed by numpy in C; a missing one cannot prove the values fresh
             stamps = np.array([_NO_STAMP if value is None else value for value in raw], dtype=np.bytes_)
             if stamps.shape != (len(raw),):

@@ -1,0 +1,141 @@
+"""Hash features read from a real Redis give the same columns and rejections whichever way they are read: one
+EVALSHA per key template, the script reloaded after the server forgot it (SCRIPT FLUSH), or one HMGET per key
+for a user that may not run scripts. Keys that are not hashes reject only their own events."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from streamserve.config import FeatureSpec, RedisSettings
+from streamserve.pipeline.enrich import FeatureBuilder, redis_fetcher
+from streamserve.records import Event, FeatureBatch, Source
+from tests.integration.servers import Servers
+
+NOW_MS = time.time() * 1000
+USERS: dict[str, dict[str, Any] | str | None] = {  # a hash, a string (not a hash) or nothing at all
+    "u0": {"score": "0.25", "visits": "3", "tier": "gold"},
+    "u1": {"score": "-7.5e3", "visits": str(2**62), "tier": "ünïcode 🚀"},
+    "u2": {"score": "nan", "visits": "0"},  # NaN stored: the default; no tier: the default
+    "u3": "not a hash",
+    "u4": None,  # missing: score and tier take their defaults, visits has none
+    "u5": {"score": "1e-300", "visits": "-1", "tier": ""},
+}
+REGIONS: dict[str, dict[str, Any] | str | None] = {
+    "r0": {"risk": "0.9", "ts": str(NOW_MS - 1_000)},
+    "r1": {"risk": "0.8", "ts": str(NOW_MS - 3_600_000)},  # stale: the default
+    "r2": "also not a hash",
+    "r3": {"risk": "0.1"},  # no stamp: cannot be proven fresh, the default
+}
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis) -> Iterator[str]:
+    prefix = f"replies-{uuid.uuid4().hex[:8]}:"
+    for kind, entities in (("user", USERS), ("region", REGIONS)):
+        for name, value in entities.items():
+            if isinstance(value, dict):
+                redis_client.hset(f"{prefix}{kind}:{name}", mapping=value)
+            elif isinstance(value, str):
+                redis_client.set(f"{prefix}{kind}:{name}", value)
+    yield prefix
+    for key in redis_client.scan_iter(f"{prefix}*"):
+        redis_client.delete(key)
+
+
+def specs(prefix: str) -> list[FeatureSpec]:
+    user = f"{prefix}user:{{user}}"
+    return [
+        FeatureSpec(name="score", source="redis", key=user, field="score", dtype="float64", default=-1.0),
+        FeatureSpec(name="visits", source="redis", key=user, field="visits", dtype="int64"),
+        FeatureSpec(name="tier", source="redis", key=user, field="tier", dtype="string", default="none"),
+        FeatureSpec(
+            name="risk",
+            source="redis",
+            key=f"{prefix}region:{{region}}",
+            field="risk",
+            dtype="float64",
+            default=0.5,
+            max_age_s=60,
+            updated_at_field="ts",
+        ),
+    ]
+
+
+def events() -> list[Event]:
+    pairs = [(u, r) for u in USERS for r in REGIONS] + [("u0", "r0"), (None, "r0"), ("u1", None)]
+    return [Event(Source("in", 0, i, None, b"", None, 0), {"user": u, "region": r}) for i, (u, r) in enumerate(pairs)]
+
+
+def expected(batch_events: list[Event]) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Per offset, the feature values or the word its rejection must name; worked out from USERS and REGIONS."""
+    values, rejected = {}, {}
+    for event in batch_events:
+        user, region = USERS.get(event.fields["user"]), REGIONS.get(event.fields["region"])
+        offset = event.source.offset
+        if isinstance(user, str) or isinstance(region, str):
+            rejected[offset] = "WRONGTYPE"
+        elif user is None or "visits" not in user:
+            rejected[offset] = "'visits': missing"
+        else:
+            score = float(user["score"])
+            fresh = isinstance(region, dict) and "ts" in region and float(region["ts"]) >= NOW_MS - 60_000
+            values[offset] = {
+                "score": -1.0 if np.isnan(score) else score,
+                "visits": int(user["visits"]),
+                "tier": user.get("tier", "none"),
+                "risk": float(region["risk"]) if region and fresh else 0.5,
+            }
+    return values, rejected
+
+
+def check(batch: FeatureBatch, batch_events: list[Event]) -> None:
+    values, rejected = expected(batch_events)
+    assert {r.source.offset: r.message for r in batch.rejected}.keys() == rejected.keys()
+    for r in batch.rejected:
+        assert rejected[r.source.offset] in r.message, r.message
+    assert [e.source.offset for e in batch.events] == list(values)
+    for name in ("score", "visits", "tier", "risk"):
+        assert batch.columns[name].tolist() == [values[e.source.offset][name] for e in batch.events], name
+    assert batch.columns["visits"].dtype == np.int64  # 2**62 exactly
+
+
+def build(client: redis.Redis, prefix: str, batch_events: list[Event]) -> FeatureBatch:
+    settings = RedisSettings(url="redis://unused", retries=0)
+    return FeatureBuilder(specs(prefix), redis_fetcher(client, settings), clock_ms=lambda: NOW_MS).build(batch_events)
+
+
+def test_one_script_per_key_template(redis_client: redis.Redis, store: str) -> None:
+    batch_events = events()
+    check(build(redis_client, store, batch_events), batch_events)
+
+
+def test_a_script_the_server_forgot_is_loaded_again(redis_client: redis.Redis, store: str) -> None:
+    batch_events = events()
+    settings = RedisSettings(url="redis://unused", retries=0)
+    builder = FeatureBuilder(specs(store), redis_fetcher(redis_client, settings), clock_ms=lambda: NOW_MS)
+    check(builder.build(batch_events), batch_events)
+    redis_client.script_flush()
+    check(builder.build(batch_events[::-1]), batch_events[::-1])
+
+
+def test_a_user_without_scripts_reads_one_hmget_per_key(redis_client: redis.Redis, stack: Servers, store: str) -> None:
+    user, password = f"noscripts-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis_client.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys=["*"], categories=["+@all", "-@scripting"]
+    )
+    client = redis.Redis.from_url(stack.redis_url, username=user, password=password)
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.script_load("return 1")  # this user really may not run scripts
+        batch_events = events()
+        check(build(client, store, batch_events), batch_events)
+    finally:
+        client.close()
+        redis_client.acl_deluser(user)
