@@ -171,7 +171,7 @@ def offered_rate(
     end_ms = float(generated_ts[-1]) + 1
     sent_ms, latency_ms, offered = match_latencies(inputs, outputs, start_ms, end_ms)
     lat = Latency.of(latency_ms, offered)
-    cpu_s, _, peak_rss = usage_in_window(samples, start_ms, end_ms)
+    cpu_s, server_cpu_s, peak_rss = usage_in_window(samples, start_ms, end_ms)
     waiting_cores, busy_cores = contention_in_window(samples, start_ms, end_ms)
     summary = {
         "offered_per_s": round(float(rate), 1),
@@ -183,6 +183,7 @@ def offered_rate(
         "max_batch_wait_ms": batch_wait_ms,
         "cpu_wait_cores": round(waiting_cores, 2),
         "machine_busy_cores": round(busy_cores, 2),
+        "server_cores": round(server_cpu_s / max((end_ms - start_ms) / 1000, 1e-9), 2),
         "per_second": _per_second(sent_ms, latency_ms, start_ms - settings.warmup_seconds * 1000),
     }
     log.info("%-22s @%8.0f/s %s", scenario.name, rate, {k: v for k, v in summary.items() if k != "timeline"})

@@ -135,9 +135,9 @@ def markdown(results: dict[str, Any]) -> str:
             "### streamserve (1 process): latency vs offered rate",
             "",
             "| offered events/s | share of max | p50 ms | p95 ms | p99 ms | max ms | kept up | CPU s / 1k "
-            "| worker cores | worker's wait for a CPU, cores | machine busy, cores "
+            "| worker cores | worker's wait for a CPU, cores | broker + Redis cores | machine busy, cores "
             "| longest batch wait in the worker ms |",
-            "|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|",
+            "|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|",
         ]
         for r in results["sweep"]:
             cores = r["offered_per_s"] * r["cpu_s_per_1k"] / 1000
@@ -146,7 +146,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_fmt(r['offered_per_s'])} | {r['share']:.0%} | {_fmt(r['p50'], 1)} | {_fmt(r['p95'], 1)} "
                 f"| {_fmt(r['p99'], 1)} | {_fmt(r['max'], 1)} | {'yes' if r['kept_up'] else 'no'} "
                 f"| {_fmt(r['cpu_s_per_1k'], 3)} | {cores:.2f} | {_fmt(r.get('cpu_wait_cores'), 2)} "
-                f"| {_fmt(r.get('machine_busy_cores'), 2)} | {'-' if wait is None else _fmt(wait, 1)} |"
+                f"| {_fmt(r.get('server_cores'), 2)} | {_fmt(r.get('machine_busy_cores'), 2)} "
+                f"| {'-' if wait is None else _fmt(wait, 1)} |"
             )
         out.append("")
     swap = results.get("hot_swap")
