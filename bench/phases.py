@@ -183,7 +183,9 @@ def offered_rate(
         "max_batch_wait_ms": batch_wait_ms,
         "cpu_wait_cores": round(waiting_cores, 2),
         "machine_busy_cores": round(busy_cores, 2),
-        "server_cores": round(server_cpu_s / max((end_ms - start_ms) / 1000, 1e-9), 2),
+        "server_cores": (  # None when the servers are not processes of this machine (a remote stack)
+            round(server_cpu_s / max((end_ms - start_ms) / 1000, 1e-9), 2) if dataset.stack.server_pids else None
+        ),
         "per_second": _per_second(sent_ms, latency_ms, start_ms - settings.warmup_seconds * 1000),
     }
     log.info("%-22s @%8.0f/s %s", scenario.name, rate, {k: v for k, v in summary.items() if k != "timeline"})

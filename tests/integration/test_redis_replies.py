@@ -4,6 +4,7 @@ for a user that may not run scripts. Keys that are not hashes reject only their 
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 import redis
 
 from streamserve.config import FeatureSpec, RedisSettings
-from streamserve.pipeline.enrich import FeatureBuilder, redis_fetcher
+from streamserve.pipeline.enrich import HMGET_MANY, FeatureBuilder, redis_fetcher
 from streamserve.records import Event, FeatureBatch, Source
 from tests.integration.servers import Servers
 
@@ -106,6 +107,11 @@ def check(batch: FeatureBatch, batch_events: list[Event]) -> None:
     assert batch.columns["visits"].dtype == np.int64  # 2**62 exactly
 
 
+def calls(client: redis.Redis, command: str) -> int:
+    """How often the server ran a command (INFO commandstats), so a test knows which read path was taken."""
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
 def build(client: redis.Redis, prefix: str, batch_events: list[Event]) -> FeatureBatch:
     settings = RedisSettings(url="redis://unused", retries=0)
     return FeatureBuilder(specs(prefix), redis_fetcher(client, settings), clock_ms=lambda: NOW_MS).build(batch_events)
@@ -113,7 +119,9 @@ def build(client: redis.Redis, prefix: str, batch_events: list[Event]) -> Featur
 
 def test_one_script_per_key_template(redis_client: redis.Redis, store: str) -> None:
     batch_events = events()
+    before = calls(redis_client, "evalsha"), calls(redis_client, "hmget")
     check(build(redis_client, store, batch_events), batch_events)
+    assert (calls(redis_client, "evalsha"), calls(redis_client, "hmget")) == (before[0] + 2, before[1])
 
 
 def test_a_script_the_server_forgot_is_loaded_again(redis_client: redis.Redis, store: str) -> None:
@@ -123,6 +131,7 @@ def test_a_script_the_server_forgot_is_loaded_again(redis_client: redis.Redis, s
     check(builder.build(batch_events), batch_events)
     redis_client.script_flush()
     check(builder.build(batch_events[::-1]), batch_events[::-1])
+    assert redis_client.script_exists(hashlib.sha1(HMGET_MANY.encode()).hexdigest()) == [True]  # loaded again
 
 
 def test_a_user_without_scripts_reads_one_hmget_per_key(redis_client: redis.Redis, stack: Servers, store: str) -> None:
@@ -135,7 +144,12 @@ def test_a_user_without_scripts_reads_one_hmget_per_key(redis_client: redis.Redi
         with pytest.raises(redis.exceptions.NoPermissionError):
             client.script_load("return 1")  # this user really may not run scripts
         batch_events = events()
+        before = calls(redis_client, "evalsha"), calls(redis_client, "hmget")
         check(build(client, store, batch_events), batch_events)
+        distinct = len({e.fields["user"] for e in batch_events} - {None}) + len(
+            {e.fields["region"] for e in batch_events} - {None}
+        )
+        assert (calls(redis_client, "evalsha"), calls(redis_client, "hmget")) == (before[0], before[1] + distinct)
     finally:
         client.close()
         redis_client.acl_deluser(user)

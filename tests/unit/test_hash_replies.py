@@ -21,6 +21,7 @@ MAX_AGE_S = 60
 SPECS = [
     FeatureSpec(name="a", source="redis", key="h:{id}", field="a", dtype="float64", default=-1.0),
     FeatureSpec(name="b", source="redis", key="h:{id}", field="b", dtype="float64"),  # no default
+    FeatureSpec(name="d", source="redis", key="h:{id}", field="d", dtype="float64", default=2.0),
     FeatureSpec(
         name="c",
         source="redis",
@@ -32,7 +33,8 @@ SPECS = [
         updated_at_field="ts",
     ),
 ]
-TEMPLATES = {"a": ("h", "id"), "b": ("h", "id"), "c": ("g", "other")}
+TEMPLATES = {"a": ("h", "id"), "b": ("h", "id"), "d": ("h", "id"), "c": ("g", "other")}
+"""Groups of different widths (h: a, b, d; g: c and its stamp), so one group's stride cannot pass for the other's."""
 
 numbers = st.floats(allow_nan=False, allow_infinity=False, width=64).map(lambda x: repr(x).encode())
 odd = st.sampled_from([b"nan", b"inf", b"-inf", b"abc", b"", "ü".encode(), b"1e999"])
@@ -41,7 +43,7 @@ stamps = st.one_of(
     st.floats(NOW_MS - 2 * MAX_AGE_S * 1000, NOW_MS + 1000).map(lambda x: repr(x).encode()),
     st.sampled_from([b"yesterday", None]),
 )
-hashes = st.fixed_dictionaries({"a": values, "b": values, "c": values, "ts": stamps}).map(
+hashes = st.fixed_dictionaries({"a": values, "b": values, "c": values, "d": values, "ts": stamps}).map(
     lambda fields: {name: value for name, value in fields.items() if value is not None}
 )
 
@@ -76,7 +78,7 @@ def parse(raw: bytes | None) -> tuple[float, str | None]:
 
 
 def reference(rows: list[dict[str, Any]], store: Store) -> tuple[dict[int, dict[str, float]], dict[int, str]]:
-    """Per event, the values of a, b, c or the start of its rejection reason."""
+    """Per event, the values of a, b, c, d or the start of its rejection reason."""
     kept, rejected = {}, {}
     for i, fields in enumerate(rows):
         keys = {
@@ -135,5 +137,5 @@ def test_flat_replies_build_what_each_event_would(
     for offset, start in rejected.items():
         assert got[offset].startswith(start), (got[offset], start)
     assert [e.source.offset for e in batch.events] == list(kept)
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         np.testing.assert_array_equal(batch.columns[name], [kept[e.source.offset][name] for e in batch.events])

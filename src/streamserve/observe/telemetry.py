@@ -147,15 +147,15 @@ class Telemetry:
             if not fields or fields[-1] not in self.updated_at_fields or not reply.values:
                 continue
             width = len(fields)  # the stamp is the last field asked of each key (enrich.Replies, keys x fields)
-            keys = len(reply.values) // width
-            step = max(1, keys // MAX_AGE_SAMPLES)
+            per_key = reply.values[width - 1 :: width]
             stamps = []
-            for value in reply.values[width - 1 :: width * step]:
-                if value is not None:
-                    try:
-                        stamps.append(float(value))
-                    except (TypeError, ValueError):
-                        continue
+            for key in range(0, len(per_key), max(1, len(per_key) // MAX_AGE_SAMPLES)):
+                if per_key[key] is None or key in reply.errors:  # absent, or a key whose read failed
+                    continue
+                try:
+                    stamps.append(float(per_key[key]))
+                except (TypeError, ValueError):
+                    continue
             if stamps:
                 self.feature_age.observe((now_ms - np.asarray(stamps)) / 1000, [fields[-1]])
 

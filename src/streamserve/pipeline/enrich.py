@@ -420,8 +420,8 @@ class FeatureBuilder:
         for g, (lookup, group_keys, width) in enumerate(zip(lookups, distinct, widths, strict=True)):
             got = lookup.values
             if len(got) != len(group_keys) * width:
-                raise EnrichError(
-                    f"Redis replied {len(got)} values for {len(group_keys)} keys x {width} fields "
+                raise EnrichError(  # the fetcher broke its contract (a bug, not an outage); no record is at fault
+                    f"feature fetcher bug: {len(got)} values for {len(group_keys)} keys x {width} fields "
                     f"of {self._groups[g].template!r}"
                 )
             if lookup.errors:  # a Redis error for a key (WRONGTYPE...) rejects its events
