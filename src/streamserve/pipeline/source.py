@@ -27,10 +27,10 @@ CONSUMER_DEFAULTS: dict[str, str | int | float | bool] = {
     "session.timeout.ms": 10_000,
     "fetch.wait.max.ms": 10,
     # The broker answers a fetch as soon as it has one byte: under steady load the consumer then fetches back to
-    # back, a few records a request, and the broker works harder for those fetches than for the whole ingest.
-    # 64 KiB lets it hold a fetch until it has that much or fetch.wait.max.ms passed (at most that much more
-    # latency; a backlog fills it at once). One worker at 25,000 events/s: broker 0.98-1.14 -> 0.40-0.49 cores; at
-    # 3,100/s 0.69 -> 0.43-0.53 (python -m bench.rate_cost --rate N --set 'kafka.consumer={"fetch.min.bytes": 1}').
+    # back, a few records a request. 64 KiB lets it hold a fetch until it has that much or fetch.wait.max.ms passed
+    # (at most that much more latency; a backlog fills it at once). One worker at 25,000 events/s: librdkafka's
+    # threads 0.11 -> 0.06-0.07 cores, the broker 0.50-0.53 -> 0.42-0.44 (python -m bench.rate_cost --rate N
+    # --set 'kafka.consumer={"fetch.min.bytes": 1}').
     "fetch.min.bytes": 65_536,
     "isolation.level": "read_committed",  # never score records of an upstream transaction that aborted
     "queued.max.messages.kbytes": 16_384,  # bounds prefetched input: memory stays flat when we pause
