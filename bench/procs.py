@@ -30,19 +30,25 @@ class Sample:
     """CPU seconds the whole machine spent busy (every process, the kernel included)."""
 
 
-def _cpu(proc: psutil.Process) -> float:
+def cpu_seconds(proc: psutil.Process) -> float:
+    """User + system CPU seconds of a process so far."""
     times = proc.cpu_times()
     return times.user + times.system
 
 
-def _waited(pid: int) -> float:
-    """Seconds the process's threads spent runnable on a run queue, waiting for a CPU (/proc schedstat)."""
-    total = 0
+def thread_waits(pid: int) -> dict[int, float]:
+    """Seconds each thread of a process spent runnable on a run queue, waiting for a CPU (/proc schedstat)."""
+    waits: dict[int, float] = {}
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError, ValueError, IndexError):
-                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
-    return total / 1e9
+                waits[int(tid)] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1]) / 1e9
+    return waits
+
+
+def _waited(pid: int) -> float:
+    """Seconds the process's threads spent waiting for a CPU, all together."""
+    return sum(thread_waits(pid).values())
 
 
 def _busy() -> float:
@@ -73,7 +79,7 @@ class Sampler:
         for proc in self._procs:
             try:
                 with proc.oneshot():
-                    self._last_cpu[proc.pid] = _cpu(proc)
+                    self._last_cpu[proc.pid] = cpu_seconds(proc)
                     rss += proc.memory_info().rss
                 self._last_wait[proc.pid] = _waited(proc.pid) or self._last_wait[proc.pid]
             except psutil.NoSuchProcess:
@@ -81,7 +87,7 @@ class Sampler:
         server_cpu = 0.0
         for proc in self._servers:
             with contextlib.suppress(psutil.NoSuchProcess):
-                server_cpu += _cpu(proc)
+                server_cpu += cpu_seconds(proc)
         self.samples.append(
             Sample(
                 time.time() * 1000,

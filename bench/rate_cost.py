@@ -29,6 +29,7 @@ import psutil
 
 from bench.dataset import cleanup_redis, delete_topics, find_stack, prepare
 from bench.phases import Settings, start_job, start_loadgen
+from bench.procs import cpu_seconds, thread_waits
 from bench.scenarios import Scenario
 
 PARTITIONS = 8
@@ -40,35 +41,27 @@ SETTLE_S = 3.0
 """Seconds of load before CPU is counted, and left out at the end."""
 
 
-def thread_cpu(pid: int) -> collections.Counter[str]:
-    """CPU seconds (user + system) per thread name of a process; librdkafka's broker threads as one."""
+def thread_stats(pid: int) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """(CPU seconds, seconds runnable but waiting for a CPU) per thread name of a process; librdkafka's broker
+    threads as one."""
     spent: collections.Counter[str] = collections.Counter()
+    waited: collections.Counter[str] = collections.Counter()
+    waits = thread_waits(pid)
     for thread in psutil.Process(pid).threads():
         with contextlib.suppress(OSError):  # the thread ended
             name = Path(f"/proc/{pid}/task/{thread.id}/comm").read_text().strip()
-            spent["rdk:broker*" if name.startswith("rdk:broker") else name] += thread.user_time + thread.system_time
-    return spent
-
-
-def runqueue_wait(pid: int) -> collections.Counter[str]:
-    """Seconds each thread name of a process spent runnable but waiting for a CPU (/proc/.../schedstat)."""
-    waited: collections.Counter[str] = collections.Counter()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            name = (task / "comm").read_text().strip()
-            waited["rdk:broker*" if name.startswith("rdk:broker") else name] += (
-                int((task / "schedstat").read_text().split()[1]) / 1e9
-            )
-    return waited
+            name = "rdk:broker*" if name.startswith("rdk:broker") else name
+            spent[name] += thread.user_time + thread.system_time
+            waited[name] += waits.get(thread.id, 0.0)
+    return spent, waited
 
 
 def process_cpu(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds (user + system, its children's included) of each named process."""
+    """CPU seconds of each named process; a server not running here (a remote stack) is left out."""
     spent = {}
     for name, pid in pids.items():
-        with contextlib.suppress(psutil.NoSuchProcess):  # a server not running here (a remote stack) is left out
-            times = psutil.Process(pid).cpu_times()
-            spent[name] = times.user + times.system + times.children_user + times.children_system
+        with contextlib.suppress(psutil.NoSuchProcess):
+            spent[name] = cpu_seconds(psutil.Process(pid))
     return spent
 
 
@@ -110,11 +103,10 @@ def main() -> int:
             load = start_loadgen(dataset, input_topic, args.rate, args.seconds)
             time.sleep(SETTLE_S)
             others = {"load generator": load.pid, **stack.server_pids}
-            before, before_others, started = thread_cpu(job.pids[0]), process_cpu(others), time.monotonic()
-            waited_before = runqueue_wait(job.pids[0])
+            (before, waited_before), before_others = thread_stats(job.pids[0]), process_cpu(others)
+            started = time.monotonic()
             time.sleep(args.seconds - 2 * SETTLE_S)
-            after, elapsed = thread_cpu(job.pids[0]), time.monotonic() - started
-            waited = {name: spent - waited_before.get(name, 0.0) for name, spent in runqueue_wait(job.pids[0]).items()}
+            (after, waited_after), elapsed = thread_stats(job.pids[0]), time.monotonic() - started
             after_others = process_cpu(others)
             job.check_alive()
         finally:
@@ -131,7 +123,8 @@ def main() -> int:
         print(f"  with {setting}")
     for name, used in sorted(cores.items(), key=lambda item: -item[1]):
         if used >= 0.005:
-            print(f"  {name:<16} {used:.3f} cores, waited {waited.get(name, 0.0) / elapsed:.3f} s/s for a CPU")
+            waited = waited_after[name] - waited_before[name]
+            print(f"  {name:<16} {used:.3f} cores, waited {waited / elapsed:.3f} s/s for a CPU")
     print(f"  {'all threads':<16} {total:.3f} cores = {total / args.rate * 1e6:,.0f} us of CPU per event")
     print("beside it, on the same machine:")
     for name, spent in after_others.items():

@@ -200,11 +200,11 @@ def machine_text(results: dict[str, Any]) -> str:
     m = results["machine"]
     pkgs = ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)
     servers = results.get("servers", {})
-    uptime = results.get("broker_uptime_s")
-    since = "" if uptime is None else f"{uptime:.0f} s" if uptime < 120 else f"{uptime / 60:.0f} min"
-    broker = "" if uptime is None else f" (the broker up {since} at the start"
-    if broker:
-        broker += ", warmed by one unmeasured passthrough run first)" if results.get("broker_warmed") else ")"
+    uptime, broker = results.get("broker_uptime_s"), ""
+    if uptime is not None:
+        since = f"{uptime:.0f} s" if uptime < 120 else f"{uptime / 60:.0f} min"
+        warmed = ", warmed by one unmeasured passthrough run first" if results.get("broker_warmed") else ""
+        broker = f" (the broker up {since} at the start{warmed})"
     return (
         f"{m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Linux {m['kernel']}, Python {m['python']}; "
         f"Kafka {servers.get('kafka')}{broker} and Redis {servers.get('redis')} on the same machine; {pkgs}"

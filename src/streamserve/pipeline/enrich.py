@@ -373,6 +373,9 @@ class FeatureBuilder:
                 )
             )
         self._group_of = {template: i for i, template in enumerate(groups)}
+        self._requested = [group.requested for group in self._groups]
+        self._widths = [1 if fields is None else len(fields) for fields in self._requested]
+        """Values per key in each group's reply: the fields read (hashes), or the one vector (packed)."""
         self._renderers = [_key_renderer(group.template, event_schema) for group in self._groups]
         self._column_renderers = [_column_renderer(group.template, event_schema) for group in self._groups]
         self._getters = {
@@ -404,7 +407,7 @@ class FeatureBuilder:
         keys_per_group = self._render_keys(events)
         distinct = [_distinct(keys) for keys in keys_per_group]
         degraded = bool(self._groups) and not redis_available
-        widths = [1 if group.packed else len(group.requested or ()) for group in self._groups]
+        widths = self._widths
         if degraded or not self._groups:
             lookups = [Replies([None] * (len(keys) * width)) for keys, width in zip(distinct, widths, strict=True)]
         else:
@@ -529,7 +532,7 @@ class FeatureBuilder:
 
     def _lookup(self, distinct: list[list[str]]) -> list[Replies]:
         assert self.fetch is not None
-        return self.fetch([(group.requested, keys) for group, keys in zip(self._groups, distinct, strict=True)])
+        return self.fetch(list(zip(self._requested, distinct, strict=True)))
 
     @staticmethod
     def _stale_mask(spec: FeatureSpec, raw: list[Any], now_ms: float, event_rows: np.ndarray) -> np.ndarray | None:
