@@ -46,6 +46,8 @@ class WorkerStats:
     shadow_out: int = 0
     dead_letters: int = 0
     batches: int = 0
+    batches_ahead: int = 0
+    """Batches whose Redis lookup was sent ahead, while the batch before them was scored."""
     aborted_batches: int = 0
     degraded_predictions: int = 0
     missing_defaults: int = 0
@@ -137,6 +139,7 @@ class Worker:
                 self._log_progress()
                 next_log = time.monotonic() + self.settings.log_every_s
         self.delivery.drain(self._observed, self.settings.shutdown_timeout_s)
+        self.processor.drop_prefetched()
         self.drained = True
         if self.follower is not None:  # control plane: a failed follower ends the worker non-zero
             self.follower.raise_if_failed()
@@ -151,12 +154,19 @@ class Worker:
         if not len(self.batcher):
             # The batch's clock starts when we begin waiting, so its first record waits at most max_wait_ms.
             self.batcher.mark_open()
-        self.batcher.add(self.source.poll(self.batcher.room, self.batcher.time_left()))
+        wait_s = 0.0 if self.batcher.ready() else self.batcher.time_left()  # a batch held ahead is ready at once
+        self.batcher.add(self.source.poll(self.batcher.room, wait_s))
         if self.batcher.ready():
+            if self.batcher.room:  # what is fetched already, without waiting: the batch held ahead
+                self.batcher.add(self.source.poll(self.batcher.room, 0))
             waited = self.batcher.age()
             self.stats.max_batch_wait_s = max(self.stats.max_batch_wait_s, waited)
             self.metrics.batch_wait.record(waited)
-            self._observed(self.batcher.take())
+            batch = self.batcher.take()
+            following = self.batcher.peek()
+            if following is not None:  # a full batch waits behind: its Redis lookup overlaps this batch's work
+                self.processor.prefetch(following)
+            self._observed(batch)
         self.delivery.sink.poll(0)
         self.delivery.commit()
         self.telemetry.sample_lag(self.read_lag)
@@ -204,6 +214,7 @@ class Worker:
         self.stats.events_in += len(sources)
         self.stats.dead_letters += len(rejected)
         self.stats.batches += 1
+        self.stats.batches_ahead = self.processor.used_ahead
         self.telemetry.batch_done(sources, rejected, self._degraded, time.perf_counter() - started)
 
     def _emit(self, sources: list[Source], inflight: InflightBatch, sink: OutputSink) -> list[Rejected]:
@@ -234,9 +245,10 @@ class Worker:
         s = self.stats
         log.info(
             "events=%d predictions=%d dead_letters=%d batches=%d aborted=%d degraded=%d defaults(missing=%d "
-            "stale=%d) paused=%d backpressure_s=%.2f max_batch_wait_ms=%.1f version=%s",
+            "stale=%d) paused=%d backpressure_s=%.2f max_batch_wait_ms=%.1f batches_ahead=%d version=%s",
             *(s.events_in, s.predictions_out, s.dead_letters, s.batches, s.aborted_batches, s.degraded_predictions),
-            *(s.missing_defaults, s.stale_defaults, s.paused, s.backpressure_s, s.max_batch_wait_s * 1000, self._live),
+            *(s.missing_defaults, s.stale_defaults, s.paused, s.backpressure_s, s.max_batch_wait_s * 1000),
+            *(s.batches_ahead, self._live),
         )
 
 

@@ -66,7 +66,8 @@ def build_worker(settings: PipelineSettings) -> Worker:
     out_topics = [settings.output.topic, settings.shadow_topic, settings.output.dead_letter_topic]
     limits = size_limits(producer_config, settings.kafka.common(), out_topics)
     source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
-    batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms)
+    # One batch held ahead: its decoding and Redis round trip start before the open batch is scored.
+    batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms, ahead=1)
     delivery = delivery_for(
         settings.delivery,
         source,

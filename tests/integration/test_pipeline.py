@@ -81,6 +81,30 @@ def test_20k_events_4_partitions_all_predicted_exactly_like_offline_onnxruntime(
     assert all(offsets == sorted(offsets) for offsets in source_offsets.values())
 
 
+@pytest.mark.pipeline(**{"batch.max_batch_size": 256})
+def test_a_backlog_sends_each_batchs_lookup_ahead_once_and_scores_like_offline_onnxruntime(
+    pipeline: Pipeline, models: dict[str, TrainedModel], entities: Entities, redis_client: redis.Redis
+) -> None:
+    """With a backlog the next batch's Redis lookup goes out while the current batch is scored: every batch is
+    still fetched exactly once (one EVALSHA per key template) and scores exactly as offline."""
+    events = list(make_events(entities, 5_000, seed=9))
+    produce_events(pipeline, events)  # before the worker starts: a backlog
+    before = int(redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    running = WorkerThread(pipeline.settings)
+    try:
+        outputs = predictions(pipeline, 5_000)
+    finally:
+        running.stop()
+    stats = running.worker.stats
+    evalsha = int(redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)) - before
+    assert stats.batches_ahead >= stats.batches // 2, f"{stats.batches_ahead} of {stats.batches} batches sent ahead"
+    assert evalsha == 2 * stats.batches, "one EVALSHA per key template (card, merchant) and batch, never two"
+    assert len(outputs) == 5_000
+    by_id = {record["event_id"]: record for _, record in outputs}
+    expected_scores, _ = offline_scores(models["v1"], offline_features(events, redis_client, pipeline.prefix))
+    np.testing.assert_allclose([by_id[e["event_id"]]["score"] for e in events], expected_scores, rtol=0, atol=1e-5)
+
+
 def _avro(schema: Any, record: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     fastavro.schemaless_writer(buffer, schema, record)

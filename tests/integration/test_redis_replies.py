@@ -5,6 +5,7 @@ for a user that may not run scripts. Keys that are not hashes reject only their 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -150,6 +151,92 @@ def test_a_user_without_scripts_reads_one_hmget_per_key(redis_client: redis.Redi
             {e.fields["region"] for e in batch_events} - {None}
         )
         assert (calls(redis_client, "evalsha"), calls(redis_client, "hmget")) == (before[0], before[1] + distinct)
+    finally:
+        client.close()
+        redis_client.acl_deluser(user)
+
+
+# --- a lookup sent ahead (RedisFetcher.start): the same columns, one round trip, and every failure recovered --------
+
+
+def ahead(client: redis.Redis, prefix: str) -> FeatureBuilder:
+    """A builder whose fetcher has loaded its script (the first lookup of a worker is a plain one)."""
+    builder = FeatureBuilder(
+        specs(prefix), redis_fetcher(client, RedisSettings(url="redis://unused", retries=0)), clock_ms=lambda: NOW_MS
+    )
+    check(builder.build(events()), events())
+    return builder
+
+
+def in_use(client: redis.Redis) -> int:
+    return len(client.connection_pool._in_use_connections)  # type: ignore[attr-defined]
+
+
+def test_a_lookup_sent_ahead_gives_the_same_columns_with_one_round_trip(redis_client: redis.Redis, store: str) -> None:
+    builder = ahead(redis_client, store)
+    batch_events = events()
+    before = calls(redis_client, "evalsha")
+    pending = builder.start_lookup(batch_events)
+    deadline = time.monotonic() + 5
+    while calls(redis_client, "evalsha") < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls(redis_client, "evalsha") == before + 2, "the scripts ran before the batch asked for their replies"
+    check(builder.build(batch_events, pending=pending), batch_events)
+    assert calls(redis_client, "evalsha") == before + 2, "building read the replies sent ahead, nothing more"
+    assert in_use(redis_client) == 0, "the connection went back to the pool"
+
+
+def test_a_lookup_sent_ahead_survives_a_forgotten_script_and_a_killed_connection(
+    redis_client: redis.Redis, store: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    builder = ahead(redis_client, store)
+    batch_events = events()[::-1]
+    redis_client.script_flush()  # the worker's SHA is stale: the replies sent ahead are NOSCRIPT errors
+    pending = builder.start_lookup(batch_events)
+    check(builder.build(batch_events, pending=pending), batch_events)
+    assert redis_client.script_exists(hashlib.sha1(HMGET_MANY.encode()).hexdigest()) == [True]
+
+    redis_client.client_pause(5_000, all=False)  # scripts wait (a WRITE pause); CLIENT KILL does not
+    try:
+        pending = builder.start_lookup(batch_events)
+        (connection,) = redis_client.connection_pool._in_use_connections  # type: ignore[attr-defined]
+        host, port = connection._sock.getsockname()[:2]
+        assert redis_client.client_kill(f"{host}:{port}")  # the lookup's connection dies before it is answered
+    finally:
+        redis_client.client_unpause()
+    with caplog.at_level(logging.INFO, logger="streamserve.pipeline.enrich"):
+        check(builder.build(batch_events, pending=pending), batch_events)
+    assert "lookup started ahead failed" in caplog.text, "the replies were lost with the connection: fetched again"
+    assert in_use(redis_client) == 0
+
+
+def test_a_lookup_sent_ahead_for_other_events_is_cancelled(redis_client: redis.Redis, store: str) -> None:
+    builder = ahead(redis_client, store)
+    batch_events = events()
+    pending = builder.start_lookup(batch_events)
+    assert in_use(redis_client) == 1
+    others = batch_events[:5]  # e.g. a revoked partition's records left the batch
+    check(builder.build(others, pending=pending), others)
+    assert in_use(redis_client) == 0, "the unread replies' connection was closed and given back"
+    check(builder.build(batch_events), batch_events)  # the pool goes on serving
+
+
+def test_a_user_without_scripts_sends_its_hmgets_ahead(redis_client: redis.Redis, stack: Servers, store: str) -> None:
+    user, password = f"noscripts-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis_client.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys=["*"], categories=["+@all", "-@scripting"]
+    )
+    client = redis.Redis.from_url(stack.redis_url, username=user, password=password)
+    try:
+        builder = ahead(client, store)  # learns that scripts are refused
+        batch_events = events()
+        before = calls(redis_client, "hmget")
+        pending = builder.start_lookup(batch_events)
+        check(builder.build(batch_events, pending=pending), batch_events)
+        distinct = len({e.fields["user"] for e in batch_events} - {None}) + len(
+            {e.fields["region"] for e in batch_events} - {None}
+        )
+        assert calls(redis_client, "hmget") == before + distinct
     finally:
         client.close()
         redis_client.acl_deluser(user)

@@ -243,6 +243,15 @@ def test_exactly_once_drain_commits_what_is_batched() -> None:
     assert not len(batcher)
 
 
+def test_exactly_once_drain_past_its_deadline_abandons_everything_held() -> None:
+    delivery, _, _, sinks = make("exactly_once")
+    batcher = delivery.batcher = MicroBatcher[Source](4, 10, ahead=1)  # a batch held ahead as well
+    batcher.add([src(0, offset) for offset in range(8)])
+    delivery.drain(lambda sources: delivery.process(sources, emit_pending), 0.0)
+    assert not sinks[0].transactions, "nothing processed past the deadline"
+    assert not len(batcher), "both batches held are abandoned to the next owner, none left behind"
+
+
 @given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 2), st.integers(0, 10**12)), max_size=40))
 def test_offset_bounds_are_each_partitions_lowest_and_highest(records: list[tuple[str, int, int]]) -> None:
     """A batch's offsets per (topic, partition), whatever their order: what commits and log context rely on."""

@@ -75,7 +75,9 @@ class WorkerMetrics:
             "streamserve.feature.defaults", unit="1", description="feature values replaced by their default, by reason"
         )
         self.redis_duration = meter.create_histogram(
-            "streamserve.redis.duration", unit="s", description="Redis round trip (one pipelined fetch per batch)"
+            "streamserve.redis.duration",
+            unit="s",
+            description="Redis round trip per batch (one pipelined fetch; for a lookup sent ahead, the wait for it)",
         )
         self.inference_duration = meter.create_histogram(
             "streamserve.inference.duration", unit="s", description="onnxruntime run, per batch and model version"

@@ -128,18 +128,30 @@ class Telemetry:
         """The feature fetcher, timed per round trip and reading the ages of stamped features."""
 
         def wrapper(requests: Sequence[tuple[Sequence[str] | None, Sequence[str]]]) -> Any:
-            start = time.perf_counter_ns()
-            replies = fetch(requests)
-            elapsed = (time.perf_counter_ns() - start) / 1e9
-            if self.clock is not None:
-                self.clock.redis_s.append(elapsed)
-            else:
-                self.metrics.redis_duration.record(elapsed)
-            if self.updated_at_fields:
-                self._record_ages(requests, replies)
-            return replies
+            return self._fetched(requests, fetch, requests)
 
         return wrapper  # type: ignore[return-value]
+
+    def redis_starter(self, start: F) -> F:
+        """The fetcher's start (a lookup sent ahead): its replies are timed and read as the fetcher's are; the
+        time recorded is how long the batch waited for them once it needed them (the overlapped part is free)."""
+
+        def wrapper(requests: Sequence[tuple[Sequence[str] | None, Sequence[str]]]) -> Any:
+            return _ObservedPending(self, requests, start(requests))
+
+        return wrapper  # type: ignore[return-value]
+
+    def _fetched(self, requests: Sequence[tuple[Sequence[str] | None, Sequence[str]]], call: Any, *args: Any) -> Any:
+        start = time.perf_counter_ns()
+        replies = call(*args)
+        elapsed = (time.perf_counter_ns() - start) / 1e9
+        if self.clock is not None:
+            self.clock.redis_s.append(elapsed)
+        else:
+            self.metrics.redis_duration.record(elapsed)
+        if self.updated_at_fields:
+            self._record_ages(requests, replies)
+        return replies
 
     def _record_ages(self, requests: Sequence[tuple[Sequence[str] | None, Sequence[str]]], replies: Any) -> None:
         now_ms = time.time() * 1000
@@ -225,6 +237,8 @@ class Telemetry:
         p.features.build = self.timed("enrich", p.features.build)
         if p.features.fetch is not None:
             p.features.fetch = self.redis_fetcher(p.features.fetch)
+        if p.features.start_fetch is not None:
+            p.features.start_fetch = self.redis_starter(p.features.start_fetch)
         p.predict = self.timed("infer", p.predict)
         p.encoder.encode = self.timed("encode", p.encoder.encode)
         p.run = self.timed("process", p.run)  # its end starts "produce"
@@ -304,3 +318,16 @@ def consumer_lag(consumer: Any) -> Callable[[], list[tuple[str, int, int]]]:
         return rows
 
     return lag
+
+
+class _ObservedPending:
+    """A lookup sent ahead whose replies, once read, are timed and sampled as a fetch's (Telemetry.redis_starter)."""
+
+    def __init__(self, telemetry: Telemetry, requests: Any, pending: Any) -> None:
+        self._telemetry, self._requests, self._pending = telemetry, requests, pending
+
+    def result(self) -> Any:
+        return self._telemetry._fetched(self._requests, self._pending.result)
+
+    def cancel(self) -> None:
+        self._pending.cancel()

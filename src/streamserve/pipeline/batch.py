@@ -15,10 +15,19 @@ class MicroBatcher(Generic[T]):
     The clock is injectable (seconds, monotonic) so the time bound is testable without sleeping.
     """
 
-    def __init__(self, max_batch_size: int, max_wait_ms: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_wait_ms: float,
+        clock: Callable[[], float] = time.monotonic,
+        ahead: int = 0,
+    ) -> None:
+        """``ahead``: whole batches held beyond the open one (room counts them), so the next batch's work can
+        start before the open one is processed (see peek)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.max_batch_size = max_batch_size
+        self.ahead = ahead
         self.max_wait_s = max_wait_ms / 1000
         self._clock = clock
         self._items: list[T] = []
@@ -41,8 +50,12 @@ class MicroBatcher(Generic[T]):
 
     @property
     def room(self) -> int:
-        """How many more items fit before the size bound closes the batch."""
-        return max(0, self.max_batch_size - len(self._items))
+        """How many more items to take in: what the open batch lacks, and once it is full, the batches held
+        ahead (so a poll waiting for the open batch never waits for more than it)."""
+        held = len(self._items)
+        if held < self.max_batch_size:
+            return self.max_batch_size - held
+        return max(0, (1 + self.ahead) * self.max_batch_size - held)
 
     def time_left(self) -> float:
         """Seconds until the time bound closes the open batch (max_wait when nothing is open)."""
@@ -65,6 +78,12 @@ class MicroBatcher(Generic[T]):
         batch, self._items = self._items[: self.max_batch_size], self._items[self.max_batch_size :]
         self._opened_at = self._clock() if self._items else None
         return batch
+
+    def peek(self) -> list[T] | None:
+        """What take() will return next when it is already decided (a full batch is held), else None."""
+        if len(self._items) < self.max_batch_size:
+            return None
+        return self._items[: self.max_batch_size]
 
     def drop(self, keep: Callable[[T], bool]) -> list[T]:
         """Remove the items that fail ``keep`` (e.g. of revoked partitions) and return them."""

@@ -198,7 +198,7 @@ class ExactlyOnce(Delivery):
         deadline = time.monotonic() + timeout_s
         while len(self.batcher) and time.monotonic() < deadline:
             process(self.batcher.take())
-        self.batcher.take()  # past the deadline: abandoned uncommitted, the next owner re-reads it
+        self.batcher.drop(lambda _: False)  # past the deadline: abandoned uncommitted, the next owner re-reads it
 
     def revoked(self, partitions: list[TopicPartition], process: Process) -> None:
         # No transaction is open between batches; records not yet processed are left to the next owner.

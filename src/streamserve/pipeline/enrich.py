@@ -16,7 +16,7 @@ import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import redis
@@ -130,14 +130,143 @@ return {out, errors}
 the keys whose HMGET failed (e.g. WRONGTYPE) with their error, so one bad key does not fail the batch."""
 
 
-def redis_fetcher(client: redis.Redis, settings: RedisSettings) -> FetchFeatures:
-    """Every key of every group in one pipelined round trip (one command per key template); retry with backoff."""
-    script = _HashScript(client)
+class PendingReplies(Protocol):
+    """A feature fetch under way (started ahead of the batch that needs it)."""
 
-    def fetch(requests: Sequence[FeatureRequest]) -> list[Replies]:
-        return _redis_fetch_with_retry(client, script, requests, settings)
+    def result(self) -> list[Replies]:
+        """The replies, as the fetcher's call would have returned them (its errors and policies too)."""
+        ...
 
-    return fetch
+    def cancel(self) -> None:
+        """The replies will not be read (the batch changed): free what the fetch holds."""
+        ...
+
+
+StartFetch = Callable[[Sequence[FeatureRequest]], PendingReplies]
+"""Sends one request per key group now; the PendingReplies' result() waits for them."""
+
+
+class _Deferred:
+    """A fetch with no head start: result() makes the call (fetchers that cannot send ahead, fakes in tests)."""
+
+    def __init__(self, fetch: FetchFeatures, requests: Sequence[FeatureRequest]) -> None:
+        self._fetch, self._requests = fetch, requests
+
+    def result(self) -> list[Replies]:
+        return self._fetch(self._requests)
+
+    def cancel(self) -> None:
+        pass
+
+
+class RedisFetcher:
+    """Every key of every group in one pipelined round trip (one command per key template); retry with backoff.
+
+    Called, it sends and waits. ``start()`` sends the commands on a connection of its own and returns at once:
+    the worker starts the next batch's lookup before it scores the current one, so Redis works through the keys
+    while this process encodes and produces (no helper thread: the reply waits in the socket until ``result()``
+    reads it). A head start that meets an error (connection lost, timeout, a script Redis forgot, ACLs) is
+    dropped and the batch is fetched again the usual way, with the retries and the ``redis.on_error`` policy.
+    """
+
+    def __init__(self, client: redis.Redis, settings: RedisSettings) -> None:
+        self.client = client
+        self.settings = settings
+        self.script = _HashScript(client)
+
+    def __call__(self, requests: Sequence[FeatureRequest]) -> list[Replies]:
+        return _redis_fetch_with_retry(self.client, self.script, requests, self.settings)
+
+    def start(self, requests: Sequence[FeatureRequest]) -> PendingReplies:
+        """Send the requests now; result() reads the replies (or fetches again on any error)."""
+        if self.script.sha is None and not self.script.refused and any(fields for fields, _ in requests):
+            return _Deferred(self, requests)  # the first hash lookup loads the script the usual way
+        commands = _commands(requests, self.script.sha)
+        pool = self.client.connection_pool
+        try:
+            connection = _take_connection(pool)
+        except redis.RedisError:
+            return _Deferred(self, requests)
+        try:
+            connection.send_packed_command(connection.pack_commands(commands))
+        except redis.RedisError:
+            _discard(pool, connection)
+            return _Deferred(self, requests)
+        return _Sent(self, requests, len(commands), connection, per_key=self.script.sha is None)
+
+
+class _Sent:
+    """Commands sent on a connection taken from the pool; their replies not read yet."""
+
+    def __init__(
+        self, fetcher: RedisFetcher, requests: Sequence[FeatureRequest], count: int, connection: Any, per_key: bool
+    ) -> None:
+        self._fetcher, self._requests, self._count, self._connection = fetcher, requests, count, connection
+        self._per_key = per_key
+
+    def result(self) -> list[Replies]:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            raise RuntimeError("the replies of a fetch are read once")
+        pool = self._fetcher.client.connection_pool
+        replies: list[Any] = []
+        try:
+            for _ in range(self._count):
+                try:
+                    replies.append(connection.read_response())
+                except redis.ResponseError as exc:  # a key's or a group's error (WRONGTYPE...): as execute() does
+                    replies.append(exc)
+        except redis.RedisError as exc:
+            _discard(pool, connection)
+            log.info("Redis lookup started ahead failed (%s): fetching the batch again", exc)
+            return self._fetcher(self._requests)
+        pool.release(connection)
+        if any(isinstance(reply, _FETCH_AGAIN) for reply in replies):
+            return self._fetcher(self._requests)  # reloads the script, or raises as the usual fetch would
+        return _parse_replies(self._requests, replies, self._per_key)
+
+    def cancel(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            _discard(self._fetcher.client.connection_pool, connection)
+
+
+_FETCH_AGAIN = (redis.exceptions.NoScriptError, redis.exceptions.NoPermissionError)
+"""Replies the usual fetch knows what to do with (load the script again; refuse as an outage)."""
+
+
+def _take_connection(pool: Any) -> Any:
+    """A connection of the pool for our own use (connected, nothing unread on it)."""
+    try:
+        return pool.get_connection()
+    except TypeError:  # redis-py 5 still requires a command name, which newer versions deprecate
+        return pool.get_connection("EVALSHA")
+
+
+def _discard(pool: Any, connection: Any) -> None:
+    """Close a connection whose replies are unread or broken, and give it back to the pool (it reconnects)."""
+    connection.disconnect()
+    pool.release(connection)
+
+
+def redis_fetcher(client: redis.Redis, settings: RedisSettings) -> RedisFetcher:
+    """The feature fetcher of a Redis client (see RedisFetcher)."""
+    return RedisFetcher(client, settings)
+
+
+def _commands(requests: Sequence[FeatureRequest], sha: str | None) -> list[tuple[Any, ...]]:
+    """The commands of one fetch: MGET per packed group, EVALSHA per hash group (HMGET per key without scripts)."""
+    commands: list[tuple[Any, ...]] = []
+    for fields, group_keys in requests:
+        if not group_keys:
+            continue
+        if fields is None:
+            commands.append(("MGET", *group_keys))
+        elif sha is None:
+            commands += [("HMGET", key, *fields) for key in group_keys]
+        else:
+            commands.append(("EVALSHA", sha, len(group_keys), *group_keys, *fields))
+    return commands
 
 
 class _HashScript:
@@ -173,16 +302,8 @@ def _redis_fetch_with_retry(
         try:
             sha = script.sha or script.load()
             pipe = client.pipeline(transaction=False)
-            for fields, group_keys in requests:
-                if not group_keys:
-                    continue
-                if fields is None:
-                    pipe.mget(group_keys)
-                elif sha is None:
-                    for key in group_keys:
-                        pipe.hmget(key, fields)
-                else:
-                    pipe.evalsha(sha, len(group_keys), *group_keys, *fields)
+            for command in _commands(requests, sha):
+                pipe.execute_command(*command)
             replies = pipe.execute(raise_on_error=False)  # a failing key or group is rejected, not the worker
             if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
                 script.sha = None
@@ -200,6 +321,11 @@ def _redis_fetch_with_retry(
             log.warning("Redis error (%s), retry %d %s in %.2fs", exc, attempt + 1, limit, delay)
             time.sleep(delay)
             attempt += 1
+    return _parse_replies(requests, replies, script.sha is None)
+
+
+def _parse_replies(requests: Sequence[FeatureRequest], replies: list[Any], per_key: bool) -> list[Replies]:
+    """One Replies per group from the raw replies of _commands (per_key: hashes were read with HMGET per key)."""
     results: list[Replies] = []
     position = 0
     for fields, group_keys in requests:
@@ -207,7 +333,7 @@ def _redis_fetch_with_retry(
         if not group_keys:
             results.append(Replies([]))
             continue
-        if fields is not None and script.sha is None:  # one HMGET reply (or error) per key
+        if fields is not None and per_key:  # one HMGET reply (or error) per key
             values: list[Any] = []
             errors: dict[int, Exception] = {}
             for i, reply in enumerate(replies[position : position + len(group_keys)]):
@@ -334,6 +460,16 @@ def _key_renderer(template: str, event_schema: Any | None = None) -> Callable[[d
     return render
 
 
+@dataclass(frozen=True, slots=True)
+class PendingLookup:
+    """A batch's Redis lookup sent ahead (FeatureBuilder.start_lookup), with the keys it asked for."""
+
+    events: Sequence[Event]
+    keys_per_group: list[list[str | None]]
+    distinct: list[list[str]]
+    lookup: PendingReplies
+
+
 class FeatureBuilder:
     """Builds each feature's column for a batch of events: numbers as float64, categories as text or codes.
 
@@ -390,26 +526,58 @@ class FeatureBuilder:
         }
         if self._groups and fetch is None:
             raise ValueError("Redis features need a Redis fetcher")
+        self.start_fetch: StartFetch | None = getattr(fetch, "start", None)
+        """Sends a fetch ahead (a fetcher with ``start``); None: start_lookup defers the call to build()."""
 
     @property
     def width(self) -> int:
         """Number of model input columns per event, over all features."""
         return sum(spec.width for spec in self.features)
 
-    def build(self, events: Sequence[Event], redis_available: bool = True) -> FeatureBatch:
+    @property
+    def reads_redis(self) -> bool:
+        """Some features come from Redis (a batch's round trip can be started ahead: start_lookup)."""
+        return bool(self._groups)
+
+    def start_lookup(self, events: Sequence[Event]) -> PendingLookup:
+        """Send the events' Redis lookup now; build(events, pending=...) reads its replies.
+
+        The worker starts the next batch's lookup before it scores the current batch, so that Redis works
+        through its keys while this batch is scored, encoded and produced, instead of the loop waiting for it.
+        The values are read that much earlier; freshness is judged when the batch is built.
+        """
+        keys_per_group = self._render_keys(events)
+        distinct = [_distinct(keys) for keys in keys_per_group]
+        requests = list(zip(self._requested, distinct, strict=True))
+        assert self.fetch is not None
+        started = self.start_fetch(requests) if self.start_fetch is not None else _Deferred(self.fetch, requests)
+        return PendingLookup(events, keys_per_group, distinct, started)
+
+    def build(
+        self, events: Sequence[Event], redis_available: bool = True, pending: PendingLookup | None = None
+    ) -> FeatureBatch:
         """Columns for the events whose features could be built; the others are rejected with a reason.
 
         With ``redis_available=False`` every Redis feature takes its default and the batch is flagged
-        degraded (the ``defaults`` policy for feature-store outages).
+        degraded (the ``defaults`` policy for feature-store outages). ``pending``: the lookup start_lookup()
+        sent for these same events (the very list); its replies are read here, its errors raised here.
         """
         n = len(events)
         reasons: dict[int, str] = {}
-        keys_per_group = self._render_keys(events)
-        distinct = [_distinct(keys) for keys in keys_per_group]
+        if pending is not None and (pending.events is not events or not redis_available):
+            pending.lookup.cancel()
+            pending = None
+        if pending is not None:
+            keys_per_group, distinct = pending.keys_per_group, pending.distinct
+        else:
+            keys_per_group = self._render_keys(events)
+            distinct = [_distinct(keys) for keys in keys_per_group]
         degraded = bool(self._groups) and not redis_available
         widths = self._widths
         if degraded or not self._groups:
             lookups = [Replies([None] * (len(keys) * width)) for keys, width in zip(distinct, widths, strict=True)]
+        elif pending is not None:
+            lookups = pending.lookup.result()
         else:
             lookups = self._lookup(distinct)
         # Per group, each event's row among the distinct keys (the extra last row stands for "no entity": a key

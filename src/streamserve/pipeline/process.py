@@ -10,6 +10,7 @@ platform failures (Redis under the ``fail`` policy, the Schema Registry under ``
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from streamserve.control.registry import Routing
 from streamserve.errors import EnrichError, InferenceError
 from streamserve.pipeline.decode import Decoder
 from streamserve.pipeline.encode import ENCODE_STAGE, Encoded, EncodedBatch, PredictionEncoder
-from streamserve.pipeline.enrich import FeatureBuilder
+from streamserve.pipeline.enrich import FeatureBuilder, PendingLookup
 from streamserve.pipeline.infer import OnnxModel
 from streamserve.records import Event, FeatureBatch, ModelOutputs, Rejected, Source
 
@@ -28,6 +29,18 @@ log = logging.getLogger(__name__)
 DECODE_STAGE = "decode"
 FEATURES_STAGE = "features"
 INFER_STAGE = "infer"
+PREFETCHED = 2
+"""Batches held prepared ahead at most: the one about to run and the one after it."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Ahead:
+    """The next batch, decoded, with its Redis round trip under way (BatchProcessor.prefetch)."""
+
+    sources: list[Source]
+    events: list[Event]
+    rejected: list[Rejected]
+    pending: PendingLookup | None
 
 
 @dataclass(slots=True)
@@ -68,14 +81,54 @@ class BatchProcessor:
         self.output_topic = output_topic
         self.shadow_topic = shadow_topic
         self.on_redis_error = on_redis_error
+        self._ahead: list[_Ahead] = []
+        self.used_ahead = 0
+        """Batches that ran on a lookup sent ahead (prefetch) rather than one of their own."""
+
+    def prefetch(self, sources: list[Source]) -> None:
+        """Decode a batch that comes next and send its Redis lookup now, so that Redis works through its keys
+        while the current batch is scored, encoded and produced.
+
+        run() uses what was prepared only when it is given these very records (the batcher's objects, in the
+        same order); anything else (records dropped on revoke, a rewind) is processed from scratch. At most
+        PREFETCHED batches are held: preparing one more forgets the oldest.
+        """
+        if not self.features.reads_redis or not sources or any(_same(a.sources, sources) for a in self._ahead):
+            return
+        decoded = BatchResult()
+        try:
+            events = self.decode_batch(sources, decoded)
+            pending = self.features.start_lookup(events) if events else None
+        except Exception:  # noqa: BLE001 - run() meets it again where it is handled (registry down, a record's keys)
+            return
+        self._ahead.append(_Ahead(sources, events, decoded.rejected, pending))
+        while len(self._ahead) > PREFETCHED:
+            _cancel(self._ahead.pop(0))
+
+    def drop_prefetched(self) -> None:
+        """Forget every batch prepared ahead (their lookups' replies are not read)."""
+        ahead, self._ahead = self._ahead, []
+        for each in ahead:
+            _cancel(each)
 
     def run(self, sources: list[Source], routing: Routing) -> BatchResult:
         """Process one batch; every source ends in exactly one of result.outputs (live lane) or rejected."""
         result = BatchResult()
-        events = self.decode_batch(sources, result)
+        pending = None
+        for position, ahead in enumerate(self._ahead):
+            if _same(ahead.sources, sources):
+                for older in self._ahead[:position]:  # prepared for records that never came as a batch
+                    _cancel(older)
+                del self._ahead[: position + 1]
+                events, pending = ahead.events, ahead.pending
+                result.rejected += ahead.rejected
+                self.used_ahead += 1
+                break
+        else:
+            events = self.decode_batch(sources, result)
         if not events:
             return result
-        batch = self._features(events, result)
+        batch = self._features(events, result, pending)
         if batch.events:
             self._score(batch, routing, result)
         return result
@@ -93,9 +146,9 @@ class BatchProcessor:
 
     # --- features ----------------------------------------------------------------------------------------
 
-    def _features(self, events: list[Event], result: BatchResult) -> FeatureBatch:
+    def _features(self, events: list[Event], result: BatchResult, pending: PendingLookup | None = None) -> FeatureBatch:
         try:
-            batch = self._isolated_build(events, redis_available=True)
+            batch = self._isolated_build(events, redis_available=True, pending=pending)
         except EnrichError as exc:
             if self.on_redis_error == "fail":
                 raise
@@ -109,10 +162,12 @@ class BatchProcessor:
         result.stale_defaults += batch.stale_defaults
         return batch
 
-    def _isolated_build(self, events: list[Event], redis_available: bool) -> FeatureBatch:
+    def _isolated_build(
+        self, events: list[Event], redis_available: bool, pending: PendingLookup | None = None
+    ) -> FeatureBatch:
         """features.build, and when it fails unexpectedly, the halves apart until the failing events are alone."""
         try:
-            return self.features.build(events, redis_available=redis_available)
+            return self.features.build(events, redis_available=redis_available, pending=pending)
         except EnrichError:
             raise  # the feature store, not a record
         except Exception as exc:  # noqa: BLE001 - narrowed down to the records that cause it
@@ -214,6 +269,16 @@ class BatchProcessor:
                 *self.predict(model, columns, positions[:middle], events, rejected),
                 *self.predict(model, columns, positions[middle:], events, rejected),
             ]
+
+
+def _cancel(ahead: _Ahead) -> None:
+    if ahead.pending is not None:
+        ahead.pending.lookup.cancel()
+
+
+def _same(first: list[Source], second: list[Source]) -> bool:
+    """The very same records in the same order (the batcher hands out its own objects: identity suffices)."""
+    return len(first) == len(second) and all(map(operator.is_, first, second))
 
 
 def _concat(first: FeatureBatch, second: FeatureBatch) -> FeatureBatch:

@@ -197,6 +197,8 @@ class KafkaSource:
 
     def poll(self, max_records: int, timeout: float) -> list[Source]:
         """Up to max_records input records, waiting at most timeout seconds."""
+        if max_records <= 0:
+            return []
         # Rebalance callbacks run inside consume(), possibly after it took records not yet handed out: the
         # consumed position is no proof of processing there.
         self._consuming = True
