@@ -154,11 +154,12 @@ class Worker:
         if not len(self.batcher):
             # The batch's clock starts when we begin waiting, so its first record waits at most max_wait_ms.
             self.batcher.mark_open()
+            self.processor.drop_prefetched()  # nothing held: what was prepared ahead (a rewind) can never run
         wait_s = 0.0 if self.batcher.ready() else self.batcher.time_left()  # a batch held ahead is ready at once
         self.batcher.add(self.source.poll(self.batcher.room, wait_s))
-        if self.batcher.ready():
-            if self.batcher.room:  # what is fetched already, without waiting: the batch held ahead
-                self.batcher.add(self.source.poll(self.batcher.room, 0))
+        if self.batcher.ready() and self.batcher.room:  # what is fetched already, without waiting: the batch ahead
+            self.batcher.add(self.source.poll(self.batcher.room, 0))
+        if self.batcher.ready():  # again: a rebalance served by that poll may have taken the records
             waited = self.batcher.age()
             self.stats.max_batch_wait_s = max(self.stats.max_batch_wait_s, waited)
             self.metrics.batch_wait.record(waited)

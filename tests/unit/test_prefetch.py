@@ -49,16 +49,21 @@ class Store:
 
 
 class Pending:
+    sent = True
+
     def __init__(self, store: Store, keys: list[str], replies: list[Replies]) -> None:
         self.store, self.keys, self.replies = store, keys, replies
+        self.cancelled = False
 
     def result(self) -> list[Replies]:
+        assert not self.cancelled, "the replies of a cancelled lookup were read"
         self.store.read.append(self.keys)
         if self.store.fail:
             raise EnrichError("Redis unavailable after 3 attempts: ConnectionError: refused")
         return self.replies
 
     def cancel(self) -> None:
+        self.cancelled = True
         self.store.cancelled.append(self.keys)
 
 
@@ -74,7 +79,11 @@ def processor(tmp_path: Path, store: Store, on_redis_error: str = "dead_letter")
 
 
 def sources(n: int, first_offset: int = 0) -> list[Source]:
-    values = [avro({"id": f"t{i}", "queue": ["billing", "tech"][i % 3 % 2], "wait_s": None}) for i in range(n)]
+    """Events of their own per offset (ids, and queues in a pattern that shifts with the offset)."""
+    values = [
+        avro({"id": f"t{first_offset + i}", "queue": ["billing", "tech"][(first_offset + i) % 3 % 2], "wait_s": None})
+        for i in range(n)
+    ]
     values[3] = b"\x00\xff\x13"  # not a record: rejected at decode, with or without the head start
     return [Source("in", 0, first_offset + i, None, value, None, 0) for i, value in enumerate(values)]
 
@@ -186,3 +195,23 @@ def test_the_batcher_holds_one_batch_ahead_and_says_what_comes_next() -> None:
     assert batcher.peek() == [4, 5, 6, 7]
     assert batcher.take() == [4, 5, 6, 7]
     assert batcher.ready(), "a full batch held ahead is ready at once"
+
+
+def test_a_batch_whose_decoding_would_ask_the_registry_is_not_prepared_ahead(tmp_path: Path) -> None:
+    """Decoding ahead must never wait for a Schema Registry (its wait policy would hold the batch before it)."""
+    store = Store()
+    run, routing = processor(tmp_path, store)
+    asked: list[int] = []
+
+    class Unknown(LocalSchemaDecoder):
+        def decodes_now(self, values: Sequence[bytes | None]) -> bool:
+            asked.append(len(values))
+            return False
+
+    run.decode = Unknown(run.decode.schema)  # type: ignore[attr-defined]
+    batch = sources(30)
+    run.prefetch(batch)
+    assert asked == [30]
+    assert not store.sent, "nothing decoded or sent ahead"
+    assert run.run(batch, routing).predictions == 29
+    assert run.used_ahead == 0

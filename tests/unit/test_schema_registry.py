@@ -84,6 +84,25 @@ def test_an_unknown_id_is_the_records_fault_and_is_remembered_for_a_while() -> N
     assert registry.calls == 2
 
 
+def test_a_batch_decodes_now_only_when_every_writer_id_is_known() -> None:
+    """The worker decodes a batch ahead of its turn only then: a request to a registry that is down would hold
+    the batch before it (the wait policy retries until the registry answers)."""
+    registry, now = FlakyRegistry(READER, failures=0), [0.0]
+    decoder = RegistryDecoder(registry, fastavro.parse_schema(READER), "wait", clock=lambda: now[0])
+    known, other = payload(), encode_wire(8, fastavro.parse_schema(READER), {"a": "y", "b": 0.0})
+    assert not decoder.decodes_now([known])
+    assert registry.calls == 0, "asking costs no request"
+    decoder.decode_many([known])
+    assert decoder.decodes_now([known, None, b"", b"\x00\x01", b"not wire format"]), "bad values ask nobody"
+    assert not decoder.decodes_now([known, other])
+    registry.missing = True
+    decoder.decode_many([other])  # id 8 answered as missing: remembered for MISSING_TTL_S
+    assert decoder.decodes_now([known, other])
+    now[0] = RegistryDecoder.MISSING_TTL_S + 1
+    assert not decoder.decodes_now([other]), "a missing id is asked again once its answer expired"
+    assert registry.calls == 2
+
+
 def test_an_unresolvable_writer_schema_names_its_id() -> None:
     writer = {**READER, "fields": [{"name": "a", "type": "int"}]}
     decoder = RegistryDecoder(FlakyRegistry(writer, failures=0), fastavro.parse_schema(READER))

@@ -331,3 +331,7 @@ class _ObservedPending:
 
     def cancel(self) -> None:
         self._pending.cancel()
+
+    @property
+    def sent(self) -> bool:
+        return bool(self._pending.sent)

@@ -211,6 +211,10 @@ class Decoder(Protocol):
         """Per value, what ``self(value)`` returns or the exception it raises (RegistryUnavailable propagates)."""
         ...
 
+    def decodes_now(self, values: Sequence[bytes | None]) -> bool:
+        """decode_many(values) needs nothing it does not hold (no Schema Registry request that could wait)."""
+        ...
+
 
 def _read_exact(payload: bytes, offset: int, writer: Schema, reader: Schema | None) -> dict[str, Any]:
     """One record from payload[offset:], written with `writer`, resolved to `reader` (None: the writer's)."""
@@ -279,6 +283,10 @@ class LocalSchemaDecoder:
     def decode_many(self, values: Sequence[bytes | None]) -> list[Decoded]:
         """Per value, its record or the exception that rejects it: one fastavro call when all are records."""
         return _batch_or_each(self, values, 0, self._batch, None)
+
+    def decodes_now(self, values: Sequence[bytes | None]) -> bool:
+        """Always: the schema is local."""
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +426,18 @@ class RegistryDecoder:
         if magic != WIRE_MAGIC:
             raise DecodeError(f"unknown magic byte {magic} (expected Schema Registry wire format)")
         return self._read(value, schema_id, self._resolved(schema_id))
+
+    def decodes_now(self, values: Sequence[bytes | None]) -> bool:
+        """Every writer schema id of the values is known (cached, or recently answered as missing): decoding them
+        makes no registry request, so it cannot wait for a registry that is down."""
+        now = self._clock()
+        for schema_id in {bytes(value[1 : _WIRE_HEADER.size]) for value in values if value and value[0] == WIRE_MAGIC}:
+            number = int.from_bytes(schema_id, "big")
+            if len(schema_id) == _WIRE_HEADER.size - 1 and number not in self._writers:
+                missing = self._missing.get(number)
+                if missing is None or now >= missing[0]:
+                    return False
+        return True
 
     def decode_many(self, values: Sequence[bytes | None]) -> list[Decoded]:
         """Per value, its record or the exception that rejects it: one fastavro call per writer schema id."""

@@ -141,6 +141,11 @@ class PendingReplies(Protocol):
         """The replies will not be read (the batch changed): free what the fetch holds."""
         ...
 
+    @property
+    def sent(self) -> bool:
+        """The requests went out ahead (False: result() makes the whole call)."""
+        ...
+
 
 StartFetch = Callable[[Sequence[FeatureRequest]], PendingReplies]
 """Sends one request per key group now; the PendingReplies' result() waits for them."""
@@ -158,6 +163,8 @@ class _Deferred:
     def cancel(self) -> None:
         pass
 
+    sent = False
+
 
 class RedisFetcher:
     """Every key of every group in one pipelined round trip (one command per key template); retry with backoff.
@@ -173,6 +180,7 @@ class RedisFetcher:
         self.client = client
         self.settings = settings
         self.script = _HashScript(client)
+        self.resume_ahead_at = 0.0
 
     def __call__(self, requests: Sequence[FeatureRequest]) -> list[Replies]:
         return _redis_fetch_with_retry(self.client, self.script, requests, self.settings)
@@ -181,18 +189,29 @@ class RedisFetcher:
         """Send the requests now; result() reads the replies (or fetches again on any error)."""
         if self.script.sha is None and not self.script.refused and any(fields for fields, _ in requests):
             return _Deferred(self, requests)  # the first hash lookup loads the script the usual way
+        if time.monotonic() < self.resume_ahead_at:
+            return _Deferred(self, requests)  # Redis failed a lookup sent ahead lately: no second wait per batch
         commands = _commands(requests, self.script.sha)
         pool = self.client.connection_pool
         try:
             connection = _take_connection(pool)
         except redis.RedisError:
+            self.failed_ahead()
             return _Deferred(self, requests)
         try:
             connection.send_packed_command(connection.pack_commands(commands))
         except redis.RedisError:
             _discard(pool, connection)
+            self.failed_ahead()
             return _Deferred(self, requests)
+        except BaseException:
+            _discard(pool, connection)
+            raise
         return _Sent(self, requests, len(commands), connection, per_key=self.script.sha is None)
+
+    def failed_ahead(self) -> None:
+        """A lookup sent ahead met a Redis error: send none ahead for AHEAD_BACKOFF_S (the usual fetch retries)."""
+        self.resume_ahead_at = time.monotonic() + AHEAD_BACKOFF_S
 
 
 class _Sent:
@@ -218,8 +237,12 @@ class _Sent:
                     replies.append(exc)
         except redis.RedisError as exc:
             _discard(pool, connection)
+            self._fetcher.failed_ahead()
             log.info("Redis lookup started ahead failed (%s): fetching the batch again", exc)
             return self._fetcher(self._requests)
+        except BaseException:
+            _discard(pool, connection)
+            raise
         pool.release(connection)
         if any(isinstance(reply, _FETCH_AGAIN) for reply in replies):
             return self._fetcher(self._requests)  # reloads the script, or raises as the usual fetch would
@@ -230,7 +253,11 @@ class _Sent:
         if connection is not None:
             _discard(self._fetcher.client.connection_pool, connection)
 
+    sent = True
 
+
+AHEAD_BACKOFF_S = 5.0
+"""After a lookup sent ahead failed, this long without sending ahead (an outage costs the usual retries only)."""
 _FETCH_AGAIN = (redis.exceptions.NoScriptError, redis.exceptions.NoPermissionError)
 """Replies the usual fetch knows what to do with (load the script again; refuse as an outage)."""
 

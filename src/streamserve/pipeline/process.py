@@ -83,7 +83,7 @@ class BatchProcessor:
         self.on_redis_error = on_redis_error
         self._ahead: list[_Ahead] = []
         self.used_ahead = 0
-        """Batches that ran on a lookup sent ahead (prefetch) rather than one of their own."""
+        """Batches whose Redis lookup went out ahead (prefetch), while the batch before them was processed."""
 
     def prefetch(self, sources: list[Source]) -> None:
         """Decode a batch that comes next and send its Redis lookup now, so that Redis works through its keys
@@ -95,6 +95,9 @@ class BatchProcessor:
         """
         if not self.features.reads_redis or not sources or any(_same(a.sources, sources) for a in self._ahead):
             return
+        values = [source.value for source in sources]
+        if not self.decode.decodes_now(values):
+            return  # a new writer schema id: the registry is asked when the batch runs, never ahead of its turn
         decoded = BatchResult()
         try:
             events = self.decode_batch(sources, decoded)
@@ -122,7 +125,7 @@ class BatchProcessor:
                 del self._ahead[: position + 1]
                 events, pending = ahead.events, ahead.pending
                 result.rejected += ahead.rejected
-                self.used_ahead += 1
+                self.used_ahead += pending is not None and pending.lookup.sent
                 break
         else:
             events = self.decode_batch(sources, result)
