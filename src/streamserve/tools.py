@@ -14,7 +14,7 @@ from typing import Any
 import fastavro
 import numpy as np
 import redis
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Producer
 
 from streamserve.errors import StreamServeError
 from streamserve.pipeline.fields import getter, render_id
@@ -84,6 +84,11 @@ def load_packed_features(
     )
 
 
+STUCK_AFTER_S = 20.0
+"""produce_avro: records not acknowledged this long after the last one was produced count as stuck."""
+STUCK_RETRIES = 3
+
+
 def produce_avro(
     producer_config: dict[str, Any],
     topic: str,
@@ -97,11 +102,17 @@ def produce_avro(
     # Metadata refreshed every 5 s (librdkafka's default is 5 min): after a broker restart a producer was seen
     # holding every record for minutes on "new leader-1 not found in cache", until a periodic refresh.
     defaults = {"linger.ms": 20, "enable.idempotence": True, "topic.metadata.refresh.interval.ms": 5000}
-    producer = Producer({**defaults, **producer_config})
+    config = {**defaults, **producer_config}
+    producer = Producer(config)
     failures: list[str] = []
+    purged: list[tuple[bytes | None, bytes]] = []
 
     def on_delivery(err: Any, msg: Any) -> None:
-        if err is not None:
+        if err is None:
+            return
+        if err.code() == KafkaError._PURGE_QUEUE:  # never sent: produced again below
+            purged.append((msg.key(), msg.value()))
+        else:
             failures.append(str(err))
 
     started = time.monotonic()
@@ -127,7 +138,22 @@ def produce_avro(
         if progress_every and sent % progress_every == 0:
             log.info("produced %d events (%.0f/s)", sent, sent / max(time.monotonic() - started, 1e-9))
         producer.poll(0)
-    unsent = producer.flush(60)
+    unsent = producer.flush(STUCK_AFTER_S)
+    for _ in range(STUCK_RETRIES):
+        if not unsent:
+            break
+        # Records still queued after a broker restart: librdkafka can keep an unknown partition leader for minutes
+        # ("new leader-1 not found in cache", librdkafka #4976). The ones never sent are taken out of the queue
+        # and produced again by a new producer (in-flight records are left to finish: resending them could
+        # duplicate them).
+        log.warning("%d records still queued after %.0fs: producing the unsent ones again", unsent, STUCK_AFTER_S)
+        purged.clear()
+        producer.purge(in_queue=True, in_flight=False)
+        producer.flush(STUCK_AFTER_S)  # serves the purged records' reports, and lets in-flight ones finish
+        producer = Producer(config)
+        for key_bytes, value in list(purged):
+            producer.produce(topic, value, key_bytes, on_delivery=on_delivery)
+        unsent = producer.flush(STUCK_AFTER_S)
     if unsent or failures:
         raise StreamServeError(f"{len(failures) + unsent} events not acknowledged: {failures[:3] or 'still queued'}")
     return sent

@@ -42,6 +42,7 @@ def test_idle_group_commits_up_to_the_end_after_kill_9_and_leaves_nothing_to_red
     workers[0] = WorkerProcess(pipeline.path, tmp_path, "w0-restarted")
     producer.join(240)
     assert not producer.is_alive(), "the load generator did not finish"
+    assert producer.error is None, f"the load generator failed (not the workers): {producer.error}"
 
     counts = _output_ids(pipeline, ids, "read_uncommitted", timeout_s=180)
     assert ids <= counts.keys(), f"{len(ids - counts.keys())} events without a prediction"

@@ -209,6 +209,7 @@ def test_fault(
     fault_end_ms = int(time.time() * 1000)
     producer.join(240)
     assert not producer.is_alive(), "the load generator did not finish"
+    assert producer.error is None, f"the load generator failed (not the workers): {producer.error}"
     isolation = "read_committed" if mode == "exactly_once" else "read_uncommitted"
     counts = _output_ids(pipeline, ids, isolation, timeout_s=180)
     for worker in s.workers:

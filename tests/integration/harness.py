@@ -211,21 +211,26 @@ class WorkerThread:
         assert self.error is None, f"worker crashed: {self.error!r}"
 
 
-def produce_in_background(pipeline: Pipeline, events: list[dict[str, Any]], rate: float) -> threading.Thread:
-    """Produce the events at `rate` per second from a thread (join it to wait for the acknowledgements)."""
+class Producing(threading.Thread):
+    """The load generator's thread; `error` holds what made it fail (an exception in a thread is not raised)."""
+
+    error: BaseException | None = None
+
+
+def produce_in_background(pipeline: Pipeline, events: list[dict[str, Any]], rate: float) -> Producing:
+    """Produce the events at `rate` per second from a thread (join it to wait for the acknowledgements; then
+    check its `error`)."""
     s = pipeline.settings
-    thread = threading.Thread(
-        target=produce_avro,
-        args=(
-            {"bootstrap.servers": pipeline.bootstrap},
-            s.input.topic,
-            load_schema(s.input.schema_path),
-            events,
-            s.input.key_field,
-        ),
-        kwargs={"rate": rate},
-        daemon=True,
-    )
+    schema = load_schema(s.input.schema_path)
+
+    def produce() -> None:
+        try:
+            produce_avro({"bootstrap.servers": pipeline.bootstrap}, s.input.topic, schema, events, s.input.key_field,
+                         rate=rate)  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 - handed to the test through the thread
+            thread.error = exc
+
+    thread = Producing(target=produce, daemon=True)
     thread.start()
     return thread
 
