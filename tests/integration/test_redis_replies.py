@@ -51,6 +51,19 @@ def store(redis_client: redis.Redis) -> Iterator[str]:
         redis_client.delete(key)
 
 
+@pytest.fixture
+def noscripts(redis_client: redis.Redis, stack: Servers) -> Iterator[redis.Redis]:
+    """A client of an ACL user that may do anything but run scripts."""
+    user, password = f"noscripts-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis_client.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys=["*"], categories=["+@all", "-@scripting"]
+    )
+    client = redis.Redis.from_url(stack.redis_url, username=user, password=password)
+    yield client
+    client.close()
+    redis_client.acl_deluser(user)
+
+
 def specs(prefix: str) -> list[FeatureSpec]:
     user = f"{prefix}user:{{user}}"
     return [
@@ -135,25 +148,18 @@ def test_a_script_the_server_forgot_is_loaded_again(redis_client: redis.Redis, s
     assert redis_client.script_exists(hashlib.sha1(HMGET_MANY.encode()).hexdigest()) == [True]  # loaded again
 
 
-def test_a_user_without_scripts_reads_one_hmget_per_key(redis_client: redis.Redis, stack: Servers, store: str) -> None:
-    user, password = f"noscripts-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    redis_client.acl_setuser(
-        user, enabled=True, passwords=[f"+{password}"], keys=["*"], categories=["+@all", "-@scripting"]
+def test_a_user_without_scripts_reads_one_hmget_per_key(
+    redis_client: redis.Redis, noscripts: redis.Redis, store: str
+) -> None:
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        noscripts.script_load("return 1")  # this user really may not run scripts
+    batch_events = events()
+    before = calls(redis_client, "evalsha"), calls(redis_client, "hmget")
+    check(build(noscripts, store, batch_events), batch_events)
+    distinct = len({e.fields["user"] for e in batch_events} - {None}) + len(
+        {e.fields["region"] for e in batch_events} - {None}
     )
-    client = redis.Redis.from_url(stack.redis_url, username=user, password=password)
-    try:
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            client.script_load("return 1")  # this user really may not run scripts
-        batch_events = events()
-        before = calls(redis_client, "evalsha"), calls(redis_client, "hmget")
-        check(build(client, store, batch_events), batch_events)
-        distinct = len({e.fields["user"] for e in batch_events} - {None}) + len(
-            {e.fields["region"] for e in batch_events} - {None}
-        )
-        assert (calls(redis_client, "evalsha"), calls(redis_client, "hmget")) == (before[0], before[1] + distinct)
-    finally:
-        client.close()
-        redis_client.acl_deluser(user)
+    assert (calls(redis_client, "evalsha"), calls(redis_client, "hmget")) == (before[0], before[1] + distinct)
 
 
 # --- a lookup sent ahead (RedisFetcher.start): the same columns, one round trip, and every failure recovered --------
@@ -221,22 +227,15 @@ def test_a_lookup_sent_ahead_for_other_events_is_cancelled(redis_client: redis.R
     check(builder.build(batch_events), batch_events)  # the pool goes on serving
 
 
-def test_a_user_without_scripts_sends_its_hmgets_ahead(redis_client: redis.Redis, stack: Servers, store: str) -> None:
-    user, password = f"noscripts-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    redis_client.acl_setuser(
-        user, enabled=True, passwords=[f"+{password}"], keys=["*"], categories=["+@all", "-@scripting"]
+def test_a_user_without_scripts_sends_its_hmgets_ahead(
+    redis_client: redis.Redis, noscripts: redis.Redis, store: str
+) -> None:
+    builder = ahead(noscripts, store)  # learns that scripts are refused
+    batch_events = events()
+    before = calls(redis_client, "hmget")
+    pending = builder.start_lookup(batch_events)
+    check(builder.build(batch_events, pending=pending), batch_events)
+    distinct = len({e.fields["user"] for e in batch_events} - {None}) + len(
+        {e.fields["region"] for e in batch_events} - {None}
     )
-    client = redis.Redis.from_url(stack.redis_url, username=user, password=password)
-    try:
-        builder = ahead(client, store)  # learns that scripts are refused
-        batch_events = events()
-        before = calls(redis_client, "hmget")
-        pending = builder.start_lookup(batch_events)
-        check(builder.build(batch_events, pending=pending), batch_events)
-        distinct = len({e.fields["user"] for e in batch_events} - {None}) + len(
-            {e.fields["region"] for e in batch_events} - {None}
-        )
-        assert calls(redis_client, "hmget") == before + distinct
-    finally:
-        client.close()
-        redis_client.acl_deluser(user)
+    assert calls(redis_client, "hmget") == before + distinct

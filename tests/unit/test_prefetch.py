@@ -3,24 +3,22 @@ lookup handled by the Redis policy like any other; the batcher holds one batch a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from streamserve.config import FeatureSpec, InputSettings, ModelSettings
+from streamserve.config import FeatureSpec
 from streamserve.control.registry import Routing
 from streamserve.errors import EnrichError
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
-from streamserve.pipeline.encode import PredictionEncoder, decode_prediction
-from streamserve.pipeline.enrich import FeatureBuilder, FeatureRequest, Replies
-from streamserve.pipeline.infer import OnnxModel
+from streamserve.pipeline.encode import decode_prediction
+from streamserve.pipeline.enrich import FeatureRequest, Replies
 from streamserve.pipeline.process import BatchProcessor
 from streamserve.records import Source
-from tests.unit.test_process import EVENT, SCHEMAS, avro, strict_model
+from tests.unit.test_process import SCHEMAS, avro, make_processor
 
 FEATURES = [
     FeatureSpec(name="queue", source="event", field="queue", dtype="string", input="queue"),
@@ -68,14 +66,7 @@ class Pending:
 
 
 def processor(tmp_path: Path, store: Store, on_redis_error: str = "dead_letter") -> tuple[BatchProcessor, Routing]:
-    schema_path = tmp_path / "ticket.avsc"
-    schema_path.write_text(json.dumps(EVENT))
-    settings = InputSettings(topic="t", schema=schema_path, key_field="queue", event_id_field="id")
-    model = OnnxModel.load(strict_model(), ModelSettings(name="tickets", uri="m.onnx"), "v1", FEATURES)
-    encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", settings)
-    decode = LocalSchemaDecoder(load_schema(schema_path))
-    features = FeatureBuilder(FEATURES, store)
-    return BatchProcessor(decode, features, encoder, "out", "out.shadow", on_redis_error), Routing(live=model)
+    return make_processor(tmp_path, FEATURES, store, on_redis_error)
 
 
 def sources(n: int, first_offset: int = 0) -> list[Source]:

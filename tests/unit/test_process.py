@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import fastavro
 import numpy as np
@@ -69,15 +70,23 @@ def strict_model() -> bytes:
     return model.SerializeToString()
 
 
-@pytest.fixture
-def processor(tmp_path: Path) -> tuple[BatchProcessor, Routing]:
+def make_processor(
+    tmp_path: Path, features: list[FeatureSpec] = FEATURES, fetch: Any = None, on_redis_error: str = "dead_letter"
+) -> tuple[BatchProcessor, Routing]:
+    """A processor of ticket events scored by the strict model, with the given features and feature fetcher."""
     schema_path = tmp_path / "ticket.avsc"
     schema_path.write_text(json.dumps(EVENT))
     settings = InputSettings(topic="t", schema=schema_path, key_field="queue", event_id_field="id")
-    model = OnnxModel.load(strict_model(), ModelSettings(name="tickets", uri="m.onnx"), "v1", FEATURES)
+    model = OnnxModel.load(strict_model(), ModelSettings(name="tickets", uri="m.onnx"), "v1", features)
     encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", settings)
     decode = LocalSchemaDecoder(load_schema(schema_path))
-    return BatchProcessor(decode, FeatureBuilder(FEATURES, None), encoder, "out", "out.shadow"), Routing(live=model)
+    processor = BatchProcessor(decode, FeatureBuilder(features, fetch), encoder, "out", "out.shadow", on_redis_error)
+    return processor, Routing(live=model)
+
+
+@pytest.fixture
+def processor(tmp_path: Path) -> tuple[BatchProcessor, Routing]:
+    return make_processor(tmp_path)
 
 
 def avro(record: dict[str, object]) -> bytes:
