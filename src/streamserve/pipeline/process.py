@@ -100,7 +100,7 @@ class BatchProcessor:
             return  # a new writer schema id: the registry is asked when the batch runs, never ahead of its turn
         decoded = BatchResult()
         try:
-            events = self.decode_batch(sources, decoded)
+            events = self.decode_batch(sources, decoded, values)
             pending = self.features.start_lookup(events) if events else None
         except Exception:  # noqa: BLE001 - run() meets it again where it is handled (registry down, a record's keys)
             return
@@ -136,11 +136,16 @@ class BatchProcessor:
             self._score(batch, routing, result)
         return result
 
-    def decode_batch(self, sources: list[Source], result: BatchResult) -> list[Event]:
-        """The events of the records that decode; the others are rejected, each with its reason."""
+    def decode_batch(
+        self, sources: list[Source], result: BatchResult, values: list[bytes | None] | None = None
+    ) -> list[Event]:
+        """The events of the records that decode; the others are rejected, each with its reason (``values``: the
+        sources' values, when the caller has them already)."""
         events: list[Event] = []
+        if values is None:
+            values = [source.value for source in sources]
         # One read per batch; RegistryUnavailable (the platform, not a record) propagates from decode_many.
-        for source, decoded in zip(sources, self.decode.decode_many([s.value for s in sources]), strict=True):
+        for source, decoded in zip(sources, self.decode.decode_many(values), strict=True):
             if isinstance(decoded, Exception):
                 result.rejected.append(Rejected.from_error(source, DECODE_STAGE, decoded))
             else:
