@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -208,7 +207,7 @@ def _policy_and_key(
 ) -> tuple[AcceptancePolicy, Ed25519PrivateKey | None]:
     """The workers' acceptance policy as the config describes it; the signing key's own key is trusted too."""
     from streamserve.config import ControlSettings
-    from streamserve.control.follower import acceptance_policy
+    from streamserve.control.reading import acceptance_policy
     from streamserve.control.signing import TrustedKeys, load_private
 
     key = load_private(args.sign_key) if args.sign_key else None
@@ -219,7 +218,7 @@ def _policy_and_key(
 
 def cmd_models_publish(args: argparse.Namespace) -> int:
     """Validate a model version locally, then announce it (signed with --sign-key) on the control topic."""
-    from streamserve.control.publish import publish
+    from streamserve.control.publish import local_validator, publish
     from streamserve.preflight import check_file, check_kafka, local_model_path
 
     target = _control_target(args)
@@ -231,7 +230,7 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
     validate = None
     config_model = None
     if target.settings is not None:
-        validate = None if args.no_validate else _validator(target.settings)
+        validate = None if args.no_validate else local_validator(target.settings.model, target.settings.features)
         config_model = _config_model(target.settings)
     elif not args.no_validate:
         raise StreamServeError(
@@ -258,19 +257,6 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
         f"previous {announcement.baseline_version}) on {target.topic}"
     )
     return 0
-
-
-def _validator(settings: PipelineSettings) -> Callable[[ArtifactRef], None]:
-    """Loads an artifact as a worker does: digest, onnxruntime, the feature spec's signature, a warm-up batch."""
-    from streamserve.control.registry import ModelLoader
-
-    loader = ModelLoader(settings.model, settings.features, keep_versions=1)
-
-    def validate(ref: ArtifactRef) -> None:
-        loader.load(ref.version, ref.uri, ref.sha256)
-        print(f"validated {settings.model.name} {ref.version}: loads, fits the feature spec, warms up")
-
-    return validate
 
 
 def _config_model(settings: PipelineSettings) -> ArtifactRef | None:
@@ -629,6 +615,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - a command ends with one line, never a traceback (--log-level DEBUG)
+        log.debug("%s failed", args.command, exc_info=True)
+        print(
+            f"streamserve: error: unexpected {_one_line(exc)} (--log-level DEBUG shows where; please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

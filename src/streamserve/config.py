@@ -429,6 +429,9 @@ class ControlSettings(_Section):
     retry_interval_s: float = Field(default=5.0, gt=0)
     """First pause before loading again an accepted version whose artifact could not be fetched
     (doubling up to five minutes)."""
+    max_generation_step: int = Field(default=1_000_000, ge=1, le=2**40)
+    """An announcement's generation may be at most this far above the highest accepted one: a record that
+    claims a huge generation is rejected, so it can never use up the generations of later publishes."""
 
     @model_validator(mode="after")
     def _check_trust(self) -> ControlSettings:

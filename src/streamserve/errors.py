@@ -75,6 +75,10 @@ class SignatureMismatch(ModelError):
     """The model's inputs or outputs do not fit the pipeline's feature spec and output mapping."""
 
 
+class ScoreContractChanged(ModelError):
+    """A new version would change what the published score, label or probabilities mean."""
+
+
 class DeliveryError(StreamServeError):
     """The broker did not acknowledge an output record; its input offset is never committed."""
 

@@ -27,6 +27,21 @@ def _millis(value: Any) -> int:
     return int(value.timestamp() * 1000) if isinstance(value, datetime) else int(value)
 
 
+_UNREADABLE = (EOFError, ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError, OverflowError, MemoryError)
+"""What fastavro raises on bytes that are not a record of the schema (OverflowError: a timestamp out of range)."""
+
+
+def _read(value: bytes, schema: str) -> dict[str, Any]:
+    """One record of a bundled schema; DecodeError for anything else, whatever the bytes hold."""
+    try:
+        record = fastavro.schemaless_reader(io.BytesIO(value), bundled(schema), None)
+    except _UNREADABLE as exc:
+        raise DecodeError(f"not a {schema.replace('_', ' ')}: {type(exc).__name__}: {exc}"[:500]) from exc
+    if not isinstance(record, dict):
+        raise DecodeError(f"not a {schema.replace('_', ' ')}: not a record")
+    return record
+
+
 @dataclass(frozen=True)
 class ModelAnnouncement:
     """The desired serving state of one model; complete on its own so compaction loses nothing."""
@@ -77,12 +92,7 @@ class ModelAnnouncement:
     @classmethod
     def decode(cls, value: bytes) -> ModelAnnouncement:
         """Parse a control-topic record."""
-        try:
-            record = fastavro.schemaless_reader(io.BytesIO(value), bundled("model_announcement"), None)
-        except (EOFError, ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as exc:
-            raise DecodeError(f"not a model announcement: {exc}") from exc
-        if not isinstance(record, dict):
-            raise DecodeError("not a model announcement: not a record")
+        record = _read(value, "model_announcement")
         record["announced_at"] = _millis(record["announced_at"])
         return cls(**record)
 
@@ -121,8 +131,7 @@ class WorkerStatus:
     @classmethod
     def decode(cls, value: bytes) -> WorkerStatus:
         """Parse a status-topic record."""
-        record = fastavro.schemaless_reader(io.BytesIO(value), bundled("worker_status"), None)
-        assert isinstance(record, dict)
+        record = _read(value, "worker_status")
         for name in ("since", "reported_at", "rejected_at"):
             if record.get(name) is not None:
                 record[name] = _millis(record[name])

@@ -16,73 +16,20 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer
 
 from streamserve.config import ControlSettings
 from streamserve.control.announcements import WorkerStatus
 from streamserve.control.fetch import redact
+from streamserve.control.reading import acceptance_policy, read_topic_to_end
 from streamserve.control.registry import ModelRegistry
-from streamserve.control.rollout import AcceptancePolicy, DesiredState, Rejection, RolloutState
-from streamserve.control.signing import TrustedKeys
+from streamserve.control.rollout import DesiredState, Rejection, RolloutState
 from streamserve.errors import ArtifactUnavailable, ControlPlaneFailed
 
 log = logging.getLogger(__name__)
 
 LibrdkafkaConfig = dict[str, str | int | float | bool]
-_TRANSIENT = {
-    KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError._TIMED_OUT,
-    KafkaError._TRANSPORT,
-}
 MAX_RETRY_S = 300.0
-
-
-def read_topic_to_end(
-    consumer: Consumer, topic: str, timeout_s: float, on_record: Callable[[bytes | None, bytes | None], None]
-) -> None:
-    """Assign every partition of a topic from the beginning and read up to the current end."""
-    metadata = consumer.list_topics(topic, timeout=timeout_s)
-    partitions = metadata.topics[topic].partitions if topic in metadata.topics else {}
-    if not partitions or metadata.topics[topic].error is not None:
-        consumer.assign([])
-        return
-    deadline = time.monotonic() + timeout_s
-    ends = {
-        partition: _high_watermark(consumer, TopicPartition(topic, partition), deadline) for partition in partitions
-    }
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    positions = dict.fromkeys(partitions, 0)
-    while any(positions[p] < ends[p] for p in partitions):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"could not read {topic} to its end within {timeout_s:.0f}s")
-        for msg in consumer.consume(num_messages=500, timeout=0.2):
-            if msg.error() is not None:
-                continue
-            positions[msg.partition()] = (msg.offset() or 0) + 1
-            on_record(msg.key(), msg.value())
-
-
-def _high_watermark(consumer: Consumer, partition: TopicPartition, deadline: float) -> int:
-    """The partition's end offset, retrying while a new topic's leader is being elected."""
-    while True:
-        try:
-            return int(consumer.get_watermark_offsets(partition, timeout=5)[1])
-        except KafkaException as exc:
-            # A topic created a moment ago answers NOT_LEADER_FOR_PARTITION (not flagged retriable) at first.
-            if exc.args[0].code() not in _TRANSIENT or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-def acceptance_policy(settings: ControlSettings, model: str, also_trust: TrustedKeys | None = None) -> AcceptancePolicy:
-    """The policy the settings describe: signatures required as soon as a key is trusted (unless set)."""
-    trusted = TrustedKeys.load(settings.trusted_keys, settings.trusted_keys_file)
-    if also_trust is not None:
-        trusted = TrustedKeys({**trusted.keys, **also_trust.keys})
-    required = bool(trusted) if settings.require_signatures is None else settings.require_signatures
-    return AcceptancePolicy(model, trusted, required, frozenset(s.lower() for s in settings.allowed_uri_schemes))
 
 
 @dataclass(frozen=True)

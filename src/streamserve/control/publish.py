@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from streamserve.config import FeatureSpec, ModelSettings
 from streamserve.control.announcements import Action, ModelAnnouncement, WorkerStatus
+from streamserve.control.contract import check_score_contract
 from streamserve.control.fetch import fetch, redact, sha256_hex
-from streamserve.control.follower import read_topic_to_end
+from streamserve.control.reading import ControlLog, latest_statuses, read_keyed_records, read_records
+from streamserve.control.registry import ModelLoader
 from streamserve.control.rollout import (
     AcceptancePolicy,
     ArtifactRef,
@@ -22,24 +25,37 @@ from streamserve.control.rollout import (
 from streamserve.control.signing import sign
 from streamserve.errors import DecodeError, ModelError, StreamServeError
 
+logger = logging.getLogger(__name__)
 LibrdkafkaConfig = dict[str, str | int | float | bool]
-Validator = Callable[[ArtifactRef], object]
-"""Loads an artifact as a worker would (digest, onnxruntime, feature-spec signature, warm-up); raises if it cannot."""
+Validator = Callable[[ArtifactRef, ArtifactRef | None], object]
+"""Loads a candidate artifact as a worker would (digest, onnxruntime, feature-spec signature, warm-up) and checks
+its score contract against the live version (None: nothing to compare with); raises if it cannot serve."""
 
 
-def _reader(config: LibrdkafkaConfig) -> Consumer:
-    return Consumer({**config, "group.id": f"streamserve-cli-{uuid.uuid4()}", "enable.auto.commit": False})
+def local_validator(
+    model: ModelSettings, features: Sequence[FeatureSpec], report: Callable[[str], None] = print
+) -> Validator:
+    """Loads a candidate as a worker does (digest, onnxruntime, the feature spec's signature, a warm-up batch), and
+    the live version beside it to check the score contract as the workers' swap will."""
+    loader = ModelLoader(model, features, keep_versions=2)
 
+    def validate(candidate: ArtifactRef, live: ArtifactRef | None) -> None:
+        new = loader.load(candidate.version, candidate.uri, candidate.sha256)
+        compared = ""
+        if live is not None and live.version != candidate.version:
+            try:
+                current = loader.load(live.version, live.uri, live.sha256)
+            except ModelError as exc:
+                report(
+                    f"could not load the live version {live.version} here to compare the score contract ({exc}); "
+                    "the workers will compare it"
+                )
+            else:
+                check_score_contract(model, current, new)
+                compared = f", keeps the score contract of {live.version}"
+        report(f"validated {model.name} {candidate.version}: loads, fits the feature spec, warms up{compared}")
 
-def read_records(config: LibrdkafkaConfig, topic: str, timeout_s: float = 20.0) -> list[bytes | None]:
-    """Every record value still on the control topic, in topic order."""
-    consumer = _reader(config)
-    found: list[bytes | None] = []
-    try:
-        read_topic_to_end(consumer, topic, timeout_s, lambda key, value: found.append(value))
-    finally:
-        consumer.close()
-    return found
+    return validate
 
 
 def read_announcements(config: LibrdkafkaConfig, topic: str, timeout_s: float = 20.0) -> list[ModelAnnouncement]:
@@ -54,28 +70,21 @@ def read_announcements(config: LibrdkafkaConfig, topic: str, timeout_s: float = 
     return found
 
 
-def accepted_state(
-    config: LibrdkafkaConfig, topic: str, policy: AcceptancePolicy
-) -> tuple[RolloutState, int, list[ModelAnnouncement]]:
-    """The model's state as every worker computes it, the highest generation any record of it claims,
-    and the announcements that were accepted, oldest first."""
-    state = RolloutState()
-    highest = 0
-    accepted: list[ModelAnnouncement] = []
-    for value in read_records(config, topic):
-        if not value:
-            continue
-        try:
-            announcement = ModelAnnouncement.decode(value)
-        except DecodeError:
-            continue
-        if announcement.model != policy.model:
-            continue
-        highest = max(highest, announcement.generation)
-        state, rejection = state.offer(announcement, policy)
-        if rejection is None:
-            accepted.append(announcement)
-    return state, max(highest, state.generation), accepted
+def control_log(config: LibrdkafkaConfig, topic: str, policy: AcceptancePolicy) -> ControlLog:
+    """The model's control topic as every worker reads it; records that do not verify are reported and ignored."""
+    log = ControlLog.replay(read_records(config, topic), policy)
+    if log.rejected:
+        last = log.rejected[-1]
+        logger.warning(
+            "%d record(s) on %s for model %s did not verify and are ignored (the workers rejected them too); "
+            "the last: generation %s: %s",
+            len(log.rejected),
+            topic,
+            policy.model,
+            last.generation,
+            last.reason,
+        )
+    return log
 
 
 def send(config: LibrdkafkaConfig, topic: str, announcement: ModelAnnouncement, timeout_s: float = 30.0) -> None:
@@ -117,19 +126,6 @@ def _announcement(
     return announcement
 
 
-def _announce(
-    config: LibrdkafkaConfig,
-    topic: str,
-    policy: AcceptancePolicy,
-    generation: int,
-    sign_key: Ed25519PrivateKey | None,
-    **fields: Any,
-) -> ModelAnnouncement:
-    announcement = _announcement(policy, generation, sign_key, **fields)
-    send(config, topic, announcement)
-    return announcement
-
-
 def publish(
     config: LibrdkafkaConfig,
     topic: str,
@@ -148,7 +144,8 @@ def publish(
     """Validate a version locally (when given a validator), then announce it with the next generation.
 
     The digest is computed from the artifact when not given. ``config_model`` is the version of the
-    workers' config: recorded as the baseline of the first announcement so it can be rolled back to.
+    workers' config: recorded as the baseline of the first announcement so it can be rolled back to, and the
+    live version the candidate's score contract is checked against until an announcement was accepted.
     ``write=False`` does everything but the write and returns the announcement (checked as the workers will
     check it) for send() at a chosen moment; it must be the next write to the control topic.
     """
@@ -163,35 +160,54 @@ def publish(
         raise StreamServeError(problem)
     if action == "canary" and not 0.0 < canary_share < 1.0:
         raise StreamServeError(f"canary share must be between 0 and 1, got {canary_share}")
+    log = control_log(config, topic, policy)
+    desired = log.state.desired
+    live = desired.live if desired is not None and desired.live is not None else config_model
     if validate is not None:
         try:
-            validate(ArtifactRef(version, uri, sha256))
+            validate(ArtifactRef(version, uri, sha256), live)
         except Exception as exc:
             raise StreamServeError(
                 f"{policy.model} {version} ({redact(uri)}) failed local validation, not announced: "
                 f"{type(exc).__name__}: {exc} (--no-validate skips this check; workers still validate)"
             ) from exc
-    state, highest, _ = accepted_state(config, topic, policy)
-    desired = state.desired
-    baseline = desired.live if desired is not None else config_model
-    announcement = _announcement(
+    announcement = plan_publish(
+        log,
         policy,
-        highest + 1,
         sign_key,
-        model=policy.model,
+        config_model,
         version=version,
         uri=uri,
         sha256=sha256,
         action=action,
         canary_share=canary_share if action == "canary" else 0.0,
-        baseline_version=baseline.version if baseline else None,
-        baseline_uri=baseline.uri if baseline else None,
-        baseline_sha256=baseline.sha256 if baseline else None,
         notes=notes,
     )
     if write:
         send(config, topic, announcement)
     return announcement
+
+
+def plan_publish(
+    log: ControlLog,
+    policy: AcceptancePolicy,
+    sign_key: Ed25519PrivateKey | None,
+    config_model: ArtifactRef | None,
+    **fields: Any,
+) -> ModelAnnouncement:
+    """The announcement that follows the accepted state: the next generation, the live version as baseline."""
+    desired = log.state.desired
+    baseline = desired.live if desired is not None else config_model
+    return _announcement(
+        policy,
+        log.state.generation + 1,
+        sign_key,
+        model=policy.model,
+        baseline_version=baseline.version if baseline else None,
+        baseline_uri=baseline.uri if baseline else None,
+        baseline_sha256=baseline.sha256 if baseline else None,
+        **fields,
+    )
 
 
 def rollback(
@@ -206,45 +222,27 @@ def rollback(
 
     Under a canary or shadow that is the version beside the candidate (the candidate is dropped).
     """
-    state, highest, accepted = accepted_state(config, topic, policy)
-    desired = state.desired
+    announcement = plan_rollback(control_log(config, topic, policy), policy, to_version, notes, sign_key)
+    send(config, topic, announcement)
+    return announcement
+
+
+def plan_rollback(
+    log: ControlLog,
+    policy: AcceptancePolicy,
+    to_version: str | None = None,
+    notes: str | None = None,
+    sign_key: Ed25519PrivateKey | None = None,
+) -> ModelAnnouncement:
+    """The rollback announcement that follows the accepted state (see rollback)."""
+    desired = log.state.desired
     if desired is None:
         raise StreamServeError(f"nothing was accepted for model {policy.model!r}: nothing to roll back")
-    known: dict[str, ArtifactRef] = {}
-    for announcement in accepted:  # versions and the baselines they recorded (the config's version, first)
-        if announcement.baseline_version and announcement.baseline_uri and announcement.baseline_sha256:
-            baseline = ArtifactRef(
-                announcement.baseline_version, announcement.baseline_uri, announcement.baseline_sha256
-            )
-            known.setdefault(baseline.version, baseline)
-        known[announcement.version] = ArtifactRef(announcement.version, announcement.uri, announcement.sha256)
-    target: ArtifactRef | None
-    if to_version is not None:
-        target = known.get(to_version)
-        if target is None:
-            raise StreamServeError(f"version {to_version!r} of {policy.model} was never accepted; publish it instead")
-    elif desired.mode != "deploy":
-        target = desired.live
-    else:
-        earlier = [past.live for past in state.history[:-1] if past.live != desired.live]
-        last = accepted[-1]
-        recorded = (
-            ArtifactRef(last.baseline_version, last.baseline_uri, last.baseline_sha256)
-            if last.baseline_version and last.baseline_uri and last.baseline_sha256
-            else None
-        )
-        target = earlier[-1] if earlier else recorded
-    if target is None:
-        raise StreamServeError(
-            f"{policy.model} has no previous version on the control topic (the workers' config version is not "
-            "recorded); use --to VERSION or publish it"
-        )
+    target = _rollback_target(log, to_version, policy.model)
     current = desired.candidate or desired.live
-    return _announce(
-        config,
-        topic,
+    return _announcement(
         policy,
-        highest + 1,
+        log.state.generation + 1,
         sign_key,
         model=policy.model,
         version=target.version,
@@ -258,17 +256,41 @@ def rollback(
     )
 
 
+def _baseline(announcement: ModelAnnouncement) -> ArtifactRef | None:
+    a = announcement
+    if a.baseline_version and a.baseline_uri and a.baseline_sha256:
+        return ArtifactRef(a.baseline_version, a.baseline_uri, a.baseline_sha256)
+    return None
+
+
+def _rollback_target(log: ControlLog, to_version: str | None, model: str) -> ArtifactRef:
+    desired = log.state.desired
+    assert desired is not None  # checked by the caller
+    if to_version is not None:
+        known: dict[str, ArtifactRef] = {}
+        for announcement in log.accepted:  # versions and the baselines they recorded (the config's version, first)
+            baseline = _baseline(announcement)
+            if baseline is not None:
+                known.setdefault(baseline.version, baseline)
+            known[announcement.version] = ArtifactRef(announcement.version, announcement.uri, announcement.sha256)
+        if to_version not in known:
+            raise StreamServeError(f"version {to_version!r} of {model} was never accepted; publish it instead")
+        return known[to_version]
+    target: ArtifactRef | None
+    if desired.mode != "deploy":
+        target = desired.live
+    else:
+        earlier = [past.live for past in log.state.history[:-1] if past.live != desired.live]
+        target = earlier[-1] if earlier else _baseline(log.accepted[-1])
+    if target is None:
+        raise StreamServeError(
+            f"{model} has no previous version on the control topic (the workers' config version is not "
+            "recorded); use --to VERSION or publish it"
+        )
+    return target
+
+
 def fleet_status(config: LibrdkafkaConfig, status_topic: str, timeout_s: float = 20.0) -> list[WorkerStatus]:
-    """The latest status of every worker and model on the status topic."""
-    consumer = _reader(config)
-    latest: dict[bytes, WorkerStatus] = {}
-
-    def keep(key: bytes | None, value: bytes | None) -> None:
-        if key is not None and value:
-            latest[key] = WorkerStatus.decode(value)
-
-    try:
-        read_topic_to_end(consumer, status_topic, timeout_s, keep)
-    finally:
-        consumer.close()
-    return sorted(latest.values(), key=lambda s: (s.model, s.worker_id))
+    """The latest status of every worker and model on the status topic (records that are no status skipped)."""
+    statuses, _ = latest_statuses(read_keyed_records(config, status_topic, timeout_s))
+    return statuses

@@ -1,8 +1,8 @@
 """The model registry: loads versions off the hot path and swaps the routing between batches.
 
-Order is always load new -> verify -> validate -> warm up -> switch pointer -> release old; a
-version that fails any step never serves and the current routing stays in place. The last few
-loaded versions stay in memory, so a rollback is a pointer switch.
+Order is always load new -> verify -> validate -> warm up -> check the score contract (contract.py) -> switch
+pointer -> release old; a version that fails any step never serves and the current routing stays in place.
+The last few loaded versions stay in memory, so a rollback is a pointer switch.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from streamserve.config import FeatureSpec, ModelSettings
+from streamserve.control.contract import check_score_contract
 from streamserve.control.fetch import fetch_verified, redact
 from streamserve.control.rollout import ArtifactRef, DesiredState
 from streamserve.pipeline.infer import OnnxModel
@@ -149,10 +150,12 @@ class ModelRegistry:
     def realize(self, desired: DesiredState | None) -> Routing:
         """Load what a desired state needs, then switch the routing; raises (routing unchanged) if it cannot."""
         live = self.load(desired.live if desired is not None else None)
+        check_score_contract(self.settings, self.routing.live, live)
         if desired is None or desired.mode == "deploy":
             routing = Routing(live=live)
         else:
             candidate = self.load(desired.candidate)
+            check_score_contract(self.settings, live, candidate)
             routing = Routing(live=live, mode=desired.mode, candidate=candidate, canary_share=desired.canary_share)
         self.routing = routing  # the hot loop reads this once per batch: the swap is between batches
         self.serving = desired

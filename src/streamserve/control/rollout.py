@@ -6,8 +6,9 @@ after compaction - and the publisher replay the same records through ``offer`` a
 
 An announcement is *accepted* when it decodes, names this model, carries a signature of a trusted key
 (when signatures are required), a well-formed sha256 for every artifact, URIs of allowed schemes, a valid
-action/share, and a generation above the last accepted one. Each of these depends on the record and the
-fleet-wide configuration only, so every worker takes the same decision. A rejected announcement changes
+action/share, and a generation above the last accepted one by at most the policy's step (a record claiming
+2**63-1 must not use up every later generation). Each of these depends on the record and the fleet-wide
+configuration only, so every worker takes the same decision. A rejected announcement changes
 nothing: not the desired state, not the generation.
 
 Loading the artifact (fetch, digest match, onnxruntime, feature-spec signature, warm-up) is *realization*,
@@ -34,6 +35,8 @@ Mode = Literal["deploy", "canary", "shadow"]
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 HISTORY = 32
 """Accepted states remembered: a worker that cannot load the newest falls back through these."""
+MAX_GENERATION = 2**63 - 1
+"""Generations are Avro longs."""
 
 
 def digest_problem(value: str | None) -> str | None:
@@ -86,6 +89,8 @@ class AcceptancePolicy:
     trusted: TrustedKeys = field(default_factory=lambda: TrustedKeys({}))
     require_signatures: bool = False
     allowed_schemes: frozenset[str] = frozenset({"file", "http", "https"})
+    max_generation_step: int = 1_000_000
+    """An accepted generation is at most this far above the last accepted one (control.max_generation_step)."""
 
 
 @dataclass(frozen=True)
@@ -147,11 +152,9 @@ def _problem(state: RolloutState, a: ModelAnnouncement, policy: AcceptancePolicy
         problem = policy.trusted.check(a)  # not required, but a signature that is there must hold
         if problem is not None:
             return problem
-    if a.generation <= state.generation:
-        return (
-            f"generation {a.generation} is not above the accepted generation {state.generation} "
-            "(a replayed or stale announcement)"
-        )
+    problem = _generation_problem(state.generation, a.generation, policy.max_generation_step)
+    if problem is not None:
+        return problem
     if not a.version:
         return "empty version"
     artifacts = [("", a.uri, a.sha256)]
@@ -168,6 +171,24 @@ def _problem(state: RolloutState, a: ModelAnnouncement, policy: AcceptancePolicy
             return f"{label}artifact URI scheme {scheme!r} is not allowed (allowed: {sorted(policy.allowed_schemes)})"
     if a.action == "canary" and not 0.0 < a.canary_share < 1.0:
         return f"canary share must be between 0 and 1, got {a.canary_share}"
+    return None
+
+
+def _generation_problem(accepted: int, generation: int, max_step: int) -> str | None:
+    """Why a generation cannot follow the accepted one: not above it, or further above it than max_step (a
+    record claiming 2**63-1 would otherwise leave no generation for any later announcement)."""
+    if generation <= accepted:
+        return (
+            f"generation {generation} is not above the accepted generation {accepted} "
+            "(a replayed or stale announcement)"
+        )
+    if generation > MAX_GENERATION:
+        return f"generation {generation} does not fit an Avro long"
+    if generation - accepted > max_step:
+        return (
+            f"generation {generation} is more than {max_step:,} above the accepted generation {accepted} "
+            "(control.max_generation_step): a forged or corrupt announcement"
+        )
     return None
 
 

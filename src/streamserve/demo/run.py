@@ -18,9 +18,8 @@ from confluent_kafka import Consumer, Producer
 
 from streamserve.admin import ensure_topics, pipeline_topics
 from streamserve.config import PipelineSettings, load_settings
-from streamserve.control.follower import acceptance_policy
-from streamserve.control.publish import fleet_status, publish
-from streamserve.control.registry import ModelLoader
+from streamserve.control.publish import fleet_status, local_validator, publish
+from streamserve.control.reading import acceptance_policy
 from streamserve.control.signing import generate, load_private
 from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_entities, make_events
 from streamserve.demo.train import train_versions
@@ -140,7 +139,6 @@ def trust_a_new_key(model_dir: Path, run_id: str) -> Path:
 
 def publish_validated(settings: PipelineSettings, sign_key: Path, version: str, path: Path, notes: str) -> Any:
     """Announce a version to deploy: validated locally against the pipeline first, then signed."""
-    loader = ModelLoader(settings.model, settings.features, keep_versions=1)
     return publish(
         settings.kafka.common(),
         settings.control.topic,
@@ -150,7 +148,7 @@ def publish_validated(settings: PipelineSettings, sign_key: Path, version: str, 
         action="deploy",
         notes=notes,
         sign_key=load_private(sign_key),
-        validate=lambda ref: loader.load(ref.version, ref.uri, ref.sha256),
+        validate=local_validator(settings.model, settings.features, report=lambda line: None),
     )
 
 
