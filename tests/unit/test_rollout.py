@@ -235,3 +235,35 @@ def test_artifact_uris_are_redacted() -> None:
     )
     assert redact("/models/v2.onnx") == "/models/v2.onnx"
     assert redact("file:///models/v2.onnx") == "file:///models/v2.onnx"
+
+
+UNSIGNED = AcceptancePolicy("fraud")
+
+
+@pytest.mark.parametrize(
+    ("generation", "reason"),
+    [
+        (2**63 - 1, "more than 1,000,000 above the accepted generation 1"),
+        (2**62, "more than 1,000,000 above the accepted generation 1"),
+        (1_000_002, "more than 1,000,000 above the accepted generation 1"),
+        (-1, "not above the accepted generation 1"),
+        (2**64, "does not fit an Avro long"),
+    ],
+)
+def test_a_generation_far_above_the_accepted_one_is_rejected(generation: int, reason: str) -> None:
+    # Unsigned records are accepted under this policy: only the bound stands between them and the generations.
+    state, reasons = run(announce(1, "v1"), replace(announce(2, "v2"), generation=generation), policy=UNSIGNED)
+    assert state.generation == 1
+    assert len(reasons) == 1
+    assert reasons[0].startswith(f"generation {generation} ")
+    assert reason in reasons[0]
+    later, more = run(announce(1, "v1"), announce(2, "v2"), policy=UNSIGNED)
+    assert (later.generation, more) == (2, []), "the next legitimate generation is still free"
+
+
+def test_the_generation_step_is_configurable_and_inclusive() -> None:
+    policy = replace(UNSIGNED, max_generation_step=10)
+    state, reasons = run(announce(1, "v1"), announce(11, "v2"), announce(22, "v3"), policy=policy)
+    assert state.generation == 11
+    assert len(reasons) == 1
+    assert "more than 10 above the accepted generation 11" in reasons[0]
