@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - a command ends with one line, never a traceback (--log-level DEBUG)
+    except Exception as exc:  # a command ends with one line, never a traceback; --log-level DEBUG shows it
         log.debug("%s failed", args.command, exc_info=True)
         print(
             f"streamserve: error: unexpected {_one_line(exc)} (--log-level DEBUG shows where; please report it)",

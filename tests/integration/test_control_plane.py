@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from streamserve.control.announcements import ModelAnnouncement, WorkerStatus
 from streamserve.control.fetch import sha256_hex
-from streamserve.control.reading import acceptance_policy
 from streamserve.control.publish import fleet_status, publish, read_records, rollback, send
+from streamserve.control.reading import acceptance_policy
 from streamserve.control.rollout import AcceptancePolicy, ArtifactRef
 from streamserve.control.signing import generate, load_private, sign
 from streamserve.demo.data import Entities, make_events
