@@ -17,7 +17,7 @@ from bench.dataset import SCHEMAS, Dataset
 from streamserve.config import FeatureSpec, ModelSettings, RedisSettings
 from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, feature_row
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
-from streamserve.pipeline.enrich import FeatureBuilder, redis_fetcher
+from streamserve.pipeline.features import FeatureBuilder, redis_fetcher
 from streamserve.pipeline.infer import session_options
 from streamserve.records import Event, Source
 

@@ -1,8 +1,9 @@
 """build_worker(): everything a worker needs, built in start order, with the I/O that building takes.
 
 Schemas are read and checked, Redis and Kafka clients opened, record size limits read from the brokers,
-the configured model loaded, warmed up and validated, and the telemetry attached to the stage boundaries.
-The worker (app.py) receives the parts and only runs them.
+the configured model loaded, warmed up and validated. The telemetry is built first and handed to each part
+that reports to it (processor, feature builder, delivery, registry) as a constructor argument. The worker
+(app.py) receives the parts and only runs them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import Any
 
 from streamserve.app import Worker
 from streamserve.clients import redis_client
@@ -25,7 +25,7 @@ from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.decode import make_decoder
 from streamserve.pipeline.delivery import delivery_for
 from streamserve.pipeline.encode import PredictionEncoder
-from streamserve.pipeline.enrich import FeatureBuilder, redis_fetcher
+from streamserve.pipeline.features import FeatureBuilder, redis_fetcher
 from streamserve.pipeline.fields import check_event_schema
 from streamserve.pipeline.process import BatchProcessor
 from streamserve.pipeline.sink import OutputSink, size_limits
@@ -41,103 +41,99 @@ def build_worker(settings: PipelineSettings) -> Worker:
     event_schema = json.loads(settings.input.schema_path.read_text())
     check_event_schema(event_schema, settings)
     redis = redis_client(settings.redis)
-    control = settings.control
-    registry = ModelRegistry(
-        settings.model, settings.features, control.keep_versions, control.artifact_cache_dir.expanduser()
-    )
-    encoder = PredictionEncoder(
-        settings.output.schema_path,
-        settings.input,
-        settings.output.copy_fields,
-        value_prefix=prediction_prefix(settings),  # b"" unless output.wire_format
-        event_schema=event_schema,  # timestamps decode as epoch ms: rendered as before where text is needed
-        headers=settings.output.headers,
-    )
-    processor = BatchProcessor(
-        make_decoder(settings.input.schema_path, settings.kafka),
-        FeatureBuilder(settings.features, redis_fetcher(redis, settings.redis), event_schema=event_schema),
-        encoder,
-        settings.output.topic,
-        settings.shadow_topic,
-        settings.redis.on_error,
-    )
-    producer_config = settings.kafka.producer_config()
-    # Known once at start, so every record's size is checked before it is produced (issue 10).
-    out_topics = [settings.output.topic, settings.shadow_topic, settings.output.dead_letter_topic]
-    limits = size_limits(producer_config, settings.kafka.common(), out_topics)
-    source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
-    # One batch held ahead: its decoding and Redis round trip start before the open batch is scored.
-    batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms, ahead=1)
-    delivery = delivery_for(
-        settings.delivery,
-        source,
-        batcher,
-        lambda options: OutputSink({**producer_config, **options}, limits),
-        settings.shutdown_timeout_s,
-        transactional_id=f"{settings.kafka.group_id}-{worker_id}",
-        transaction_timeout_ms=settings.transaction_timeout_ms,
-    )
-    follower = (
-        ControlFollower(settings.kafka.common(), settings.control, registry, worker_id)
-        if settings.control.enabled
-        else None
-    )
-    # control plane: not ready while the control-topic follower is down (it stops the worker, see Worker._step)
-    health = HealthState(
-        settings.observe.liveness_timeout_s,
-        ready=lambda: source.joined and (follower is None or follower.healthy()),
-    )
     observe_server, readers = None, []
     if settings.observe.port is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
         readers.append(PrometheusMetricReader())
-        observe_server = ObserveServer(settings.observe.host, settings.observe.port, health)
-    desired = [settings.model.version]
     metrics = WorkerMetrics(
         worker_id,
         serving=lambda: (settings.model.name, registry.routing.live.version),
-        inflight=lambda: delivery.sink.inflight,
+        inflight=lambda: delivery.inflight,
         readers=readers,
-        desired=lambda: desired[0],
+        desired=lambda: registry.desired_version,
         lag=lambda: telemetry.lag,
     )
     updated_at = {spec.updated_at_field for spec in settings.features if spec.updated_at_field}
     tracer = BatchTracer.from_settings(settings.observe, worker_id)
-    telemetry = Telemetry(metrics, tracer, updated_at, export=observe_server is not None)
-    telemetry.instrument(processor)
-    delivery.telemetry = telemetry
-    _count_swaps(registry, follower, metrics, desired)
-    return Worker(
-        settings=settings,
-        worker_id=worker_id,
-        source=source,
-        batcher=batcher,
-        delivery=delivery,
-        processor=processor,
-        registry=registry,
-        follower=follower,
-        health=health,
-        metrics=metrics,
-        telemetry=telemetry,
-        observe_server=observe_server,
-        read_lag=consumer_lag(source.consumer),
-    )
-
-
-def _count_swaps(
-    registry: ModelRegistry, follower: ControlFollower | None, metrics: WorkerMetrics, desired: list[str]
-) -> None:
-    """Swaps accepted (each realized desired state) and rejected (by kind); the desired version for *_info."""
-    realize = registry.realize
-
-    def realize_and_count(state: Any) -> Any:
-        if state is not None:
-            desired[0] = state.version
-        routing = realize(state)  # a failure is counted by the follower's rejection, with its kind
-        metrics.swaps.add(1, {"result": "accepted", "reason": state.mode if state else "config"})
-        return routing
-
-    registry.realize = realize_and_count  # type: ignore[method-assign,assignment]
-    if follower is not None:
-        follower.on_rejected = lambda kind: metrics.swaps.add(1, {"result": "rejected", "reason": kind})
+    telemetry = Telemetry(metrics, tracer, updated_at, export=settings.observe.port is not None)
+    try:  # the telemetry exports from its start: a part that cannot be built must not leave it behind
+        control = settings.control
+        registry = ModelRegistry(
+            settings.model,
+            settings.features,
+            control.keep_versions,
+            control.artifact_cache_dir.expanduser(),
+            on_swap=[telemetry.swapped],
+        )
+        encoder = PredictionEncoder(
+            settings.output.schema_path,
+            settings.input,
+            settings.output.copy_fields,
+            value_prefix=prediction_prefix(settings),  # b"" unless output.wire_format
+            event_schema=event_schema,  # timestamps decode as epoch ms: rendered as before where text is needed
+            headers=settings.output.headers,
+        )
+        fetcher = redis_fetcher(redis, settings.redis)
+        features = FeatureBuilder(
+            settings.features, fetcher, event_schema=event_schema, start_fetch=fetcher.start, observer=telemetry
+        )
+        processor = BatchProcessor(
+            make_decoder(settings.input.schema_path, settings.kafka),
+            features,
+            encoder,
+            settings.output.topic,
+            settings.shadow_topic,
+            settings.redis.on_error,
+            observer=telemetry,
+        )
+        producer_config = settings.kafka.producer_config()
+        # Known once at start, so every record's size is checked before it is produced (issue 10).
+        out_topics = [settings.output.topic, settings.shadow_topic, settings.output.dead_letter_topic]
+        limits = size_limits(producer_config, settings.kafka.common(), out_topics)
+        source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
+        # One batch held ahead: its decoding and Redis round trip start before the open batch is scored.
+        batcher: MicroBatcher[Source] = MicroBatcher(settings.batch.max_batch_size, settings.batch.max_wait_ms, ahead=1)
+        delivery = delivery_for(
+            settings.delivery,
+            source,
+            batcher,
+            lambda options: OutputSink({**producer_config, **options}, limits),
+            settings.shutdown_timeout_s,
+            transactional_id=f"{settings.kafka.group_id}-{worker_id}",
+            transaction_timeout_ms=settings.transaction_timeout_ms,
+            observer=telemetry,
+        )
+        follower = (
+            ControlFollower(settings.kafka.common(), settings.control, registry, worker_id)
+            if settings.control.enabled
+            else None
+        )
+        if follower is not None:  # control/follower.py takes no listener at construction yet
+            follower.on_rejected = telemetry.swap_rejected
+        # control plane: not ready while the control-topic follower is down (it stops the worker, see Worker._step)
+        health = HealthState(
+            settings.observe.liveness_timeout_s,
+            ready=lambda: source.joined and (follower is None or follower.healthy()),
+        )
+        if settings.observe.port is not None:
+            observe_server = ObserveServer(settings.observe.host, settings.observe.port, health)
+        return Worker(
+            settings=settings,
+            worker_id=worker_id,
+            source=source,
+            batcher=batcher,
+            delivery=delivery,
+            processor=processor,
+            registry=registry,
+            follower=follower,
+            health=health,
+            metrics=metrics,
+            telemetry=telemetry,
+            observe_server=observe_server,
+            read_lag=consumer_lag(source.consumer),
+        )
+    except BaseException:
+        telemetry.close()
+        metrics.shutdown()
+        raise

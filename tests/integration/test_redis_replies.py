@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from streamserve.config import FeatureSpec, RedisSettings
-from streamserve.pipeline.enrich import HMGET_MANY, FeatureBuilder, redis_fetcher
+from streamserve.pipeline.features import HMGET_MANY, FeatureBuilder, redis_fetcher
 from streamserve.records import Event, FeatureBatch, Source
 from tests.integration.servers import Servers
 
@@ -167,9 +167,8 @@ def test_a_user_without_scripts_reads_one_hmget_per_key(
 
 def ahead(client: redis.Redis, prefix: str) -> FeatureBuilder:
     """A builder whose fetcher has loaded its script (the first lookup of a worker is a plain one)."""
-    builder = FeatureBuilder(
-        specs(prefix), redis_fetcher(client, RedisSettings(url="redis://unused", retries=0)), clock_ms=lambda: NOW_MS
-    )
+    fetcher = redis_fetcher(client, RedisSettings(url="redis://unused", retries=0))
+    builder = FeatureBuilder(specs(prefix), fetcher, clock_ms=lambda: NOW_MS, start_fetch=fetcher.start)
     check(builder.build(events()), events())
     return builder
 
@@ -210,7 +209,7 @@ def test_a_lookup_sent_ahead_survives_a_forgotten_script_and_a_killed_connection
         assert redis_client.client_kill(f"{host}:{port}")  # the lookup's connection dies before it is answered
     finally:
         redis_client.client_unpause()
-    with caplog.at_level(logging.INFO, logger="streamserve.pipeline.enrich"):
+    with caplog.at_level(logging.INFO, logger="streamserve.pipeline.features.redis"):
         check(builder.build(batch_events, pending=pending), batch_events)
     assert "lookup started ahead failed" in caplog.text, "the replies were lost with the connection: fetched again"
     assert in_use(redis_client) == 0

@@ -11,7 +11,7 @@ import pytest
 
 from streamserve.observe.metrics import WorkerMetrics
 from streamserve.observe.telemetry import MAX_AGE_SAMPLES, Telemetry
-from streamserve.pipeline.enrich import FeatureRequest, Replies
+from streamserve.pipeline.features import FeatureRequest, Replies
 
 KEYS = 200
 FAILED = {3, 9}  # answer garbage stamps (0: an age of decades) that must not be read
@@ -43,7 +43,7 @@ def test_ages_read_the_stamp_column_of_flat_replies() -> None:
         return [Replies(flat, {k: RuntimeError("WRONGTYPE") for k in FAILED}), Replies([b"\0" * 4]), Replies([b"7"])]
 
     telemetry = Telemetry(WorkerMetrics("w", lambda: ("m", "1"), lambda: 0), None, updated_at_fields=["updated_at"])
-    telemetry.redis_fetcher(fetch)(requests)
+    telemetry.replies_read(requests, fetch(requests), 0.002)
 
     step = max(1, KEYS // MAX_AGE_SAMPLES)
     sampled = [k for k in range(0, KEYS, step) if k not in FAILED | ABSENT | UNREADABLE]

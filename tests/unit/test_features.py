@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamserve.config import FeatureSpec
-from streamserve.pipeline.enrich import FeatureBuilder, Replies
+from streamserve.pipeline.features import FeatureBuilder, Replies
 from streamserve.records import Event, Source
 
 NOW_MS = 1_800_000_000_000.0

@@ -14,7 +14,7 @@ import pytest
 
 from streamserve.config import FeatureSpec, PipelineSettings
 from streamserve.errors import ConfigError
-from streamserve.pipeline.enrich import FeatureBuilder
+from streamserve.pipeline.features import FeatureBuilder
 from streamserve.pipeline.fields import check_event_schema, epoch_ms, getter, parse_path, resolve
 from streamserve.records import Event, Source
 

@@ -1,4 +1,4 @@
-"""Hash features from flat replies (enrich.Replies: keys x fields, errors by position) against a reference worked
+"""Hash features from flat replies (features.Replies: keys x fields, errors by position) against a reference worked
 out event by event: generated stores with numbers, text, NaN, infinities and absent fields, keys repeated or null,
 keys whose read failed (their reply values are garbage and must be ignored), stamps fresh, stale or unreadable."""
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamserve.config import FeatureSpec
-from streamserve.pipeline.enrich import FeatureBuilder, FeatureRequest, Replies
+from streamserve.pipeline.features import FeatureBuilder, FeatureRequest, Replies
 from streamserve.records import Event, Source
 
 NOW_MS = 1_700_000_000_000.0

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from streamserve.config import FeatureSpec, PipelineSettings
-from streamserve.pipeline.enrich import FeatureBuilder, FeatureRequest, Replies, _column_renderer, _key_renderer
+from streamserve.pipeline.features import FeatureBuilder, FeatureRequest, Replies
+from streamserve.pipeline.features.keys import _column_renderer, _key_renderer
+from streamserve.pipeline.features.values import parse_column
 from streamserve.records import Event, Source
 from streamserve.tools import load_packed_features, pack_vector
 
@@ -132,7 +134,7 @@ def test_hash_values_are_parsed_per_key_and_bad_ones_reject_their_events() -> No
 def test_event_and_hash_values_parse_as_before(values: list[Any], dtype: str, expected: list[float]) -> None:
     spec = FeatureSpec(name="x", source="event", field="x", dtype=dtype)  # type: ignore[arg-type]
     reasons: dict[int, str] = {}
-    parsed = FeatureBuilder._parse_column(spec, values, reasons)
+    parsed = parse_column(spec, values, reasons)
     np.testing.assert_array_equal(parsed, np.array(expected))
     assert not reasons
 

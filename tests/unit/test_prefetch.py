@@ -15,7 +15,7 @@ from streamserve.errors import EnrichError
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.pipeline.encode import decode_prediction
-from streamserve.pipeline.enrich import FeatureRequest, Replies
+from streamserve.pipeline.features import FeatureRequest, PendingReplies, Replies
 from streamserve.pipeline.process import BatchProcessor
 from streamserve.records import Source
 from tests.unit.test_process import SCHEMAS, avro, make_processor
@@ -40,15 +40,14 @@ class Store:
     def __call__(self, requests: Sequence[FeatureRequest]) -> list[Replies]:
         return self.start(requests).result()
 
-    def start(self, requests: Sequence[FeatureRequest]) -> Pending:
+    def start(self, requests: Sequence[FeatureRequest]) -> PendingReplies:
         keys = [key for _, group in requests for key in group]
         self.sent.append(keys)
-        return Pending(self, keys, [Replies([WAITS.get(key) for key in group]) for _, group in requests])
+        pending = Pending(self, keys, [Replies([WAITS.get(key) for key in group]) for _, group in requests])
+        return PendingReplies(requests, pending.result, pending.cancel, sent=True)
 
 
 class Pending:
-    sent = True
-
     def __init__(self, store: Store, keys: list[str], replies: list[Replies]) -> None:
         self.store, self.keys, self.replies = store, keys, replies
         self.cancelled = False
@@ -65,8 +64,10 @@ class Pending:
         self.store.cancelled.append(self.keys)
 
 
-def processor(tmp_path: Path, store: Store, on_redis_error: str = "dead_letter") -> tuple[BatchProcessor, Routing]:
-    return make_processor(tmp_path, FEATURES, store, on_redis_error)
+def processor(
+    tmp_path: Path, store: Store, on_redis_error: str = "dead_letter", ahead: bool = True
+) -> tuple[BatchProcessor, Routing]:
+    return make_processor(tmp_path, FEATURES, store, on_redis_error, start_fetch=store.start if ahead else None)
 
 
 def sources(n: int, first_offset: int = 0) -> list[Source]:
@@ -141,8 +142,7 @@ def test_other_records_than_the_prefetched_ones_are_processed_from_scratch(tmp_p
 
 def test_a_fetcher_that_cannot_send_ahead_is_called_when_the_batch_runs(tmp_path: Path) -> None:
     store = Store()
-    run, routing = processor(tmp_path, store)
-    run.features.start_fetch = None  # a plain function as the fetcher
+    run, routing = processor(tmp_path, store, ahead=False)  # a plain function as the fetcher
     batch = sources(30)
     run.prefetch(batch)
     assert not store.sent, "nothing to send ahead with"

@@ -17,7 +17,7 @@ from streamserve.config import FeatureSpec, InputSettings, ModelSettings
 from streamserve.control.registry import Routing
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.pipeline.encode import PredictionEncoder, decode_prediction
-from streamserve.pipeline.enrich import FeatureBuilder
+from streamserve.pipeline.features import FeatureBuilder
 from streamserve.pipeline.infer import OnnxModel
 from streamserve.pipeline.process import BatchProcessor
 from streamserve.records import Source
@@ -71,16 +71,22 @@ def strict_model() -> bytes:
 
 
 def make_processor(
-    tmp_path: Path, features: list[FeatureSpec] = FEATURES, fetch: Any = None, on_redis_error: str = "dead_letter"
+    tmp_path: Path,
+    features: list[FeatureSpec] = FEATURES,
+    fetch: Any = None,
+    on_redis_error: str = "dead_letter",
+    start_fetch: Any = None,
 ) -> tuple[BatchProcessor, Routing]:
-    """A processor of ticket events scored by the strict model, with the given features and feature fetcher."""
+    """A processor of ticket events scored by the strict model, with the given features and feature fetcher
+    (``start_fetch``: how it sends a lookup ahead)."""
     schema_path = tmp_path / "ticket.avsc"
     schema_path.write_text(json.dumps(EVENT))
     settings = InputSettings(topic="t", schema=schema_path, key_field="queue", event_id_field="id")
     model = OnnxModel.load(strict_model(), ModelSettings(name="tickets", uri="m.onnx"), "v1", features)
     encoder = PredictionEncoder(SCHEMAS / "prediction.avsc", settings)
     decode = LocalSchemaDecoder(load_schema(schema_path))
-    processor = BatchProcessor(decode, FeatureBuilder(features, fetch), encoder, "out", "out.shadow", on_redis_error)
+    builder = FeatureBuilder(features, fetch, start_fetch=start_fetch)
+    processor = BatchProcessor(decode, builder, encoder, "out", "out.shadow", on_redis_error)
     return processor, Routing(live=model)
 
 

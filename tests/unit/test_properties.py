@@ -30,7 +30,7 @@ from streamserve.control.registry import Routing
 from streamserve.errors import ConfigError, DecodeError
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.pipeline.encode import PredictionEncoder, decode_prediction
-from streamserve.pipeline.enrich import FeatureBuilder
+from streamserve.pipeline.features import FeatureBuilder
 from streamserve.pipeline.fields import check_event_schema, resolve
 from streamserve.pipeline.infer import OnnxModel
 from streamserve.pipeline.process import BatchProcessor

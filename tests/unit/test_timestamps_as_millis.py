@@ -20,7 +20,7 @@ import pytest
 from streamserve.config import FeatureSpec, InputSettings
 from streamserve.pipeline.decode import LocalSchemaDecoder
 from streamserve.pipeline.encode import PredictionEncoder, decode_prediction
-from streamserve.pipeline.enrich import FeatureBuilder, Replies
+from streamserve.pipeline.features import FeatureBuilder, Replies
 from streamserve.pipeline.fields import text_getter
 from streamserve.records import Event, ModelOutputs, Source
 

@@ -2,7 +2,9 @@
 
 Order is always load new -> verify -> validate -> warm up -> check the score contract (contract.py) -> switch
 pointer -> release old; a version that fails any step never serves and the current routing stays in place.
-The last few loaded versions stay in memory, so a rollback is a pointer switch.
+The last few loaded versions stay in memory, so a rollback is a pointer switch. Listeners given at
+construction (as MLServer's registry hooks) are told of each version loaded, each routing switched and each
+version released.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from streamserve.pipeline.infer import OnnxModel
 log = logging.getLogger(__name__)
 
 _BUCKETS = 10_000
+
+LoadListener = Callable[[OnnxModel], None]
+"""Told of a model version loaded, verified and warmed up (not of one taken from the cache)."""
+UnloadListener = Callable[[OnnxModel], None]
+"""Told of a model version released from the cache (no routing uses it)."""
+SwapListener = Callable[[DesiredState | None, "Routing"], None]
+"""Told of a routing switched in, and the desired state it realizes (None: the config's version)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +93,13 @@ class ModelLoader:
         features: Sequence[FeatureSpec],
         keep_versions: int = 3,
         cache_dir: Path | None = None,
+        on_load: Sequence[LoadListener] = (),
+        on_unload: Sequence[UnloadListener] = (),
     ) -> None:
         self.settings = settings
         self.features = list(features)
+        self.on_load = tuple(on_load)
+        self.on_unload = tuple(on_unload)
         self.keep_versions = keep_versions
         self.cache_dir = cache_dir
         self._cache: OrderedDict[tuple[str, str], OnnxModel] = OrderedDict()
@@ -112,16 +125,22 @@ class ModelLoader:
         with self._lock:
             self._cache[(version, digest)] = model
             self._cache.move_to_end((version, digest))
+        for listener in self.on_load:
+            listener(model)
         return model
 
     def release_unused(self, in_use: set[int]) -> None:
         """Forget the least recently used versions beyond keep_versions that no routing uses."""
+        released = []
         with self._lock:
             while len(self._cache) > self.keep_versions:
                 oldest = next((key for key, model in self._cache.items() if id(model) not in in_use), None)
                 if oldest is None:
                     break
-                del self._cache[oldest]
+                released.append(self._cache.pop(oldest))
+        for model in released:
+            for listener in self.on_unload:
+                listener(model)
 
 
 class ModelRegistry:
@@ -133,9 +152,16 @@ class ModelRegistry:
         features: Sequence[FeatureSpec],
         keep_versions: int = 3,
         cache_dir: Path | None = None,
+        *,
+        on_load: Sequence[LoadListener] = (),
+        on_swap: Sequence[SwapListener] = (),
+        on_unload: Sequence[UnloadListener] = (),
     ) -> None:
         self.settings = settings
-        self.loader = ModelLoader(settings, features, keep_versions, cache_dir)
+        self.on_swap = tuple(on_swap)
+        self.desired_version = settings.version
+        """The version of the last desired state asked for, loaded or not (the config's until one is)."""
+        self.loader = ModelLoader(settings, features, keep_versions, cache_dir, on_load, on_unload)
         self.routing = Routing(live=self.load(None))
         self.serving: DesiredState | None = None
         """The accepted state the routing realizes; None: the config's version."""
@@ -149,6 +175,8 @@ class ModelRegistry:
 
     def realize(self, desired: DesiredState | None) -> Routing:
         """Load what a desired state needs, then switch the routing; raises (routing unchanged) if it cannot."""
+        if desired is not None:
+            self.desired_version = desired.version
         live = self.load(desired.live if desired is not None else None)
         check_score_contract(self.settings, self.routing.live, live)
         if desired is None or desired.mode == "deploy":
@@ -170,6 +198,8 @@ class ModelRegistry:
             f", candidate {routing.candidate.version}" if routing.candidate else "",
             desired.generation if desired is not None else 0,
         )
+        for listener in self.on_swap:
+            listener(desired, routing)
         return routing
 
 

@@ -1,10 +1,11 @@
 """What the worker records about each micro-batch: metrics, stage timings, the batch span, log context.
 
-The pipeline stages stay free of observability code: :meth:`Telemetry.instrument` wraps the few callables
-that mark stage boundaries (decode, feature building and its Redis fetch, inference, encoding, the whole
-processor run), each wrapper adding two clock reads to a per-batch :class:`StageClock`. After the batch, the
-clock becomes metrics (Redis and inference durations) and, when tracing is on, child spans with their real
-start and end times. Per-record values (end-to-end latency, feature age) go to numpy-bucketed histograms.
+The telemetry is the observer the pipeline is built with: the processor's StageObserver (decode, enrich,
+inference, encode, the whole processor run), the feature builder's LookupObserver (its Redis replies), the
+delivery's DeliveryObserver and the registry's swap listener. Each stage adds two clock reads to a per-batch
+:class:`StageClock`. After the batch, the clock becomes metrics (Redis and inference durations) and, when
+tracing is on, child spans with their real start and end times. Per-record values (end-to-end latency,
+feature age) go to numpy-bucketed histograms.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,7 +31,24 @@ from streamserve.observe.metrics import WorkerMetrics
 from streamserve.observe.tracing import BatchTracer
 from streamserve.records import Rejected, Source
 
-F = TypeVar("F", bound=Callable[..., Any])
+
+class StampedReplies(Protocol):
+    """A key group's Redis reply as the telemetry reads it (features.Replies): its values and update stamps."""
+
+    values: list[Any]
+
+    def stamps(self, width: int, samples: int) -> list[float]: ...
+
+
+class DesiredMode(Protocol):
+    """A desired state as the swap metric reads it (control.rollout.DesiredState)."""
+
+    @property
+    def mode(self) -> str: ...
+
+
+Requests = Sequence[tuple[Sequence[str] | None, Sequence[str]]]
+"""(hash fields, keys) per key group (features.FeatureRequest)."""
 LAG_INTERVAL_S = 1.0
 MAX_AGE_SAMPLES = 64
 """Feature ages recorded per key group and batch (evenly spaced keys): freshness, not a census."""
@@ -100,77 +119,46 @@ class Telemetry:
         if self.tracer is not None:
             self.tracer.shutdown()
 
-    # --- stage boundaries ------------------------------------------------------------------------------
+    # --- stage boundaries (StageObserver, LookupObserver) ---------------------------------------------------
 
-    def timed(self, stage: str, fn: F) -> F:
-        """``fn`` with its calls marked as ``stage`` of the current batch (outermost call only)."""
+    def stage(self, name: str) -> AbstractContextManager[object]:
+        """Marks the block as ``name`` of the current batch (the outermost of nested blocks only)."""
+        clock = self.clock
+        return _NOTHING if clock is None else _Stage(clock, name)
 
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            clock = self.clock
-            if clock is None:
-                return fn(*args, **kwargs)
-            depth = clock.depth.get(stage, 0)
-            clock.depth[stage] = depth + 1
-            start = time.perf_counter_ns()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                clock.depth[stage] = depth
-                end = time.perf_counter_ns()
-                if depth == 0:
-                    clock.mark(stage, start, end)
-                if stage == "infer" and depth == 0 and args:
-                    clock.inference_s.append((str(getattr(args[0], "version", "")), (end - start) / 1e9))
+    def inference(self, model_version: str) -> AbstractContextManager[object]:
+        """Marks the block as inference (the infer stage) and records its duration for the model version."""
+        clock = self.clock
+        return _NOTHING if clock is None else _Stage(clock, INFER, model_version)
 
-        return wrapper  # type: ignore[return-value]
-
-    def redis_fetcher(self, fetch: F) -> F:
-        """The feature fetcher, timed per round trip and reading the ages of stamped features."""
-
-        def wrapper(requests: Sequence[tuple[Sequence[str] | None, Sequence[str]]]) -> Any:
-            return self._fetched(requests, lambda: fetch(requests))
-
-        return wrapper  # type: ignore[return-value]
-
-    def redis_starter(self, start: F) -> F:
-        """The fetcher's start (a lookup sent ahead): its replies are timed and read as the fetcher's are; the
-        time recorded is how long the batch waited for them once it needed them (the overlapped part is free)."""
-
-        def wrapper(requests: Sequence[tuple[Sequence[str] | None, Sequence[str]]]) -> Any:
-            return _ObservedPending(self, requests, start(requests))
-
-        return wrapper  # type: ignore[return-value]
-
-    def _fetched(self, requests: Sequence[tuple[Sequence[str] | None, Sequence[str]]], call: Callable[[], Any]) -> Any:
-        """The replies ``call()`` reads for the requests, timed, their feature ages sampled."""
-        start = time.perf_counter_ns()
-        replies = call()
-        elapsed = (time.perf_counter_ns() - start) / 1e9
+    def replies_read(self, requests: Requests, replies: Sequence[StampedReplies], seconds: float) -> None:
+        """A batch's Redis replies were read after ``seconds`` of waiting: the time, and the features' ages."""
         if self.clock is not None:
-            self.clock.redis_s.append(elapsed)
+            self.clock.redis_s.append(seconds)
         else:
-            self.metrics.redis_duration.record(elapsed)
+            self.metrics.redis_duration.record(seconds)
         if self.updated_at_fields:
             self._record_ages(requests, replies)
-        return replies
 
-    def _record_ages(self, requests: Sequence[tuple[Sequence[str] | None, Sequence[str]]], replies: Any) -> None:
+    def _record_ages(self, requests: Requests, replies: Sequence[StampedReplies]) -> None:
         now_ms = time.time() * 1000
         for (fields, _), reply in zip(requests, replies, strict=False):
+            # The update stamp is the last field asked of each key (features.builder._KeyGroup.requested).
             if not fields or fields[-1] not in self.updated_at_fields or not reply.values:
                 continue
-            width = len(fields)  # the stamp is the last field asked of each key (enrich.Replies, keys x fields)
-            per_key = reply.values[width - 1 :: width]
-            stamps = []
-            for key in range(0, len(per_key), max(1, len(per_key) // MAX_AGE_SAMPLES)):
-                if per_key[key] is None or key in reply.errors:  # absent, or a key whose read failed
-                    continue
-                try:
-                    stamps.append(float(per_key[key]))
-                except (TypeError, ValueError):
-                    continue
+            stamps = reply.stamps(len(fields), MAX_AGE_SAMPLES)
             if stamps:
                 self.feature_age.observe((now_ms - np.asarray(stamps)) / 1000, [fields[-1]])
+
+    # --- model swaps (the registry's swap listener, the follower's rejections) ------------------------------
+
+    def swapped(self, desired: DesiredMode | None, routing: object) -> None:
+        """A routing was switched in: an accepted swap, by mode ("config": the configured version)."""
+        self.metrics.swaps.add(1, {"result": "accepted", "reason": desired.mode if desired else "config"})
+
+    def swap_rejected(self, kind: str) -> None:
+        """The control plane rejected a desired state (announcement, unavailable, unservable)."""
+        self.metrics.swaps.add(1, {"result": "rejected", "reason": kind})
 
     # --- one batch ---------------------------------------------------------------------------------------
 
@@ -229,20 +217,6 @@ class Telemetry:
             self.metrics.feature_defaults.add(missing, {"reason": "missing"})
         if stale:
             self.metrics.feature_defaults.add(stale, {"reason": "stale"})
-
-    def instrument(self, processor: Any) -> None:
-        """Mark the processor's stage boundaries (decode, enrich and its Redis round trip, infer, encode,
-        the whole run): each wrapper adds two clock reads per batch, not per record."""
-        p = processor
-        p.decode_batch = self.timed("decode", p.decode_batch)
-        p.features.build = self.timed("enrich", p.features.build)
-        if p.features.fetch is not None:
-            p.features.fetch = self.redis_fetcher(p.features.fetch)
-        if p.features.start_fetch is not None:
-            p.features.start_fetch = self.redis_starter(p.features.start_fetch)
-        p.predict = self.timed("infer", p.predict)
-        p.encoder.encode = self.timed("encode", p.encoder.encode)
-        p.run = self.timed("process", p.run)  # its end starts "produce"
 
     # --- end-to-end latency ------------------------------------------------------------------------------
 
@@ -321,18 +295,32 @@ def consumer_lag(consumer: Any) -> Callable[[], list[tuple[str, int, int]]]:
     return lag
 
 
-class _ObservedPending:
-    """A lookup sent ahead whose replies, once read, are timed and sampled as a fetch's (Telemetry.redis_starter)."""
+INFER = "infer"
+_NOTHING = nullcontext()
 
-    def __init__(self, telemetry: Telemetry, requests: Any, pending: Any) -> None:
-        self._telemetry, self._requests, self._pending = telemetry, requests, pending
 
-    def result(self) -> Any:
-        return self._telemetry._fetched(self._requests, self._pending.result)
+class _Stage:
+    """One block of a stage on the batch's clock; nested blocks of the same stage (bisection) count once."""
 
-    def cancel(self) -> None:
-        self._pending.cancel()
+    __slots__ = ("clock", "depth", "model_version", "name", "start")
 
-    @property
-    def sent(self) -> bool:
-        return bool(self._pending.sent)
+    def __init__(self, clock: StageClock, name: str, model_version: str | None = None) -> None:
+        self.clock, self.name, self.model_version = clock, name, model_version
+        self.depth = 0
+        self.start = 0
+
+    def __enter__(self) -> None:
+        depth = self.depth = self.clock.depth.get(self.name, 0)
+        self.clock.depth[self.name] = depth + 1
+        self.start = time.perf_counter_ns()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        clock = self.clock
+        clock.depth[self.name] = self.depth
+        end = time.perf_counter_ns()
+        if self.depth == 0:
+            clock.mark(self.name, self.start, end)
+            if self.model_version is not None:
+                clock.inference_s.append((self.model_version, (end - self.start) / 1e9))

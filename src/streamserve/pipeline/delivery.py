@@ -75,6 +75,7 @@ class Delivery(ABC):
         timeout_s: float,
         transactional_id: str = "",
         transaction_timeout_ms: int = 60_000,
+        observer: DeliveryObserver | None = None,
     ) -> None:
         self.source = source
         self.batcher = batcher
@@ -85,11 +86,20 @@ class Delivery(ABC):
         self.timeout_s = timeout_s
         self.aborted_batches = 0
         self.producer_restarts = 0
-        self.telemetry: DeliveryObserver = _Unobserved()
+        self.telemetry: DeliveryObserver = observer or _Unobserved()
 
     def producer_options(self) -> dict[str, str | int | float | bool]:
         """What this guarantee adds to the producer's configuration."""
         return {}
+
+    @property
+    def inflight(self) -> int:
+        """Batches handed to the producer whose outputs are not all acknowledged yet."""
+        return self.sink.inflight
+
+    def poll(self, timeout_s: float = 0) -> None:
+        """Serve the producer's delivery reports (acknowledgements), waiting up to ``timeout_s`` for one."""
+        self.sink.poll(timeout_s)
 
     @abstractmethod
     def start(self) -> None:
@@ -243,7 +253,9 @@ def delivery_for(
     timeout_s: float,
     transactional_id: str = "",
     transaction_timeout_ms: int = 60_000,
+    observer: DeliveryObserver | None = None,
 ) -> Delivery:
     """The strategy a pipeline's ``delivery`` setting names."""
     kinds: dict[str, type[Delivery]] = {AtLeastOnce.name: AtLeastOnce, ExactlyOnce.name: ExactlyOnce}
-    return kinds[guarantee](source, batcher, make_sink, timeout_s, transactional_id, transaction_timeout_ms)
+    kind = kinds[guarantee]
+    return kind(source, batcher, make_sink, timeout_s, transactional_id, transaction_timeout_ms, observer)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -20,7 +22,7 @@ from streamserve.control.registry import Routing
 from streamserve.errors import EnrichError, InferenceError
 from streamserve.pipeline.decode import Decoder
 from streamserve.pipeline.encode import ENCODE_STAGE, Encoded, EncodedBatch, PredictionEncoder
-from streamserve.pipeline.enrich import FeatureBuilder, PendingLookup
+from streamserve.pipeline.features import FeatureBuilder, Lookup
 from streamserve.pipeline.infer import OnnxModel
 from streamserve.records import Event, FeatureBatch, ModelOutputs, Rejected, Source
 
@@ -29,8 +31,35 @@ log = logging.getLogger(__name__)
 DECODE_STAGE = "decode"
 FEATURES_STAGE = "features"
 INFER_STAGE = "infer"
+ENRICH_STAGE = "enrich"
+PROCESS_STAGE = "process"
 PREFETCHED = 2
 """Batches held prepared ahead at most: the one about to run and the one after it."""
+
+
+class StageObserver(Protocol):
+    """What the processor tells the telemetry: where each stage of a batch starts and ends."""
+
+    def stage(self, name: str) -> AbstractContextManager[object]:
+        """Around one stage's work (decode, enrich, encode, the whole process); recursive calls count once."""
+        ...
+
+    def inference(self, model_version: str) -> AbstractContextManager[object]:
+        """Around one model's scoring of a lane's rows (the infer stage, and the model's inference time)."""
+        ...
+
+
+class _Unobserved:
+    def stage(self, name: str) -> AbstractContextManager[object]:
+        """Nothing to record."""
+        return _NOTHING
+
+    def inference(self, model_version: str) -> AbstractContextManager[object]:
+        """Nothing to record."""
+        return _NOTHING
+
+
+_NOTHING = nullcontext()
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +69,7 @@ class _Ahead:
     sources: list[Source]
     events: list[Event]
     rejected: list[Rejected]
-    pending: PendingLookup | None
+    lookup: Lookup | None
 
 
 @dataclass(slots=True)
@@ -74,6 +103,7 @@ class BatchProcessor:
         output_topic: str,
         shadow_topic: str,
         on_redis_error: str = "dead_letter",
+        observer: StageObserver | None = None,
     ) -> None:
         self.decode = decode
         self.features = features
@@ -81,6 +111,7 @@ class BatchProcessor:
         self.output_topic = output_topic
         self.shadow_topic = shadow_topic
         self.on_redis_error = on_redis_error
+        self._observer: StageObserver = observer or _Unobserved()
         self._ahead: list[_Ahead] = []
         self.used_ahead = 0
         """Batches whose Redis lookup went out ahead (prefetch), while the batch before them was processed."""
@@ -101,10 +132,10 @@ class BatchProcessor:
         decoded = BatchResult()
         try:
             events = self.decode_batch(sources, decoded, values)
-            pending = self.features.start_lookup(events) if events else None
+            lookup = self.features.start_lookup(events) if events else None
         except Exception:  # noqa: BLE001 - run() meets it again where it is handled (registry down, a record's keys)
             return
-        self._ahead.append(_Ahead(sources, events, decoded.rejected, pending))
+        self._ahead.append(_Ahead(sources, events, decoded.rejected, lookup))
         while len(self._ahead) > PREFETCHED:
             _cancel(self._ahead.pop(0))
 
@@ -116,25 +147,31 @@ class BatchProcessor:
 
     def run(self, sources: list[Source], routing: Routing) -> BatchResult:
         """Process one batch; every source ends in exactly one of result.outputs (live lane) or rejected."""
-        result = BatchResult()
-        pending = None
+        with self._observer.stage(PROCESS_STAGE):
+            result = BatchResult()
+            ahead = self._take_ahead(sources)
+            if ahead is not None:
+                events, lookup = ahead.events, ahead.lookup
+                result.rejected += ahead.rejected
+                self.used_ahead += lookup is not None and lookup.replies.sent
+            else:
+                events, lookup = self.decode_batch(sources, result), None
+            if not events:
+                return result
+            batch = self._features(events, result, lookup)
+            if batch.events:
+                self._score(batch, routing, result)
+            return result
+
+    def _take_ahead(self, sources: list[Source]) -> _Ahead | None:
+        """What was prepared ahead for these very records (and the older ones forgotten), if anything."""
         for position, ahead in enumerate(self._ahead):
             if _same(ahead.sources, sources):
                 for older in self._ahead[:position]:  # prepared for records that never came as a batch
                     _cancel(older)
                 del self._ahead[: position + 1]
-                events, pending = ahead.events, ahead.pending
-                result.rejected += ahead.rejected
-                self.used_ahead += pending is not None and pending.lookup.sent
-                break
-        else:
-            events = self.decode_batch(sources, result)
-        if not events:
-            return result
-        batch = self._features(events, result, pending)
-        if batch.events:
-            self._score(batch, routing, result)
-        return result
+                return ahead
+        return None
 
     def decode_batch(
         self, sources: list[Source], result: BatchResult, values: list[bytes | None] | None = None
@@ -142,21 +179,22 @@ class BatchProcessor:
         """The events of the records that decode; the others are rejected, each with its reason (``values``: the
         sources' values, when the caller has them already)."""
         events: list[Event] = []
-        if values is None:
-            values = [source.value for source in sources]
-        # One read per batch; RegistryUnavailable (the platform, not a record) propagates from decode_many.
-        for source, decoded in zip(sources, self.decode.decode_many(values), strict=True):
-            if isinstance(decoded, Exception):
-                result.rejected.append(Rejected.from_error(source, DECODE_STAGE, decoded))
-            else:
-                events.append(Event(source, decoded))
+        with self._observer.stage(DECODE_STAGE):
+            if values is None:
+                values = [source.value for source in sources]
+            # One read per batch; RegistryUnavailable (the platform, not a record) propagates from decode_many.
+            for source, decoded in zip(sources, self.decode.decode_many(values), strict=True):
+                if isinstance(decoded, Exception):
+                    result.rejected.append(Rejected.from_error(source, DECODE_STAGE, decoded))
+                else:
+                    events.append(Event(source, decoded))
         return events
 
     # --- features ----------------------------------------------------------------------------------------
 
-    def _features(self, events: list[Event], result: BatchResult, pending: PendingLookup | None = None) -> FeatureBatch:
+    def _features(self, events: list[Event], result: BatchResult, lookup: Lookup | None = None) -> FeatureBatch:
         try:
-            batch = self._isolated_build(events, redis_available=True, pending=pending)
+            batch = self._isolated_build(events, redis_available=True, lookup=lookup)
         except EnrichError as exc:
             if self.on_redis_error == "fail":
                 raise
@@ -170,12 +208,11 @@ class BatchProcessor:
         result.stale_defaults += batch.stale_defaults
         return batch
 
-    def _isolated_build(
-        self, events: list[Event], redis_available: bool, pending: PendingLookup | None = None
-    ) -> FeatureBatch:
+    def _isolated_build(self, events: list[Event], redis_available: bool, lookup: Lookup | None = None) -> FeatureBatch:
         """features.build, and when it fails unexpectedly, the halves apart until the failing events are alone."""
         try:
-            return self.features.build(events, redis_available=redis_available, pending=pending)
+            with self._observer.stage(ENRICH_STAGE):
+                return self.features.build(events, redis_available=redis_available, pending=lookup)
         except EnrichError:
             raise  # the feature store, not a record
         except Exception as exc:  # noqa: BLE001 - narrowed down to the records that cause it
@@ -222,7 +259,8 @@ class BatchProcessor:
             columns = batch.select(index)
         # The selected events as a list (all of them, in one lane, as they are): no per-event numpy indexing.
         chosen = batch.events if len(index) == len(batch.events) else [batch.events[i] for i in index.tolist()]
-        scored = self.predict(model, columns, np.arange(len(index)), chosen, rejected)
+        with self._observer.inference(model.version):
+            scored = self.predict(model, columns, np.arange(len(index)), chosen, rejected)
         for positions, outputs in scored:
             finite = np.isfinite(outputs.score)
             for position in positions[~finite].tolist():
@@ -238,7 +276,8 @@ class BatchProcessor:
                 positions, outputs = positions[finite], outputs.take(np.flatnonzero(finite))
             events = chosen if len(positions) == len(chosen) else [chosen[p] for p in positions.tolist()]
             try:
-                encoded, failed = self.encoder.encode(events, outputs, model.name, model.version, batch.degraded)
+                with self._observer.stage(ENCODE_STAGE):
+                    encoded, failed = self.encoder.encode(events, outputs, model.name, model.version, batch.degraded)
             except Exception as exc:  # noqa: BLE001 - outputs the encoder cannot use: these rows fail, not the worker
                 log.error("model %s %s outputs cannot be encoded: %s", model.name, model.version, exc)
                 encoded, failed = (
@@ -280,8 +319,8 @@ class BatchProcessor:
 
 
 def _cancel(ahead: _Ahead) -> None:
-    if ahead.pending is not None:
-        ahead.pending.lookup.cancel()
+    if ahead.lookup is not None:
+        ahead.lookup.replies.cancel()
 
 
 def _same(first: list[Source], second: list[Source]) -> bool:
