@@ -176,6 +176,10 @@ class _HashScript:
         self.sha: str | None = None
         self.refused = False
 
+    def forget(self) -> None:
+        """The server forgot the script: load it again before the next fetch."""
+        self.sha = None
+
     def load(self) -> str | None:
         """The script's SHA1, or None when this server or user does not allow scripts."""
         if self.refused:
@@ -219,7 +223,7 @@ def _send_and_read(client: redis.Redis, script: _HashScript, requests: Sequence[
         pipe.execute_command(*command)
     replies = pipe.execute(raise_on_error=False)  # a failing key or group is rejected, not the worker
     if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
-        script.sha = None
+        script.forget()
         return None
     if any(isinstance(reply, redis.exceptions.NoPermissionError) for reply in replies):
         raise redis.exceptions.NoPermissionError(next(str(r) for r in replies if isinstance(r, Exception)))
