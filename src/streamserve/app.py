@@ -1,8 +1,9 @@
 """A worker's lifecycle and its loop: start order, poll -> batch -> process -> deliver, drain order.
 
 Everything is built (clients opened, schemas read, models loaded) by :func:`streamserve.wiring.build_worker`
-and handed in; the worker owns no guarantee-specific logic (``Delivery``), no batch logic (``BatchProcessor``)
-and no observability wiring (``Telemetry``).
+and handed in; the worker owns no guarantee-specific logic (``Delivery``), no batch logic (``BatchProcessor``),
+no output writing (``write_batch``) and no observability wiring (``Telemetry``). A batch goes one way:
+the processor turns its records into a result, the delivery has the result written under its guarantee.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+
+from confluent_kafka import TopicPartition
 
 from streamserve.config import PipelineSettings
 from streamserve.control.follower import ControlFollower
@@ -22,14 +24,13 @@ from streamserve.control.registry import ModelRegistry
 from streamserve.errors import Fenced
 from streamserve.observe.metrics import HealthState, ObserveServer, WorkerMetrics
 from streamserve.observe.telemetry import Telemetry
-from streamserve.observe.tracing import TRACEPARENT
 from streamserve.pipeline.batch import MicroBatcher
-from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.delivery import Delivery
-from streamserve.pipeline.process import BatchProcessor
+from streamserve.pipeline.process import BatchProcessor, BatchResult
 from streamserve.pipeline.sink import InflightBatch, OutputSink
 from streamserve.pipeline.source import KafkaSource
-from streamserve.records import Headers, Rejected, Source
+from streamserve.pipeline.write import OutputTopics, write_batch
+from streamserve.records import Rejected, Source
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,10 @@ class Worker:
     _stop: threading.Event = field(default_factory=threading.Event)
     _paused: bool = False
     _traceparent: bytes | None = None
-    _degraded: int = 0
+    _topics: OutputTopics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._topics = OutputTopics(self.settings.shadow_topic, self.settings.output.dead_letter_topic)
 
     def stop(self) -> None:
         """Ask the loop to drain and exit (safe from signal handlers and other threads)."""
@@ -107,10 +111,7 @@ class Worker:
             if self.follower is not None:
                 self.follower.catch_up()
                 self.follower.start()
-            self.source.start(
-                on_revoke=lambda partitions: self.delivery.revoked(partitions, self._observed),
-                on_lost=self.delivery.lost,
-            )
+            self.source.start(on_revoke=self._revoked, on_lost=self.delivery.lost)
             s = self.settings
             log.info("worker %s serving %s %s from %s (%s)", self.worker_id, s.model.name, self._live, s.input.topic,
                      s.delivery)  # fmt: skip
@@ -145,12 +146,27 @@ class Worker:
             self.follower.raise_if_failed()
 
     def _step(self) -> None:
+        """One turn of the loop: heartbeat, control plane, backpressure, the next batch, acknowledgements, commit."""
         self.health.beat()
-        if self.follower is not None and not self.follower.healthy():  # control plane: drain, then fail
+        self._check_control_plane()
+        if self.delivery.inflight >= self.settings.batch.max_inflight_batches or self._paused:
+            self._apply_backpressure()
+        batch = self._next_batch()
+        if batch is not None:
+            self._observed(batch)
+        self.delivery.poll(0)
+        self.delivery.commit()
+        self.telemetry.sample_lag(self.read_lag)
+
+    def _check_control_plane(self) -> None:
+        """A failed or stalled control-topic follower stops the worker (after draining)."""
+        if self.follower is not None and not self.follower.healthy():
             log.error("the control-topic follower stopped or stalled: draining and exiting")
             self._stop.set()
-        if self.delivery.sink.inflight >= self.settings.batch.max_inflight_batches or self._paused:
-            self._apply_backpressure()
+
+    def _next_batch(self) -> list[Source] | None:
+        """Poll until the open batch is ready or its time bound is up; the batch, once ready (the full batch
+        behind it, if one is held, gets its Redis lookup sent ahead)."""
         if not len(self.batcher):
             # The batch's clock starts when we begin waiting, so its first record waits at most max_wait_ms.
             self.batcher.mark_open()
@@ -159,18 +175,16 @@ class Worker:
         self.batcher.add(self.source.poll(self.batcher.room, wait_s))
         if self.batcher.ready() and self.batcher.room:  # what is fetched already, without waiting: the batch ahead
             self.batcher.add(self.source.poll(self.batcher.room, 0))
-        if self.batcher.ready():  # again: a rebalance served by that poll may have taken the records
-            waited = self.batcher.age()
-            self.stats.max_batch_wait_s = max(self.stats.max_batch_wait_s, waited)
-            self.metrics.batch_wait.record(waited)
-            batch = self.batcher.take()
-            following = self.batcher.peek()
-            if following is not None:  # a full batch waits behind: its Redis lookup overlaps this batch's work
-                self.processor.prefetch(following)
-            self._observed(batch)
-        self.delivery.sink.poll(0)
-        self.delivery.commit()
-        self.telemetry.sample_lag(self.read_lag)
+        if not self.batcher.ready():  # again: a rebalance served by that poll may have taken the records
+            return None
+        waited = self.batcher.age()
+        self.stats.max_batch_wait_s = max(self.stats.max_batch_wait_s, waited)
+        self.metrics.batch_wait.record(waited)
+        batch = self.batcher.take()
+        following = self.batcher.peek()
+        if following is not None:  # a full batch waits behind: its Redis lookup overlaps this batch's work
+            self.processor.prefetch(following)
+        return batch
 
     def _apply_backpressure(self) -> None:
         """Wait while too many batches await acknowledgement; pause the partitions if that lasts.
@@ -179,14 +193,14 @@ class Worker:
         costs is counted (stats.backpressure_s, the pauses metric). Prefetched input is bounded by
         queued.max.messages.kbytes; pausing keeps group membership served without buffering more.
         """
-        limit, sink = self.settings.batch.max_inflight_batches, self.delivery.sink
-        if self._paused and sink.inflight <= limit // 2:
+        limit, delivery = self.settings.batch.max_inflight_batches, self.delivery
+        if self._paused and delivery.inflight <= limit // 2:
             self.source.resume()
             self._paused = False
         waiting_since = time.monotonic()
-        while sink.inflight >= limit and not self._stop.is_set():
-            sink.poll(0.05)
-            self.delivery.commit()
+        while delivery.inflight >= limit and not self._stop.is_set():
+            delivery.poll(0.05)
+            delivery.commit()
             if not self._paused and time.monotonic() - waiting_since > PAUSE_AFTER_S:
                 self.source.pause()
                 self._paused = True
@@ -198,6 +212,10 @@ class Worker:
         self.stats.backpressure_s += waited
         self.metrics.backpressure.add(waited)
 
+    def _revoked(self, partitions: list[TopicPartition]) -> None:
+        """The group takes partitions away: the delivery settles what we hold of them (processing it or not)."""
+        self.delivery.revoked(partitions, self._observed)
+
     def _observed(self, sources: list[Source]) -> None:
         """process() inside the batch's log context and span; outputs carry the span's traceparent."""
         with self.telemetry.batch(sources, self._live) as scope:
@@ -205,9 +223,16 @@ class Worker:
             self.process(sources)
 
     def process(self, sources: list[Source]) -> None:
-        """Run one micro-batch through decode -> enrich -> infer -> encode -> produce (-> commit)."""
+        """Run one micro-batch through decode -> enrich -> infer -> encode, then deliver it (produce -> commit)."""
         started = time.perf_counter()
-        rejected = self.delivery.process(sources, self._emit)
+        result = self.processor.run(sources, self.registry.routing)
+        topics, traceparent = self._topics, self._traceparent
+
+        def write(_: list[Source], inflight: InflightBatch, sink: OutputSink) -> list[Rejected]:
+            return write_batch(result, sink, inflight, topics, traceparent)
+
+        rejected = self.delivery.process(sources, write)
+        self._tally(result)
         self.stats.aborted_batches = self.delivery.aborted_batches
         self.stats.producer_restarts = self.delivery.producer_restarts
         if rejected is None:
@@ -216,31 +241,19 @@ class Worker:
         self.stats.dead_letters += len(rejected)
         self.stats.batches += 1
         self.stats.batches_ahead = self.processor.used_ahead
-        self.telemetry.batch_done(sources, rejected, self._degraded, time.perf_counter() - started)
+        self.telemetry.batch_done(sources, rejected, result.degraded, time.perf_counter() - started)
 
-    def _emit(self, sources: list[Source], inflight: InflightBatch, sink: OutputSink) -> list[Rejected]:
-        """Process a batch and produce its outputs and dead letters (the delivery strategy wraps this)."""
-        result = self.processor.run(sources, self.registry.routing)
-        rejected, shadow_topic, trace = result.rejected, self.settings.shadow_topic, self._traceparent
-        for topic, encoded in result.outputs:
-            headers = encoded.headers if trace is None else _with_trace_once(encoded.headers, trace)
-            for position, exc in sink.produce_all(inflight, topic, encoded.keys, encoded.values, headers):
-                if topic != shadow_topic:  # a shadow output is dropped, its live one stands
-                    rejected.append(Rejected.from_error(encoded.sources[position], exc.stage, exc))
-                    result.predictions -= 1
-        dlq_topic = self.settings.output.dead_letter_topic
-        for item in rejected:
-            sink.produce(inflight, dlq_topic, *dead_letter(item, sink.max_record_bytes(dlq_topic)))
-            self.stats.by_stage[item.stage] = self.stats.by_stage.get(item.stage, 0) + 1
+    def _tally(self, result: BatchResult) -> None:
+        """The running totals of a written batch (its rejected records include those the sink refused)."""
         s = self.stats
+        for item in result.rejected:
+            s.by_stage[item.stage] = s.by_stage.get(item.stage, 0) + 1
         s.predictions_out += result.predictions
         s.shadow_out += result.shadow
         s.degraded_predictions += result.degraded
-        self._degraded = result.degraded
         s.missing_defaults += result.missing_defaults
         s.stale_defaults += result.stale_defaults
         self.telemetry.defaults_used(result.missing_defaults, result.stale_defaults)
-        return rejected
 
     def _log_progress(self) -> None:
         s = self.stats
@@ -251,19 +264,3 @@ class Worker:
             *(s.missing_defaults, s.stale_defaults, s.paused, s.backpressure_s, s.max_batch_wait_s * 1000),
             *(s.batches_ahead, self._live),
         )
-
-
-def _with_trace_once(headers: list[Headers], trace: bytes) -> list[Headers]:
-    """Each record's headers with the batch's trace header instead of any other, once per shared list."""
-    traced: dict[int, Headers] = {}
-    found = []
-    for record_headers in headers:
-        with_trace = traced.get(id(record_headers))
-        if with_trace is None:
-            with_trace = traced[id(record_headers)] = _with_trace(record_headers, trace)
-        found.append(with_trace)
-    return found
-
-
-def _with_trace(headers: Any, traceparent: bytes) -> Any:
-    return [*(h for h in headers or () if h[0] != TRACEPARENT), (TRACEPARENT, traceparent)]

@@ -1,0 +1,57 @@
+"""Writing a processed batch: its outputs, with the batch's trace header, and its dead letters, to the sink."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from streamserve.observe.tracing import TRACEPARENT
+from streamserve.pipeline.deadletter import dead_letter
+from streamserve.pipeline.process import BatchResult
+from streamserve.pipeline.sink import InflightBatch, OutputSink
+from streamserve.records import Headers, Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTopics:
+    """Where a batch's records go besides the lanes' own topics."""
+
+    shadow: str
+    """Shadow outputs: one the sink refuses is dropped, its live output stands."""
+    dead_letter: str
+
+
+def write_batch(
+    result: BatchResult, sink: OutputSink, inflight: InflightBatch, topics: OutputTopics, traceparent: bytes | None
+) -> list[Rejected]:
+    """Produce a processed batch's outputs and dead letters into ``inflight``; returns every rejected record.
+
+    A live output the sink refuses (too large for its topic) is rejected and dead-lettered like the others, and
+    no longer counts as a prediction (``result`` is updated: its rejected records and predictions).
+    """
+    rejected = result.rejected
+    for topic, encoded in result.outputs:
+        headers = encoded.headers if traceparent is None else _with_trace_once(encoded.headers, traceparent)
+        for position, exc in sink.produce_all(inflight, topic, encoded.keys, encoded.values, headers):
+            if topic != topics.shadow:  # a shadow output is dropped, its live one stands
+                rejected.append(Rejected.from_error(encoded.sources[position], exc.stage, exc))
+                result.predictions -= 1
+    for item in rejected:
+        sink.produce(inflight, topics.dead_letter, *dead_letter(item, sink.max_record_bytes(topics.dead_letter)))
+    return rejected
+
+
+def _with_trace_once(headers: list[Headers], trace: bytes) -> list[Headers]:
+    """Each record's headers with the batch's trace header instead of any other, once per shared list."""
+    traced: dict[int, Headers] = {}
+    found = []
+    for record_headers in headers:
+        with_trace = traced.get(id(record_headers))
+        if with_trace is None:
+            with_trace = traced[id(record_headers)] = _with_trace(record_headers, trace)
+        found.append(with_trace)
+    return found
+
+
+def _with_trace(headers: Any, traceparent: bytes) -> Any:
+    return [*(h for h in headers or () if h[0] != TRACEPARENT), (TRACEPARENT, traceparent)]
