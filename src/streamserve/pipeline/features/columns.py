@@ -74,6 +74,7 @@ class EventCategories:
         self.codes = _codes(spec)
 
     def build(self, batch: BatchInputs) -> np.ndarray:
+        """The field's text, codes or one-hot columns (defaults for nulls)."""
         texts = categories(self.spec, list(map(self.get, batch.everything)), batch.reasons)
         return fill_text(self.spec, self.codes, texts, batch.reasons)
 
@@ -85,6 +86,7 @@ class EventArrays:
         self.name, self.spec, self.get = spec.name, spec, get
 
     def build(self, batch: BatchInputs) -> np.ndarray:
+        """The arrays as a matrix."""
         return vectors(self.spec, list(map(self.get, batch.everything)), batch.reasons)
 
 
@@ -95,6 +97,7 @@ class EventNumbers:
         self.name, self.spec, self.get = spec.name, spec, get
 
     def build(self, batch: BatchInputs) -> np.ndarray:
+        """The field's numbers (exact int64 for integer dtypes), defaults where missing."""
         raw = list(map(self.get, batch.everything))
         if self.spec.dtype in INT_DTYPES:
             values, exact = int_column(self.spec, raw, batch.reasons, finite_only=True)
@@ -111,6 +114,7 @@ class PackedNumbers:
         self.name, self.spec, self.group = spec.name, spec, group
 
     def build(self, batch: BatchInputs) -> np.ndarray:
+        """The element of each event's entity vector, defaults where missing."""
         packed = batch.vectors[self.group]
         assert packed is not None
         return with_defaults(self.spec, packed[batch.rows[self.group], self.spec.index], None, None, batch)
@@ -124,6 +128,7 @@ class HashCategories:
         self.codes = _codes(spec)
 
     def build(self, batch: BatchInputs) -> np.ndarray:
+        """The field's text, codes or one-hot columns per event (a value that is no text counts as missing)."""
         raw = batch.replies[self.group][self.position :: self.width]
         column = categories(self.spec, [*raw, None], {})  # a key's bad value counts as missing
         return fill_text(self.spec, self.codes, column[batch.rows[self.group]], batch.reasons)
@@ -138,6 +143,7 @@ class HashNumbers:
         """Position of the update stamp among the key's values, last (read only when the feature has a max age)."""
 
     def build(self, batch: BatchInputs) -> np.ndarray:
+        """The field's numbers per event, defaults where missing or stale."""
         spec, replies, event_rows = self.spec, batch.replies[self.group], batch.rows[self.group]
         raw = replies[self.position :: self.width]
         key_reasons: dict[int, str] = {}
