@@ -33,7 +33,7 @@ from pydantic_settings import (
 )
 
 from streamserve.errors import ConfigError
-from streamserve.preflight import librdkafka_logger
+from streamserve.observe.kafkalog import librdkafka_logger
 
 _yaml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("streamserve_yaml", default=None)
 

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from streamserve.config import FeatureSpec, PipelineSettings
+from streamserve.ops.tools import load_packed_features, pack_vector
 from streamserve.pipeline.enrich import FeatureBuilder, FeatureRequest, Replies, _column_renderer, _key_renderer
 from streamserve.records import Event, Source
-from streamserve.tools import load_packed_features, pack_vector
 
 
 def event(offset: int, **fields: Any) -> Event:
