@@ -20,10 +20,11 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed  ## create .venv with streamserve and its dev tools
 
-lint: venv  ## ruff (lint + format check) and mypy
+lint: venv  ## ruff (lint, complexity, format check), mypy, and the layers (import-linter, docs/architecture.md)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test-unit: venv  ## unit tests only (no servers)
 	$(BIN)/pytest tests/unit
