@@ -47,17 +47,7 @@ def resolution_errors(writer: Any, reader: Any, path: str = "") -> list[str]:
             return []
         return [f"{where}: the writer's {w_type} cannot be read as {r_type}"]
     if w_type == "record":
-        errors = []
-        written = {f["name"]: f for f in writer["fields"]}
-        for r_field in reader["fields"]:
-            names = [r_field["name"], *r_field.get("aliases", [])]
-            w_field = next((written[name] for name in names if name in written), None)
-            child = f"{path}.{r_field['name']}" if path else r_field["name"]
-            if w_field is not None:
-                errors += resolution_errors(w_field["type"], r_field["type"], child)
-            elif "default" not in r_field:
-                errors.append(f"field {child} is not in the writer's schema and has no default in the reader's")
-        return errors
+        return _record_errors(writer, reader, path)
     if w_type == "enum":
         unknown = sorted(set(writer["symbols"]) - set(reader["symbols"]))
         if unknown and "default" not in reader:
@@ -70,6 +60,21 @@ def resolution_errors(writer: Any, reader: Any, path: str = "") -> list[str]:
     if w_type == "fixed" and writer["size"] != reader["size"]:
         return [f"{where}: fixed size {writer['size']} cannot be read as size {reader['size']}"]
     return []
+
+
+def _record_errors(writer: Any, reader: Any, path: str) -> list[str]:
+    """resolution_errors() of two records: each reader field from the writer's (by name or alias) or its default."""
+    errors = []
+    written = {f["name"]: f for f in writer["fields"]}
+    for r_field in reader["fields"]:
+        names = [r_field["name"], *r_field.get("aliases", [])]
+        w_field = next((written[name] for name in names if name in written), None)
+        child = f"{path}.{r_field['name']}" if path else r_field["name"]
+        if w_field is not None:
+            errors += resolution_errors(w_field["type"], r_field["type"], child)
+        elif "default" not in r_field:
+            errors.append(f"field {child} is not in the writer's schema and has no default in the reader's")
+    return errors
 
 
 def _type_name(schema: Any) -> str:
