@@ -600,11 +600,7 @@ def _compile(node: Any, named: Mapping[str, Any], within: str = "field") -> _Enc
     "items" (a map's values, an array's items); unions nest in nothing, maps and arrays only in a union.
     """
     if isinstance(node, list):
-        others = [branch for branch in node if branch != "null"]
-        if within != "field" or len(node) != 2 or len(others) != 1:
-            return None
-        inner = _compile(others[0], named, "union")
-        return None if inner is None else _Nullable(inner, node[0] == "null")
+        return _compile_union(node, named, within)
     if isinstance(node, str):
         if node in named:
             return _compile(named[node], named, within)
@@ -615,7 +611,25 @@ def _compile(node: Any, named: Mapping[str, Any], within: str = "field") -> _Enc
     logical = f"{kind}-{node['logicalType']}" if node.get("logicalType") else None
     if logical in _UNSUPPORTED_LOGICAL:
         return None
-    prepare = LOGICAL_WRITERS.get(logical) if logical else None
+    if kind in ("map", "array"):
+        if within == "items":
+            return None
+        items = _compile(node["values" if kind == "map" else "items"], named, "items")
+        return None if items is None else _Blocks(items, keyed=kind == "map")
+    return _compile_simple(kind, node, LOGICAL_WRITERS.get(logical) if logical else None)
+
+
+def _compile_union(node: list[Any], named: Mapping[str, Any], within: str) -> _Encoder | None:
+    """The encoder of a union of null and one other type (a record field's only), or None."""
+    others = [branch for branch in node if branch != "null"]
+    if within != "field" or len(node) != 2 or len(others) != 1:
+        return None
+    inner = _compile(others[0], named, "union")
+    return None if inner is None else _Nullable(inner, node[0] == "null")
+
+
+def _compile_simple(kind: str, node: dict[str, Any], prepare: Callable[[Any, Any], Any] | None) -> _Encoder | None:
+    """The encoder of a type that holds no other type (prepare: its logical type's writer), or None."""
     if kind in ("int", "long"):
         return _Integer(_INT_RANGE if kind == "int" else _LONG_RANGE, prepare, node)
     if kind in ("float", "double"):
@@ -630,9 +644,6 @@ def _compile(node: Any, named: Mapping[str, Any], within: str = "field") -> _Enc
         return _Bytes(int(node["size"]) if kind == "fixed" else None)
     if kind == "enum":
         return _Enum(node["symbols"])
-    if kind in ("map", "array") and within != "items":
-        items = _compile(node["values" if kind == "map" else "items"], named, "items")
-        return None if items is None else _Blocks(items, keyed=kind == "map")
     return None
 
 
@@ -699,24 +710,13 @@ class ColumnWriter:
         for field in self._fields:
             value = _value_of(field, columns)
             try:
-                if isinstance(value, MapRows):
-                    if len(value) != n:
-                        raise ValueError(f"column has {len(value)} values for {n} rows")
-                    encoded = _map_rows(field.encoder, value)
-                elif isinstance(value, Constant) or not _is_column(value):
-                    shared += self._constant(field, value.value if isinstance(value, Constant) else value)
-                    continue
-                else:
-                    if len(value) != n:
-                        raise ValueError(f"column has {len(value)} values for {n} rows")
-                    if isinstance(value, np.ndarray) and (value.ndim > 1 or value.dtype.kind not in "biuf"):
-                        if value.dtype.kind in "mMV":
-                            raise TypeError(f"numpy dtype {value.dtype} is not supported")
-                        value = value.tolist()
-                    encoded = field.encoder.encode(value if isinstance(value, np.ndarray) else list(value))
+                encoded = self._field_chunks(field, value, n)
             except (ValueError, TypeError, OverflowError) as exc:
                 error = TypeError if isinstance(exc, TypeError) else ValueError
                 raise error(f"field {field.name!r}: {exc}") from exc
+            if isinstance(encoded, bytes):
+                shared += encoded
+                continue
             if shared:
                 chunks.append(_Chunk.fixed(np.frombuffer(bytes(shared), dtype=np.uint8)))
                 shared.clear()
@@ -727,6 +727,22 @@ class ColumnWriter:
         data = buffer.tobytes()
         ends = np.cumsum(lengths).tolist()
         return [data[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+    def _field_chunks(self, field: _Field, value: Any, n: int) -> list[_Chunk] | bytes:
+        """One field's chunks for n rows; its bytes when one value is shared by every row."""
+        if isinstance(value, MapRows):
+            if len(value) != n:
+                raise ValueError(f"column has {len(value)} values for {n} rows")
+            return _map_rows(field.encoder, value)
+        if isinstance(value, Constant) or not _is_column(value):
+            return self._constant(field, value.value if isinstance(value, Constant) else value)
+        if len(value) != n:
+            raise ValueError(f"column has {len(value)} values for {n} rows")
+        if isinstance(value, np.ndarray) and (value.ndim > 1 or value.dtype.kind not in "biuf"):
+            if value.dtype.kind in "mMV":
+                raise TypeError(f"numpy dtype {value.dtype} is not supported")
+            value = value.tolist()
+        return field.encoder.encode(value if isinstance(value, np.ndarray) else list(value))
 
     def _write_rows(self, columns: Mapping[str, Any], n: int) -> list[bytes]:
         """write() a value at a time, for plain Python values only; _NotPlain for anything else."""
