@@ -20,10 +20,11 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed  ## create .venv with streamserve and its dev tools
 
-lint: venv  ## ruff (lint + format check) and mypy
+lint: venv  ## ruff (lint, complexity, format check), mypy, and the layers (import-linter, docs/architecture.md)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test-unit: venv  ## unit tests only (no servers)
 	$(BIN)/pytest tests/unit
@@ -72,7 +73,7 @@ bench: venv  ## benchmark against the Kafka limit, a hand-written loop, Quix Str
 clean:  ## remove the virtualenv and local state
 	-$(STACK) down
 	-$(STACK) down --secure
-	rm -rf $(VENV) .stack .stack-secure .pytest_cache .mypy_cache .ruff_cache examples/fraud/models examples/fraud/data
+	rm -rf $(VENV) .stack .stack-secure .pytest_cache .mypy_cache .ruff_cache .import_linter_cache examples/fraud/models examples/fraud/data
 
 demo-maintenance: venv  ## the predictive-maintenance example: nested/nullable events, multi-input model, string labels
 	bash scripts/demo --example maintenance

@@ -26,10 +26,10 @@ import redis
 
 from bench.dataset import Dataset, cleanup_redis, encode_events, find_stack, load_entities
 from bench.scenarios import streamserve_config
-from streamserve.admin import ensure_topics, pipeline_topics
 from streamserve.config import load_settings
 from streamserve.demo.data import make_entities
 from streamserve.demo.train import train_versions
+from streamserve.ops.admin import ensure_topics, pipeline_topics
 from streamserve.records import Source
 from streamserve.wiring import build_worker
 

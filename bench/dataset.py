@@ -16,11 +16,11 @@ import redis
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from streamserve.admin import TopicSpec, ensure_topics
 from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_entities, make_events
 from streamserve.demo.train import train_versions
+from streamserve.ops.admin import TopicSpec, ensure_topics
+from streamserve.ops.tools import load_features, load_packed_features
 from streamserve.pipeline.decode import load_schema
-from streamserve.tools import load_features, load_packed_features
 
 log = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ def _add_timeout(parser: argparse.ArgumentParser, default: float = ADMIN_TIMEOUT
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a worker until SIGTERM/SIGINT, then drain and leave the group."""
     from streamserve.config import load_settings
-    from streamserve.preflight import check_pipeline_files, check_pipeline_servers
+    from streamserve.ops.preflight import check_pipeline_files, check_pipeline_servers
     from streamserve.wiring import build_worker
 
     settings = load_settings(args.config)
@@ -99,9 +99,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
     """Create the pipeline's topics."""
-    from streamserve.admin import ensure_topics, pipeline_topics
     from streamserve.config import load_settings
-    from streamserve.preflight import check_kafka
+    from streamserve.ops.admin import ensure_topics, pipeline_topics
+    from streamserve.ops.preflight import check_kafka
 
     settings = load_settings(args.config)
     check_kafka(settings.kafka.common(), args.timeout)
@@ -114,9 +114,9 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 def cmd_acls_grant(args: argparse.Namespace) -> int:
     """Grant the worker and publisher principals exactly the ACLs the pipeline needs (run as an admin)."""
-    from streamserve.admin import describe_acl, grant, publisher_acls, worker_acls
     from streamserve.config import load_settings
-    from streamserve.preflight import check_kafka
+    from streamserve.ops.admin import describe_acl, grant, publisher_acls, worker_acls
+    from streamserve.ops.preflight import check_kafka
 
     settings = load_settings(args.config)
     check_kafka(settings.kafka.common(), args.timeout)
@@ -131,9 +131,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
     """Produce synthetic card transactions (the demo's schema) to the input topic."""
     from streamserve.config import load_settings
     from streamserve.demo.data import make_entities, make_events
+    from streamserve.ops.preflight import check_file, check_kafka
+    from streamserve.ops.tools import produce_avro
     from streamserve.pipeline.decode import load_schema
-    from streamserve.preflight import check_file, check_kafka
-    from streamserve.tools import produce_avro
 
     settings = load_settings(args.config)
     check_file(settings.input.schema_path, "input schema", "fix input.schema in the pipeline config")
@@ -156,8 +156,8 @@ def cmd_features_load(args: argparse.Namespace) -> int:
     """Bulk-load entity features from CSV/Parquet into Redis hashes."""
     import redis
 
-    from streamserve.preflight import check_file, check_redis, display_url, quick_redis
-    from streamserve.tools import load_features, load_packed_features, read_rows
+    from streamserve.ops.preflight import check_file, check_redis, display_url, quick_redis
+    from streamserve.ops.tools import load_features, load_packed_features, read_rows
 
     check_file(args.file, "feature file", "give --file an existing CSV (header row) or .parquet file")
     probe = quick_redis(args.redis_url, args.timeout)
@@ -219,7 +219,7 @@ def _policy_and_key(
 def cmd_models_publish(args: argparse.Namespace) -> int:
     """Validate a model version locally, then announce it (signed with --sign-key) on the control topic."""
     from streamserve.control.publish import local_validator, publish
-    from streamserve.preflight import check_file, check_kafka, local_model_path
+    from streamserve.ops.preflight import check_file, check_kafka, local_model_path
 
     target = _control_target(args)
     policy, key = _policy_and_key(args, target)
@@ -275,7 +275,7 @@ def _config_model(settings: PipelineSettings) -> ArtifactRef | None:
 def cmd_models_rollback(args: argparse.Namespace) -> int:
     """Announce a rollback to the previous (or a named) version."""
     from streamserve.control.publish import rollback
-    from streamserve.preflight import check_kafka
+    from streamserve.ops.preflight import check_kafka
 
     target = _control_target(args)
     policy, key = _policy_and_key(args, target)
@@ -293,7 +293,7 @@ def cmd_models_status(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from streamserve.control.publish import fleet_status
-    from streamserve.preflight import check_kafka
+    from streamserve.ops.preflight import check_kafka
 
     target = _control_target(args)
     check_kafka(target.kafka, args.timeout)
@@ -337,7 +337,7 @@ def cmd_schemas_check(args: argparse.Namespace) -> int:
     subject and whether the prediction schema is compatible with the registered one. Exit 0 when both are,
     1 when one is not (the reasons are printed), 2 when the check could not be made (config, registry down)."""
     from streamserve.config import load_settings
-    from streamserve.schema_registry import check_schemas
+    from streamserve.ops.schema_registry import check_schemas
 
     settings = load_settings(args.config)
     kafka = settings.kafka.model_copy(update={"schema_registry_timeout_s": args.timeout})
@@ -364,7 +364,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run an example end to end on the local stack: the card-fraud demo (default) or the predictive-maintenance
     example (a nested, nullable schema and a multi-input scikit-learn model with string labels)."""
     from streamserve.config import load_settings
-    from streamserve.preflight import check_pipeline_servers
+    from streamserve.ops.preflight import check_pipeline_servers
 
     config = args.config or Path(f"examples/{args.example}/pipeline.yaml")
     check_pipeline_servers(load_settings(config), args.timeout)  # before minutes of training
@@ -598,7 +598,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `streamserve` command."""
-    from streamserve.preflight import env_overrides
+    from streamserve.ops.preflight import env_overrides
 
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level, args.log_format)

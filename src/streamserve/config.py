@@ -33,7 +33,7 @@ from pydantic_settings import (
 )
 
 from streamserve.errors import ConfigError
-from streamserve.preflight import librdkafka_logger
+from streamserve.observe.kafkalog import librdkafka_logger
 
 _yaml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("streamserve_yaml", default=None)
 
@@ -226,6 +226,18 @@ class FeatureSpec(_Section):
             raise ValueError(f"feature {self.name!r}: source 'redis' needs a key template")
         if self.max_age_s is not None and not self.updated_at_field:
             raise ValueError(f"feature {self.name!r}: max_age_s needs updated_at_field")
+        self._check_layout()
+        self._check_encoding()
+        if self.length is not None and self.source != "event":
+            raise ValueError(f"feature {self.name!r}: vector features (length) read an event array field")
+        if self.length is not None and self.dtype in ("string", "bool"):
+            raise ValueError(f"feature {self.name!r}: vector features are numeric")
+        if isinstance(self.default, str) and not self.categorical:
+            raise ValueError(f"feature {self.name!r}: a text default needs dtype 'string'")
+        return self
+
+    def _check_layout(self) -> None:
+        """A packed feature is a single float32 of a Redis vector, at its index; index is for packed alone."""
         if self.layout == "packed":
             if self.source != "redis":
                 raise ValueError(f"feature {self.name!r}: layout 'packed' is for source 'redis'")
@@ -237,6 +249,9 @@ class FeatureSpec(_Section):
                 raise ValueError(f"feature {self.name!r}: a packed vector holds single float32 values")
         elif self.index is not None:
             raise ValueError(f"feature {self.name!r}: index is for layout 'packed'")
+
+    def _check_encoding(self) -> None:
+        """An encoding needs a vocabulary and a vocabulary needs an encoding; vectors have neither."""
         if self.encoding != "none":
             if self.vocabulary is None and self.vocabulary_file is None:
                 raise ValueError(
@@ -246,13 +261,6 @@ class FeatureSpec(_Section):
                 raise ValueError(f"feature {self.name!r}: a vector feature cannot have a vocabulary")
         elif self.vocabulary is not None or self.vocabulary_file is not None:
             raise ValueError(f"feature {self.name!r}: a vocabulary needs encoding 'ordinal' or 'onehot'")
-        if self.length is not None and self.source != "event":
-            raise ValueError(f"feature {self.name!r}: vector features (length) read an event array field")
-        if self.length is not None and self.dtype in ("string", "bool"):
-            raise ValueError(f"feature {self.name!r}: vector features are numeric")
-        if isinstance(self.default, str) and not self.categorical:
-            raise ValueError(f"feature {self.name!r}: a text default needs dtype 'string'")
-        return self
 
     @property
     def categorical(self) -> bool:

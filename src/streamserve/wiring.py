@@ -27,11 +27,12 @@ from streamserve.pipeline.delivery import delivery_for
 from streamserve.pipeline.encode import PredictionEncoder
 from streamserve.pipeline.features import FeatureBuilder, redis_fetcher
 from streamserve.pipeline.fields import check_event_schema
+from streamserve.pipeline.limits import size_limits
 from streamserve.pipeline.process import BatchProcessor
-from streamserve.pipeline.sink import OutputSink, size_limits
+from streamserve.pipeline.sink import OutputSink
 from streamserve.pipeline.source import KafkaSource
+from streamserve.pipeline.subjects import prediction_prefix
 from streamserve.records import Source
-from streamserve.schema_registry import prediction_prefix
 
 
 def build_worker(settings: PipelineSettings) -> Worker:

@@ -20,12 +20,12 @@ import redis
 import yaml
 from confluent_kafka import Consumer, Message
 
-from streamserve.admin import ensure_topics, pipeline_topics
 from streamserve.config import PipelineSettings, apply_overrides, config_from, load_settings
 from streamserve.demo.train import TrainedModel
+from streamserve.ops.admin import ensure_topics, pipeline_topics
+from streamserve.ops.tools import produce_avro
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.encode import decode_prediction
-from streamserve.tools import produce_avro
 from streamserve.wiring import build_worker
 
 REPO = Path(__file__).resolve().parents[2]

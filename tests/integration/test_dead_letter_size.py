@@ -17,7 +17,6 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
-from streamserve.admin import topic_max_message_bytes
 from streamserve.demo.data import Entities, make_events
 from streamserve.errors import RecordTooLarge
 from streamserve.pipeline.deadletter import (
@@ -32,13 +31,13 @@ from streamserve.pipeline.deadletter import (
 )
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.encode import decode_prediction
-from streamserve.pipeline.sink import (
+from streamserve.pipeline.limits import (
     DEFAULT_MESSAGE_MAX_BYTES,
     SIZE_MARGIN_BYTES,
-    InflightBatch,
-    OutputSink,
     size_limits,
+    topic_max_message_bytes,
 )
+from streamserve.pipeline.sink import InflightBatch, OutputSink
 from tests.integration.harness import (
     Pipeline,
     WorkerProcess,

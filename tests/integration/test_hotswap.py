@@ -15,11 +15,11 @@ import redis
 
 from streamserve.control.fetch import sha256_hex
 from streamserve.control.publish import fleet_status, publish, rollback
-from streamserve.control.registry import canary_bucket
 from streamserve.control.rollout import AcceptancePolicy, ArtifactRef
 from streamserve.demo.data import Entities, make_events
 from streamserve.demo.train import TrainedModel
 from streamserve.pipeline.decode import load_schema
+from streamserve.pipeline.routing import canary_bucket
 from tests.integration.harness import (
     Pipeline,
     WorkerProcess,

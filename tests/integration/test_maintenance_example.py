@@ -11,8 +11,8 @@ import numpy as np
 from streamserve.control.publish import publish
 from streamserve.control.rollout import AcceptancePolicy
 from streamserve.demo.maintenance import CLASSES, Machines, TrainedModel, make_readings
+from streamserve.ops.tools import produce_avro
 from streamserve.pipeline.decode import load_schema
-from streamserve.tools import produce_avro
 from tests.integration.harness import WorkerThread, predictions, read_topic, wait_until
 from tests.integration.maintenance import MaintenancePipeline, offline_predictions
 

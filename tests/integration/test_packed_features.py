@@ -7,7 +7,7 @@ import redis
 from streamserve.config import FeatureSpec
 from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_events
 from streamserve.demo.train import TrainedModel
-from streamserve.tools import load_packed_features
+from streamserve.ops.tools import load_packed_features
 from tests.integration.harness import (
     Pipeline,
     WorkerThread,

@@ -12,7 +12,7 @@ import redis
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from streamserve.admin import TopicSpec, ensure_topics
+from streamserve.ops.admin import TopicSpec, ensure_topics
 from tests.integration.harness import read_topic, unique
 from tests.integration.servers import REPO, STACK, Servers
 

@@ -12,13 +12,13 @@ import redis
 import yaml
 from confluent_kafka import Consumer, KafkaError, Producer
 
-from streamserve.admin import ensure_topics, grant, pipeline_topics, publisher_acls, worker_acls
 from streamserve.clients import redis_client
 from streamserve.demo.data import Entities, make_events
 from streamserve.demo.train import TrainedModel
+from streamserve.ops.admin import ensure_topics, grant, pipeline_topics, publisher_acls, worker_acls
+from streamserve.ops.tools import produce_avro
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.encode import decode_prediction
-from streamserve.tools import produce_avro
 from tests.integration.harness import Pipeline, WorkerThread, unique, wait_until
 from tests.secure.conftest import SecureStack
 

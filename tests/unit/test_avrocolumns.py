@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamserve.pipeline import avrocolumns
-from streamserve.pipeline.avrocolumns import ColumnWriter, Constant, MapRows
+from streamserve.pipeline.avrocolumns import ColumnWriter, Constant, MapRows, chunks, scalars
+from streamserve.pipeline.avrocolumns import writer as writer_module
 from streamserve.pipeline.decode import load_schema
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -76,7 +76,7 @@ def assert_matches_fastavro(schema: Any, columns: dict[str, Any], n: int) -> Non
     writer = ColumnWriter.for_schema(schema)
     assert writer is not None
     expected = [_fastavro(schema, row) for row in _rows(columns, n)]
-    with mock.patch.object(avrocolumns, "ROWS_BELOW", 0):
+    with mock.patch.object(writer_module, "ROWS_BELOW", 0):
         written = writer.write(columns, n)
     assert len(written) == n
     for i, (ours, theirs) in enumerate(zip(written, expected, strict=True)):
@@ -88,7 +88,7 @@ def assert_row_path_matches_or_declines(writer: ColumnWriter, columns: dict[str,
     """The row path writes exactly the expected bytes or raises (then write() takes the column path)."""
     try:
         by_rows = writer._write_rows(columns, n)
-    except avrocolumns._NotPlain:
+    except scalars._NotPlain:
         return  # declined: the column path decides
     for i, (ours, theirs) in enumerate(zip(by_rows, expected, strict=True)):
         assert ours == theirs, f"row path, row {i}: {_rows(columns, n)[i]!r}"
@@ -182,7 +182,7 @@ def generated_batches(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any], 
 @given(batch=generated_batches(), scatter=st.booleans())
 def test_generated_schemas_match_fastavro(batch: tuple[dict[str, Any], dict[str, Any], int], scatter: bool) -> None:
     schema, columns, n = batch
-    with mock.patch.object(avrocolumns, "_PADDING_FACTOR", -1 if scatter else avrocolumns._PADDING_FACTOR):
+    with mock.patch.object(chunks, "_PADDING_FACTOR", -1 if scatter else chunks._PADDING_FACTOR):
         assert_matches_fastavro(fastavro.parse_schema(schema), columns, n)
 
 
@@ -268,7 +268,7 @@ def test_the_row_path_writes_plain_predictions(schema_file: str, data: st.DataOb
     columns["model_name"] = "fraud"  # shared scalars come as they are
     expected = [_fastavro(schema, row) for row in _rows(columns, n)]
     assert writer._write_rows(columns, n) == expected
-    with mock.patch.object(avrocolumns, "_assemble", side_effect=AssertionError("the column path was taken")):
+    with mock.patch.object(writer_module, "_assemble", side_effect=AssertionError("the column path was taken")):
         assert writer.write(columns, n) == expected
 
 
@@ -298,7 +298,7 @@ def test_any_value_matches_fastavro_or_raises(data: st.DataObject) -> None:
         error = str(exc)
     if error is not None:
         assert field in error
-        with pytest.raises(avrocolumns._NotPlain):  # the row path declines, it writes nothing
+        with pytest.raises(scalars._NotPlain):  # the row path declines, it writes nothing
             writer._write_rows(columns, n)
     else:
         expected = [_fastavro(schema, row) for row in _rows(columns, n)]
@@ -399,7 +399,7 @@ def test_an_inadmissible_value_raises_naming_the_field(node: Any, column: Any) -
     columns = {"ok": list(range(len(column))), "the_field": column}
     with pytest.raises((ValueError, TypeError), match="the_field"):
         writer.write(columns, len(column))
-    with pytest.raises(avrocolumns._NotPlain):  # the row path declines; the column path above names the field
+    with pytest.raises(scalars._NotPlain):  # the row path declines; the column path above names the field
         writer._write_rows(columns, len(column))
 
 
@@ -480,7 +480,7 @@ def test_float32_nans_take_the_column_path() -> None:
     writer = ColumnWriter.for_schema(schema)
     assert writer is not None
     columns = {"ok": [1, 2], "the_field": [signalling, float("nan")]}
-    with pytest.raises(avrocolumns._NotPlain):
+    with pytest.raises(scalars._NotPlain):
         writer._write_rows(columns, 2)
     assert_matches_fastavro(schema, columns, 2)
 
@@ -527,6 +527,6 @@ def test_map_rows_take_the_fixed_width_path() -> None:
     expected = [_fastavro(schema, row) for row in _rows({**columns, "probabilities": probabilities}, 2)]
     with (
         mock.patch.object(MapRows, "rows", side_effect=AssertionError("written as dicts")),
-        mock.patch.object(avrocolumns, "ROWS_BELOW", 0),
+        mock.patch.object(writer_module, "ROWS_BELOW", 0),
     ):
         assert writer.write({**columns, "probabilities": probabilities}, 2) == expected

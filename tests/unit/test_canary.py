@@ -6,8 +6,8 @@ from typing import cast
 
 import numpy as np
 
-from streamserve.control.registry import Routing, canary_bucket
 from streamserve.pipeline.infer import OnnxModel
+from streamserve.pipeline.routing import Routing, canary_bucket
 
 
 def _share(keys: list[str], share: float) -> np.ndarray:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from streamserve.cli import build_parser
-from streamserve.preflight import RepeatedLines
+from streamserve.observe.kafkalog import RepeatedLines
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "fraud" / "pipeline.yaml"

@@ -22,7 +22,7 @@ from streamserve.pipeline.deadletter import (
     dead_letter,
     truncate,
 )
-from streamserve.pipeline.sink import SIZE_MARGIN_BYTES, SizeLimits, record_size
+from streamserve.pipeline.limits import SIZE_MARGIN_BYTES, SizeLimits, record_size
 from streamserve.records import Rejected, Source
 
 LIMIT = 100_000

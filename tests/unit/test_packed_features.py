@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from streamserve.config import FeatureSpec, PipelineSettings
+from streamserve.ops.tools import load_packed_features, pack_vector
 from streamserve.pipeline.features import FeatureBuilder, FeatureRequest, Replies
 from streamserve.pipeline.features.keys import _column_renderer, _key_renderer
 from streamserve.pipeline.features.values import parse_column
 from streamserve.records import Event, Source
-from streamserve.tools import load_packed_features, pack_vector
 
 
 def event(offset: int, **fields: Any) -> Event:

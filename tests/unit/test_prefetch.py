@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from streamserve.config import FeatureSpec
-from streamserve.control.registry import Routing
 from streamserve.errors import EnrichError
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.pipeline.encode import decode_prediction
 from streamserve.pipeline.features import FeatureRequest, PendingReplies, Replies
 from streamserve.pipeline.process import BatchProcessor
+from streamserve.pipeline.routing import Routing
 from streamserve.records import Source
 from tests.unit.test_process import SCHEMAS, avro, make_processor
 

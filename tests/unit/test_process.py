@@ -14,12 +14,12 @@ import pytest
 from onnx import TensorProto, helper
 
 from streamserve.config import FeatureSpec, InputSettings, ModelSettings
-from streamserve.control.registry import Routing
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.pipeline.encode import PredictionEncoder, decode_prediction
 from streamserve.pipeline.features import FeatureBuilder
 from streamserve.pipeline.infer import OnnxModel
 from streamserve.pipeline.process import BatchProcessor
+from streamserve.pipeline.routing import Routing
 from streamserve.records import Source
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"

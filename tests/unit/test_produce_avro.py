@@ -11,8 +11,8 @@ import fastavro
 import pytest
 from confluent_kafka import KafkaError
 
-from streamserve import tools
 from streamserve.errors import StreamServeError
+from streamserve.ops import tools
 
 SCHEMA = fastavro.parse_schema(
     {"type": "record", "name": "E", "fields": [{"name": "id", "type": "string"}, {"name": "n", "type": "long"}]}

@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from streamserve.config import FeatureSpec, InputSettings, ModelSettings
-from streamserve.control.registry import Routing
 from streamserve.errors import ConfigError, DecodeError
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.pipeline.encode import PredictionEncoder, decode_prediction
@@ -34,6 +33,7 @@ from streamserve.pipeline.features import FeatureBuilder
 from streamserve.pipeline.fields import check_event_schema, resolve
 from streamserve.pipeline.infer import OnnxModel
 from streamserve.pipeline.process import BatchProcessor
+from streamserve.pipeline.routing import Routing
 from streamserve.records import Source
 from tests.unit.generated import (
     MAX_TIME_MS,

@@ -20,10 +20,11 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from streamserve.config import load_settings
 from streamserve.errors import ConfigError, DecodeError, RegistryUnavailable
+from streamserve.ops.schema_registry import resolution_errors
 from streamserve.pipeline.decode import RegistryDecoder, encode_wire
 from streamserve.pipeline.encode import PredictionEncoder
+from streamserve.pipeline.subjects import prediction_prefix, subject_name
 from streamserve.records import Event, ModelOutputs, Source
-from streamserve.schema_registry import prediction_prefix, resolution_errors, subject_name
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO / "schemas"

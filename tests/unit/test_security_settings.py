@@ -11,9 +11,9 @@ import yaml
 from confluent_kafka.admin import AclBinding
 from pydantic import ValidationError
 
-from streamserve.admin import publisher_acls, worker_acls
 from streamserve.config import KafkaSettings, RedisSettings, load_settings
 from streamserve.errors import ConfigError
+from streamserve.ops.admin import publisher_acls, worker_acls
 from streamserve.pipeline.decode import RegistryDecoder, load_schema
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fraud" / "pipeline.yaml"

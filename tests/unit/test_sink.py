@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from streamserve.errors import DeliveryError, RecordTooLarge
-from streamserve.pipeline.sink import SIZE_MARGIN_BYTES, InflightBatch, OutputSink, SizeLimits, record_size
+from streamserve.pipeline.limits import SIZE_MARGIN_BYTES, SizeLimits, record_size
+from streamserve.pipeline.sink import InflightBatch, OutputSink
 from streamserve.records import Headers, Source
 
 LIMIT = 1000

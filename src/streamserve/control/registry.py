@@ -10,78 +10,28 @@ version released.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from streamserve.config import FeatureSpec, ModelSettings
 from streamserve.control.contract import check_score_contract
 from streamserve.control.fetch import fetch_verified, redact
 from streamserve.control.rollout import ArtifactRef, DesiredState
 from streamserve.pipeline.infer import OnnxModel
+from streamserve.pipeline.routing import Routing
 
 log = logging.getLogger(__name__)
-
-_BUCKETS = 10_000
 
 LoadListener = Callable[[OnnxModel], None]
 """Told of a model version loaded, verified and warmed up (not of one taken from the cache)."""
 UnloadListener = Callable[[OnnxModel], None]
 """Told of a model version released from the cache (no routing uses it)."""
-SwapListener = Callable[[DesiredState | None, "Routing"], None]
+SwapListener = Callable[[DesiredState | None, Routing], None]
 """Told of a routing switched in, and the desired state it realizes (None: the config's version)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Lane:
-    """Rows of a batch that one model scores; live lanes' outputs are predictions, the others shadow outputs."""
-
-    model: OnnxModel
-    rows: np.ndarray
-    live: bool
-
-
-@dataclass(frozen=True)
-class Routing:
-    """Which model versions score a batch: read once per batch, replaced whole on a swap."""
-
-    live: OnnxModel
-    mode: str = "deploy"
-    candidate: OnnxModel | None = None
-    canary_share: float = 0.0
-
-    def plan(self, n: int, keys: Callable[[], list[str]]) -> list[Lane]:
-        """The lanes that score n rows: which model scores which rows, and whether its outputs are live.
-
-        Canary splits the rows by key (``keys`` is called only then); shadow scores every row twice, the
-        candidate's outputs going to the shadow topic. The data plane runs the lanes without knowing the modes.
-        """
-        everything = np.ones(n, dtype=bool)
-        if self.candidate is None or self.mode == "deploy":
-            return [Lane(self.live, everything, live=True)]
-        if self.mode == "canary":
-            to_candidate = self.canary_mask(keys())
-            return [Lane(self.live, ~to_candidate, live=True), Lane(self.candidate, to_candidate, live=True)]
-        return [Lane(self.live, everything, live=True), Lane(self.candidate, everything, live=False)]
-
-    def canary_mask(self, keys: list[str]) -> np.ndarray:
-        """Rows whose key hashes into the canary share (stable: a key keeps its side)."""
-        threshold = round(self.canary_share * _BUCKETS)
-        buckets = np.fromiter((canary_bucket(key) for key in keys), dtype=np.int64, count=len(keys))
-        return buckets < threshold
-
-
-def canary_bucket(key: str) -> int:
-    """A stable bucket in [0, 10000) for a key, the same on every worker and every run."""
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % _BUCKETS
 
 
 class ModelLoader:

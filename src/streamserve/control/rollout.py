@@ -144,19 +144,24 @@ def replay(records: Iterable[bytes | None], policy: AcceptancePolicy) -> Rollout
 
 
 def _problem(state: RolloutState, a: ModelAnnouncement, policy: AcceptancePolicy) -> str | None:
+    return (
+        _signature_problem(a, policy)
+        or _generation_problem(state.generation, a.generation, policy.max_generation_step)
+        or ("empty version" if not a.version else None)
+        or _artifact_problem(a, policy)
+        or _share_problem(a)
+    )
+
+
+def _signature_problem(a: ModelAnnouncement, policy: AcceptancePolicy) -> str | None:
     if policy.require_signatures:
-        problem = policy.trusted.check(a)
-        if problem is not None:
-            return problem
-    elif a.signature is not None and a.key_id in policy.trusted.keys:
-        problem = policy.trusted.check(a)  # not required, but a signature that is there must hold
-        if problem is not None:
-            return problem
-    problem = _generation_problem(state.generation, a.generation, policy.max_generation_step)
-    if problem is not None:
-        return problem
-    if not a.version:
-        return "empty version"
+        return policy.trusted.check(a)
+    if a.signature is not None and a.key_id in policy.trusted.keys:
+        return policy.trusted.check(a)  # not required, but a signature that is there must hold
+    return None
+
+
+def _artifact_problem(a: ModelAnnouncement, policy: AcceptancePolicy) -> str | None:
     artifacts = [("", a.uri, a.sha256)]
     if a.baseline_version is not None or a.baseline_uri is not None or a.baseline_sha256 is not None:
         if not (a.baseline_version and a.baseline_uri):
@@ -169,6 +174,10 @@ def _problem(state: RolloutState, a: ModelAnnouncement, policy: AcceptancePolicy
         scheme = uri_scheme(uri)
         if scheme not in policy.allowed_schemes:
             return f"{label}artifact URI scheme {scheme!r} is not allowed (allowed: {sorted(policy.allowed_schemes)})"
+    return None
+
+
+def _share_problem(a: ModelAnnouncement) -> str | None:
     if a.action == "canary" and not 0.0 < a.canary_share < 1.0:
         return f"canary share must be between 0 and 1, got {a.canary_share}"
     return None

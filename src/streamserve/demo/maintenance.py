@@ -236,7 +236,6 @@ def run_example(config: Path, readings: int, partitions: int) -> int:
 
     import redis
 
-    from streamserve.admin import ensure_topics, pipeline_topics
     from streamserve.config import load_settings
     from streamserve.demo.run import (
         PredictionReader,
@@ -246,8 +245,9 @@ def run_example(config: Path, readings: int, partitions: int) -> int:
         say,
         trust_a_new_key,
     )
+    from streamserve.ops.admin import ensure_topics, pipeline_topics
+    from streamserve.ops.tools import load_features, produce_avro
     from streamserve.pipeline.decode import load_schema
-    from streamserve.tools import load_features, produce_avro
     from streamserve.wiring import build_worker
 
     env_overrides()

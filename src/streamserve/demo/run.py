@@ -16,17 +16,17 @@ from typing import Any
 import redis
 from confluent_kafka import Consumer, Producer
 
-from streamserve.admin import ensure_topics, pipeline_topics
 from streamserve.config import PipelineSettings, load_settings
 from streamserve.control.publish import fleet_status, local_validator, publish
 from streamserve.control.reading import acceptance_policy
 from streamserve.control.signing import generate, load_private
 from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_entities, make_events
 from streamserve.demo.train import train_versions
+from streamserve.ops.admin import ensure_topics, pipeline_topics
+from streamserve.ops.preflight import env_overrides
+from streamserve.ops.tools import load_features, produce_avro, read_rows
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.encode import decode_prediction
-from streamserve.preflight import env_overrides
-from streamserve.tools import load_features, produce_avro, read_rows
 from streamserve.wiring import build_worker
 
 log = logging.getLogger(__name__)

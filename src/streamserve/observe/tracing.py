@@ -10,9 +10,9 @@ Off by default (``observe.trace_sample_ratio: 0``): then no tracer exists and no
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -24,10 +24,6 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from streamserve.observe.context import BatchContext
 from streamserve.records import Source
 
-if TYPE_CHECKING:
-    from streamserve.config import ObserveSettings
-    from streamserve.observe.telemetry import StageClock
-
 TRACEPARENT = "traceparent"
 MAX_LINKS = 128
 """OpenTelemetry's default span link limit; inputs beyond it are counted in an attribute, not linked."""
@@ -37,6 +33,25 @@ provider_override: TracerProvider | None = None
 """A provider to use instead of building one from the settings (tests: the SDK's in-memory exporter)."""
 
 _propagator = TraceContextTextMapPropagator()
+
+
+# What the tracer reads of the settings and of a batch's stage clock, as protocols: observe/ sits below config.py
+# and is imported by telemetry.py, so naming ObserveSettings or StageClock here would make an import cycle.
+class TracingSettings(Protocol):
+    """The tracing knobs of config.ObserveSettings."""
+
+    @property
+    def trace_sample_ratio(self) -> float: ...
+
+    @property
+    def otlp_endpoint(self) -> str | None: ...
+
+
+class StageTimes(Protocol):
+    """Start and end (perf_counter ns) of each measured stage of one batch, as telemetry.StageClock keeps them."""
+
+    @property
+    def stages(self) -> Mapping[str, Sequence[int]]: ...
 
 
 def input_context(headers: Sequence[tuple[str, Any]] | None) -> SpanContext | None:
@@ -60,7 +75,7 @@ class BatchTracer:
         self.tracer = provider.get_tracer("streamserve")
 
     @classmethod
-    def from_settings(cls, settings: ObserveSettings, worker_id: str) -> BatchTracer | None:
+    def from_settings(cls, settings: TracingSettings, worker_id: str) -> BatchTracer | None:
         """A tracer exporting over OTLP/HTTP, or None when tracing is off."""
         if provider_override is not None:
             return cls(provider_override, owned=False)
@@ -101,7 +116,7 @@ class BatchTracer:
         ) as span:
             yield span
 
-    def stage_spans(self, parent: Span, clock: StageClock, offset_ns: int) -> None:
+    def stage_spans(self, parent: Span, clock: StageTimes, offset_ns: int) -> None:
         """Children of the batch span for the measured stages (perf_counter times shifted to wall clock)."""
         if not parent.is_recording():
             return

@@ -17,7 +17,7 @@ import hashlib
 import json
 from typing import Any
 
-from streamserve.pipeline.sink import record_size
+from streamserve.pipeline.limits import record_size
 from streamserve.records import Headers, Rejected
 
 HEADER_STAGE = "streamserve.dlq.stage"

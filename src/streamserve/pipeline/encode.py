@@ -136,21 +136,6 @@ class PredictionEncoder:
         """Encode one record per event (outputs are aligned with events); records that fail are rejected."""
         if not events:
             return EncodedBatch(), []
-        n = len(events)
-        labels = outputs.label.tolist() if outputs.label is not None else [None] * n
-        texts: list[Any] = [None] * n
-        if outputs.label_text is not None:
-            texts = outputs.label_text.tolist()
-        elif outputs.label is not None:
-            texts = [str(label) for label in labels]
-        probabilities: list[Any] | MapRows = [None] * n
-        if outputs.probabilities is not None and self._optional["probabilities"]:
-            classes = outputs.classes or tuple(str(i) for i in range(outputs.probabilities.shape[1]))
-            probabilities = MapRows(tuple(classes), outputs.probabilities)  # no dict per row
-        extras: list[Any] = [None] * n
-        if outputs.extra and self._optional["outputs"]:
-            named = {name: values.tolist() for name, values in outputs.extra.items()}
-            extras = [{name: values[i] for name, values in named.items()} for i in range(n)]
         shared: dict[str, Any] = {
             "model_name": model_name,
             "model_version": model_version,
@@ -165,30 +150,10 @@ class PredictionEncoder:
             kept, keys, per_event, copied = self._event_columns(events, sources)
         except Exception:  # noqa: BLE001 - one event's values: found below, event by event
             kept, keys, per_event, copied = self._event_columns_one_by_one(events, rejected)
-        whole = len(kept) == n
-        rows = slice(None) if whole else np.array(kept, dtype=np.intp)
-        columns: dict[str, Any] = {
-            **shared,
-            **per_event,
-            **copied,
-            "key": keys,
-            "score": outputs.score[rows],
-            "label": labels if whole else [labels[i] for i in kept],
-            "predicted_class": texts if whole else [texts[i] for i in kept],
-            "probabilities": probabilities if whole else _take(probabilities, kept),
-            "outputs": extras if whole else [extras[i] for i in kept],
-        }
-        if not whole:
+        if len(kept) != len(events):
             sources = [sources[i] for i in kept]
+        columns = {**shared, **per_event, **copied, "key": keys, **self.output_columns(outputs, len(events), kept)}
         values = self._write(columns, len(kept), sources, rejected)
-        wanted = self.headers
-        batch_headers: Headers = []
-        if "model_name" in wanted:
-            batch_headers.append((HEADER_MODEL_NAME, model_name.encode()))
-        if "model_version" in wanted:
-            batch_headers.append((HEADER_MODEL_VERSION, model_version.encode()))
-        with_topic, with_partition = "source_topic" in wanted, "source_partition" in wanted
-        per_partition, per_record = with_topic or with_partition, "source_offset" in wanted
         if None in values:  # records the writer refused (rejected above): left out
             written = [i for i, value in enumerate(values) if value is not None]
             sources, keys, values = (
@@ -199,9 +164,56 @@ class PredictionEncoder:
         out = EncodedBatch(
             sources, [None if key is None else key.encode() for key in keys], cast("list[bytes]", values)
         )
+        out.headers = self.record_headers(sources, model_name, model_version)
+        return out, rejected
+
+    def output_columns(self, outputs: ModelOutputs, n: int, kept: list[int]) -> dict[str, Any]:
+        """The model's outputs for n events as the columns of the kept rows: score, label, predicted_class,
+        probabilities and outputs (the last two only when the output schema has them)."""
+        labels = outputs.label.tolist() if outputs.label is not None else [None] * n
+        texts: list[Any] = [None] * n
+        if outputs.label_text is not None:
+            texts = outputs.label_text.tolist()
+        elif outputs.label is not None:
+            texts = [str(label) for label in labels]
+        probabilities: list[Any] | MapRows = [None] * n
+        if outputs.probabilities is not None and self._optional["probabilities"]:
+            classes = outputs.classes or tuple(str(i) for i in range(outputs.probabilities.shape[1]))
+            probabilities = MapRows(tuple(classes), outputs.probabilities)  # no dict per row
+        extras: list[Any] = [None] * n
+        if outputs.extra and self._optional["outputs"]:
+            named = {name: values.tolist() for name, values in outputs.extra.items()}
+            extras = [{name: values[i] for name, values in named.items()} for i in range(n)]
+        if len(kept) == n:
+            return {
+                "score": outputs.score,
+                "label": labels,
+                "predicted_class": texts,
+                "probabilities": probabilities,
+                "outputs": extras,
+            }
+        return {
+            "score": outputs.score[np.array(kept, dtype=np.intp)],
+            "label": [labels[i] for i in kept],
+            "predicted_class": [texts[i] for i in kept],
+            "probabilities": _take(probabilities, kept),
+            "outputs": [extras[i] for i in kept],
+        }
+
+    def record_headers(self, sources: list[Source], model_name: str, model_version: str) -> list[Headers]:
+        """The headers of each record (output.headers): the batch's, then its source partition's and offset when
+        selected. Records carrying the same headers share one list."""
+        wanted = self.headers
+        batch_headers: Headers = []
+        if "model_name" in wanted:
+            batch_headers.append((HEADER_MODEL_NAME, model_name.encode()))
+        if "model_version" in wanted:
+            batch_headers.append((HEADER_MODEL_VERSION, model_version.encode()))
+        with_topic, with_partition = "source_topic" in wanted, "source_partition" in wanted
+        per_partition, per_record = with_topic or with_partition, "source_offset" in wanted
         if not per_partition and not per_record:  # the default: every record carries the batch's headers
-            out.headers = [batch_headers] * len(values)
-            return out, rejected
+            return [batch_headers] * len(sources)
+        headers: list[Headers] = []
         partition_headers: dict[tuple[str, int], Headers] = {}
         for source in sources:
             found: Headers = batch_headers
@@ -216,8 +228,8 @@ class PredictionEncoder:
                 found = partition_headers[tp]
             if per_record:
                 found = [*found, (HEADER_SOURCE_OFFSET, str(source.offset).encode())]
-            out.headers.append(found)
-        return out, rejected
+            headers.append(found)
+        return headers
 
     def _event_columns(
         self, events: Sequence[Event], sources: list[Source]

@@ -117,33 +117,44 @@ def resolve(schema: Any, path_text: str) -> FieldType:
 def _type_of(node: Any, named: dict[str, Any]) -> Any:
     """Normalise a type to a dict or a list (union), registering and expanding named types."""
     if isinstance(node, str):
-        if node in named:
-            return named[node]
-        short = node.rsplit(".", 1)[-1]
-        for full, definition in named.items():
-            if full.rsplit(".", 1)[-1] == short:
-                return definition
-        return {"type": node}
+        return _named_type(node, named)
     if isinstance(node, dict):
         if isinstance(node.get("type"), (dict, list)) and "name" not in node:
             return _type_of(node["type"], named)
-        if node.get("type") in ("record", "enum", "fixed") and "name" in node:
-            name, namespace = node["name"], node.get("namespace")
-            full = name if "." in name or not namespace else f"{namespace}.{name}"
-            named.setdefault(full, node)
-            if node.get("type") == "record":
-                for field in node.get("fields", []):
-                    _type_of(field["type"], named)
-        elif node.get("type") == "array":
-            _type_of(node["items"], named)
-        elif node.get("type") == "map":
-            _type_of(node["values"], named)
+        _register_inner(node, named)
         return node
     if isinstance(node, list):
         for branch in node:
             _type_of(branch, named)
         return node
     raise ConfigError(f"unreadable Avro type {node!r}")
+
+
+def _named_type(name: str, named: dict[str, Any]) -> Any:
+    """A type given by name: a named type seen so far (by full name, else by its short name), or a primitive."""
+    if name in named:
+        return named[name]
+    short = name.rsplit(".", 1)[-1]
+    for full, definition in named.items():
+        if full.rsplit(".", 1)[-1] == short:
+            return definition
+    return {"type": name}
+
+
+def _register_inner(node: dict[str, Any], named: dict[str, Any]) -> None:
+    """Register a named type (record, enum, fixed) and the named types inside a record, array or map."""
+    kind = node.get("type")
+    if kind in ("record", "enum", "fixed") and "name" in node:
+        name, namespace = node["name"], node.get("namespace")
+        full = name if "." in name or not namespace else f"{namespace}.{name}"
+        named.setdefault(full, node)
+        if kind == "record":
+            for field in node.get("fields", []):
+                _type_of(field["type"], named)
+    elif kind == "array":
+        _type_of(node["items"], named)
+    elif kind == "map":
+        _type_of(node["values"], named)
 
 
 def _unwrap(node: Any, named: dict[str, Any], path_text: str, walked: str) -> tuple[bool, Any]:
@@ -326,31 +337,36 @@ def check_event_schema(schema: Any, settings: Any) -> None:
                 " date, or long (epoch ms) field"
             )
     for spec in settings.features:
-        if spec.source == "redis":
-            for path in _template_fields(spec.key or ""):
-                kind = resolve(schema, path).kind
-                if kind not in scalar:
-                    raise ConfigError(f"feature {spec.name!r}: key field {path!r} is an Avro {kind}, not a value")
-            continue
-        found = resolve(schema, spec.field)
-        where = f"feature {spec.name!r}: field {spec.field!r}"
-        if spec.length is not None:
-            if found.kind != "array" or found.items is None or not found.items.numeric:
-                raise ConfigError(f"{where} is an Avro {found.kind}; a vector feature (length) needs numbers")
-        elif spec.categorical:
-            if found.kind not in scalar:
-                raise ConfigError(f"{where} is an Avro {found.kind}; a categorical feature needs a single value")
-        elif found.kind == "enum":
-            raise ConfigError(
-                f"{where} is an enum {list(found.symbols)[:5]}: declare dtype: string (with a string model input,"
-                " or encoding ordinal/onehot and a vocabulary)"
-            )
-        elif found.kind == "array":
-            raise ConfigError(f"{where} is an array: give `length` for a vector feature or pick an element, e.g. x[0]")
-        elif not found.numeric and found.kind != "string":
-            raise ConfigError(f"{where} is an Avro {found.kind}, which cannot be read as a number")
+        _check_feature(schema, spec)
     for path in settings.output.copy_fields.values():
         resolve(schema, path)  # the output schema decides whether the value fits; the path must exist
+
+
+def _check_feature(schema: Any, spec: Any) -> None:
+    """Refuse a feature whose event field (or Redis key field) the event schema cannot give as it is read."""
+    if spec.source == "redis":
+        for path in _template_fields(spec.key or ""):
+            kind = resolve(schema, path).kind
+            if kind not in SCALAR_KINDS:
+                raise ConfigError(f"feature {spec.name!r}: key field {path!r} is an Avro {kind}, not a value")
+        return
+    found = resolve(schema, spec.field)
+    where = f"feature {spec.name!r}: field {spec.field!r}"
+    if spec.length is not None:
+        if found.kind != "array" or found.items is None or not found.items.numeric:
+            raise ConfigError(f"{where} is an Avro {found.kind}; a vector feature (length) needs numbers")
+    elif spec.categorical:
+        if found.kind not in SCALAR_KINDS:
+            raise ConfigError(f"{where} is an Avro {found.kind}; a categorical feature needs a single value")
+    elif found.kind == "enum":
+        raise ConfigError(
+            f"{where} is an enum {list(found.symbols)[:5]}: declare dtype: string (with a string model input,"
+            " or encoding ordinal/onehot and a vocabulary)"
+        )
+    elif found.kind == "array":
+        raise ConfigError(f"{where} is an array: give `length` for a vector feature or pick an element, e.g. x[0]")
+    elif not found.numeric and found.kind != "string":
+        raise ConfigError(f"{where} is an Avro {found.kind}, which cannot be read as a number")
 
 
 def _template_fields(template: str) -> list[str]:

@@ -220,6 +220,23 @@ def bind_inputs(
 ) -> list[InputBinding]:
     """Map every model input to the features that feed it; SignatureMismatch names what does not fit."""
     inputs = {i.name: i for i in session.get_inputs()}
+    fed = _feeders(inputs, settings, features)
+    bindings = []
+    for name, model_input in inputs.items():
+        specs = fed.get(name)
+        if not specs:
+            raise SignatureMismatch(
+                f"model input {name!r} ({model_input.type} {model_input.shape}) is fed by no feature:"
+                f" add features with `input: {name}`"
+            )
+        bindings.append(_bind_input(model_input, specs, graph))
+    return bindings
+
+
+def _feeders(
+    inputs: dict[str, ort.NodeArg], settings: ModelSettings, features: Sequence[FeatureSpec]
+) -> dict[str, list[FeatureSpec]]:
+    """The features that feed each model input (a feature's `input`, else model.input_name or the only input)."""
     default = settings.input_name or (next(iter(inputs)) if len(inputs) == 1 else None)
     if settings.input_name and settings.input_name not in inputs:
         raise SignatureMismatch(f"model has no input {settings.input_name!r}; it has {sorted(inputs)}")
@@ -234,37 +251,34 @@ def bind_inputs(
         if target not in inputs:
             raise SignatureMismatch(f"feature {spec.name!r} feeds input {target!r}; the model has {sorted(inputs)}")
         fed.setdefault(target, []).append(spec)
-    bindings = []
-    for name, model_input in inputs.items():
-        specs = fed.get(name)
-        if not specs:
-            raise SignatureMismatch(
-                f"model input {name!r} ({model_input.type} {model_input.shape}) is fed by no feature:"
-                f" add features with `input: {name}`"
-            )
-        dtype = _ELEMENT_TYPES.get(model_input.type)
-        if dtype is None:
-            raise SignatureMismatch(f"input {name!r} is {model_input.type}, which streamserve cannot feed")
-        names = [spec.name for spec in specs]
-        text_input = dtype == np.dtype(object)
-        if text_input and not all(spec.text for spec in specs):
-            raise SignatureMismatch(f"input {name!r} takes strings; features {names} must all be dtype 'string'")
-        if not text_input and any(spec.text for spec in specs):
-            text = [spec.name for spec in specs if spec.text]
-            raise SignatureMismatch(
-                f"input {name!r} is {model_input.type}; string features {text} need a string input or a vocabulary"
-            )
-        width = sum(spec.width for spec in specs)
-        shape = list(model_input.shape)
-        if len(shape) not in (1, 2):
-            raise SignatureMismatch(f"input {name!r} has shape {shape}, expected [batch] or [batch, columns]")
-        if isinstance(shape[0], int) and shape[0] > 0:
-            raise SignatureMismatch(f"input {name!r} has a fixed batch size {shape[0]}; batches need a dynamic axis")
-        expected = 1 if len(shape) == 1 else shape[1]
-        if isinstance(expected, int) and expected > 0 and expected != width:
-            raise SignatureMismatch(f"input {name!r} takes {expected} columns; features {names} give {width}")
-        bindings.append(InputBinding(name, dtype, tuple(names), width, len(shape), graph.categories_of(name)))
-    return bindings
+    return fed
+
+
+def _bind_input(model_input: ort.NodeArg, specs: list[FeatureSpec], graph: _Graph) -> InputBinding:
+    """The binding of one model input to its features, once their types and widths fit its type and shape."""
+    name = model_input.name
+    dtype = _ELEMENT_TYPES.get(model_input.type)
+    if dtype is None:
+        raise SignatureMismatch(f"input {name!r} is {model_input.type}, which streamserve cannot feed")
+    names = [spec.name for spec in specs]
+    text_input = dtype == np.dtype(object)
+    if text_input and not all(spec.text for spec in specs):
+        raise SignatureMismatch(f"input {name!r} takes strings; features {names} must all be dtype 'string'")
+    if not text_input and any(spec.text for spec in specs):
+        text = [spec.name for spec in specs if spec.text]
+        raise SignatureMismatch(
+            f"input {name!r} is {model_input.type}; string features {text} need a string input or a vocabulary"
+        )
+    width = sum(spec.width for spec in specs)
+    shape = list(model_input.shape)
+    if len(shape) not in (1, 2):
+        raise SignatureMismatch(f"input {name!r} has shape {shape}, expected [batch] or [batch, columns]")
+    if isinstance(shape[0], int) and shape[0] > 0:
+        raise SignatureMismatch(f"input {name!r} has a fixed batch size {shape[0]}; batches need a dynamic axis")
+    expected = 1 if len(shape) == 1 else shape[1]
+    if isinstance(expected, int) and expected > 0 and expected != width:
+        raise SignatureMismatch(f"input {name!r} takes {expected} columns; features {names} give {width}")
+    return InputBinding(name, dtype, tuple(names), width, len(shape), graph.categories_of(name))
 
 
 def _check_outputs(settings: ModelSettings, version: str, outputs: dict[str, ort.NodeArg]) -> None:

@@ -18,12 +18,12 @@ from typing import Protocol
 
 import numpy as np
 
-from streamserve.control.registry import Routing
 from streamserve.errors import EnrichError, InferenceError
 from streamserve.pipeline.decode import Decoder
 from streamserve.pipeline.encode import ENCODE_STAGE, Encoded, EncodedBatch, PredictionEncoder
 from streamserve.pipeline.features import FeatureBuilder, Lookup
 from streamserve.pipeline.infer import OnnxModel
+from streamserve.pipeline.routing import Routing
 from streamserve.records import Event, FeatureBatch, ModelOutputs, Rejected, Source
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
-"""Output sink: the idempotent producer, record size limits, delivery tracking and in-order offset commits.
+"""Output sink: the idempotent producer, record size checks, delivery tracking and in-order offset commits.
 
-Every record's size is checked against the producer's and its topic's limit before it is produced, so a
-size error never comes back asynchronously in a delivery report (under exactly-once that would abort the
-batch's transaction, and the batch would be re-read and fail again, forever).
+Every record's size is checked against the producer's and its topic's limit (pipeline/limits.py: read at start,
+passed in) before it is produced, so a size error never comes back asynchronously in a delivery report (under
+exactly-once that would abort the batch's transaction, and the batch would be re-read and fail again, forever).
 
 An input offset is committed only after every record produced for its batch (predictions and
 dead letters alike) was acknowledged by the broker. Batches are acknowledged out of order across
@@ -15,14 +15,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from streamserve.admin import topic_max_message_bytes
 from streamserve.errors import DeliveryError, Fenced, ProducerFailed, RecordTooLarge, TransactionAborted
+from streamserve.pipeline.limits import DEFAULT_MESSAGE_MAX_BYTES, SizeLimits, record_size
 from streamserve.records import Headers, Source, highest_offsets
 
 log = logging.getLogger(__name__)
@@ -36,63 +36,6 @@ PRODUCER_DEFAULTS: dict[str, str | int | float | bool] = {
     "queue.buffering.max.messages": 200_000,
     "topic.metadata.refresh.interval.ms": 10_000,  # bounds a stale leader after a broker restart (see source.py)
 }
-
-
-DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
-"""librdkafka's default message.max.bytes (and batch.size)."""
-RECORD_OVERHEAD_BYTES = 36
-"""librdkafka's upper bound of a v2 record's framing (length, attributes, deltas, key/value/header counts)."""
-HEADER_OVERHEAD_BYTES = 10
-"""Upper bound of one header's framing: the varint lengths of its name and value."""
-SIZE_MARGIN_BYTES = 4096
-"""Kept free under every limit: the record batch header (61 bytes), compression framing (librdkafka sends a
-batch uncompressed when compressing does not shrink it), and room for error."""
-
-
-def record_size(key: bytes | None, value: bytes | None, headers: Headers | None) -> int:
-    """Upper bound of a record's serialized size, as librdkafka counts it against message.max.bytes."""
-    size = RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"")
-    for name, header_value in headers or ():
-        if isinstance(header_value, str):
-            header_value = header_value.encode()
-        size += HEADER_OVERHEAD_BYTES + len(name.encode()) + len(header_value or b"")
-    return size
-
-
-@dataclass(frozen=True, slots=True)
-class SizeLimits:
-    """The message.max.bytes of the producer and the max.message.bytes of the topics it writes to."""
-
-    producer_max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES
-    topic_max_bytes: Mapping[str, int] = field(default_factory=dict)
-    """Topics whose limit is unknown are bounded by the producer's limit alone."""
-
-    def max_record_bytes(self, topic: str) -> int:
-        """The largest record (as record_size() counts) that may be produced to `topic`."""
-        limit = min(self.producer_max_bytes, self.topic_max_bytes.get(topic, self.producer_max_bytes))
-        return limit - SIZE_MARGIN_BYTES
-
-    @property
-    def max_batch_bytes(self) -> int:
-        """A cap for librdkafka's batch.size, so that a batch of small records never exceeds a topic's limit."""
-        return min([self.producer_max_bytes, *self.topic_max_bytes.values()]) - SIZE_MARGIN_BYTES
-
-
-def size_limits(
-    producer_config: Mapping[str, str | int | float | bool],
-    admin_config: Mapping[str, str | int | float | bool],
-    topics: list[str],
-    timeout_s: float = 10.0,
-) -> SizeLimits:
-    """Read the limits once at start; a topic whose limit cannot be read falls back to the producer's, with a
-    warning (a topic created later by the broker gets the broker's message.max.bytes, 1048588 by default)."""
-    producer_max = int(producer_config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES))
-    found = topic_max_message_bytes(dict(admin_config), topics, timeout_s)
-    for topic in topics:
-        if topic not in found:
-            log.warning("max.message.bytes of %s unknown: bounded by the producer's %d alone", topic, producer_max)
-    log.info("record size limits: producer %d, topics %s, minus %d bytes", producer_max, found, SIZE_MARGIN_BYTES)
-    return SizeLimits(producer_max, found)
 
 
 ABORT_STEP_S = 10.0

@@ -1,5 +1,5 @@
-"""Kafka administration: create the topics a pipeline needs, idempotently; read their size limits; grant a
-pipeline's principals their ACLs."""
+"""Kafka administration: create the topics a pipeline needs, idempotently; grant a pipeline's principals their
+ACLs. (The topics' size limits a worker reads at start: pipeline/limits.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from confluent_kafka.admin import (
     AclOperation,
     AclPermissionType,
     AdminClient,
-    ConfigResource,
     NewTopic,
     ResourcePatternType,
     ResourceType,
@@ -64,22 +63,6 @@ def pipeline_topics(settings: PipelineSettings, partitions: int) -> list[TopicSp
         TopicSpec(settings.control.topic, 1, compacted),
         TopicSpec(settings.control.status_topic, 1, compacted),
     ]
-
-
-def topic_max_message_bytes(
-    client_config: LibrdkafkaConfig, topics: list[str], timeout_s: float = 10.0
-) -> dict[str, int]:
-    """Each topic's max.message.bytes (its own or the broker's default); topics that cannot be read are left out."""
-    admin = AdminClient(dict(client_config))
-    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in dict.fromkeys(topics)]
-    limits: dict[str, int] = {}
-    for resource, future in admin.describe_configs(resources, request_timeout=timeout_s).items():
-        try:
-            entries = future.result(timeout=timeout_s)
-            limits[resource.name] = int(entries["max.message.bytes"].value)
-        except (KafkaException, TimeoutError, KeyError, ValueError, TypeError) as exc:
-            log.warning("cannot read max.message.bytes of topic %s: %s", resource.name, exc)
-    return limits
 
 
 CONTROL_GROUP_PREFIX = "streamserve-control-"

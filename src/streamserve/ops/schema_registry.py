@@ -1,25 +1,22 @@
-"""The Schema Registry around the pipeline: subject names, the prediction schema's id, schema checks for CI.
+"""``streamserve schemas check``, for CI: can the reader schema read the latest registered writer schema of the
+input subject, and may the prediction schema be registered after the one already there.
 
-Input decoding through the registry lives in pipeline/decode.py (RegistryDecoder); this module holds what is
-done once: registering the prediction schema under its subject (wire-format predictions), and
-``streamserve schemas check``: can the reader schema read the latest registered writer schema of the input
-subject, and may the prediction schema be registered after the one already there.
+What the worker itself asks of the registry lives in the pipeline: decoding wire-format input in
+pipeline/decode.py (RegistryDecoder), subject names and the prediction schema's id in pipeline/subjects.py.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import fastavro
 
-from streamserve.config import KafkaSettings, PipelineSettings
-from streamserve.errors import ConfigError
-from streamserve.pipeline.decode import WIRE_MAGIC, load_schema
+from streamserve.config import PipelineSettings
+from streamserve.pipeline.decode import load_schema
+from streamserve.pipeline.subjects import prediction_subject, registry_client
 
-_WIRE_HEADER = struct.Struct(">bI")
 _PROMOTIONS = {
     "int": {"long", "float", "double"},
     "long": {"float", "double"},
@@ -27,69 +24,6 @@ _PROMOTIONS = {
     "string": {"bytes"},
     "bytes": {"string"},
 }
-
-
-def registry_client(kafka: KafkaSettings) -> Any:
-    """confluent-kafka's SchemaRegistryClient with the pipeline's URL, TLS, basic auth, timeouts and cache."""
-    from confluent_kafka.schema_registry import SchemaRegistryClient
-
-    conf = kafka.schema_registry_config()
-    if conf is None:
-        raise ConfigError("kafka.schema_registry_url is not set")
-    return SchemaRegistryClient.new_client(conf)
-
-
-def full_name(schema: dict[str, Any]) -> str:
-    """The record's full name (namespace.name), as Confluent's RecordNameStrategy uses it."""
-    name = str(schema["name"])
-    namespace = schema.get("namespace")
-    return name if "." in name or not namespace else f"{namespace}.{name}"
-
-
-def subject_name(strategy: str, topic: str, schema: dict[str, Any]) -> str:
-    """The subject of a record value schema under a subject name strategy (topic, record, topic_record)."""
-    if strategy == "topic":
-        return f"{topic}-value"
-    if strategy == "record":
-        return full_name(schema)
-    if strategy == "topic_record":
-        return f"{topic}-{full_name(schema)}"
-    raise ConfigError(f"unknown subject name strategy {strategy!r} (expected topic, record or topic_record)")
-
-
-def prediction_subject(settings: PipelineSettings) -> str:
-    """The subject of the prediction schema: the output topic's under output.subject_name_strategy.
-
-    Shadow predictions carry the same schema id (a consumer resolves ids, not subjects).
-    """
-    schema = json.loads(settings.output.schema_path.read_text())
-    return subject_name(settings.output.subject_name_strategy, settings.output.topic, schema)
-
-
-def prediction_prefix(settings: PipelineSettings, client: Any | None = None) -> bytes:
-    """The 5 bytes (magic byte, schema id) every prediction starts with under output.wire_format; b"" when off.
-
-    With output.auto_register the schema is registered (a no-op when it already is; the registry refuses a
-    schema its compatibility rule forbids), otherwise it must be registered already.
-    """
-    if not settings.output.wire_format:
-        return b""
-    from confluent_kafka.schema_registry import Schema, SchemaRegistryError
-
-    client = client or registry_client(settings.kafka)
-    schema = Schema(settings.output.schema_path.read_text(), "AVRO")
-    subject = prediction_subject(settings)
-    try:
-        if settings.output.auto_register:
-            schema_id = client.register_schema(subject, schema)
-        else:
-            schema_id = client.lookup_schema(subject, schema).schema_id
-    except SchemaRegistryError as exc:
-        action = "register" if settings.output.auto_register else "find"
-        raise ConfigError(
-            f"cannot {action} the prediction schema {settings.output.schema_path} under subject {subject!r}: {exc}"
-        ) from exc
-    return _WIRE_HEADER.pack(WIRE_MAGIC, schema_id)
 
 
 # --------------------------------------------------------------------------- local resolution (Avro spec)
@@ -113,17 +47,7 @@ def resolution_errors(writer: Any, reader: Any, path: str = "") -> list[str]:
             return []
         return [f"{where}: the writer's {w_type} cannot be read as {r_type}"]
     if w_type == "record":
-        errors = []
-        written = {f["name"]: f for f in writer["fields"]}
-        for r_field in reader["fields"]:
-            names = [r_field["name"], *r_field.get("aliases", [])]
-            w_field = next((written[name] for name in names if name in written), None)
-            child = f"{path}.{r_field['name']}" if path else r_field["name"]
-            if w_field is not None:
-                errors += resolution_errors(w_field["type"], r_field["type"], child)
-            elif "default" not in r_field:
-                errors.append(f"field {child} is not in the writer's schema and has no default in the reader's")
-        return errors
+        return _record_errors(writer, reader, path)
     if w_type == "enum":
         unknown = sorted(set(writer["symbols"]) - set(reader["symbols"]))
         if unknown and "default" not in reader:
@@ -136,6 +60,21 @@ def resolution_errors(writer: Any, reader: Any, path: str = "") -> list[str]:
     if w_type == "fixed" and writer["size"] != reader["size"]:
         return [f"{where}: fixed size {writer['size']} cannot be read as size {reader['size']}"]
     return []
+
+
+def _record_errors(writer: Any, reader: Any, path: str) -> list[str]:
+    """resolution_errors() of two records: each reader field from the writer's (by name or alias) or its default."""
+    errors = []
+    written = {f["name"]: f for f in writer["fields"]}
+    for r_field in reader["fields"]:
+        names = [r_field["name"], *r_field.get("aliases", [])]
+        w_field = next((written[name] for name in names if name in written), None)
+        child = f"{path}.{r_field['name']}" if path else r_field["name"]
+        if w_field is not None:
+            errors += resolution_errors(w_field["type"], r_field["type"], child)
+        elif "default" not in r_field:
+            errors.append(f"field {child} is not in the writer's schema and has no default in the reader's")
+    return errors
 
 
 def _type_name(schema: Any) -> str:

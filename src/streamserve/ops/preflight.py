@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from streamserve.errors import BrokerUnreachable, FileMissing, RedisUnreachable
+from streamserve.observe.kafkalog import LIBRDKAFKA_LOGGER
 
 if TYPE_CHECKING:
     import redis
@@ -21,9 +22,6 @@ if TYPE_CHECKING:
 
 STACK_ENV = {"KAFKA_BOOTSTRAP_SERVERS": "STREAMSERVE_KAFKA__BOOTSTRAP_SERVERS", "REDIS_URL": "STREAMSERVE_REDIS__URL"}
 """Variables `scripts/stack env` prints, and the settings they set when the STREAMSERVE_ one is not set."""
-
-LIBRDKAFKA_LOGGER = "streamserve.librdkafka"
-"""The Python logger every Kafka client logs through (config.KafkaSettings.common passes it as `logger`)."""
 
 
 def stack_hint(variable: str, tried: str) -> str:
@@ -46,40 +44,6 @@ def env_overrides() -> None:
     for source, target in STACK_ENV.items():
         if os.environ.get(source) and target not in os.environ:
             os.environ[target] = os.environ[source]
-
-
-class RepeatedLines(logging.Filter):
-    """librdkafka logs a failing connection on every reconnect attempt: pass the 1st, 10th, 100th... time a
-    line is seen (saying how often), drop the others."""
-
-    VARYING = re.compile(r"\d+ms|\d+ identical error\(s\) suppressed")
-    MAX_LINES = 1000
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seen: dict[str, int] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Keep the record when its count is a power of ten."""
-        line = self.VARYING.sub("#", record.getMessage())
-        if len(self._seen) >= self.MAX_LINES:
-            self._seen.clear()
-        count = self._seen.get(line, 0) + 1
-        self._seen[line] = count
-        if count == 1:
-            return True
-        if 10 ** (len(str(count)) - 1) != count:
-            return False
-        record.msg, record.args = f"{record.getMessage()} (seen {count} times)", None
-        return True
-
-
-def librdkafka_logger() -> logging.Logger:
-    """The logger of librdkafka's own log lines (instead of its `%3|...|FAIL|` lines on stderr)."""
-    logger = logging.getLogger(LIBRDKAFKA_LOGGER)
-    if not any(isinstance(f, RepeatedLines) for f in logger.filters):
-        logger.addFilter(RepeatedLines())
-    return logger
 
 
 def _silent_logger() -> logging.Logger:

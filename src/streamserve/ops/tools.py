@@ -138,7 +138,22 @@ def produce_avro(
         if progress_every and sent % progress_every == 0:
             log.info("produced %d events (%.0f/s)", sent, sent / max(time.monotonic() - started, 1e-9))
         producer.poll(0)
-    unsent = producer.flush(STUCK_AFTER_S)
+    unsent = _flush_resending_stuck(producer, config, topic, on_delivery, purged)
+    if unsent or failures:
+        raise StreamServeError(f"{len(failures) + unsent} events not acknowledged: {failures[:3] or 'still queued'}")
+    return sent
+
+
+def _flush_resending_stuck(
+    producer: Producer,
+    config: dict[str, Any],
+    topic: str,
+    on_delivery: Callable[[Any, Any], None],
+    purged: list[tuple[bytes | None, bytes]],
+) -> int:
+    """Wait for every record's acknowledgement, producing again (up to STUCK_RETRIES times) the ones never sent;
+    on_delivery collects purged records into `purged`. Returns how many are still queued."""
+    unsent: int = producer.flush(STUCK_AFTER_S)
     for _ in range(STUCK_RETRIES):
         if not unsent:
             break
@@ -154,6 +169,4 @@ def produce_avro(
         for key_bytes, value in list(purged):
             producer.produce(topic, value, key_bytes, on_delivery=on_delivery)
         unsent = producer.flush(STUCK_AFTER_S)
-    if unsent or failures:
-        raise StreamServeError(f"{len(failures) + unsent} events not acknowledged: {failures[:3] or 'still queued'}")
-    return sent
+    return unsent
