@@ -106,12 +106,12 @@ def build_worker(settings: PipelineSettings) -> Worker:
             observer=telemetry,
         )
         follower = (
-            ControlFollower(settings.kafka.common(), settings.control, registry, worker_id)
+            ControlFollower(
+                settings.kafka.common(), settings.control, registry, worker_id, on_rejected=telemetry.swap_rejected
+            )
             if settings.control.enabled
             else None
         )
-        if follower is not None:  # control/follower.py takes no listener at construction yet
-            follower.on_rejected = telemetry.swap_rejected
         # control plane: not ready while the control-topic follower is down (it stops the worker, see Worker._step)
         health = HealthState(
             settings.observe.liveness_timeout_s,

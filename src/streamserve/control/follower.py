@@ -52,6 +52,7 @@ class ControlFollower:
         registry: ModelRegistry,
         worker_id: str,
         status_interval_s: float = 10.0,
+        on_rejected: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.control_topic = settings.topic
@@ -67,7 +68,7 @@ class ControlFollower:
                 self.control_topic,
             )
         self.rollout = RolloutState()
-        self.on_rejected: Callable[[str], None] = lambda kind: None
+        self._on_rejected: Callable[[str], None] = on_rejected or (lambda kind: None)
         """Told the kind of every rejection (announcement, unavailable, unservable): the swaps metric."""
         self.last_rejection: LastRejection | None = None
         self.loading_version: str | None = None
@@ -219,7 +220,7 @@ class ControlFollower:
         return False
 
     def _reject(self, reason: str, generation: int | None, version: str | None, kind: str) -> None:
-        self.on_rejected(kind)
+        self._on_rejected(kind)
         log.error("rejected %s %s (generation %s): %s", self.registry.settings.name, version, generation, reason)
         self.last_rejection = LastRejection(reason, generation, version, int(time.time() * 1000))
         self.report()

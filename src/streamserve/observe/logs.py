@@ -53,8 +53,7 @@ class ContextFilter(logging.Filter):
             fields.update(batch.fields())
         if trace_id := _current_trace_id():
             fields["trace_id"] = trace_id
-        for name, value in fields.items():
-            setattr(record, name, value)
+        record.__dict__.update(fields)  # as logging's own `extra=` does: the formatters read record attributes
         record.context = "".join(f" {k}={v}" for k, v in fields.items() if k != "worker_id") if fields else ""
         return True
 
