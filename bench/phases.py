@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import re
@@ -11,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,14 @@ from confluent_kafka import Producer
 
 from bench.dataset import SCHEMAS, Dataset
 from bench.loadgen import relabel
-from bench.measure import Latency, contention_in_window, match_latencies, read_topic, usage_in_window
+from bench.measure import (
+    Latency,
+    TopicRecords,
+    contention_in_window,
+    match_latencies,
+    read_topic,
+    usage_in_window,
+)
 from bench.procs import GroupWatcher, Job, Sampler, TopicCounter, wait_for_count
 from bench.scenarios import Scenario, commands, job_env, streamserve_topics
 from streamserve.control.announcements import ModelAnnouncement
@@ -113,13 +121,16 @@ def offered_rate(
     seconds: float | None = None,
     during: Callable[[float], None] | None = None,
     keep_values: bool = False,
+    windows: int = 1,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Latency percentiles while a load generator offers `rate` events/s to a fresh input topic.
 
     Returns the summary and the raw material (input/output records, window) for further analysis.
     `during(elapsed_s)` is called about every 0.1 s while the load runs (the hot-swap run publishes from it).
+    With `windows` > 1 the load runs that many windows of `seconds` back to back (one worker, one warm-up);
+    the percentiles are the median over the windows, each window's figures and the p99 spread beside them.
     """
-    seconds = seconds or settings.rate_seconds
+    seconds = (seconds or settings.rate_seconds) * windows
     input_topic = dataset.topic(f"{scenario.name}-{tag}-in")
     output_topic = dataset.topic(f"{scenario.name}-{tag}-out")
     dataset.create_topics(input_topic)
@@ -188,7 +199,9 @@ def offered_rate(
         ),
         "per_second": _per_second(sent_ms, latency_ms, start_ms - settings.warmup_seconds * 1000),
     }
-    log.info("%-22s @%8.0f/s %s", scenario.name, rate, {k: v for k, v in summary.items() if k != "timeline"})
+    if windows > 1:
+        summary |= _windows(inputs, sent_ms, latency_ms, start_ms, end_ms, windows)
+    log.info("%-22s @%8.0f/s %s", scenario.name, rate, {k: v for k, v in summary.items() if k != "per_second"})
     raw = {
         "inputs": inputs,
         "outputs": outputs,
@@ -198,6 +211,31 @@ def offered_rate(
         "end_ms": end_ms,
     }
     return summary, raw
+
+
+def _windows(
+    inputs: TopicRecords, sent_ms: np.ndarray, latency_ms: np.ndarray, start_ms: float, end_ms: float, count: int
+) -> dict[str, Any]:
+    """Percentiles of each of `count` equal windows of input append time; their medians; the p99 spread."""
+    edges = np.linspace(start_ms, end_ms, count + 1)
+    found = []
+    for low, high in itertools.pairwise(edges):
+        chosen = (sent_ms >= low) & (sent_ms < high)
+        offered = int(((inputs.timestamps_ms >= low) & (inputs.timestamps_ms < high)).sum())
+        found.append(
+            {
+                k: round(v, 2) if isinstance(v, float) else v
+                for k, v in asdict(Latency.of(latency_ms[chosen], offered)).items()
+            }
+        )
+    medians = {k: round(float(np.median([w[k] for w in found])), 2) for k in ("p50", "p95", "p99", "max")}
+    p99s = [w["p99"] for w in found]
+    return {
+        **medians,
+        "windows": found,
+        "p99_spread": [min(p99s), max(p99s)],
+        "window_s": round((edges[1] - edges[0]) / 1000, 2),
+    }
 
 
 def _per_second(sent_ms: np.ndarray, latency_ms: np.ndarray, origin_ms: float) -> list[dict[str, float]]:
@@ -222,9 +260,16 @@ def hot_swap(
     rate: float,
     seconds: float = 16.0,
     publish_at_s: float = 8.0,
+    versions: tuple[str, str] = ("v1", "v2"),
+    tag: str = "swap",
 ) -> dict[str, Any]:
-    """p99 latency in the 2 s around a v1 -> v2 switch, against steady state, at an offered rate."""
-    output_topic = dataset.topic(f"{scenario.name}-swap-out")
+    """p99 latency in the 2 s around a switch from versions[0] (the worker starts on it) to versions[1],
+    against steady state, at an offered rate."""
+    start, target = versions
+    scenario = replace(
+        scenario, overrides={**scenario.overrides, "model.uri": str(dataset.models[start]), "model.version": start}
+    )
+    output_topic = dataset.topic(f"{scenario.name}-{tag}-out")
     config, control_topic = {"bootstrap.servers": dataset.stack.bootstrap}, f"{output_topic}.control"
     published: dict[str, float] = {}
     prepared: list[ModelAnnouncement] = []
@@ -235,24 +280,24 @@ def hot_swap(
         # otherwise land in the window as CPU taken from the worker, before the worker even sees the
         # announcement. At 8 s the announcement is only written, as `streamserve publish` would write it.
         if not prepared:
-            policy, v2 = AcceptancePolicy("fraud"), str(dataset.models["v2"])
-            prepared.append(publish(config, control_topic, policy, "v2", v2, notes="bench hot swap", write=False))
+            policy, uri = AcceptancePolicy("fraud"), str(dataset.models[target])
+            prepared.append(publish(config, control_topic, policy, target, uri, notes="bench hot swap", write=False))
             return
         if "wall_ms" in published or elapsed_s < settings.warmup_seconds + publish_at_s:
             return
         published["wall_ms"] = time.time() * 1000
         threading.Thread(target=send, args=(config, control_topic, prepared[0]), daemon=True).start()
 
-    summary, raw = offered_rate(scenario, dataset, settings, rate, "swap", seconds, during=announce, keep_values=True)
+    summary, raw = offered_rate(scenario, dataset, settings, rate, tag, seconds, during=announce, keep_values=True)
     schema = load_schema(SCHEMAS / "prediction.avsc")
     outputs = raw["outputs"]
-    versions = np.array(
-        [fastavro.schemaless_reader(io.BytesIO(v), schema, None)["model_version"] == "v2" for v in outputs.values],
+    switched = np.array(
+        [fastavro.schemaless_reader(io.BytesIO(v), schema, None)["model_version"] == target for v in outputs.values],
         dtype=bool,
     )
-    if not versions.any() or "wall_ms" not in published:
-        raise RuntimeError("the hot swap did not happen: no v2 prediction")
-    switch_ms = float(outputs.timestamps_ms[versions].min())
+    if not switched.any() or "wall_ms" not in published:
+        raise RuntimeError(f"the hot swap did not happen: no {target} prediction")
+    switch_ms = float(outputs.timestamps_ms[switched].min())
     publish_ms = published["wall_ms"]
     # Latency by output time: re-match so each latency has its output timestamp.
     appended = {i: t for i, t in zip(raw["inputs"].ids, raw["inputs"].timestamps_ms.tolist(), strict=True)}
@@ -273,6 +318,7 @@ def hot_swap(
     loading = (out_arr >= publish_ms) & (out_arr <= switch_ms + 1000)
     after = out_arr > switch_ms + 1000
     result = {
+        "swap": f"{start} -> {target}",
         "offered_per_s": summary["offered_per_s"],
         "publish_to_switch_s": round((switch_ms - publish_ms) / 1000, 2),
         "steady_p99_ms": round(p99(steady), 2),

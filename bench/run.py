@@ -34,6 +34,7 @@ import yaml
 from bench import report
 from bench.components import run_components
 from bench.dataset import REPO, Dataset, Stack, cleanup_redis, delete_topics, find_stack, prepare
+from bench.livemax import live_maximum
 from bench.phases import Settings, create_output_topics, hot_swap, offered_rate
 from bench.procs import Job, TopicCounter, wait_for_count
 from bench.scenarios import EXAMPLE_PIPELINE, VENVS, Scenario, commands, ensure_peer_venv, job_env
@@ -42,6 +43,8 @@ from bench.throughput import Backlog, throughput
 log = logging.getLogger("bench")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SWAPS = (("v1", "v2"), ("v2", "v1"), ("v1", "v2"))
+"""The hot swaps, in order: each a fresh worker started on the first version, switched to the second."""
 WARM_BROKER_S = 300.0
 """A broker up for less than this is warmed by one unmeasured passthrough run first: for its first minutes its JIT
 is still compiling, and it spends up to twice the CPU on the same traffic (BENCHMARKS.md, the 19:28 run)."""
@@ -62,6 +65,15 @@ def scenarios(processes: int, peers: bool) -> list[Scenario]:
             "hand-written loop, commit() per event",
             args=("--commit", "each"),
             latency=False,
+        ),
+        Scenario("batchloop", "batchloop", 1, "hand-tuned batch loop (1 process)", near_max=False),
+        Scenario(
+            "batchloop-packed",
+            "batchloop",
+            1,
+            "hand-tuned batch loop, packed features (1 process)",
+            layout="packed",
+            near_max=False,
         ),
     ]
     if peers:
@@ -185,6 +197,15 @@ def profile_streamserve(dataset: Dataset, settings: Settings, seconds: float, la
     return raw if raw.exists() else None
 
 
+def median_swap(swaps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The swap with the median ratio (the lower middle for an even count), every swap's figures beside it."""
+    ranked = sorted(swaps, key=lambda r: r["ratio"])
+    chosen = dict(ranked[(len(ranked) - 1) // 2])
+    chosen["swaps"] = [{k: v for k, v in r.items() if k != "timeline"} for r in swaps]
+    chosen["ratios"] = [r["ratio"] for r in swaps]
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,7 +253,25 @@ def main(argv: list[str] | None = None) -> int:
         help="'at max throughput' rate, as a share of each system's own maximum (0.9)",
     )
     parser.add_argument(
-        "--sweep", default="0.1,0.4,0.6,0.8", help="further offered rates for streamserve-1, as shares of its maximum"
+        "--sweep",
+        default="0.1,0.4,0.6,0.8,0.9",
+        help="offered rates of the latency sweep of streamserve-1, as shares of its live maximum (0.1,...,0.9)",
+    )
+    parser.add_argument(
+        "--windows", type=int, default=3, help="measured windows per sweep point; the median counts (3)"
+    )
+    parser.add_argument("--window-seconds", type=float, default=6.0, help="seconds of each sweep window (6)")
+    parser.add_argument(
+        "--live-window-seconds",
+        type=float,
+        default=10.0,
+        help="window over which the backlog must stay bounded at a step of the live-maximum search (10)",
+    )
+    parser.add_argument(
+        "--live-budget-seconds", type=float, default=150.0, help="time bound of the live-maximum search (150)"
+    )
+    parser.add_argument(
+        "--swaps", type=int, default=3, help="hot swaps (v1->v2, v2->v1, v1->v2); the median counts (3)"
     )
     parser.add_argument("--no-peers", action="store_true", help="skip Quix Streams and faust")
     parser.add_argument("--only", help="comma-separated scenario names (default: all)")
@@ -294,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_seconds": settings.warmup_seconds,
             "fixed_share": args.fixed_share,
             "near_max_share": args.near_max_share,
+            "windows": args.windows,
+            "window_seconds": args.window_seconds,
+            "live_window_seconds": args.live_window_seconds,
+            "live_budget_seconds": args.live_budget_seconds,
             "model": "demo v1 (logistic regression, zipmap disabled)",
             "batch": yaml.safe_load(EXAMPLE_PIPELINE.read_text())["batch"],  # what the workers run
         },
@@ -301,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         results["components"] = run_components(dataset)
-        rows = {s.name: {"name": s.name, "title": s.title, "kind": s.kind, "processes": s.processes} for s in chosen}
+        rows = {
+            s.name: {"name": s.name, "title": s.title, "kind": s.kind, "processes": s.processes, "layout": s.layout}
+            for s in chosen
+        }
         backlog = Backlog(dataset, args.max_backlog_events)
         uptime = broker_uptime_s(stack)
         results["broker_uptime_s"] = None if uptime is None else round(uptime)
@@ -325,15 +371,38 @@ def main(argv: list[str] | None = None) -> int:
             for scenario in (s for s in chosen if s.latency):
                 row = rows[scenario.name]
                 row["fixed_rate"], _ = offered_rate(scenario, dataset, settings, fixed, "fixed")
-                own = row["throughput"]["events_per_s"]
-                row["near_max"], _ = offered_rate(scenario, dataset, settings, args.near_max_share * own, "nearmax")
-            sweep = [{"share": args.fixed_share, **rows[reference.name]["fixed_rate"]}]
+                if scenario.near_max:
+                    own = row["throughput"]["events_per_s"]
+                    rate = args.near_max_share * own
+                    row["near_max"], _ = offered_rate(scenario, dataset, settings, rate, "nearmax")
+            # The sweep follows the live maximum: what one worker sustains while the load generator runs.
+            live = live_maximum(
+                reference,
+                dataset,
+                settings,
+                ref_max,
+                window_s=args.live_window_seconds,
+                budget_s=args.live_budget_seconds,
+            )
+            results["live_max"] = live
+            sweep = []
             for i, share in enumerate(float(s) for s in args.sweep.split(",") if s):
-                summary, _ = offered_rate(reference, dataset, settings, share * ref_max, f"sweep{i}")
+                summary, _ = offered_rate(
+                    reference,
+                    dataset,
+                    settings,
+                    share * live["events_per_s"],
+                    f"sweep{i}",
+                    seconds=args.window_seconds,
+                    windows=args.windows,
+                )
                 sweep.append({"share": share, **summary})
-            sweep.append({"share": args.near_max_share, **rows[reference.name]["near_max"]})
             results["sweep"] = sorted(sweep, key=lambda r: r["share"])
-            results["hot_swap"] = hot_swap(reference, dataset, settings, fixed)
+            swaps = [
+                hot_swap(reference, dataset, settings, fixed, 12.0, 6.0, versions=v, tag=f"swap{i}")
+                for i, v in enumerate(SWAPS[: args.swaps])
+            ]
+            results["hot_swap"] = median_swap(swaps)
         results["scenarios"] = list(rows.values())
         if not args.no_profile:
             results["profiles"] = {}

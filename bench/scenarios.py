@@ -24,7 +24,7 @@ class Scenario:
     """A system under test: a name for the tables, a kind, and how many processes it runs."""
 
     name: str
-    kind: str  # passthrough | handloop | quix | faust | streamserve
+    kind: str  # passthrough | handloop | batchloop | quix | faust | streamserve
     processes: int = 1
     label: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -33,8 +33,10 @@ class Scenario:
     """Extra command-line arguments of a job script."""
     latency: bool = True
     """Also measured at offered rates (not only over the backlog)."""
+    near_max: bool = True
+    """With latency: also at --near-max-share of its own maximum (not only at the fixed rate)."""
     layout: str = "hash"
-    """Redis layout of the entity features streamserve reads: hash (HMGET) or packed (MGET)."""
+    """Redis layout of the entity features streamserve and the batch loop read: hash (HMGET) or packed (MGET)."""
 
     @property
     def title(self) -> str:
@@ -130,14 +132,19 @@ def commands(
     python = {
         "passthrough": Path(sys.executable),
         "handloop": Path(sys.executable),
+        "batchloop": Path(sys.executable),
         "quix": VENVS / "quix" / "bin" / "python",
         "faust": VENVS / "faust" / "bin" / "python",
     }[scenario.kind]
     script = (
         JOBS
-        / {"passthrough": "passthrough.py", "handloop": "handloop.py", "quix": "quix_job.py", "faust": "faust_job.py"}[
-            scenario.kind
-        ]
+        / {
+            "passthrough": "passthrough.py",
+            "handloop": "handloop.py",
+            "batchloop": "batchloop.py",
+            "quix": "quix_job.py",
+            "faust": "faust_job.py",
+        }[scenario.kind]
     )
     argv = [
         str(python),
@@ -153,11 +160,12 @@ def commands(
         "--redis-url",
         dataset.stack.redis_url,
         "--key-prefix",
-        dataset.key_prefix,
+        dataset.packed_prefix if scenario.layout == "packed" else dataset.key_prefix,
         "--model",
         str(dataset.models["v1"]),
         "--schemas",
         str(SCHEMAS),
+        *(("--layout", scenario.layout) if scenario.kind == "batchloop" else ()),
         *scenario.args,
     ]
     return [argv] * scenario.processes

@@ -37,8 +37,8 @@ PRODUCER_SETTINGS: dict[str, Any] = {
 }
 
 
-def parse_args(description: str, commit: bool = False) -> argparse.Namespace:
-    """The command line every job takes (and --commit for the hand-written loop)."""
+def parse_args(description: str, commit: bool = False, layout: bool = False) -> argparse.Namespace:
+    """The command line every job takes (--commit for the hand-written loop, --layout for the batch loop)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
     parser.add_argument("--input", required=True, help="input topic (Avro CardTransaction)")
@@ -52,6 +52,10 @@ def parse_args(description: str, commit: bool = False) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256, help="micro-batch size where the job batches")
     if commit:
         parser.add_argument("--commit", choices=["store", "each"], default="store")
+    if layout:
+        parser.add_argument(
+            "--layout", choices=["hash", "packed"], default="hash", help="Redis features: hashes or float32 vectors"
+        )
     return parser.parse_args()
 
 
