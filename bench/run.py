@@ -1,14 +1,19 @@
 """`python -m bench`: every scenario on the same events and model, in one run; results, charts, BENCHMARKS.md.
 
 `make bench` brings up the stack, installs the `bench` extra and runs this with its defaults;
-`.venv/bin/python -m bench --events 20000 --min-window-seconds 3 --rate-seconds 5` is a quick run while
-developing (its throughput figures are flagged: their windows are under the default 10 s).
+`.venv/bin/python -m bench --events 20000 --min-window-seconds 3 --rate-seconds 3 --window-seconds 2
+--live-window-seconds 4 --live-budget-seconds 40` is a quick run while developing (its throughput figures are
+flagged: their windows are under the default 10 s).
 
 Throughput is sized by time, not by a fixed backlog: each system is measured over a window of at least
 --min-window-seconds, from when its consumer group is stable with every member and output flows. The
 backlog (--events distinct events, repeated with fresh ids) grows when a system drains it too soon, up to
 --max-backlog-events; a window that is still short is flagged in the tables and in every target that uses
 it. The Kafka limit is the median of --kafka-repeats runs of each passthrough scenario.
+
+Latency: every system at a fixed offered rate; streamserve (1 process) also at the shares --sweep of its live
+maximum (bench.livemax: the highest rate it sustains while the load generator runs, by bisection), each point
+--windows windows of --window-seconds, and --swaps hot swaps (the medians count). BENCHMARKS.md: the method.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ SWAPS = (("v1", "v2"), ("v2", "v1"), ("v1", "v2"))
 """The hot swaps, in order: each a fresh worker started on the first version, switched to the second."""
 WARM_BROKER_S = 300.0
 """A broker up for less than this is warmed by one unmeasured passthrough run first: for its first minutes its JIT
-is still compiling, and it spends up to twice the CPU on the same traffic (BENCHMARKS.md, the 19:28 run)."""
+is still compiling, and it spends up to twice the CPU on the same traffic (docs/benchmarks/history/, 19:28 run)."""
 
 
 def scenarios(processes: int, peers: bool) -> list[Scenario]:

@@ -109,9 +109,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         flagged = _flags(results, rests_on or [])
         if flagged:
             met = None  # a figure from a window under the minimum neither passes nor fails
-        shortfall = (
-            None if met is not False else round(required / measured if higher_is_better else measured / required, 2)
-        )
+        shortfall = None
+        if met is False and required is not None:
+            shortfall = round(required / measured if higher_is_better else measured / required, 2)
         found.append(
             {
                 "target": what,

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 from bench.dataset import SCHEMAS, Dataset, Stack, cleanup_redis, delete_topics, prepare
@@ -52,7 +52,7 @@ def scored(dataset: Dataset, scenario: Scenario, work: Path) -> dict[str, tuple[
     schema = fastavro.parse_schema(json.loads((SCHEMAS / "prediction.avsc").read_text()))
     found: dict[str, tuple[float, int, str]] = {}
     for msg in messages:
-        record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(msg.value()), schema, None)
+        record = cast(dict[str, Any], fastavro.schemaless_reader(io.BytesIO(msg.value() or b""), schema, None))
         found[record["event_id"]] = (record["score"], record["label"], record["model_version"])
     return found
 
