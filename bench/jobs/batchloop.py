@@ -125,9 +125,7 @@ def main() -> None:
             continue
         events = [fastavro.schemaless_reader(io.BytesIO(m.value()), event_schema, None) for m in msgs]
         probabilities, labels = score(session, features(store, args.layout, args.key_prefix, events))
-        last: dict[tuple[str, int], int] = {}
-        for m in msgs:
-            last[(m.topic(), m.partition())] = m.offset() + 1
+        last = {(m.topic(), m.partition()): m.offset() + 1 for m in msgs}  # the batch's next offset per partition
         batch = InFlight(len(msgs), [TopicPartition(t, p, o) for (t, p), o in last.items()])
         in_flight.append(batch)
         now_ms = int(time.time() * 1000)
@@ -135,10 +133,18 @@ def main() -> None:
             out.seek(0)
             out.truncate()
             record = {
-                **{"event_id": e["event_id"], "key": e["card_id"], "model_name": MODEL_NAME},
-                **{"model_version": args.model_version, "score": p, "label": label, "degraded": False},
-                **{"event_time": event_time_ms(e), "prediction_time": now_ms, "source_topic": m.topic()},
-                **{"source_partition": m.partition(), "source_offset": m.offset()},
+                "event_id": e["event_id"],
+                "key": e["card_id"],
+                "model_name": MODEL_NAME,
+                "model_version": args.model_version,
+                "score": p,
+                "label": label,
+                "event_time": event_time_ms(e),
+                "prediction_time": now_ms,
+                "source_topic": m.topic(),
+                "source_partition": m.partition(),
+                "source_offset": m.offset(),
+                "degraded": False,
             }
             fastavro.schemaless_writer(out, prediction_schema, record)
             while True:
