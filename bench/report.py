@@ -318,11 +318,12 @@ def write(results: dict[str, Any], out_dir: Path, benchmarks_md: Path | None) ->
     # The latest charts and numbers sit beside BENCHMARKS.md's sources (bench/results/ is not committed).
     latest = benchmarks_md.parent / "bench" / "latest"
     latest.mkdir(parents=True, exist_ok=True)
-    for stale in latest.glob("*.png"):
-        stale.unlink()
-    for path in [*charts, out_dir / "results.json", out_dir / "results.md"]:
-        if path.exists():
-            shutil.copyfile(path, latest / path.name)
+    if latest.resolve() != out_dir.resolve():  # (`--report bench/latest/results.json` redraws in place)
+        for stale in latest.glob("*.png"):
+            stale.unlink()
+        for path in [*charts, out_dir / "results.json", out_dir / "results.md"]:
+            if path.exists():
+                shutil.copyfile(path, latest / path.name)
     rel = out_dir.relative_to(benchmarks_md.parent) if out_dir.is_relative_to(benchmarks_md.parent) else out_dir
     section = "\n".join(
         [
