@@ -319,6 +319,41 @@ def cmd_models_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_quality(args: argparse.Namespace) -> int:
+    """Print the latest quality report of each model from the quality topic (written by `streamserve monitor`):
+    per version its role, counts, measured and estimated quality; then each shadow or canary version against the
+    live one, with the difference, its confidence interval and the verdict."""
+    from streamserve.control.reading import read_keyed_records
+    from streamserve.monitor.report import format_report, latest
+    from streamserve.ops.preflight import check_kafka
+
+    target = _control_target(args)
+    topic = args.quality_topic or (target.settings.monitor.quality_topic if target.settings else "streamserve.quality")
+    check_kafka(target.kafka, args.timeout)
+    reports = [r for r in latest(read_keyed_records(target.kafka, topic)) if args.model in (None, r["model_name"])]
+    if not reports:
+        print(f"no quality report on {topic} yet (is `streamserve monitor` running, and have labels come?)")
+        return 0
+    for report in reports:
+        print("\n".join(format_report(report)))
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Run the monitor (a faust-streaming worker) until SIGTERM/SIGINT: predictions and shadow predictions joined
+    with the labels topic by event id in event time, quality per model version and window (measured, and
+    estimated before the labels come), shadow and canary versions compared with the live one; reports go to the
+    quality topic and to Prometheus (monitor.port)."""
+    from streamserve.config import load_settings
+    from streamserve.monitor.app import run
+    from streamserve.ops.preflight import check_file, check_kafka
+
+    settings = load_settings(args.config)
+    check_file(settings.output.schema_path, "output schema", "fix output.schema in the pipeline config")
+    check_kafka(settings.kafka.common(), args.timeout)
+    return run(settings, args.log_level)
+
+
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     """Create an Ed25519 signing key (PEM, mode 0600) and print its public key for the workers to trust."""
     from streamserve.control.signing import generate
@@ -481,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("publish", cmd_models_publish, "announce a version: deploy, canary or shadow"),
         ("rollback", cmd_models_rollback, "return to the previous version (or --to VERSION)"),
         ("status", cmd_models_status, "show the version and state of every worker"),
+        ("quality", cmd_models_quality, "show the latest quality of every version and how candidates compare"),
     ):
         cmd = models.add_parser(name, help=help_text, description=func.__doc__)
         _add_config(cmd, required=False)
@@ -499,11 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_timeout(cmd)
         cmd.set_defaults(func=func)
-        if name != "status":
+        if name in ("publish", "rollback"):
             cmd.add_argument("--model", required=True, help="model name (the control topic's key)")
             cmd.add_argument("--notes", help="free text kept with the announcement")
-        if name != "status":
             cmd.add_argument("--sign-key", type=Path, help="Ed25519 private key (PEM) to sign the announcement with")
+        if name == "quality":
+            cmd.add_argument("--model", help="only this model (default: every model on the quality topic)")
+            cmd.add_argument(
+                "--quality-topic", help="the monitor's reports (default: monitor.quality_topic, streamserve.quality)"
+            )
         if name == "publish":
             cmd.add_argument(
                 "--version", required=True, dest="version", help="the version's name, e.g. v2 (predictions carry it)"
@@ -527,6 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "rollback":
             cmd.add_argument("--to", help="version to return to (default: the one before the current)")
+
+    monitor = sub.add_parser(
+        "monitor",
+        help="run the monitor: predictions joined with delayed labels, quality per version, canary/shadow vs live",
+        description=cmd_monitor.__doc__,
+    )
+    _add_config(monitor)
+    _add_timeout(monitor, RUN_TIMEOUT_S)
+    monitor.set_defaults(func=cmd_monitor)
 
     keys = sub.add_parser("keys", help="signing keys of model announcements").add_subparsers(
         dest="action", required=True

@@ -464,6 +464,75 @@ class ObserveSettings(_Section):
     default (OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else http://localhost:4318)."""
 
 
+QualityMetric = Literal["accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "brier", "mae", "rmse"]
+_LOWER_IS_BETTER = ("log_loss", "brier", "mae", "rmse")
+
+
+class MonitorSettings(_Section):
+    """``streamserve monitor``: predictions joined with delayed labels by event id, quality per model version and
+    window, shadow and canary versions compared with the live one (docs/monitor.md)."""
+
+    labels_topic: str | None = None
+    """Labels (schemas/label.avsc: event id, true label or value, label time); ``<input.topic>.labels`` when unset."""
+    labels_dead_letter_topic: str | None = None
+    """Labels the monitor cannot use (garbage, wrong type, unknown event id, duplicate, after the TTL), with the
+    reason in headers; ``<labels topic>.dlq`` when unset."""
+    quality_topic: str = "streamserve.quality"
+    """Quality reports (schemas/quality_report.avsc), keyed ``<model>|<window start>``; read by `models quality`."""
+    app_id: str | None = None
+    """faust application id: its consumer group and the prefix of its internal topics (by-event records, the
+    join table's changelog); ``<kafka.group_id>-monitor`` when unset."""
+    partitions: int = Field(default=4, ge=1)
+    """Partitions of the monitor's internal topics."""
+    window_s: float = Field(default=3600.0, gt=0)
+    """Tumbling event-time window of the reports."""
+    label_ttl_s: float = Field(default=86400.0, gt=0)
+    """How long (event time) a prediction waits for its label, and a label for its prediction; after it the
+    prediction counts as never labelled and the label as one for an unknown event id."""
+    sweep_s: float = Field(default=60.0, gt=0)
+    """Step (event time) in which each partition's clock advances and expired entries are swept."""
+    idle_s: float = Field(default=30.0, gt=0)
+    """A source (a partition of the predictions, shadow or labels topic) that sent nothing for this long
+    (processing time) no longer holds back the event-time clock (docs/monitor.md)."""
+    report_every_s: float = Field(default=10.0, gt=0)
+    """How often changed windows are reported (quality topic, Prometheus)."""
+    task: Literal["auto", "classification", "regression"] = "auto"
+    """What the model does; ``auto``: regression when model.label_output is null."""
+    positive_class: str | None = None
+    """The class ``score`` is the probability of (binary precision, recall, F1, ROC AUC): model.score_column when
+    that is a class label, else ``"1"``."""
+    min_labels: int = Field(default=100, ge=1)
+    """Labelled pairs a version needs before its quality counts as measured (not estimated), before a
+    comparison names a better version, and before the floor alerts may fire."""
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    """Confidence level of the comparisons' intervals."""
+    bootstrap_samples: int = Field(default=1000, ge=50, le=100_000)
+    compare_metric: Literal["auto"] | QualityMetric = "auto"
+    """Measure of the comparisons; ``auto``: ROC AUC (binary), accuracy (more classes), MAE (regressors)."""
+    floors: dict[QualityMetric, float] = Field(default_factory=dict)
+    """Alert when a live or canary version's measure is below this (higher-is-better measures), e.g.
+    ``{roc_auc: 0.8}``; exported as ``streamserve_quality_floor`` for the StreamserveQualityBelowFloor rule."""
+    ceilings: dict[QualityMetric, float] = Field(default_factory=dict)
+    """The same for lower-is-better measures (log_loss, brier, mae, rmse), e.g. ``{brier: 0.2}``."""
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the monitor's /metrics, /healthz and /readyz; disabled when unset."""
+    host: str = "0.0.0.0"
+    data_dir: Path | None = None
+    """faust's data directory; a fresh temporary one when unset (the tables live in memory and their changelog)."""
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> MonitorSettings:
+        for metric in self.floors:
+            if metric in _LOWER_IS_BETTER:
+                raise ValueError(f"monitor.floors: {metric} is lower-is-better; put it in monitor.ceilings")
+        for metric in self.ceilings:
+            if metric not in _LOWER_IS_BETTER:
+                raise ValueError(f"monitor.ceilings: {metric} is higher-is-better; put it in monitor.floors")
+        if self.label_ttl_s < self.sweep_s:
+            raise ValueError("monitor.label_ttl_s must be at least monitor.sweep_s")
+        return self
+
+
 class PipelineSettings(BaseSettings):
     """A streamserve pipeline: input, features, model, output, batching, clients."""
 
@@ -480,6 +549,7 @@ class PipelineSettings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     control: ControlSettings = ControlSettings()
     observe: ObserveSettings = ObserveSettings()
+    monitor: MonitorSettings = MonitorSettings()
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     """``at_least_once`` commits input offsets after outputs are acknowledged (duplicates possible after a
     crash); ``exactly_once`` commits outputs and input offsets in one Kafka transaction per micro-batch
@@ -531,6 +601,38 @@ class PipelineSettings(BaseSettings):
     def shadow_topic(self) -> str:
         """Topic of shadow predictions."""
         return self.output.shadow_topic or f"{self.output.topic}.shadow"
+
+    @property
+    def labels_topic(self) -> str:
+        """Topic of the labels the monitor joins with the predictions."""
+        return self.monitor.labels_topic or f"{self.input.topic}.labels"
+
+    @property
+    def labels_dead_letter_topic(self) -> str:
+        """Topic of the labels the monitor cannot use."""
+        return self.monitor.labels_dead_letter_topic or f"{self.labels_topic}.dlq"
+
+    @property
+    def monitor_app_id(self) -> str:
+        """faust application id of the monitor."""
+        return self.monitor.app_id or f"{self.kafka.group_id}-monitor"
+
+    @property
+    def monitor_task(self) -> Literal["classification", "regression"]:
+        """What the model does, as the monitor measures it."""
+        if self.monitor.task != "auto":
+            return self.monitor.task
+        return "regression" if self.model.label_output is None else "classification"
+
+    @property
+    def positive_class(self) -> str | None:
+        """The class a binary classifier's score is the probability of (None for regressors)."""
+        if self.monitor_task == "regression":
+            return None
+        if self.monitor.positive_class is not None:
+            return self.monitor.positive_class
+        column = self.model.score_column
+        return column if isinstance(column, str) else "1"
 
 
 def load_settings(path: str | os.PathLike[str], **overrides: Any) -> PipelineSettings:

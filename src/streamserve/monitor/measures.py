@@ -69,8 +69,8 @@ def classified(
     if full:
         for p in probabilities:
             names.update(p or ())
-    if positive_class is not None:
-        names.add(positive_class)
+    if positive_class is not None and not full:
+        names.add(positive_class)  # a score-only binary classifier: the score's class, seen or not
     classes = tuple(sorted(names))
     index = {name: i for i, name in enumerate(classes)}
     y_true = np.fromiter((index[t] for t in true), dtype=np.int64, count=len(true))

@@ -4,10 +4,14 @@ The monitor's faust agent keeps the entries in a table keyed by event id (its ch
 restarted monitor recovers) and calls these functions; everything that makes the join exact lives here:
 
 - **Either side may come first.** A label waits for its predictions as a prediction waits for its label.
-- **Event time, with a TTL.** Each partition's event time is the latest time it has seen (an event's time on a
-  prediction, the label time on a label), advanced in steps (``sweep_ms``). When it passes an entry's time plus
-  the label TTL, the entry expires: predictions without a label count as never labelled; a label that found no
-  prediction is a label for an unknown event id. A label for an expired entry is too late to count.
+- **Event time, with a TTL.** Each partition keeps a clock per source (a partition of the predictions, shadow
+  or labels topic): the latest event time of its predictions, label time of its labels. The partition's event
+  time is the oldest of the clocks of the sources that sent something in the last ``idle_ms`` of processing time
+  (so a monitor catching up on a backlog, reading one topic or partition faster than another, never counts a
+  label as missing because it read the predictions first; a source that went quiet stops holding it back), and
+  it advances in steps (``sweep_ms``). When it passes an entry's time plus the label TTL, the entry expires:
+  predictions without a label count as never labelled; a label that found no prediction is a label for an
+  unknown event id. A label for an expired entry is too late to count.
 - **Windows.** An event belongs to the tumbling window of its time; a window's report is final once every
   entry in it expired. Its entries are then purged, after a marker holding the final report is written to the
   same changelog partition (so a restarted monitor never recomputes a window from half of its entries).
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import heapq
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,13 +235,20 @@ class Index:
     heaps: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
     swept: dict[int, int] = field(default_factory=dict)
     through: dict[int, int] = field(default_factory=dict)
+    clocks: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    """Per partition: per source (topic/partition), [latest time seen, processing time it was seen]."""
+    offsets: dict[int, int] = field(default_factory=dict)
+    """Per partition: the last offset applied (the "through" of a sweep the timer makes)."""
     finals: dict[int, Any] = field(default_factory=dict)
     purged: dict[int, set[int]] = field(default_factory=dict)
     dirty: set[int] = field(default_factory=set)
+    scheduled: dict[str, int] = field(default_factory=dict)
+    """The expiry each open entry is in its partition's heap under (older heap items are stale)."""
 
     def rebuild(self, items: Iterable[tuple[str, Any]]) -> None:
-        for name in ("windows", "partitions", "heaps", "swept", "through", "finals", "purged"):
+        for name in ("windows", "partitions", "heaps", "swept", "through", "clocks", "offsets", "finals", "purged"):
             getattr(self, name).clear()
+        self.scheduled.clear()
         self.dirty.clear()
         for key, value in items:
             if key.startswith(ENTRY) and isinstance(value, dict):
@@ -245,6 +257,9 @@ class Index:
                 partition = int(key[len(SWEEP) :])
                 self.swept[partition] = int(value["swept"])
                 self.through[partition] = int(value["through"])
+                self.offsets[partition] = int(value["through"])
+                restarted = time.monotonic()  # a restored source counts as active until it has had time to resume
+                self.clocks[partition] = {src: [float(t), restarted] for src, t in value.get("clocks", {}).items()}
             elif key.startswith(FINAL):
                 window, partition = (int(part) for part in key[len(FINAL) :].split(":"))
                 self.finals[window] = value
@@ -257,11 +272,17 @@ class Index:
             window = self.timing.window(int(entry["t"]))
             self.windows.setdefault(window, set()).add(key)
             self.dirty.add(window)
-        if not entry.get("x"):
-            heapq.heappush(self.heaps.setdefault(partition, []), (expiry(entry, self.timing.ttl_ms), key))
+        if entry.get("x"):
+            self.scheduled.pop(key, None)
+            return
+        expires = expiry(entry, self.timing.ttl_ms)
+        if self.scheduled.get(key) != expires:
+            self.scheduled[key] = expires
+            heapq.heappush(self.heaps.setdefault(partition, []), (expires, key))
 
     def discard(self, key: str, entry: Mapping[str, Any]) -> None:
         self.partitions.pop(key, None)
+        self.scheduled.pop(key, None)
         if entry.get("t") is not None:
             window = self.timing.window(int(entry["t"]))
             keys = self.windows.get(window)
@@ -270,12 +291,41 @@ class Index:
                 if not keys:
                     del self.windows[window]
 
+    def tick(self, partition: int, offset: int, message: Mapping[str, Any]) -> None:
+        """Advance the clock of the record's source in its partition."""
+        source = str(message["o"]).rsplit("/", 1)[0]
+        stamp = int(message["t"]) if message.get("k") == "p" else int(message["lt"])
+        clock = self.clocks.setdefault(partition, {}).setdefault(source, [float(stamp), 0.0])
+        clock[0] = max(clock[0], float(stamp))
+        clock[1] = time.monotonic()
+        self.offsets[partition] = offset
+
+    def boundary(self, partition: int, idle_s: float) -> int:
+        """The sweep boundary the partition's clocks allow now (0: none yet)."""
+        clocks = self.clocks.get(partition)
+        if not clocks:
+            return 0
+        now = time.monotonic()
+        active = [t for t, seen in clocks.values() if now - seen <= idle_s]
+        return self.timing.boundary(int(min(active) if active else max(t for t, _ in clocks.values())))
+
+    def sweep_marker(self, partition: int) -> dict[str, Any]:
+        clocks = {source: int(t) for source, (t, _) in self.clocks.get(partition, {}).items()}
+        return {
+            "swept": self.swept.get(partition, 0),
+            "through": self.offsets.get(partition, -1),
+            "clocks": clocks,
+        }
+
     def due(self, partition: int, boundary: int) -> list[str]:
         """Keys of the partition whose entries may have expired before ``boundary`` (check each entry)."""
         heap = self.heaps.get(partition, [])
         keys = []
         while heap and heap[0][0] < boundary:
-            keys.append(heapq.heappop(heap)[1])
+            expires, key = heapq.heappop(heap)
+            if self.scheduled.get(key) == expires:
+                del self.scheduled[key]
+                keys.append(key)
         return keys
 
     def purgeable(self, partition: int) -> list[int]:

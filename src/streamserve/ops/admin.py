@@ -62,6 +62,10 @@ def pipeline_topics(settings: PipelineSettings, partitions: int) -> list[TopicSp
         TopicSpec(settings.output.dead_letter_topic, 1),
         TopicSpec(settings.control.topic, 1, compacted),
         TopicSpec(settings.control.status_topic, 1, compacted),
+        # streamserve monitor: labels in, unusable labels out, quality reports (the latest per model and window)
+        TopicSpec(settings.labels_topic, partitions),
+        TopicSpec(settings.labels_dead_letter_topic, 1),
+        TopicSpec(settings.monitor.quality_topic, 1, compacted),
     ]
 
 
