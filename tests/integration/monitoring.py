@@ -97,13 +97,13 @@ class Stream:
     def raw_label(self, data: bytes, key: bytes | None = None) -> None:
         self.producer.produce(self.settings.labels_topic, data, key=key)
 
-    def ticks(self, time_ms: int, model: str = "tick", count: int = 64) -> None:
+    def ticks(self, time_ms: int, model: str = "tick", count: int = 256, label: Any = "0") -> None:
         """Labelled predictions of `model` at `time_ms`: they advance both clocks of every partition."""
         for _ in range(count):
             event = Event(unique("tick"), time_ms, unique("key"), "0")
             event.predictions[(model, "t", "main")] = {"score": 0.1, "predicted_class": "0", "probabilities": None}
             self.prediction(event, model, "t", "main")
-            self.label(event.event_id, "0", time_ms)
+            self.label(event.event_id, label, time_ms)
 
     def flush(self) -> None:
         assert self.producer.flush(30) == 0
@@ -206,7 +206,12 @@ def wait_for_report(
             return True
         return False
 
-    wait_until(check, timeout_s, f"a report of {model} for window {window}", interval_s=1.0)
+    try:
+        wait_until(check, timeout_s, f"a report of {model} for window {window}", interval_s=1.0)
+    except AssertionError as exc:
+        last = reports(bootstrap, topic).get((model, window))
+        shown = [(v["version"], v["role"], v["labelled"], v["pending"]) for v in last["versions"]] if last else None
+        raise AssertionError(f"{exc}; last report: {shown}; monitor log:\n{monitor.log_tail(30)}") from None
     return found
 
 
