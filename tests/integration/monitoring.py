@@ -43,7 +43,9 @@ def monitor_pipeline(bootstrap: str, redis_url: str, directory: Path, **monitor:
         "partitions": 4,
         **monitor,
     }
-    pipe = Pipeline(bootstrap, redis_url, directory, directory / "unused.onnx", name=name, overrides={"monitor": settings})
+    pipe = Pipeline(
+        bootstrap, redis_url, directory, directory / "unused.onnx", name=name, overrides={"monitor": settings}
+    )
     pipe.create_topics()
     return pipe
 
@@ -92,7 +94,9 @@ class Stream:
         self.producer.produce(topic, buffer.getvalue(), key=event.key.encode())
 
     def label(self, event_id: str, value: Any, time_ms: int) -> None:
-        self.producer.produce(self.settings.labels_topic, labels.encode(event_id, value, time_ms), key=event_id.encode())
+        self.producer.produce(
+            self.settings.labels_topic, labels.encode(event_id, value, time_ms), key=event_id.encode()
+        )
 
     def raw_label(self, data: bytes, key: bytes | None = None) -> None:
         self.producer.produce(self.settings.labels_topic, data, key=key)
@@ -118,7 +122,9 @@ def binary_events(
     events = []
     for i in range(count):
         truth = int(rng.integers(0, 2))
-        event = Event(f"{prefix}-{seed}-{i}", start_ms + i * (HOUR_MS // count), f"card-{rng.integers(0, 500)}", str(truth))
+        event = Event(
+            f"{prefix}-{seed}-{i}", start_ms + i * (HOUR_MS // count), f"card-{rng.integers(0, 500)}", str(truth)
+        )
         for ident, strength in strengths.items():
             p = float(np.round(1 / (1 + np.exp(-(strength * (truth - 0.5) + rng.normal(0, 1)))), 3))
             event.predictions[ident] = {

@@ -111,7 +111,11 @@ def test_quality_equals_sklearn_across_a_sigkill_with_bad_labels(stack: Servers,
     produce_in_time_order(stream, [item for item in items if item[0] < cut])
     monitor = MonitorProcess(pipe.path, tmp_path)
     wait_for_report(
-        stack.bootstrap_servers, settings.monitor.quality_topic, "fraud", T0, monitor,
+        stack.bootstrap_servers,
+        settings.monitor.quality_topic,
+        "fraud",
+        T0,
+        monitor,
         lambda r: any(v["version"] == "v1" and v["labelled"] >= 100 for v in r["versions"]),
     )
     monitor.kill()  # SIGKILL mid-stream: no drain, no commit of what it read since the last one
@@ -135,7 +139,8 @@ def test_quality_equals_sklearn_across_a_sigkill_with_bad_labels(stack: Servers,
         assert row["late"] == sum(1 for e in valid.values() if (e.label_time_ms or 0) >= window_end)
         for name, value in _expected_classifier(pairs).items():
             assert row[name] == pytest.approx(value, abs=1e-9), (role, name)
-        assert row["status"] == "measured" and row["estimated_accuracy"] is not None
+        assert row["status"] == "measured"
+        assert row["estimated_accuracy"] is not None
     comparison = report["comparisons"][0]
     assert (comparison["kind"], comparison["method"], comparison["better"]) == ("paired", "delong", "v2 (shadow)")
 
@@ -181,13 +186,19 @@ def test_canary_named_better_and_equal_versions_undistinguishable(stack: Servers
     (better,) = fraud["comparisons"]
     assert (better["kind"], better["better"], better["verdict"]) == ("unpaired", "b (canary)", "candidate better")
     (same,) = twin["comparisons"]
-    assert same["verdict"] == "not yet distinguishable" and same["better"] is None
+    assert same["verdict"] == "not yet distinguishable"
+    assert same["better"] is None
 
     shown = subprocess.run(
         [sys.executable, "-m", "streamserve", "models", "quality", "-c", str(pipe.path)],
-        capture_output=True, text=True, timeout=60, check=True, env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=dict(os.environ),
     ).stdout
-    assert "b (canary) vs a (live), unpaired, roc_auc" in shown and "-> b (canary) is better" in shown
+    assert "b (canary) vs a (live), unpaired, roc_auc" in shown
+    assert "-> b (canary) is better" in shown
     assert "-> not yet distinguishable" in shown
 
 
@@ -222,10 +233,12 @@ def test_regressor_mae_rmse_equal_sklearn(stack: Servers, tmp_path: Path) -> Non
         row = version_row(report, version, role)
         true = np.array([t for t, _ in pairs[version]])
         predicted = np.array([p for _, p in pairs[version]])
-        assert row["labelled"] == len(true) and row["never_labelled"] == 50
+        assert row["labelled"] == len(true)
+        assert row["never_labelled"] == 50
         assert row["mae"] == pytest.approx(skm.mean_absolute_error(true, predicted), abs=1e-9)
         assert row["rmse"] == pytest.approx(skm.root_mean_squared_error(true, predicted), abs=1e-9)
     (comparison,) = report["comparisons"]
     assert (comparison["metric"], comparison["better"]) == ("mae", "v2 (shadow)")
     dead = read_topic(stack.bootstrap_servers, settings.labels_dead_letter_topic, 25, settle_s=0.5)
-    assert {headers_of(m)["streamserve.dlq.stage"] for m in dead} == {b"monitor.wrong_type"} and len(dead) == 25
+    assert {headers_of(m)["streamserve.dlq.stage"] for m in dead} == {b"monitor.wrong_type"}
+    assert len(dead) == 25

@@ -128,11 +128,16 @@ def test_paired_comparison_names_the_better_version_and_equal_ones_are_undisting
         return classified(true, [str(int(v >= 0.5)) for v in p], p.tolist(), [None] * n, "1")
 
     better = compare("roc_auc", ("v2 (shadow)", "v1 (live)"), sample(good), sample(bad), paired=True)  # type: ignore[arg-type]
-    assert better.verdict == CANDIDATE_BETTER and better.better == "v2 (shadow)" and better.method == "delong"
+    assert better.verdict == CANDIDATE_BETTER
+    assert better.better == "v2 (shadow)"
+    assert better.method == "delong"
     worse = compare("accuracy", ("v2 (shadow)", "v1 (live)"), sample(bad), sample(good), paired=True, samples=300)  # type: ignore[arg-type]
-    assert worse.verdict == BASELINE_BETTER and worse.better == "v1 (live)" and worse.method == "bootstrap"
+    assert worse.verdict == BASELINE_BETTER
+    assert worse.better == "v1 (live)"
+    assert worse.method == "bootstrap"
     same = compare("roc_auc", ("v2 (shadow)", "v1 (live)"), sample(good), sample(good), paired=True)  # type: ignore[arg-type]
-    assert same.verdict == UNDISTINGUISHABLE and same.better is None
+    assert same.verdict == UNDISTINGUISHABLE
+    assert same.better is None
 
 
 def test_unpaired_comparison_and_labels_needed() -> None:
@@ -149,7 +154,9 @@ def test_unpaired_comparison_and_labels_needed() -> None:
     assert equal.verdict == UNDISTINGUISHABLE
     assert equal.labels_needed is None or equal.labels_needed > 0
     few = compare("roc_auc", ("v2 (canary)", "v1 (live)"), group(40, 4.0), group(60, 1.0), paired=False, min_labels=100)  # type: ignore[arg-type]
-    assert few.verdict == UNDISTINGUISHABLE and few.labels_needed is not None and few.labels_needed >= 60 + 40
+    assert few.verdict == UNDISTINGUISHABLE
+    assert few.labels_needed is not None
+    assert few.labels_needed >= 60 + 40
 
 
 def test_regressor_comparison_by_bootstrap() -> None:
@@ -158,4 +165,6 @@ def test_regressor_comparison_by_bootstrap() -> None:
     close = Regressed(true, true + rng.normal(0, 0.3, 800))
     far = Regressed(true, true + rng.normal(0, 1.0, 800))
     found = compare("mae", ("v2 (shadow)", "v1 (live)"), close, far, paired=True, samples=300)
-    assert found.better == "v2 (shadow)" and found.difference is not None and found.difference < 0
+    assert found.better == "v2 (shadow)"
+    assert found.difference is not None
+    assert found.difference < 0

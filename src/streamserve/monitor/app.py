@@ -27,8 +27,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import faust
 import fastavro
+import faust
 
 from streamserve.config import PipelineSettings
 from streamserve.errors import ConfigError
@@ -81,7 +81,9 @@ class Monitor:
         self.index = Index(self.timing)
         self.stale = True
         self.ready = False
-        data_dir = Path(monitor.data_dir).expanduser() if monitor.data_dir else Path(tempfile.mkdtemp(prefix="monitor-"))
+        data_dir = (
+            Path(monitor.data_dir).expanduser() if monitor.data_dir else Path(tempfile.mkdtemp(prefix="monitor-"))
+        )
         self.app = faust.App(
             settings.monitor_app_id,
             broker=broker_urls(settings),
@@ -97,7 +99,12 @@ class Monitor:
             table_cleanup_interval=3600.0,
             producer_acks=-1,
         )
-        raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+        raw: dict[str, Any] = {
+            "key_type": bytes,
+            "value_type": bytes,
+            "key_serializer": "raw",
+            "value_serializer": "raw",
+        }
         self.predictions = self.app.topic(settings.output.topic, settings.shadow_topic, **raw)
         self.labels = self.app.topic(settings.labels_topic, **raw)
         self.dead_letters = self.app.topic(settings.labels_dead_letter_topic, **raw)
@@ -138,7 +145,9 @@ class Monitor:
             try:
                 record = self._decode_prediction(event.value)
             except Exception as exc:  # noqa: BLE001 - a record we cannot read is counted, never fatal
-                log.warning("undecodable prediction at %s/%d/%d: %s", message.topic, message.partition, message.offset, exc)
+                log.warning(
+                    "undecodable prediction at %s/%d/%d: %s", message.topic, message.partition, message.offset, exc
+                )
                 self.exporter.predictions.labels("undecodable").inc()
                 continue
             event_id = record.get("event_id")
@@ -171,7 +180,8 @@ class Monitor:
         topic, partition, offset = (origin or "?/-1/-1").rsplit("/", 2)
         source = Source(topic, int(partition), int(offset), key, value, None, int(time.time() * 1000))
         dl_key, dl_value, headers = dead_letter(Rejected(source, f"monitor.{reason}", "BadLabel", message))
-        await self.dead_letters.send(key=dl_key, value=dl_value, headers=headers)
+        sendable = [(name, value if isinstance(value, bytes) else str(value or "").encode()) for name, value in headers]
+        await self.dead_letters.send(key=dl_key, value=dl_value, headers=sendable)
 
     # -- the join
 
@@ -179,7 +189,12 @@ class Monitor:
         self.index.rebuild(self.table.items())
         self.stale = False
         self.ready = True
-        log.info("join state: %d entries in %d windows, %d final", len(self.index.partitions), len(self.index.windows), len(self.index.finals))
+        log.info(
+            "join state: %d entries in %d windows, %d final",
+            len(self.index.partitions),
+            len(self.index.windows),
+            len(self.index.finals),
+        )
 
     def _put(self, partition: int, key: str, value: Any) -> None:
         """Set a key of the table and its changelog partition (also from the timer, outside any stream event)."""
@@ -204,7 +219,13 @@ class Monitor:
             if entry is None and offset <= self.index.through.get(partition, -1):
                 continue  # replayed after its entry was swept or purged
             new, effects = pairs.apply(
-                entry, record, partition, offset, self.index.swept.get(partition, 0), self.timing, set(self.index.finals)
+                entry,
+                record,
+                partition,
+                offset,
+                self.index.swept.get(partition, 0),
+                self.timing,
+                set(self.index.finals),
             )
             if new is not None:
                 self._put(partition, key, new)

@@ -166,9 +166,18 @@ def bootstrap(
 
 
 def _labels_needed(
-    n_candidate: int, n_baseline: int, paired: bool, interval: tuple[float, float] | None, diff: float | None, min_labels: int
+    n_candidate: int,
+    n_baseline: int,
+    paired: bool,
+    interval: tuple[float, float] | None,
+    diff: float | None,
+    min_labels: int,
 ) -> int | None:
-    short = max(min_labels - n_candidate, 0) if paired else max(min_labels - n_candidate, 0) + max(min_labels - n_baseline, 0)
+    short = (
+        max(min_labels - n_candidate, 0)
+        if paired
+        else max(min_labels - n_candidate, 0) + max(min_labels - n_baseline, 0)
+    )
     if interval is None or diff is None or diff == 0:
         return short or None
     half = (interval[1] - interval[0]) / 2

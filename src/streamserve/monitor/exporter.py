@@ -33,7 +33,9 @@ class QualityExporter:
         self.estimated = gauge(
             "streamserve_quality_estimated", "quality estimated from the probabilities (CBPE)", (*_VERSION, "metric")
         )
-        self.pairs = gauge("streamserve_quality_pairs", "predictions of the latest window by state", (*_VERSION, "state"))
+        self.pairs = gauge(
+            "streamserve_quality_pairs", "predictions of the latest window by state", (*_VERSION, "state")
+        )
         self.window = gauge("streamserve_quality_window_start_seconds", "start of the latest window shown", _VERSION)
         self.comparison = gauge(
             "streamserve_quality_comparison", "candidate minus live and its interval", (*_COMPARISON, "bound")
@@ -44,9 +46,13 @@ class QualityExporter:
             _COMPARISON,
         )
         self.needed = gauge(
-            "streamserve_quality_comparison_labels_needed", "labels still needed to tell the versions apart", _COMPARISON
+            "streamserve_quality_comparison_labels_needed",
+            "labels still needed to tell the versions apart",
+            _COMPARISON,
         )
-        self.floor = gauge("streamserve_quality_floor", "lowest acceptable quality (monitor.floors)", ("model", "metric"))
+        self.floor = gauge(
+            "streamserve_quality_floor", "lowest acceptable quality (monitor.floors)", ("model", "metric")
+        )
         self.ceiling = gauge(
             "streamserve_quality_ceiling", "highest acceptable loss or error (monitor.ceilings)", ("model", "metric")
         )
@@ -55,18 +61,23 @@ class QualityExporter:
             "streamserve_monitor_predictions", "prediction records by outcome", ("outcome",), registry=registry
         )
         self.joined = Counter(
-            "streamserve_monitor_pairs", "predictions joined with a label or never labelled", (*_VERSION, "outcome"),
+            "streamserve_monitor_pairs",
+            "predictions joined with a label or never labelled",
+            (*_VERSION, "outcome"),
             registry=registry,
         )
         self.lag = Histogram(
-            "streamserve_label_lag_seconds", "label time minus event time of joined pairs", ("model",),
-            buckets=LAG_BUCKETS, registry=registry,
+            "streamserve_label_lag_seconds",
+            "label time minus event time of joined pairs",
+            ("model",),
+            buckets=LAG_BUCKETS,
+            registry=registry,
         )
         self.reports = Counter("streamserve_monitor_reports", "quality reports written", ("final",), registry=registry)
         self._shown: dict[tuple[str, str, str], int] = {}
         self._measured: dict[tuple[str, str, str], int] = {}
 
-    def thresholds(self, model: str, floors: Mapping[str, float], ceilings: Mapping[str, float]) -> None:
+    def thresholds(self, model: str, floors: Mapping[Any, float], ceilings: Mapping[Any, float]) -> None:
         for metric, value in floors.items():
             self.floor.labels(model, metric).set(value)
         for metric, value in ceilings.items():

@@ -64,7 +64,7 @@ def decode(data: bytes | None) -> dict[str, Any]:
     buffer = io.BytesIO(data)
     try:
         record = fastavro.schemaless_reader(buffer, _SCHEMA, None)
-    except Exception as exc:  # noqa: BLE001 - whatever garbage makes fastavro raise, the record is garbage
+    except Exception as exc:
         raise BadLabel(UNDECODABLE, f"not a Label record: {type(exc).__name__}: {exc}") from exc
     if buffer.tell() != len(data):
         raise BadLabel(UNDECODABLE, f"{len(data) - buffer.tell()} bytes after the Label record")

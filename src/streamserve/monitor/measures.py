@@ -103,7 +103,9 @@ def confusion(c: Classified, weights: FloatArray | None = None) -> FloatArray:
     return np.bincount(flat, weights=_weights(len(c), weights), minlength=k * k).reshape(k, k)
 
 
-def per_class(c: Classified, weights: FloatArray | None = None) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+def per_class(
+    c: Classified, weights: FloatArray | None = None
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
     """Precision, recall, F1 and support of every class (0.0 where a ratio has no denominator)."""
     m = confusion(c, weights)
     tp = np.diag(m)

@@ -171,7 +171,11 @@ def _apply_label(entry: Entry | None, message: Mapping[str, Any]) -> tuple[Entry
     if entry is not None and entry.get("lo") == origin:
         return entry, []  # the same label record, forwarded again
     if entry is not None and entry.get("y") is not None:
-        return entry, [Effect("duplicate", message=f"event already labelled by {entry['lo']}", raw=raw_bytes(message), origin=origin)]
+        return entry, [
+            Effect(
+                "duplicate", message=f"event already labelled by {entry['lo']}", raw=raw_bytes(message), origin=origin
+            )
+        ]
     if entry is not None and entry.get("x"):
         return entry, [
             Effect("expired", message="the label came after the label TTL", raw=raw_bytes(message), origin=origin)

@@ -20,8 +20,16 @@ import fastavro
 import numpy as np
 
 from streamserve.monitor.compare import Comparison, Regressed, Sample, compare
-from streamserve.monitor.estimate import estimated
-from streamserve.monitor.measures import Classified, classified, classifier_metrics, per_class, regressor_metrics
+from streamserve.monitor.estimate import ESTIMATED_METRICS, estimated
+from streamserve.monitor.measures import (
+    CLASSIFIER_METRICS,
+    REGRESSOR_METRICS,
+    Classified,
+    classified,
+    classifier_metrics,
+    per_class,
+    regressor_metrics,
+)
 from streamserve.schemas import bundled
 
 _SCHEMA = bundled("quality_report")
@@ -101,7 +109,9 @@ def _estimates(pairs: list[_Pair], settings: ReportSettings) -> dict[str, float 
     if settings.task == "regression" or not pairs:
         return {}
     predicted = [p.predicted if p.predicted is not None else "" for p in pairs]
-    c = classified(predicted, predicted, [p.score for p in pairs], [p.probabilities for p in pairs], settings.positive_class)
+    c = classified(
+        predicted, predicted, [p.score for p in pairs], [p.probabilities for p in pairs], settings.positive_class
+    )
     return estimated(c.proba, c.y_pred, c.positive)
 
 
@@ -118,8 +128,12 @@ def _version_record(group: _Version, role: str, window_end: int, settings: Repor
         "pending": len(group.pairs) - len(labelled) - never,
         "late": sum(1 for p in labelled if p.label_time is not None and p.label_time >= window_end),
         "status": "measured" if len(labelled) >= settings.min_labels else "estimated",
-        "label_lag_p50_s": statistics.median([(p.label_time or 0) - p.time for p in labelled]) / 1000 if labelled else None,
+        "label_lag_p50_s": statistics.median([(p.label_time or 0) - p.time for p in labelled]) / 1000
+        if labelled
+        else None,
         "classes": [],
+        **dict.fromkeys(CLASSIFIER_METRICS + REGRESSOR_METRICS),
+        **{f"estimated_{name}": None for name in ESTIMATED_METRICS},
     }
     sample = _sample(labelled, settings)
     if isinstance(sample, Regressed):
@@ -146,9 +160,7 @@ def comparison_metric(settings: ReportSettings, sample: Sample) -> str:
     return "roc_auc" if isinstance(sample, Classified) and sample.binary else "accuracy"
 
 
-def _comparisons(
-    live: _Version, others: list[tuple[_Version, str]], settings: ReportSettings
-) -> list[Comparison]:
+def _comparisons(live: _Version, others: list[tuple[_Version, str]], settings: ReportSettings) -> list[Comparison]:
     found = []
     base_labelled = live.labelled()
     base_by_event = {p.event: p for p in base_labelled}
@@ -238,10 +250,13 @@ def latest(records: Iterable[tuple[bytes | None, bytes | None]]) -> list[dict[st
             continue
         try:
             report = decode(value)
-        except Exception:  # noqa: BLE001, S112 - another writer's record on the topic is not ours to show
+        except Exception:  # noqa: BLE001 - another writer's record on the topic is not ours to show
             continue
         known = newest.get(report["model_name"])
-        if known is None or (report["window_start"], report["computed_at"]) >= (known["window_start"], known["computed_at"]):
+        if known is None or (report["window_start"], report["computed_at"]) >= (
+            known["window_start"],
+            known["computed_at"],
+        ):
             newest[report["model_name"]] = report
     return [newest[name] for name in sorted(newest)]
 
@@ -261,10 +276,13 @@ def format_report(report: Mapping[str, Any]) -> list[str]:
         f"{report['model_name']}  window {_time(report['window_start'])} - {_time(report['window_end'])} UTC ({state})"
     ]
     regression = any(v["task"] == "regression" for v in report["versions"])
-    measures = ("mae", "rmse") if regression else ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "brier")
+    measures = (
+        ("mae", "rmse") if regression else ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "brier")
+    )
     heads = ("MAE", "RMSE") if regression else ("ACC", "PREC", "RECALL", "F1", "AUC", "LOGLOSS", "BRIER")
     estimates = () if regression else ("accuracy", "f1")
-    header = f"  {'VERSION':<10} {'ROLE':<7} {'PREDS':>7} {'LABELLED':>8} {'NEVER':>6} {'PENDING':>7} {'LATE':>6} {'STATUS':<9}"
+    header = f"  {'VERSION':<10} {'ROLE':<7} {'PREDS':>7} {'LABELLED':>8} {'NEVER':>6} {'PENDING':>7} {'LATE':>6}"
+    header += f" {'STATUS':<9}"
     header += "".join(f" {h:>7}" for h in heads)
     header += "".join(f" {'EST ' + ('ACC' if e == 'accuracy' else 'F1'):>7}" for e in estimates)
     lines.append(header)

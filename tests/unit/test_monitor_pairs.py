@@ -1,0 +1,145 @@
+"""The join state: either side first, replays applied once, duplicates and late labels rejected, expiry; the
+labels topic's decoding; a window's report from entries."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from streamserve.monitor import labels, pairs
+from streamserve.monitor.pairs import Index, Timing
+from streamserve.monitor.report import ReportSettings, decode, encode, format_report, latest, window_reports
+
+T = Timing(window_ms=3_600_000, ttl_ms=7_200_000, sweep_ms=60_000)
+T0 = 1_767_225_600_000
+
+
+def _prediction(event_id: str, score: float, origin: str = "out/0/1", role: str = "main") -> dict[str, Any]:
+    record = {
+        "model_name": "fraud",
+        "model_version": "v1" if role == "main" else "v2",
+        "score": score,
+        "predicted_class": str(int(score >= 0.5)),
+        "probabilities": {"0": 1 - score, "1": score},
+        "label": None,
+    }
+    return pairs.prediction_message(origin, role, record, T0 + 1000)
+
+
+def _label(value: str, origin: str = "labels/0/1", at: int = T0 + 60_000) -> dict[str, Any]:
+    return pairs.label_message(origin, value, at, labels.encode("e1", value, at))
+
+
+def _run(messages: list[dict[str, Any]], start: int = 0) -> tuple[dict[str, Any] | None, list[str]]:
+    entry: dict[str, Any] | None = None
+    kinds: list[str] = []
+    for offset, message in enumerate(messages, start):
+        new, effects = pairs.apply(entry, message, 0, offset, 0, T, set())
+        entry = new if new is not None else entry
+        kinds += [e.kind for e in effects]
+    return entry, kinds
+
+
+@pytest.mark.parametrize("label_first", [False, True])
+def test_either_side_may_come_first(label_first: bool) -> None:
+    messages = [_label("1"), _prediction("e1", 0.8)]
+    entry, kinds = _run(messages if label_first else messages[::-1])
+    assert entry is not None and entry["y"] == "1" and len(entry["s"]) == 1
+    assert kinds == ["joined"]
+
+
+def test_a_replayed_record_is_applied_once_and_a_reforwarded_one_lands_in_place() -> None:
+    entry, _ = _run([_prediction("e1", 0.8), _label("1")])
+    assert entry is not None
+    new, effects = pairs.apply(entry, _label("1"), 0, 1, 0, T, set())  # same offset: replay after a crash
+    assert (new, effects) == (None, [])
+    new, effects = pairs.apply(entry, _label("1"), 0, 7, 0, T, set())  # same origin, new offset: re-forwarded
+    assert new is not None and effects == []
+    new, effects = pairs.apply(entry, _prediction("e1", 0.8), 0, 8, 0, T, set())  # worker re-sent it
+    assert new is not None and effects == []
+
+
+def test_duplicate_wrong_class_and_late_labels_are_rejected() -> None:
+    entry, kinds = _run([_prediction("e1", 0.8), _label("1"), _label("0", origin="labels/0/9")])
+    assert kinds == ["joined", "duplicate"] and entry is not None and entry["y"] == "1"
+    entry, kinds = _run([_label("banana"), _prediction("e1", 0.8)])
+    assert kinds == ["wrong_type"] and entry is not None and entry["y"] is None
+    expired, effects = pairs.expire(entry)
+    assert expired is not None and [e.kind for e in effects] == ["never_labelled"]
+    new, effects = pairs.apply(expired, _label("1", origin="labels/0/5"), 0, 99, 0, T, set())
+    assert [e.kind for e in effects] == ["expired"]
+
+
+def test_label_without_prediction_expires_as_unknown_event() -> None:
+    entry, _ = _run([_label("1")])
+    assert entry is not None
+    gone, effects = pairs.expire(entry)
+    assert gone is None and [e.kind for e in effects] == ["unknown_event"]
+    assert effects[0].raw == labels.encode("e1", "1", T0 + 60_000)
+
+
+def test_prediction_for_a_final_window_or_past_the_ttl_is_late() -> None:
+    _, effects = pairs.apply(None, _prediction("e1", 0.8), 0, 0, 0, T, {T.window(T0)})
+    assert [e.kind for e in effects] == ["late_prediction"]
+    _, effects = pairs.apply(None, _prediction("e1", 0.8), 0, 0, T0 + 10 * 3_600_000, T, set())
+    assert [e.kind for e in effects] == ["late_prediction"]
+
+
+def test_index_schedules_expiry_and_rebuilds_from_the_table() -> None:
+    index = Index(T)
+    entry, _ = _run([_prediction("e1", 0.8)])
+    assert entry is not None
+    index.add("e:e1", entry)
+    index.add("e:e1", entry)  # scheduled once
+    assert index.due(0, T0 + 1000 + T.ttl_ms) == []
+    assert index.due(0, T0 + 1001 + T.ttl_ms) == ["e:e1"]
+    table = {"e:e1": entry, pairs.sweep_key(0): {"swept": 5, "through": 3, "clocks": {"out/0": 9}}}
+    table[pairs.final_key(T0, 1)] = [{"model_name": "fraud"}]
+    index.rebuild(table.items())
+    assert index.swept == {0: 5} and index.through == {0: 3} and T0 in index.finals
+    assert index.purgeable(0) == [T0] and index.purgeable(1) == []
+    assert index.keys_of(T0, 0) == ["e:e1"]
+
+
+def test_labels_decoding_rejects_garbage_and_wrong_types() -> None:
+    good = labels.parse(labels.encode("e1", True, T0), "classification")
+    assert (good.event_id, good.value, good.time_ms) == ("e1", "1", T0)
+    assert labels.parse(labels.encode("e1", 3, T0), "regression").value == 3.0
+    for data, task in (
+        (b"", "classification"),
+        (b"\xff\xff\xff\xff\xff", "classification"),
+        (labels.encode("e1", "1", T0)[:-2], "classification"),
+        (labels.encode("e1", "1", T0) + b"\x00", "classification"),
+    ):
+        with pytest.raises(labels.BadLabel) as caught:
+            labels.parse(data, task)  # type: ignore[arg-type]
+        assert caught.value.reason == labels.UNDECODABLE
+    for value, task in ((None, "classification"), (0.5, "classification"), ("high", "regression"), (True, "regression")):
+        with pytest.raises(labels.BadLabel) as caught:
+            labels.parse(labels.encode("e1", value, T0), task)  # type: ignore[arg-type]
+        assert caught.value.reason == labels.WRONG_TYPE
+
+
+def test_window_report_round_trips_through_avro_and_prints() -> None:
+    entries = []
+    for i in range(30):
+        score = (i % 10) / 10 + 0.05
+        entry, _ = _run([_prediction(f"e{i}", score), _prediction(f"e{i}", 1 - score, "sh/0/1", "shadow")])
+        assert entry is not None
+        if i % 3:
+            entry = {**entry, "y": str(i % 2), "lt": T0 + 4_000_000, "lo": f"l/0/{i}"}
+        entries.append((f"e:e{i}", entry))
+    settings = ReportSettings(task="classification", positive_class="1", min_labels=10, bootstrap_samples=100)
+    (report,) = window_reports(T.window(T0), T.window_ms, entries, settings, final=False, now_ms=T0)
+    assert [(v["version"], v["role"], v["labelled"], v["late"]) for v in report["versions"]] == [
+        ("v1", "live", 20, 20),
+        ("v2", "shadow", 20, 20),
+    ]
+    assert report["comparisons"][0]["kind"] == "paired"
+    same = json.dumps(report, sort_keys=True)
+    assert json.dumps(decode(encode(report)), sort_keys=True) == same
+    assert [json.dumps(r, sort_keys=True) for r in latest([(None, encode(report)), (None, b"garbage")])] == [same]
+    text = "\n".join(format_report(report))
+    assert "v2 (shadow) vs v1 (live), paired, roc_auc" in text
