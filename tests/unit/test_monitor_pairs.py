@@ -46,7 +46,9 @@ def _run(messages: list[dict[str, Any]], start: int = 0) -> tuple[dict[str, Any]
 def test_either_side_may_come_first(label_first: bool) -> None:
     messages = [_label("1"), _prediction("e1", 0.8)]
     entry, kinds = _run(messages if label_first else messages[::-1])
-    assert entry is not None and entry["y"] == "1" and len(entry["s"]) == 1
+    assert entry is not None
+    assert entry["y"] == "1"
+    assert len(entry["s"]) == 1
     assert kinds == ["joined"]
 
 
@@ -56,19 +58,26 @@ def test_a_replayed_record_is_applied_once_and_a_reforwarded_one_lands_in_place(
     new, effects = pairs.apply(entry, _label("1"), 0, 1, 0, T, set())  # same offset: replay after a crash
     assert (new, effects) == (None, [])
     new, effects = pairs.apply(entry, _label("1"), 0, 7, 0, T, set())  # same origin, new offset: re-forwarded
-    assert new is not None and effects == []
+    assert new is not None
+    assert effects == []
     new, effects = pairs.apply(entry, _prediction("e1", 0.8), 0, 8, 0, T, set())  # worker re-sent it
-    assert new is not None and effects == []
+    assert new is not None
+    assert effects == []
 
 
 def test_duplicate_wrong_class_and_late_labels_are_rejected() -> None:
     entry, kinds = _run([_prediction("e1", 0.8), _label("1"), _label("0", origin="labels/0/9")])
-    assert kinds == ["joined", "duplicate"] and entry is not None and entry["y"] == "1"
+    assert kinds == ["joined", "duplicate"]
+    assert entry is not None
+    assert entry["y"] == "1"
     entry, kinds = _run([_label("banana"), _prediction("e1", 0.8)])
-    assert kinds == ["wrong_type"] and entry is not None and entry["y"] is None
+    assert kinds == ["wrong_type"]
+    assert entry is not None
+    assert entry["y"] is None
     expired, effects = pairs.expire(entry)
-    assert expired is not None and [e.kind for e in effects] == ["never_labelled"]
-    new, effects = pairs.apply(expired, _label("1", origin="labels/0/5"), 0, 99, 0, T, set())
+    assert expired is not None
+    assert [e.kind for e in effects] == ["never_labelled"]
+    _new, effects = pairs.apply(expired, _label("1", origin="labels/0/5"), 0, 99, 0, T, set())
     assert [e.kind for e in effects] == ["expired"]
 
 
@@ -76,7 +85,8 @@ def test_label_without_prediction_expires_as_unknown_event() -> None:
     entry, _ = _run([_label("1")])
     assert entry is not None
     gone, effects = pairs.expire(entry)
-    assert gone is None and [e.kind for e in effects] == ["unknown_event"]
+    assert gone is None
+    assert [e.kind for e in effects] == ["unknown_event"]
     assert effects[0].raw == labels.encode("e1", "1", T0 + 60_000)
 
 
@@ -98,8 +108,11 @@ def test_index_schedules_expiry_and_rebuilds_from_the_table() -> None:
     table = {"e:e1": entry, pairs.sweep_key(0): {"swept": 5, "through": 3, "clocks": {"out/0": 9}}}
     table[pairs.final_key(T0, 1)] = [{"model_name": "fraud"}]
     index.rebuild(table.items())
-    assert index.swept == {0: 5} and index.through == {0: 3} and T0 in index.finals
-    assert index.purgeable(0) == [T0] and index.purgeable(1) == []
+    assert index.swept == {0: 5}
+    assert index.through == {0: 3}
+    assert T0 in index.finals
+    assert index.purgeable(0) == [T0]
+    assert index.purgeable(1) == []
     assert index.keys_of(T0, 0) == ["e:e1"]
 
 
@@ -116,7 +129,8 @@ def test_labels_decoding_rejects_garbage_and_wrong_types() -> None:
         with pytest.raises(labels.BadLabel) as caught:
             labels.parse(data, task)  # type: ignore[arg-type]
         assert caught.value.reason == labels.UNDECODABLE
-    for value, task in ((None, "classification"), (0.5, "classification"), ("high", "regression"), (True, "regression")):
+    wrong = ((None, "classification"), (0.5, "classification"), ("high", "regression"), (True, "regression"))
+    for value, task in wrong:
         with pytest.raises(labels.BadLabel) as caught:
             labels.parse(labels.encode("e1", value, T0), task)  # type: ignore[arg-type]
         assert caught.value.reason == labels.WRONG_TYPE
