@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_compose_file_is_consistent() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"kafka", "redis", "topics", "worker", "prometheus", "grafana", "otel-collector"} <= set(services)
+    assert {"kafka", "redis", "topics", "worker", "monitor", "prometheus", "grafana", "otel-collector"} <= set(services)
     for name, service in services.items():
         assert "image" in service, f"{name} has no image"
         for dependency in service.get("depends_on") or {}:
@@ -29,3 +29,18 @@ def test_compose_file_is_consistent() -> None:
     targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
     assert f"worker:{port}" in targets
     assert worker["environment"]["STREAMSERVE_OBSERVE__OTLP_ENDPOINT"].startswith("http://otel-collector:")
+
+
+def test_compose_starts_the_monitor_beside_the_worker() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    monitor, worker = compose["services"]["monitor"], compose["services"]["worker"]
+    assert monitor["image"] == worker["image"]
+    assert monitor["command"][:2] == ["monitor", "-c"]
+    assert monitor["command"][2] == worker["command"][2], "the monitor reads the worker's pipeline config"
+    pipeline = yaml.safe_load((REPO / "examples" / "fraud" / "pipeline.yaml").read_text())
+    port = pipeline["monitor"]["port"]
+    assert f"{port}/healthz" in " ".join(monitor["healthcheck"]["test"])
+    prometheus = yaml.safe_load((REPO / "monitoring" / "prometheus.yml").read_text())
+    targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    assert f"monitor:{port}" in targets
+    assert "monitor" in compose["services"]["prometheus"]["depends_on"]

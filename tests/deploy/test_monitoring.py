@@ -36,8 +36,17 @@ def queries() -> list[str]:
     return exprs
 
 
-def referenced_metrics() -> set[str]:
-    """Metric family names the queries use (histogram series names reduced to their family)."""
+MONITOR_FAMILIES = ("streamserve_quality", "streamserve_monitor_", "streamserve_label_lag")
+"""Prefixes of the metrics `streamserve monitor` exports (the rest are the worker's)."""
+
+
+def referenced_metrics(monitor: bool = False) -> set[str]:
+    """Metric family names the queries use (histogram series names reduced to their family): the worker's, or
+    with `monitor` the monitor's."""
+    return {name for name in _referenced() if name.startswith(MONITOR_FAMILIES) == monitor}
+
+
+def _referenced() -> set[str]:
     names = set()
     for expr in queries():
         for name in _METRIC.findall(expr):
@@ -73,7 +82,12 @@ def test_promtool_checks_the_rules() -> None:
 def test_promtool_unit_tests_of_the_alerts() -> None:
     tests = yaml.safe_load((MONITORING / "streamserve.rules.test.yml").read_text())
     tested = {case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"]}
-    assert {"StreamserveLagGrowing", "StreamserveDeadLetterRate", "StreamserveVersionDivergence"} <= tested
+    assert {
+        "StreamserveLagGrowing",
+        "StreamserveDeadLetterRate",
+        "StreamserveVersionDivergence",
+        "StreamserveQualityBelowFloor",
+    } <= tested
     _run([promtool(), "test", "rules", "streamserve.rules.test.yml"], MONITORING)
 
 

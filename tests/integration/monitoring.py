@@ -37,6 +37,7 @@ def monitor_pipeline(bootstrap: str, redis_url: str, directory: Path, **monitor:
         "label_ttl_s": 7200,
         "sweep_s": 60,
         "idle_s": 3,
+        "port": 0,  # a free port (the log names it)
         "report_every_s": 1,
         "min_labels": 50,
         "bootstrap_samples": 200,
@@ -151,6 +152,16 @@ class MonitorProcess:
             env=dict(os.environ),
         )
         MonitorProcess.running.append(self)
+
+    def metrics(self) -> str:
+        """The monitor's /metrics, on the port its log names."""
+        import re
+        import urllib.request
+
+        found = re.search(r"metrics and health on port (\d+)", self.log_path.read_text(errors="replace"))
+        assert found, self.log_tail()
+        with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/metrics", timeout=5) as reply:
+            return str(reply.read().decode())
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -16,6 +16,7 @@ import pytest
 from sklearn import metrics as skm
 
 from streamserve.monitor import labels
+from tests.deploy.test_monitoring import exported_families, referenced_metrics
 from tests.integration.harness import headers_of, read_topic
 from tests.integration.monitoring import (
     HOUR_MS,
@@ -188,6 +189,12 @@ def test_canary_named_better_and_equal_versions_undistinguishable(stack: Servers
     (same,) = twin["comparisons"]
     assert same["verdict"] == "not yet distinguishable"
     assert same["better"] is None
+
+    scrape = monitor.metrics()
+    missing = referenced_metrics(monitor=True) - exported_families(scrape)
+    assert not missing, f"the dashboard or the alert rules query metrics the monitor does not export: {missing}"
+    assert 'streamserve_quality_comparison_verdict{baseline="a (live)",candidate="b (canary)"' in scrape
+    assert 'streamserve_quality_floor{metric="roc_auc",model="fraud"} 0.8' in scrape
 
     shown = subprocess.run(
         [sys.executable, "-m", "streamserve", "models", "quality", "-c", str(pipe.path)],
