@@ -345,10 +345,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     estimated before the labels come), shadow and canary versions compared with the live one; reports go to the
     quality topic and to Prometheus (monitor.port)."""
     from streamserve.config import load_settings
-    from streamserve.monitor.app import run
+    from streamserve.monitor.app import broker_urls, run
     from streamserve.ops.preflight import check_file, check_kafka
 
     settings = load_settings(args.config)
+    broker_urls(settings)  # refuses what the monitor's Kafka client cannot do, before any connection
     check_file(settings.output.schema_path, "output schema", "fix output.schema in the pipeline config")
     check_kafka(settings.kafka.common(), args.timeout)
     return run(settings, args.log_level)

@@ -107,6 +107,8 @@ BROKER_COMMANDS = {
     "models status (env)": ["models", "status"],
     "models status -c": ["models", "status", "-c", str(EXAMPLE)],
     "models rollback": ["models", "rollback", "-c", str(EXAMPLE), "--model", "fraud"],
+    "models quality": ["models", "quality", "-c", str(EXAMPLE)],
+    "monitor": ["monitor", "-c", str(EXAMPLE)],
 }
 
 
@@ -340,3 +342,10 @@ def test_kafka_clients_log_through_python_logging(closed_port: int, caplog: pyte
     assert any(
         f"127.0.0.1:{closed_port}" in r.getMessage() for r in caplog.records if r.name == "streamserve.librdkafka"
     )
+
+
+def test_monitor_refuses_a_secured_broker_in_one_line(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    result = cli(
+        "monitor", "-c", str(EXAMPLE), "--timeout", "1", STREAMSERVE_KAFKA__CLIENT='{"security.protocol": "SASL_SSL"}'
+    )
+    assert_one_line(result, "plaintext brokers only", "security.protocol=sasl_ssl")
