@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable
@@ -81,9 +82,11 @@ class Monitor:
         self.index = Index(self.timing)
         self.stale = True
         self.ready = False
-        data_dir = (
+        self.own_data_dir = monitor.data_dir is None
+        self.data_dir = (
             Path(monitor.data_dir).expanduser() if monitor.data_dir else Path(tempfile.mkdtemp(prefix="monitor-"))
         )
+        data_dir = self.data_dir
         self.app = faust.App(
             settings.monitor_app_id,
             broker=broker_urls(settings),
@@ -171,6 +174,7 @@ class Monitor:
                 continue
             value = pairs.label_message(origin, label.value, label.time_ms, event.value)
             await self.by_event.send(key=label.event_id, value=value)
+            self.exporter.labels.labels("forwarded").inc()
 
     async def _dead_letter(
         self, reason: str, message: str, value: bytes | None, origin: str | None, key: bytes | None = None
@@ -292,8 +296,6 @@ class Monitor:
                 self.exporter.joined.labels(model, version, role, effect.kind).inc()
                 if effect.kind == "joined" and effect.lag_ms is not None:
                     self.exporter.lag.labels(model).observe(max(effect.lag_ms, 0) / 1000)
-            if effect.kind == "joined" and record.get("k") == "l":
-                self.exporter.labels.labels("joined").inc()
 
     # -- reports
 
@@ -364,4 +366,6 @@ def run(settings: PipelineSettings, loglevel: str = "INFO") -> int:
     finally:
         if server is not None:
             server.stop()
+        if monitor.own_data_dir:
+            shutil.rmtree(monitor.data_dir, ignore_errors=True)
     return 0

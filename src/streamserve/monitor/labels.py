@@ -25,7 +25,8 @@ UNKNOWN_EVENT = "unknown_event"
 DUPLICATE = "duplicate"
 EXPIRED = "expired"
 REASONS = (UNDECODABLE, WRONG_TYPE, UNKNOWN_EVENT, DUPLICATE, EXPIRED)
-"""Why a label is not used: dead-letter reasons, and values of the ``outcome`` label of the labels counter."""
+"""Why a label is not used: dead-letter reasons, and values of the ``outcome`` label of the labels counter
+(beside ``forwarded``: decoded and passed on to the join)."""
 
 _SCHEMA = bundled("label")
 
