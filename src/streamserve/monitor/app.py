@@ -24,7 +24,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -153,7 +153,16 @@ class Monitor:
     async def forward_predictions(self, stream: faust.StreamT[Any]) -> None:
         async for batch in _batches(stream):
             for event in batch:
-                await self._forward_prediction(event)
+                await self._safely("prediction", self._forward_prediction(event))
+
+    async def _safely(self, what: str, step: Awaitable[None]) -> None:
+        """One record's step; a failure is logged and counted, never the end of the agent (faust would restart
+        it and meet the same record again)."""
+        try:
+            await step
+        except Exception:
+            log.exception("monitor %s step failed; the record is skipped", what)
+            self.exporter.failures.labels(what).inc()
 
     async def _forward_prediction(self, event: Any) -> None:
         message = event.message
@@ -176,7 +185,7 @@ class Monitor:
     async def forward_labels(self, stream: faust.StreamT[Any]) -> None:
         async for batch in _batches(stream):
             for event in batch:
-                await self._forward_label(event)
+                await self._safely("label", self._forward_label(event))
 
     async def _forward_label(self, event: Any) -> None:
         message = event.message
@@ -227,7 +236,7 @@ class Monitor:
     async def join(self, stream: faust.StreamT[Any]) -> None:
         async for batch in _batches(stream):
             for event in batch:
-                await self._join_one(event)
+                await self._safely("join", self._join_one(event))
 
     async def _join_one(self, event: Any) -> None:
         if self.stale:

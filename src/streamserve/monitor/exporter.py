@@ -73,6 +73,9 @@ class QualityExporter:
             buckets=LAG_BUCKETS,
             registry=registry,
         )
+        self.failures = Counter(
+            "streamserve_monitor_failures", "records an agent could not process (logged)", ("step",), registry=registry
+        )
         self.reports = Counter("streamserve_monitor_reports", "quality reports written", ("final",), registry=registry)
         self._shown: dict[tuple[str, str, str], int] = {}
         self._measured: dict[tuple[str, str, str], int] = {}
