@@ -117,7 +117,7 @@ def test_index_schedules_expiry_and_rebuilds_from_the_table() -> None:
 
 
 def test_labels_decoding_rejects_garbage_and_wrong_types() -> None:
-    good = labels.parse(labels.encode("e1", True, T0), "classification")
+    good = labels.parse(labels.encode("e1", 1, T0), "classification")
     assert (good.event_id, good.value, good.time_ms) == ("e1", "1", T0)
     assert labels.parse(labels.encode("e1", 3, T0), "regression").value == 3.0
     for data, task in (
@@ -129,7 +129,7 @@ def test_labels_decoding_rejects_garbage_and_wrong_types() -> None:
         with pytest.raises(labels.BadLabel) as caught:
             labels.parse(data, task)  # type: ignore[arg-type]
         assert caught.value.reason == labels.UNDECODABLE
-    wrong = ((None, "classification"), (0.5, "classification"), ("high", "regression"), (True, "regression"))
+    wrong = ((None, "classification"), (0.5, "classification"), ("high", "regression"), (float("nan"), "regression"))
     for value, task in wrong:
         with pytest.raises(labels.BadLabel) as caught:
             labels.parse(labels.encode("e1", value, T0), task)  # type: ignore[arg-type]

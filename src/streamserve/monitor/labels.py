@@ -1,8 +1,8 @@
 """The labels topic: schemaless Avro records of ``schemas/label.avsc`` (event id, true label or value, time).
 
 A record that is not such a record (garbage bytes, a truncated record, trailing bytes), and one whose label is
-of the wrong type for the model (null; a fraction for a classifier; text or a boolean for a regressor; NaN),
-is rejected with its reason; the monitor counts it and sends it to the labels' dead-letter topic.
+of the wrong type for the model (null; a fraction for a classifier; text for a regressor; NaN), is rejected with
+its reason; the monitor counts it and sends it to the labels' dead-letter topic.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def decode(data: bytes | None) -> dict[str, Any]:
 
 
 def class_text(value: Any) -> str:
-    """A classifier's label as the text predictions carry in predicted_class (true and false are 1 and 0)."""
+    """A classifier's label as the text predictions carry in predicted_class (an integer 1 is class "1")."""
     if value is None:
         raise BadLabel(WRONG_TYPE, "the label is null")
     if isinstance(value, bool):
@@ -112,7 +112,7 @@ def parse(data: bytes | None, task: Task) -> Label:
     return Label(event_id, value, millis(record["label_time"]))
 
 
-def encode(event_id: str, label: str | int | float | bool | None, time_ms: int) -> bytes:
+def encode(event_id: str, label: str | int | float | None, time_ms: int) -> bytes:
     """A labels-topic record (for producers of labels, the demo and the tests)."""
     buffer = io.BytesIO()
     fastavro.schemaless_writer(buffer, _SCHEMA, {"event_id": event_id, "label": label, "label_time": time_ms})
