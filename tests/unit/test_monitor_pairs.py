@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamserve.monitor import labels, pairs
 from streamserve.monitor.pairs import Index, Timing
@@ -157,3 +159,49 @@ def test_window_report_round_trips_through_avro_and_prints() -> None:
     assert [json.dumps(r, sort_keys=True) for r in latest([(None, encode(report)), (None, b"garbage")])] == [same]
     text = "\n".join(format_report(report))
     assert "v2 (shadow) vs v1 (live), paired, roc_auc" in text
+
+
+_MESSAGES = [
+    _prediction("e1", 0.8),
+    _prediction("e1", 0.3, "sh/1/4", "shadow"),
+    _label("1", "labels/0/1"),
+    _label("0", "labels/0/2"),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    order=st.lists(st.integers(0, len(_MESSAGES) - 1), min_size=1, max_size=10),
+    again=st.lists(st.tuples(st.integers(0, 9), st.booleans()), max_size=8),
+)
+def test_replays_and_reforwards_never_count_a_pair_twice(order: list[int], again: list[tuple[int, bool]]) -> None:
+    """Whatever the order, a record replayed (same offset) or forwarded again (new offset) changes nothing: the
+    first label of the event counts, each (role, model, version) joins once."""
+
+    def run(records: list[tuple[dict[str, Any], int]]) -> tuple[Any, list[str]]:
+        entry: dict[str, Any] | None = None
+        joined: list[str] = []
+        for message, offset in records:
+            new, effects = pairs.apply(entry, message, 0, offset, 0, T, set())
+            entry = new if new is not None else entry
+            joined += [e.slot or "" for e in effects if e.kind == "joined"]
+        assert entry is not None
+        return (entry["y"], entry["lo"], sorted(entry["s"])), joined
+
+    once = [(_MESSAGES[i], offset) for offset, i in enumerate(order)]
+    with_repeats = list(once)
+    next_offset = len(once)
+    for position, reforward in again:
+        message, offset = once[position % len(once)]
+        if reforward:
+            with_repeats.append((message, next_offset))  # a forwarder restarted before its commit
+            next_offset += 1
+        else:
+            with_repeats.insert(with_repeats.index((message, offset)) + 1, (message, offset))  # a join replay
+    state, joined = run(once)
+    assert run(with_repeats)[0] == state
+    assert len(joined) == len(set(joined)), "a pair counted twice"
+    labels_sent = [_MESSAGES[i]["o"] for i in order if _MESSAGES[i]["k"] == "l"]
+    assert state[1] == (labels_sent[0] if labels_sent else None), "the first label counts"
+    again_joined = run(with_repeats)[1]
+    assert len(again_joined) == len(set(again_joined))
