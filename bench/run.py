@@ -89,6 +89,14 @@ def scenarios(processes: int, peers: bool) -> list[Scenario]:
     found += [
         Scenario("streamserve-1", "streamserve", 1, "streamserve, defaults (1 process)"),
         Scenario(
+            "streamserve-1-featurelog",
+            "streamserve",
+            1,
+            "streamserve, 1% feature log (1 process)",
+            overrides={"monitor.feature_log": True, "monitor.feature_log_share": 0.01},
+            latency=False,
+        ),
+        Scenario(
             f"streamserve-{processes}", "streamserve", processes, f"streamserve, defaults ({processes} processes)"
         ),
         Scenario("streamserve-packed-1", "streamserve", 1, "streamserve, packed features (1 process)", layout="packed"),

@@ -92,6 +92,7 @@ def streamserve_config(
             "output.dead_letter_topic": f"{output_topic}.dlq",
             "kafka": {"bootstrap_servers": dataset.stack.bootstrap, "group_id": f"{output_topic}-group"},
             "redis.url": dataset.stack.redis_url,
+            "monitor.feature_log_topic": f"{output_topic}.features",  # written only with monitor.feature_log
             "control": {
                 "topic": f"{output_topic}.control",
                 "status_topic": f"{output_topic}.status",
@@ -107,7 +108,7 @@ def streamserve_config(
 
 def streamserve_topics(output_topic: str) -> tuple[list[str], list[str]]:
     """(topics with the run's partition count, single-partition topics) a streamserve run needs besides input."""
-    return [output_topic, f"{output_topic}.shadow"], [
+    return [output_topic, f"{output_topic}.shadow", f"{output_topic}.features"], [
         f"{output_topic}.dlq",
         f"{output_topic}.control",
         f"{output_topic}.status",

@@ -520,6 +520,22 @@ class MonitorSettings(_Section):
     data_dir: Path | None = None
     """faust's data directory; a fresh temporary one when unset (the tables live in memory and their changelog)."""
 
+    # --- feature log, training set and drift (issue 24, items 3 and 4) ---
+    feature_log: bool = False
+    """Write a sample of the scored events (inputs as fed, prediction, version) to ``feature_log_topic``."""
+    feature_log_topic: str = "streamserve.features"
+    """Topic of the feature log (schemas/feature_log.avsc)."""
+    feature_log_share: float = Field(default=0.01, ge=0.0, le=1.0)
+    """Share of scored events logged, chosen by a hash of the event id, so a replay logs the same events."""
+    training_set_topic: str = "streamserve.training"
+    """Topic of (inputs as served, prediction, label) rows (schemas/training_example.avsc)."""
+    drift_topic: str = "streamserve.drift"
+    """Topic of drift records (schemas/drift.avsc): a feature whose PSI went above ``psi_threshold``."""
+    psi_threshold: float = Field(default=0.25, gt=0)
+    """Population stability index above which a feature (or the score) counts as drifted."""
+    drift_window: int = Field(default=5000, ge=100)
+    """Logged events per PSI window: PSI is computed each time this many events of a version were logged."""
+
     @model_validator(mode="after")
     def _check_thresholds(self) -> MonitorSettings:
         for metric in self.floors:

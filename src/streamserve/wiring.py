@@ -25,6 +25,7 @@ from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.decode import make_decoder
 from streamserve.pipeline.delivery import delivery_for
 from streamserve.pipeline.encode import PredictionEncoder
+from streamserve.pipeline.featurelog import FeatureLog
 from streamserve.pipeline.features import FeatureBuilder, redis_fetcher
 from streamserve.pipeline.fields import check_event_schema
 from streamserve.pipeline.limits import size_limits
@@ -87,10 +88,13 @@ def build_worker(settings: PipelineSettings) -> Worker:
             settings.shadow_topic,
             settings.redis.on_error,
             observer=telemetry,
+            tap=feature_log(settings, event_schema),
         )
         producer_config = settings.kafka.producer_config()
         # Known once at start, so every record's size is checked before it is produced (issue 10).
         out_topics = [settings.output.topic, settings.shadow_topic, settings.output.dead_letter_topic]
+        if settings.monitor.feature_log:
+            out_topics.append(settings.monitor.feature_log_topic)
         limits = size_limits(producer_config, settings.kafka.common(), out_topics)
         source = KafkaSource(settings.kafka.consumer_config(), settings.input.topic)
         # One batch held ahead: its decoding and Redis round trip start before the open batch is scored.
@@ -138,3 +142,11 @@ def build_worker(settings: PipelineSettings) -> Worker:
         telemetry.close()
         metrics.shutdown()
         raise
+
+
+def feature_log(settings: PipelineSettings, event_schema: object) -> FeatureLog | None:
+    """The sampled feature log (monitor.feature_log), or None when it is off."""
+    monitor = settings.monitor
+    if not monitor.feature_log:
+        return None
+    return FeatureLog(monitor.feature_log_topic, monitor.feature_log_share, settings.input, event_schema)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -49,6 +49,24 @@ class StageObserver(Protocol):
         ...
 
 
+class ScoredTap(Protocol):
+    """Told of each live lane's scored events; the records it returns are produced beside the predictions
+    (the feature log, pipeline/featurelog.py)."""
+
+    def scored(
+        self,
+        events: Sequence[Event],
+        columns: dict[str, np.ndarray],
+        rows: np.ndarray,
+        outputs: ModelOutputs,
+        model_name: str,
+        model_version: str,
+    ) -> tuple[str, EncodedBatch] | None:
+        """(topic, records) for events whose prediction was encoded: event i was fed the columns' row rows[i]
+        and got the outputs' row i; None for nothing."""
+        ...
+
+
 class _Unobserved:
     def stage(self, name: str) -> AbstractContextManager[object]:
         """Nothing to record."""
@@ -78,6 +96,8 @@ class BatchResult:
 
     outputs: list[tuple[str, EncodedBatch]] = field(default_factory=list)
     """Per lane, its topic and its records (parallel lists)."""
+    side: list[tuple[str, EncodedBatch]] = field(default_factory=list)
+    """Records produced beside the predictions (the feature log): one the sink refuses is dropped, nothing else."""
     rejected: list[Rejected] = field(default_factory=list)
     predictions: int = 0
     shadow: int = 0
@@ -104,7 +124,9 @@ class BatchProcessor:
         shadow_topic: str,
         on_redis_error: str = "dead_letter",
         observer: StageObserver | None = None,
+        tap: ScoredTap | None = None,
     ) -> None:
+        """``tap``: told of each live lane's scored events (the feature log); none by default."""
         self.decode = decode
         self.features = features
         self.encoder = encoder
@@ -112,6 +134,7 @@ class BatchProcessor:
         self.shadow_topic = shadow_topic
         self.on_redis_error = on_redis_error
         self._observer: StageObserver = observer or _Unobserved()
+        self._tap = tap
         self._ahead: list[_Ahead] = []
         self.used_ahead = 0
         """Batches whose Redis lookup went out ahead (prefetch), while the batch before them was processed."""
@@ -287,6 +310,8 @@ class BatchProcessor:
             rejected += failed
             if len(encoded):
                 result.outputs.append((topic, encoded))
+            if live and self._tap is not None and len(encoded):
+                self._tap_scored(events, columns, positions, outputs, failed, model, result)
             if live:
                 result.predictions += len(encoded)
                 result.degraded += len(encoded) if batch.degraded else 0
@@ -294,6 +319,26 @@ class BatchProcessor:
                 result.shadow += len(encoded)
         if live:
             result.rejected += rejected
+
+    def _tap_scored(
+        self,
+        events: list[Event],
+        columns: dict[str, np.ndarray],
+        positions: np.ndarray,
+        outputs: ModelOutputs,
+        failed: list[Rejected],
+        model: OnnxModel,
+        result: BatchResult,
+    ) -> None:
+        """Hand the tap the events whose prediction was encoded (those the encoder rejected are left out)."""
+        assert self._tap is not None
+        if failed:
+            refused = {id(rejected.source) for rejected in failed}
+            kept = np.array([i for i, event in enumerate(events) if id(event.source) not in refused], dtype=np.intp)
+            events, positions, outputs = [events[i] for i in kept.tolist()], positions[kept], outputs.take(kept)
+        side = self._tap.scored(events, columns, positions, outputs, model.name, model.version)
+        if side is not None:
+            result.side.append(side)
 
     def predict(
         self,

@@ -36,6 +36,8 @@ def write_batch(
             if topic != topics.shadow:  # a shadow output is dropped, its live one stands
                 rejected.append(Rejected.from_error(encoded.sources[position], exc.stage, exc))
                 result.predictions -= 1
+    for topic, encoded in result.side:  # a side record the sink refuses is dropped: its prediction stands
+        sink.produce_all(inflight, topic, encoded.keys, encoded.values, encoded.headers)
     for item in rejected:
         sink.produce(inflight, topics.dead_letter, *dead_letter(item, sink.max_record_bytes(topics.dead_letter)))
     return rejected
