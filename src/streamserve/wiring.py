@@ -24,12 +24,13 @@ from streamserve.observe.tracing import BatchTracer
 from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.decode import make_decoder
 from streamserve.pipeline.delivery import delivery_for
+from streamserve.pipeline.drift import DriftTap
 from streamserve.pipeline.encode import PredictionEncoder
 from streamserve.pipeline.featurelog import FeatureLog
 from streamserve.pipeline.features import FeatureBuilder, redis_fetcher
 from streamserve.pipeline.fields import check_event_schema
 from streamserve.pipeline.limits import size_limits
-from streamserve.pipeline.process import BatchProcessor
+from streamserve.pipeline.process import BatchProcessor, ScoredTap
 from streamserve.pipeline.sink import OutputSink
 from streamserve.pipeline.source import KafkaSource
 from streamserve.pipeline.subjects import prediction_prefix
@@ -88,7 +89,7 @@ def build_worker(settings: PipelineSettings) -> Worker:
             settings.shadow_topic,
             settings.redis.on_error,
             observer=telemetry,
-            tap=feature_log(settings, event_schema),
+            taps=scored_taps(settings, event_schema, telemetry),
         )
         producer_config = settings.kafka.producer_config()
         # Known once at start, so every record's size is checked before it is produced (issue 10).
@@ -144,9 +145,10 @@ def build_worker(settings: PipelineSettings) -> Worker:
         raise
 
 
-def feature_log(settings: PipelineSettings, event_schema: object) -> FeatureLog | None:
-    """The sampled feature log (monitor.feature_log), or None when it is off."""
+def scored_taps(settings: PipelineSettings, event_schema: object, telemetry: Telemetry) -> list[ScoredTap]:
+    """What is told of each scored batch: the sampled feature log (monitor.feature_log) and the drift windows."""
     monitor = settings.monitor
-    if not monitor.feature_log:
-        return None
-    return FeatureLog(monitor.feature_log_topic, monitor.feature_log_share, settings.input, event_schema)
+    taps: list[ScoredTap] = [DriftTap(monitor.drift_topic, monitor.drift_window, monitor.psi_threshold, telemetry)]
+    if monitor.feature_log:
+        taps.append(FeatureLog(monitor.feature_log_topic, monitor.feature_log_share, settings.input, event_schema))
+    return taps

@@ -19,6 +19,10 @@ from streamserve.schemas import bundled
 
 Action = Literal["deploy", "canary", "shadow", "rollback"]
 
+ANNOUNCEMENT_V1 = "model_announcement"
+"""The schema every announcement without a profile is written with (and every record written before profiles)."""
+ANNOUNCEMENT_V2 = "model_announcement_v2"
+"""Version 1 plus the reference profile's URI and digest (nullable, at the end)."""
 CANONICAL_PREFIX = b"streamserve.model-announcement.v1\n"
 """Domain separation: a signature over an announcement cannot be passed off as one over anything else."""
 
@@ -31,14 +35,18 @@ _UNREADABLE = (EOFError, ValueError, TypeError, KeyError, IndexError, UnicodeDec
 """What fastavro raises on bytes that are not a record of the schema (OverflowError: a timestamp out of range)."""
 
 
-def _read(value: bytes, schema: str) -> dict[str, Any]:
-    """One record of a bundled schema; DecodeError for anything else, whatever the bytes hold."""
+def _read(value: bytes, schema: str, whole: bool = False) -> dict[str, Any]:
+    """One record of a bundled schema; DecodeError for anything else, whatever the bytes hold (``whole``: also
+    when bytes are left over after the record)."""
+    stream = io.BytesIO(value)
     try:
-        record = fastavro.schemaless_reader(io.BytesIO(value), bundled(schema), None)
+        record = fastavro.schemaless_reader(stream, bundled(schema), None)
     except _UNREADABLE as exc:
         raise DecodeError(f"not a {schema.replace('_', ' ')}: {type(exc).__name__}: {exc}"[:500]) from exc
     if not isinstance(record, dict):
         raise DecodeError(f"not a {schema.replace('_', ' ')}: not a record")
+    if whole and stream.tell() != len(value):
+        raise DecodeError(f"not a {schema.replace('_', ' ')}: {len(value) - stream.tell()} bytes left over")
     return record
 
 
@@ -61,6 +69,10 @@ class ModelAnnouncement:
     generation: int = 0
     key_id: str | None = None
     signature: bytes | None = None
+    profile_uri: str | None = None
+    """The version's reference profile (pipeline/profile.py), stored beside the artifact; None: no drift check."""
+    profile_sha256: str | None = None
+    """Its digest: a profile whose bytes differ rejects the version, as a bad artifact does."""
 
     @classmethod
     def now(cls, **fields: Any) -> ModelAnnouncement:
@@ -71,6 +83,8 @@ class ModelAnnouncement:
     def canonical(self) -> bytes:
         """The bytes a signature covers: every field but the signature, as sorted compact JSON."""
         body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "signature"}
+        if self.profile_uri is None and self.profile_sha256 is None:  # as before profiles: old signatures verify
+            del body["profile_uri"], body["profile_sha256"]
         return CANONICAL_PREFIX + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     def unsigned(self) -> ModelAnnouncement:
@@ -84,15 +98,24 @@ class ModelAnnouncement:
         return f"{self.model}/{self.generation}/{content}".encode()
 
     def encode(self) -> bytes:
-        """Avro bytes for the control topic."""
+        """Avro bytes for the control topic: schema version 1 without a profile (any worker reads it), else 2."""
         buffer = io.BytesIO()
-        fastavro.schemaless_writer(buffer, bundled("model_announcement"), asdict(self))
+        record = asdict(self)
+        if self.profile_uri is None and self.profile_sha256 is None:
+            del record["profile_uri"], record["profile_sha256"]
+            fastavro.schemaless_writer(buffer, bundled(ANNOUNCEMENT_V1), record)
+        else:
+            fastavro.schemaless_writer(buffer, bundled(ANNOUNCEMENT_V2), record)
         return buffer.getvalue()
 
     @classmethod
     def decode(cls, value: bytes) -> ModelAnnouncement:
-        """Parse a control-topic record."""
-        record = _read(value, "model_announcement")
+        """Parse a control-topic record of either schema version (2 first: a version-2 record read as version 1
+        would lose its profile; a version-1 record read as version 2 ends early and fails)."""
+        try:
+            record = _read(value, ANNOUNCEMENT_V2, whole=True)
+        except DecodeError:
+            record = _read(value, ANNOUNCEMENT_V1)
         record["announced_at"] = _millis(record["announced_at"])
         return cls(**record)
 

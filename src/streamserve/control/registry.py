@@ -21,7 +21,9 @@ from streamserve.config import FeatureSpec, ModelSettings
 from streamserve.control.contract import check_score_contract
 from streamserve.control.fetch import fetch_verified, redact
 from streamserve.control.rollout import ArtifactRef, DesiredState
+from streamserve.errors import ConfigError, ModelError
 from streamserve.pipeline.infer import OnnxModel
+from streamserve.pipeline.profile import ReferenceProfile
 from streamserve.pipeline.routing import Routing
 
 log = logging.getLogger(__name__)
@@ -55,16 +57,29 @@ class ModelLoader:
         self._cache: OrderedDict[tuple[str, str], OnnxModel] = OrderedDict()
         self._lock = threading.Lock()
 
-    def load(self, version: str, uri: str, sha256: str | None) -> OnnxModel:
-        """A loaded, verified, warmed-up model version (from the cache when already loaded)."""
+    def load(
+        self,
+        version: str,
+        uri: str,
+        sha256: str | None,
+        profile_uri: str | None = None,
+        profile_sha256: str | None = None,
+    ) -> OnnxModel:
+        """A loaded, verified, warmed-up model version with its verified reference profile, if it has one (from
+        the cache when already loaded)."""
         with self._lock:
             for (cached_version, digest), model in self._cache.items():
-                if cached_version == version and (not sha256 or digest == sha256):
+                if (
+                    cached_version == version
+                    and (not sha256 or digest == sha256)
+                    and _same_profile(model, profile_sha256)
+                ):
                     self._cache.move_to_end((cached_version, digest))
                     return model
         started = time.perf_counter()
         data, digest = fetch_verified(uri, sha256, self.cache_dir)
-        model = OnnxModel.load(data, self.settings, version, self.features, sha256=digest, uri=uri)
+        profile = load_profile(profile_uri, profile_sha256) if profile_uri else None
+        model = OnnxModel.load(data, self.settings, version, self.features, sha256=digest, uri=uri, profile=profile)
         log.info(
             "loaded %s %s from %s in %.0f ms",
             self.settings.name,
@@ -121,7 +136,7 @@ class ModelRegistry:
         """One version (None: the config's), loaded and warmed up or from the cache; raises when it cannot serve."""
         if ref is None:
             return self.loader.load(self.settings.version, self.settings.uri, self.settings.sha256)
-        return self.loader.load(ref.version, ref.uri, ref.sha256)
+        return self.loader.load(ref.version, ref.uri, ref.sha256, ref.profile_uri, ref.profile_sha256)
 
     def realize(self, desired: DesiredState | None) -> Routing:
         """Load what a desired state needs, then switch the routing; raises (routing unchanged) if it cannot."""
@@ -151,6 +166,21 @@ class ModelRegistry:
         for listener in self.on_swap:
             listener(desired, routing)
         return routing
+
+
+def load_profile(uri: str, sha256: str | None) -> tuple[ReferenceProfile, str]:
+    """A version's reference profile and its digest, its bytes checked against the announced digest
+    (DigestMismatch otherwise)."""
+    data, digest = fetch_verified(uri, sha256)
+    try:
+        return ReferenceProfile.from_bytes(data), digest
+    except ConfigError as exc:
+        raise ModelError(f"reference profile {redact(uri)} (sha256 {digest[:12]}...): {exc}") from exc
+
+
+def _same_profile(model: OnnxModel, profile_sha256: str | None) -> bool:
+    """A cached model serves an announcement when it carries the profile announced with it (or both have none)."""
+    return (model.profile_sha256 or None) == (profile_sha256.lower() if profile_sha256 else None)
 
 
 def _now_ms() -> int:

@@ -60,6 +60,9 @@ class ArtifactRef:
     version: str
     uri: str
     sha256: str
+    profile_uri: str | None = None
+    """The version's reference profile (drift), fetched and verified with the artifact; None: none."""
+    profile_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,10 @@ def _artifact_problem(a: ModelAnnouncement, policy: AcceptancePolicy) -> str | N
         if not (a.baseline_version and a.baseline_uri):
             return "baseline_version, baseline_uri and baseline_sha256 go together"
         artifacts.append(("baseline ", a.baseline_uri, a.baseline_sha256 or ""))
+    if a.profile_uri is not None or a.profile_sha256 is not None:
+        if not a.profile_uri:
+            return "profile_uri and profile_sha256 go together"
+        artifacts.append(("profile ", a.profile_uri, a.profile_sha256 or ""))
     for label, uri, sha256 in artifacts:
         problem = digest_problem(sha256)
         if problem is not None:
@@ -202,7 +209,7 @@ def _generation_problem(accepted: int, generation: int, max_step: int) -> str | 
 
 
 def _desired(a: ModelAnnouncement, previous: DesiredState | None) -> DesiredState:
-    ref = ArtifactRef(a.version, a.uri, a.sha256)
+    ref = ArtifactRef(a.version, a.uri, a.sha256, a.profile_uri, a.profile_sha256)
     if a.action in ("deploy", "rollback"):
         return DesiredState(a.generation, "deploy", ref)
     if a.baseline_version and a.baseline_uri and a.baseline_sha256:

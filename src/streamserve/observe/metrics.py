@@ -60,6 +60,8 @@ class WorkerMetrics:
             ],
         )
         meter: Meter = self.provider.get_meter("streamserve")
+        self.psi: dict[tuple[str, str, str], float] = {}
+        """The last window's PSI per (model, version, feature), read by the streamserve.drift.psi gauge."""
         self.events = meter.create_counter("streamserve.events", unit="1", description="input records by outcome")
         self.batches = meter.create_counter("streamserve.batches", unit="1", description="micro-batches processed")
         self.batch_duration = meter.create_histogram(
@@ -130,6 +132,10 @@ class WorkerMetrics:
         def inflight_batches(options: CallbackOptions) -> Iterable[Observation]:
             yield Observation(inflight())
 
+        def drift_psi(options: CallbackOptions) -> Iterable[Observation]:
+            for (model, version, feature), value in list(self.psi.items()):
+                yield Observation(value, {"model": model, "version": version, "feature": feature})
+
         meter.create_observable_gauge("streamserve.model.serving", [serving_version], description="served version")
         meter.create_observable_gauge(
             "streamserve.model.info",
@@ -141,6 +147,11 @@ class WorkerMetrics:
         )
         meter.create_observable_gauge(
             "streamserve.inflight.batches", [inflight_batches], description="batches awaiting acknowledgement"
+        )
+        meter.create_observable_gauge(
+            "streamserve.drift.psi",
+            [drift_psi],
+            description="population stability index of a feature (or the score) over the last drift window",
         )
 
     def shutdown(self) -> None:

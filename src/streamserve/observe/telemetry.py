@@ -156,6 +156,10 @@ class Telemetry:
         """A routing was switched in: an accepted swap, by mode ("config": the configured version)."""
         self.metrics.swaps.add(1, {"result": "accepted", "reason": desired.mode if desired else "config"})
 
+    def drift_psi(self, model: str, version: str, feature: str, value: float) -> None:
+        """One feature's (or the score's) PSI over the last drift window (pipeline/drift.py)."""
+        self.metrics.psi[(model, version, feature)] = value
+
     def swap_rejected(self, kind: str) -> None:
         """The control plane rejected a desired state (announcement, unavailable, unservable)."""
         self.metrics.swaps.add(1, {"result": "rejected", "reason": kind})

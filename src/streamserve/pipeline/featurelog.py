@@ -21,6 +21,7 @@ import numpy as np
 from streamserve.config import InputSettings
 from streamserve.pipeline.encode import EncodedBatch
 from streamserve.pipeline.fields import epoch_ms, getter, render_id, text_getter
+from streamserve.pipeline.infer import OnnxModel
 from streamserve.records import Event, Headers, ModelOutputs
 from streamserve.schemas import bundled
 
@@ -79,8 +80,7 @@ class FeatureLog:
         columns: dict[str, np.ndarray],
         rows: np.ndarray,
         outputs: ModelOutputs,
-        model_name: str,
-        model_version: str,
+        model: OnnxModel,
     ) -> tuple[str, EncodedBatch] | None:
         """The feature-log records of the chosen events of one scored lane: event i was fed the columns' row
         rows[i] and has the outputs' row i."""
@@ -89,6 +89,7 @@ class FeatureLog:
             return None
         logged_at = int(time.time() * 1000)
         out = EncodedBatch()
+        model_name, model_version = model.name, model.version
         headers: Headers = [("streamserve.model.version", model_version.encode())]
         buffer = io.BytesIO()
         for position in chosen:

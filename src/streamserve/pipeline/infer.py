@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from streamserve.config import FeatureSpec, ModelSettings
 from streamserve.errors import ModelError, SignatureMismatch
+from streamserve.pipeline.profile import ReferenceProfile
 from streamserve.records import ModelOutputs
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,9 @@ class OnnxModel:
     classes: tuple[str, ...] = ()
     sha256: str = ""
     uri: str = ""
+    profile: ReferenceProfile | None = None
+    """The version's reference profile (drift), verified against its announced digest; None: none."""
+    profile_sha256: str = ""
 
     @classmethod
     def load(
@@ -124,6 +128,7 @@ class OnnxModel:
         features: Sequence[FeatureSpec],
         sha256: str = "",
         uri: str = "",
+        profile: tuple[ReferenceProfile, str] | None = None,
     ) -> OnnxModel:
         """Create the session, check its signature against the feature spec, and warm it up."""
         try:
@@ -152,6 +157,8 @@ class OnnxModel:
             classes=classes,
             sha256=sha256,
             uri=uri,
+            profile=profile[0] if profile else None,
+            profile_sha256=profile[1] if profile else "",
         )
         model.warm_up(features)
         return model

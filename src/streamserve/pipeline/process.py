@@ -59,11 +59,10 @@ class ScoredTap(Protocol):
         columns: dict[str, np.ndarray],
         rows: np.ndarray,
         outputs: ModelOutputs,
-        model_name: str,
-        model_version: str,
+        model: OnnxModel,
     ) -> tuple[str, EncodedBatch] | None:
-        """(topic, records) for events whose prediction was encoded: event i was fed the columns' row rows[i]
-        and got the outputs' row i; None for nothing."""
+        """(topic, records) for the events the model scored and whose prediction was encoded: event i was fed
+        the columns' row rows[i] and got the outputs' row i; None for nothing."""
         ...
 
 
@@ -96,14 +95,14 @@ class BatchResult:
 
     outputs: list[tuple[str, EncodedBatch]] = field(default_factory=list)
     """Per lane, its topic and its records (parallel lists)."""
-    side: list[tuple[str, EncodedBatch]] = field(default_factory=list)
-    """Records produced beside the predictions (the feature log): one the sink refuses is dropped, nothing else."""
     rejected: list[Rejected] = field(default_factory=list)
     predictions: int = 0
     shadow: int = 0
     degraded: int = 0
     missing_defaults: int = 0
     stale_defaults: int = 0
+    side: list[tuple[str, EncodedBatch]] = field(default_factory=list)
+    """Records produced beside the predictions (feature log, drift): one the sink refuses is dropped, nothing else."""
 
     def records(self) -> Iterator[tuple[str, Encoded]]:
         """Every output record with its topic, lane after lane."""
@@ -124,9 +123,9 @@ class BatchProcessor:
         shadow_topic: str,
         on_redis_error: str = "dead_letter",
         observer: StageObserver | None = None,
-        tap: ScoredTap | None = None,
+        taps: Sequence[ScoredTap] = (),
     ) -> None:
-        """``tap``: told of each live lane's scored events (the feature log); none by default."""
+        """``taps``: told of each live lane's scored events (the feature log, drift); none by default."""
         self.decode = decode
         self.features = features
         self.encoder = encoder
@@ -134,7 +133,7 @@ class BatchProcessor:
         self.shadow_topic = shadow_topic
         self.on_redis_error = on_redis_error
         self._observer: StageObserver = observer or _Unobserved()
-        self._tap = tap
+        self._taps = tuple(taps)
         self._ahead: list[_Ahead] = []
         self.used_ahead = 0
         """Batches whose Redis lookup went out ahead (prefetch), while the batch before them was processed."""
@@ -310,7 +309,7 @@ class BatchProcessor:
             rejected += failed
             if len(encoded):
                 result.outputs.append((topic, encoded))
-            if live and self._tap is not None and len(encoded):
+            if live and self._taps and len(encoded):
                 self._tap_scored(events, columns, positions, outputs, failed, model, result)
             if live:
                 result.predictions += len(encoded)
@@ -330,15 +329,19 @@ class BatchProcessor:
         model: OnnxModel,
         result: BatchResult,
     ) -> None:
-        """Hand the tap the events whose prediction was encoded (those the encoder rejected are left out)."""
-        assert self._tap is not None
+        """Hand the taps the events whose prediction was encoded (those the encoder rejected are left out)."""
         if failed:
             refused = {id(rejected.source) for rejected in failed}
             kept = np.array([i for i, event in enumerate(events) if id(event.source) not in refused], dtype=np.intp)
             events, positions, outputs = [events[i] for i in kept.tolist()], positions[kept], outputs.take(kept)
-        side = self._tap.scored(events, columns, positions, outputs, model.name, model.version)
-        if side is not None:
-            result.side.append(side)
+        for tap in self._taps:
+            try:
+                side = tap.scored(events, columns, positions, outputs, model)
+            except Exception:
+                log.exception("%s failed on a batch of %s %s", type(tap).__name__, model.name, model.version)
+                continue
+            if side is not None:
+                result.side.append(side)
 
     def predict(
         self,
