@@ -236,6 +236,9 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
         raise StreamServeError(
             "validation loads the model against the pipeline's feature spec: give -c, or --no-validate"
         )
+    profile = None
+    if args.reference is not None:
+        profile = _reference_profile(args, target.settings)
     announcement = publish(
         target.kafka,
         target.topic,
@@ -249,6 +252,7 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
         sign_key=key,
         validate=validate,
         config_model=config_model,
+        profile=profile,
     )
     print(
         f"announced {announcement.action} {announcement.model} {announcement.version} generation "
@@ -257,6 +261,22 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
         f"previous {announcement.baseline_version}) on {target.topic}"
     )
     return 0
+
+
+def _reference_profile(args: argparse.Namespace, settings: PipelineSettings | None) -> tuple[str, str]:
+    """Profile --reference for the version, write it beside the artifact: (its URI, its sha256)."""
+    from streamserve.control.reference import write_profile
+    from streamserve.ops.preflight import check_file
+
+    if settings is None:
+        raise StreamServeError("--reference scores the sample with the model's feature spec: give -c")
+    check_file(args.reference, "reference sample", "give --reference a Parquet or CSV file of model inputs")
+    uri, digest, profile = write_profile(args.reference, settings.model, settings.features, args.version, args.uri)
+    print(
+        f"reference profile of {len(profile.all())} quantities over {profile.rows} rows: {uri} "
+        f"(sha256 {digest[:12]}...)"
+    )
+    return uri, digest
 
 
 def _config_model(settings: PipelineSettings) -> ArtifactRef | None:
@@ -561,6 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "beside the live version, to the shadow topic only (deploy)",
             )
             cmd.add_argument("--share", type=float, default=0.1, help="canary share of keys, 0 < share < 1 (0.1)")
+            cmd.add_argument(
+                "--reference",
+                type=Path,
+                metavar="FILE",
+                help="Parquet or CSV sample of model inputs (one column per feature, as fed): its reference profile "
+                "for drift (quantile bins, categories, the score) is written beside the artifact and signed with it",
+            )
             cmd.add_argument(
                 "--no-validate",
                 action="store_true",

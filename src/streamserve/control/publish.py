@@ -140,6 +140,7 @@ def publish(
     validate: Validator | None = None,
     config_model: ArtifactRef | None = None,
     write: bool = True,
+    profile: tuple[str, str] | None = None,
 ) -> ModelAnnouncement:
     """Validate a version locally (when given a validator), then announce it with the next generation.
 
@@ -147,7 +148,8 @@ def publish(
     workers' config: recorded as the baseline of the first announcement so it can be rolled back to, and the
     live version the candidate's score contract is checked against until an announcement was accepted.
     ``write=False`` does everything but the write and returns the announcement (checked as the workers will
-    check it) for send() at a chosen moment; it must be the next write to the control topic.
+    check it) for send() at a chosen moment; it must be the next write to the control topic. ``profile``: the
+    version's reference profile (URI, sha256), covered by the signature (control/reference.py writes it).
     """
     _check_uri(uri, policy)
     if sha256 is None:
@@ -182,6 +184,7 @@ def publish(
         action=action,
         canary_share=canary_share if action == "canary" else 0.0,
         notes=notes,
+        **({"profile_uri": profile[0], "profile_sha256": profile[1]} if profile else {}),
     )
     if write:
         send(config, topic, announcement)

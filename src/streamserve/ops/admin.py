@@ -66,7 +66,17 @@ def pipeline_topics(settings: PipelineSettings, partitions: int) -> list[TopicSp
         TopicSpec(settings.labels_topic, partitions),
         TopicSpec(settings.labels_dead_letter_topic, 1),
         TopicSpec(settings.monitor.quality_topic, 1, compacted),
+        *monitor_topics(settings, partitions),
     ]
+
+
+def monitor_topics(settings: PipelineSettings, partitions: int) -> list[TopicSpec]:
+    """What the worker writes for the monitor: drift records, and the feature log when it is on."""
+    monitor = settings.monitor
+    topics = [TopicSpec(monitor.drift_topic, 1)]
+    if monitor.feature_log:
+        topics.append(TopicSpec(monitor.feature_log_topic, partitions))
+    return topics
 
 
 CONTROL_GROUP_PREFIX = "streamserve-control-"
@@ -101,6 +111,7 @@ def worker_acls(settings: PipelineSettings, principal: str = "User:worker") -> l
                 settings.shadow_topic,
                 settings.output.dead_letter_topic,
                 settings.control.status_topic,
+                *(spec.name for spec in monitor_topics(settings, 1)),
             )
         ),
         # The topics' max.message.bytes, read at start so no record is ever produced over the limit.
