@@ -87,6 +87,7 @@ def test_promtool_unit_tests_of_the_alerts() -> None:
         "StreamserveDeadLetterRate",
         "StreamserveVersionDivergence",
         "StreamserveQualityBelowFloor",
+        "StreamserveFeatureDrift",
     } <= tested
     _run([promtool(), "test", "rules", "streamserve.rules.test.yml"], MONITORING)
 

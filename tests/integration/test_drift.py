@@ -6,6 +6,8 @@ tampered profile rejects its version like a bad model."""
 from __future__ import annotations
 
 import io
+import re
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +84,12 @@ def drifting(stack: Servers, tmp_path: Path, maintenance_models: dict[str, Train
         tmp_path,
         maintenance_models["v1"].path,
         partitions=2,
-        overrides={"monitor.drift_window": WINDOW, "monitor.drift_topic": f"{name}-drift"},
+        overrides={
+            "monitor.drift_window": WINDOW,
+            "monitor.drift_topic": f"{name}-drift",
+            "observe.port": 0,
+            "observe.host": "127.0.0.1",
+        },
         name=name,
     )
     pipe.create_topics()
@@ -153,6 +160,13 @@ def test_a_shifted_feature_drifts_alone_and_a_tampered_profile_is_rejected(
         assert hot_record["psi"] == pytest.approx(heated["temperature_c"])
         assert hot_record["top_bins"][0]["bin"].endswith("inf]"), "the top bin of a heat wave is the hottest"
         assert by_feature["site"]["top_bins"][0]["bin"] == "harbor"
+        server = worker.worker.observe_server
+        assert server is not None
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+            scrape = response.read().decode()
+        exported = re.search(r'streamserve_drift_psi\{[^}]*feature="site"[^}]*version="v3"[^}]*\} (\S+)', scrape)
+        assert exported, "the PSI gauge as Prometheus scrapes it (the alert rule's streamserve_drift_psi)"
+        assert float(exported.group(1)) == pytest.approx(relocated["site"])
 
         # v4: its profile changed after its digest was taken: rejected like a bad model, v3 keeps serving.
         v4 = tmp_path / "maintenance-v4.onnx"

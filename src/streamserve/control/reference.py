@@ -61,7 +61,7 @@ def _served(spec: FeatureSpec, values: list[Any]) -> np.ndarray:
         onehot[~present] = np.nan
         return onehot
     if spec.text:
-        return np.array([None if v is None else str(v) for v in values], dtype=object)
+        return np.array([None if v is None or v == "" else str(v) for v in values], dtype=object)  # CSV: ""
     if spec.width > 1:
         rows = [[np.nan] * spec.width if v is None else v for v in values]
         try:
