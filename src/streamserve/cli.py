@@ -216,6 +216,35 @@ def _policy_and_key(
     return acceptance_policy(control, args.model, also_trust=own), key
 
 
+def cmd_monitor_join(args: argparse.Namespace) -> int:
+    """Join the feature log with the labels topic by event id into the training-set topic, until SIGTERM/SIGINT."""
+    from streamserve.config import load_settings
+    from streamserve.monitor.join import run_join
+    from streamserve.ops.preflight import check_kafka
+
+    settings = load_settings(args.config)
+    check_kafka(settings.kafka.common(), args.timeout)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    counts = run_join(settings, stop)
+    print(f"training-set join stopped: {counts}")
+    return 0
+
+
+def cmd_monitor_export(args: argparse.Namespace) -> int:
+    """Write the training-set topic (inputs as served, prediction, label; one row per event id) to Parquet."""
+    from streamserve.config import load_settings
+    from streamserve.monitor.export import export_parquet
+    from streamserve.ops.preflight import check_kafka
+
+    settings = load_settings(args.config)
+    check_kafka(settings.kafka.common(), args.timeout)
+    rows = export_parquet(settings, args.to, args.timeout)
+    print(f"wrote {rows} training examples from {settings.monitor.training_set_topic} to {args.to}")
+    return 0
+
+
 def cmd_models_publish(args: argparse.Namespace) -> int:
     """Validate a model version locally, then announce it (signed with --sign-key) on the control topic."""
     from streamserve.control.publish import local_validator, publish
@@ -630,6 +659,17 @@ def build_parser() -> argparse.ArgumentParser:
         f"{ADMIN_TIMEOUT_S:g})",
     )
     check.set_defaults(func=cmd_schemas_check)
+
+    monitor = sub.add_parser("monitor", help="the retraining set: feature log joined with labels").add_subparsers(
+        dest="action", required=True
+    )
+    join = monitor.add_parser("join", help=cmd_monitor_join.__doc__, description=cmd_monitor_join.__doc__)
+    export = monitor.add_parser("export", help=cmd_monitor_export.__doc__, description=cmd_monitor_export.__doc__)
+    export.add_argument("--to", type=Path, required=True, metavar="FILE", help="the Parquet file to write")
+    for cmd, func in ((join, cmd_monitor_join), (export, cmd_monitor_export)):
+        _add_config(cmd)
+        _add_timeout(cmd)
+        cmd.set_defaults(func=func)
 
     demo = sub.add_parser(
         "demo", help="run the card-fraud demo end to end on a running local stack", description=cmd_demo.__doc__
