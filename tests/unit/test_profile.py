@@ -171,5 +171,5 @@ def test_an_unknown_vocabulary_column_counts_as_other() -> None:
     spec = FeatureSpec(name="m", source="event", field="m", dtype="string", encoding="ordinal", vocabulary=MODES)
     (entry,) = profile_feature(spec, np.array([0.0, 1.0, 2.0, 3.0]))
     assert entry.kind == "code"
-    assert entry.bins(np.array([0.0, 3.0, 7.0, -1.0, np.nan])).tolist() == [0, 3, 3, 3, 3]
+    assert entry.bins(np.array([0.0, 3.0, 7.0, -1.0, np.nan])).tolist() == [0, 3, 3, 3, 4]  # NaN: missing
     assert isinstance(entry, FeatureProfile)

@@ -256,6 +256,8 @@ def plan_rollback(
         baseline_uri=current.uri if current else None,
         baseline_sha256=current.sha256 if current else None,
         notes=notes,
+        profile_uri=target.profile_uri,  # the version goes back with its profile (None: as before profiles)
+        profile_sha256=target.profile_sha256,
     )
 
 
@@ -275,7 +277,8 @@ def _rollback_target(log: ControlLog, to_version: str | None, model: str) -> Art
             baseline = _baseline(announcement)
             if baseline is not None:
                 known.setdefault(baseline.version, baseline)
-            known[announcement.version] = ArtifactRef(announcement.version, announcement.uri, announcement.sha256)
+            a = announcement
+            known[a.version] = ArtifactRef(a.version, a.uri, a.sha256, a.profile_uri, a.profile_sha256)
         if to_version not in known:
             raise StreamServeError(f"version {to_version!r} of {model} was never accepted; publish it instead")
         return known[to_version]

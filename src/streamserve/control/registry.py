@@ -179,8 +179,9 @@ def load_profile(uri: str, sha256: str | None) -> tuple[ReferenceProfile, str]:
 
 
 def _same_profile(model: OnnxModel, profile_sha256: str | None) -> bool:
-    """A cached model serves an announcement when it carries the profile announced with it (or both have none)."""
-    return (model.profile_sha256 or None) == (profile_sha256.lower() if profile_sha256 else None)
+    """A cached model serves an announcement that names its profile or none (a baseline reference names none: the
+    profile verified when the version was announced still holds for the same model bytes)."""
+    return profile_sha256 is None or model.profile_sha256 == profile_sha256.lower()
 
 
 def _now_ms() -> int:

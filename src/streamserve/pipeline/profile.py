@@ -90,13 +90,18 @@ class FeatureProfile:
                 missing |= values == self.default
             return np.where(missing, self.value_bins, found)
         if self.kind == "code":
-            codes = np.argmax(column, axis=1) if column.ndim == 2 else np.asarray(column, dtype=np.float64)
-            codes = np.nan_to_num(codes, nan=-1).astype(np.int64)
+            if column.ndim == 2:
+                absent = np.isnan(column).any(axis=1)
+                codes = np.argmax(np.nan_to_num(column, nan=0.0), axis=1)
+            else:
+                values = np.asarray(column, dtype=np.float64)
+                absent = np.isnan(values)
+                codes = np.nan_to_num(values, nan=0.0).astype(np.int64)
             known = (codes >= 0) & (codes < self.value_bins)
             found = np.where(known, codes, self.value_bins - 1)  # out of range: the unknown column
             if self.default_code is not None:
                 found = np.where(found == self.default_code, self.value_bins, found)
-            return found
+            return np.where(absent, self.value_bins, found)
         lookup = {category: i for i, category in enumerate(self.categories)}
         other, missing_bin = len(self.categories), self.value_bins
         if isinstance(self.default, str):
