@@ -61,18 +61,26 @@ class FeatureLog:
         self._time = getter(input_settings.event_time_field) if input_settings.event_time_field else None
 
     def chosen(self, events: Sequence[Event]) -> list[int]:
-        """Positions of the events that are logged."""
+        """Positions of the events that are logged (per batch: one id read and one crc32 per event)."""
         if self.threshold >= HASH_RANGE:
             return list(range(len(events)))
         if self.threshold <= 0:
             return []
-        ids = [self._event_id(event) for event in events]
-        threshold = self.threshold
-        return [
-            i
-            for i, (event_id, event) in enumerate(zip(ids, events, strict=True))
-            if sample_hash(event_id, event) < threshold
-        ]
+        ids = self._ids(events)
+        threshold, crc32 = self.threshold, zlib.crc32
+        try:
+            return [i for i, event_id in enumerate(ids) if crc32(event_id.encode()) < threshold]  # type: ignore[union-attr]
+        except (AttributeError, UnicodeEncodeError):  # a null id, or text that is no UTF-8: event by event
+            return [i for i, event in enumerate(events) if sample_hash(ids[i], event) < threshold]
+
+    def _ids(self, events: Sequence[Event]) -> list[str | None]:
+        """The events' ids as text, for the whole batch at once when every id reads."""
+        get = self._id
+        try:
+            ids = [get(event.fields) for event in events]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return [self._event_id(event) for event in events]
+        return ids if set(map(type, ids)) <= {str} else [render_id(value) for value in ids]
 
     def scored(
         self,
