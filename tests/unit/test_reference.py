@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from streamserve.config import ModelSettings
 from streamserve.control.announcements import ModelAnnouncement
 from streamserve.control.fetch import sha256_hex
+from streamserve.control.publish import plan_publish, plan_rollback
+from streamserve.control.reading import ControlLog
 from streamserve.control.reference import read_sample, served_columns, write_profile
 from streamserve.control.registry import ModelLoader
 from streamserve.control.rollout import AcceptancePolicy, RolloutState
@@ -124,3 +126,20 @@ def _artifact(tmp_path: Path) -> Path:
     path = tmp_path / "m.onnx"
     path.write_bytes(strict_model())
     return path
+
+
+def test_a_rollback_takes_the_versions_profile_along() -> None:
+    records: list[bytes | None] = []
+    for version, profile in (("v1", ("/m/v1.onnx.profile.json", "1" * 64)), ("v2", None)):
+        log = ControlLog.replay(records, POLICY)
+        extra = {"profile_uri": profile[0], "profile_sha256": profile[1]} if profile else {}
+        planned = plan_publish(log, POLICY, KEY, None, version=version, uri=f"/m/{version}.onnx",
+                               sha256=version[1] * 64, action="deploy", notes=None, **extra)  # fmt: skip
+        records.append(planned.encode())
+    back = plan_rollback(ControlLog.replay(records, POLICY), POLICY, sign_key=KEY)
+    assert (back.version, back.profile_uri, back.profile_sha256) == ("v1", "/m/v1.onnx.profile.json", "1" * 64)
+    state, rejection = ControlLog.replay(records, POLICY).state.offer(back, POLICY)
+    assert rejection is None
+    assert state.desired is not None
+    assert state.desired.live is not None
+    assert state.desired.live.profile_sha256 == "1" * 64
