@@ -218,6 +218,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             rests_on=[reference],
             order=3,
         )
+    # Issue 24: the 1% feature log costs the worker under 5% of its events/s (same run, same events).
+    logged, plain = _rate(results, "streamserve-1-featurelog"), _rate(results, "streamserve-1")
+    if logged and plain:
+        add(
+            "streamserve-1 with the 1% feature log vs without (events/s)",
+            logged / plain,
+            0.95,
+            "x",
+            rests_on=[_row(results, "streamserve-1-featurelog"), _row(results, "streamserve-1")],
+        )
     swap = results.get("hot_swap")
     if swap:
         ratios = swap.get("ratios") or [swap["ratio"]]
