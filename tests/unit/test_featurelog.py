@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamserve.config import InputSettings, ModelSettings
+from streamserve.pipeline import featurelogavro
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.pipeline.encode import PredictionEncoder, decode_prediction
 from streamserve.pipeline.featurelog import FeatureLog
@@ -129,3 +130,49 @@ def test_a_smaller_share_logs_a_subset_of_a_larger_one(ids: list[str | None], lo
     large = set(FeatureLog("f", high, settings_, None).chosen(events))
     assert small <= large
     assert set(FeatureLog("f", 1.0, settings_, None).chosen(events)) == set(range(len(events)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    event_id=st.one_of(st.none(), st.text(max_size=40)),
+    event_time=st.one_of(st.none(), st.integers(-(2**62), 2**62)),
+    score=st.floats(allow_nan=False),
+    label=st.one_of(st.none(), st.integers(-(2**62), 2**62), st.text(max_size=10)),
+    numbers=st.lists(st.floats(allow_nan=False), min_size=0, max_size=5),
+    texts=st.lists(st.text(max_size=12), min_size=0, max_size=3),
+    vector=st.lists(st.floats(allow_nan=False), min_size=1, max_size=4),
+)
+def test_the_hand_written_bytes_are_fastavros(
+    event_id: str | None,
+    event_time: int | None,
+    score: float,
+    label: int | str | None,
+    numbers: list[float],
+    texts: list[str],
+    vector: list[float],
+) -> None:
+    columns: dict[str, np.ndarray] = {f"n{i}": np.array([0.0, value]) for i, value in enumerate(numbers)}
+    columns |= {f"t{i}": np.array(["x", value], dtype=object) for i, value in enumerate(texts)}
+    columns["vec"] = np.array([vector, vector])
+    values = [featurelogavro.feature_values(column, [1]) for column in columns.values()]
+    written = b"".join(
+        (
+            featurelogavro.optional_text(event_id),
+            featurelogavro.optional_long(event_time),
+            featurelogavro.text("model"),
+            featurelogavro.text("v1"),
+            featurelogavro.double(score),
+            featurelogavro.label(label),
+            featurelogavro.feature_map([featurelogavro.text(name) for name in columns], [v[0] for v in values]),
+            featurelogavro.varint(1_700_000_000_000),
+        )
+    )
+    expected = io.BytesIO()
+    record = {
+        "event_id": event_id, "event_time": event_time, "model_name": "model", "model_version": "v1",
+        "score": score, "label": label, "features": {name: column[1].tolist() if column.ndim == 2 else column[1]
+                                                       for name, column in columns.items()},
+        "logged_at": 1_700_000_000_000,
+    }  # fmt: skip
+    fastavro.schemaless_writer(expected, LOG_SCHEMA, record)
+    assert written == expected.getvalue()

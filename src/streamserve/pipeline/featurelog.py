@@ -8,17 +8,16 @@ events) and writes them as ``schemas/feature_log.avsc`` records. The records tra
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 import zlib
 from collections.abc import Sequence
 from typing import Any
 
-import fastavro
 import numpy as np
 
 from streamserve.config import InputSettings
+from streamserve.pipeline import featurelogavro as avro
 from streamserve.pipeline.encode import EncodedBatch
 from streamserve.pipeline.fields import epoch_ms, getter, render_id, text_getter
 from streamserve.pipeline.infer import OnnxModel
@@ -95,34 +94,39 @@ class FeatureLog:
         chosen = self.chosen(events)
         if not chosen:
             return None
-        logged_at = int(time.time() * 1000)
+        rows_of = [int(rows[position]) for position in chosen]
+        keys = [avro.text(name) for name in columns]
+        try:  # per feature, its values at the chosen rows, written for the map once
+            values = [avro.feature_values(column, rows_of) for column in columns.values()]
+        except (ValueError, TypeError, OverflowError) as exc:  # a log record is never worth a prediction
+            log.warning("feature log: a batch of %s %s cannot be written: %s", model.name, model.version, exc)
+            return None
+        shared = avro.text(model.name) + avro.text(model.version)
+        logged_at = avro.varint(int(time.time() * 1000))
+        headers: Headers = [("streamserve.model.version", model.version.encode())]
+        scores = outputs.score[chosen].tolist()
         out = EncodedBatch()
-        model_name, model_version = model.name, model.version
-        headers: Headers = [("streamserve.model.version", model_version.encode())]
-        buffer = io.BytesIO()
-        for position in chosen:
-            event, row = events[position], int(rows[position])
+        for i, position in enumerate(chosen):
+            event = events[position]
             event_id = self._event_id(event)
-            record = {
-                "event_id": event_id,
-                "event_time": self._event_time(event),
-                "model_name": model_name,
-                "model_version": model_version,
-                "score": float(outputs.score[position]),
-                "label": _label(outputs, position),
-                "features": {name: feature_value(column, row) for name, column in columns.items()},
-                "logged_at": logged_at,
-            }
-            buffer.seek(0)
-            buffer.truncate()
             try:
-                fastavro.schemaless_writer(buffer, self._schema, record)
-            except (ValueError, TypeError, OverflowError) as exc:  # a log record is never worth a prediction
-                log.warning("feature log: event %s cannot be written (%s): %s", event_id, type(exc).__name__, exc)
+                record = b"".join(
+                    (
+                        avro.optional_text(event_id),
+                        avro.optional_long(self._event_time(event)),
+                        shared,
+                        avro.double(scores[i]),
+                        avro.label(_label(outputs, position)),
+                        avro.feature_map(keys, [column[i] for column in values]),
+                        logged_at,
+                    )
+                )
+            except ValueError as exc:  # an id that is no UTF-8 (lone surrogates): this record only is left out
+                log.warning("feature log: event %r cannot be written: %s", event_id, exc)
                 continue
             out.sources.append(event.source)
             out.keys.append(None if event_id is None else event_id.encode())
-            out.values.append(buffer.getvalue())
+            out.values.append(record)
             out.headers.append(headers)
         return (self.topic, out) if len(out) else None
 
