@@ -397,6 +397,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from streamserve.monitor.app import broker_urls, run
     from streamserve.ops.preflight import check_file, check_kafka
 
+    if args.config is None:  # -c is optional on `monitor` only because `monitor join|export` take their own
+        raise StreamServeError("streamserve monitor needs -c/--config (or: monitor join|export -c ...)")
     settings = load_settings(args.config)
     broker_urls(settings)  # refuses what the monitor's Kafka client cannot do, before any connection
     check_file(settings.output.schema_path, "output schema", "fix output.schema in the pipeline config")
@@ -630,9 +632,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the monitor: predictions joined with delayed labels, quality per version, canary/shadow vs live",
         description=cmd_monitor.__doc__,
     )
-    _add_config(monitor)
+    _add_config(monitor, required=False)
     _add_timeout(monitor, RUN_TIMEOUT_S)
     monitor.set_defaults(func=cmd_monitor)
+    training = monitor.add_subparsers(dest="monitor_action", metavar="ACTION", help="the retraining set (optional)")
+    join = training.add_parser("join", help=cmd_monitor_join.__doc__, description=cmd_monitor_join.__doc__)
+    export = training.add_parser("export", help=cmd_monitor_export.__doc__, description=cmd_monitor_export.__doc__)
+    export.add_argument("--to", type=Path, required=True, metavar="FILE", help="the Parquet file to write")
+    for cmd, func in ((join, cmd_monitor_join), (export, cmd_monitor_export)):
+        _add_config(cmd)
+        _add_timeout(cmd)
+        cmd.set_defaults(func=func)
 
     keys = sub.add_parser("keys", help="signing keys of model announcements").add_subparsers(
         dest="action", required=True
@@ -659,17 +669,6 @@ def build_parser() -> argparse.ArgumentParser:
         f"{ADMIN_TIMEOUT_S:g})",
     )
     check.set_defaults(func=cmd_schemas_check)
-
-    monitor = sub.add_parser("monitor", help="the retraining set: feature log joined with labels").add_subparsers(
-        dest="action", required=True
-    )
-    join = monitor.add_parser("join", help=cmd_monitor_join.__doc__, description=cmd_monitor_join.__doc__)
-    export = monitor.add_parser("export", help=cmd_monitor_export.__doc__, description=cmd_monitor_export.__doc__)
-    export.add_argument("--to", type=Path, required=True, metavar="FILE", help="the Parquet file to write")
-    for cmd, func in ((join, cmd_monitor_join), (export, cmd_monitor_export)):
-        _add_config(cmd)
-        _add_timeout(cmd)
-        cmd.set_defaults(func=func)
 
     demo = sub.add_parser(
         "demo", help="run the card-fraud demo end to end on a running local stack", description=cmd_demo.__doc__

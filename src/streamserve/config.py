@@ -534,7 +534,7 @@ class MonitorSettings(_Section):
     psi_threshold: float = Field(default=0.25, gt=0)
     """Population stability index above which a feature (or the score) counts as drifted."""
     drift_window: int = Field(default=5000, ge=100)
-    """Logged events per PSI window: PSI is computed each time this many events of a version were logged."""
+    """Scored events per PSI window: a version's PSI is computed each time this many of its events were scored."""
 
     @model_validator(mode="after")
     def _check_thresholds(self) -> MonitorSettings:

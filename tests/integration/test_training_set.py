@@ -83,14 +83,14 @@ def test_exported_rows_hold_what_the_model_was_fed_and_bad_labels_never_join(
 
     def send(event_id: str, value: object, label_time: int) -> None:  # keyed: one event's labels stay in order
         record = {"event_id": event_id, "label": value, "label_time": label_time}
-        producer.produce(s.monitor.labels_topic, avro(bundled("label"), record), event_id.encode())
+        producer.produce(s.labels_topic, avro(bundled("label"), record), event_id.encode())
 
     for event_id, value in truth.items():
         send(event_id, value, 1_700_000_000_000 + late)
     for i, event_id in enumerate(sorted(sampled)[:20]):  # repeats with another value: the first label counts
         send(event_id, i, 1_700_000_000_000)
     for garbage in (b"\xff\xff\xff", b"", b"\x00" * 64):
-        producer.produce(s.monitor.labels_topic, garbage)
+        producer.produce(s.labels_topic, garbage)
     send("never-scored", 1, 0)
     assert producer.flush(30) == 0
 

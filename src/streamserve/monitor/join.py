@@ -48,7 +48,7 @@ def run_join(
             failed.append(str(err))
 
     try:
-        consumer.assign(partitions_of(consumer, [monitor.feature_log_topic, monitor.labels_topic], 30.0))
+        consumer.assign(partitions_of(consumer, [monitor.feature_log_topic, settings.labels_topic], 30.0))
         next_log = time.monotonic() + log_every_s
         while not stop.is_set():
             for msg in consumer.consume(num_messages=500, timeout=0.2):

@@ -67,11 +67,8 @@ def pipeline_topics(settings: PipelineSettings, partitions: int) -> list[TopicSp
         TopicSpec(settings.labels_dead_letter_topic, 1),
         TopicSpec(settings.monitor.quality_topic, 1, compacted),
         *monitor_topics(settings, partitions),
-        *(  # the training-set join's: labels in, examples out (keyed by event id)
-            [
-                TopicSpec(settings.monitor.labels_topic, partitions),
-                TopicSpec(settings.monitor.training_set_topic, partitions, {"cleanup.policy": "compact"}),
-            ]
+        *(  # the training-set join's examples, keyed by event id
+            [TopicSpec(settings.monitor.training_set_topic, partitions, {"cleanup.policy": "compact"})]
             if settings.monitor.feature_log
             else []
         ),
