@@ -698,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=cmd_backtest.__doc__,
         epilog="TIME: ISO 8601 (2026-12-06T10:00:00Z; no zone means UTC), now, or -30m/-2h/-7d before now; "
         "OFFSETS: PARTITION:OFFSET[,PARTITION:OFFSET...] (only those partitions are read); also beginning, end. "
-        "The range is [--from, --to): --to is exclusive.",
+        "The range is [--from, --to): --to is exclusive. Write a relative time with '=': --from=-2h.",
     )
     _add_config(backtest)
     _add_timeout(backtest, servers="Redis or Kafka")
