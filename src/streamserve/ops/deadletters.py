@@ -94,11 +94,6 @@ def parse_dead_letter(record: Source) -> DeadLetter:
             own[name] = _text(value)
         else:
             original.append((name, value))
-    problem = None
-    if HEADER_STAGE not in own:
-        problem = "no streamserve.dlq.stage header: not a streamserve dead letter"
-    elif HEADER_VALUE_REPLACED in own:
-        problem = "its value was too large to dead-letter and was replaced by a reference"
     source = "?"
     partition, offset = own.get(HEADER_SOURCE_PARTITION, ""), own.get(HEADER_SOURCE_OFFSET, "")
     if HEADER_SOURCE_TOPIC in own:
@@ -106,6 +101,13 @@ def parse_dead_letter(record: Source) -> DeadLetter:
     origin = None
     if HEADER_SOURCE_TOPIC in own and partition.isdigit() and offset.isdigit():
         origin = (own[HEADER_SOURCE_TOPIC], int(partition), int(offset))
+    problem = None
+    if not own.get(HEADER_STAGE):
+        problem = "no streamserve.dlq.stage header: not a streamserve dead letter"
+    elif origin is None:
+        problem = "no source topic/partition/offset headers: not a whole streamserve dead letter"
+    elif HEADER_VALUE_REPLACED in own:
+        problem = "its value was too large to dead-letter and was replaced by a reference"
     return DeadLetter(
         topic=record.topic,
         partition=record.partition,
@@ -114,8 +116,8 @@ def parse_dead_letter(record: Source) -> DeadLetter:
         key=record.key,
         value=record.value,
         headers=original,
-        stage=own.get(HEADER_STAGE, UNREADABLE),
-        reason=own.get(HEADER_ERROR_CLASS, UNREADABLE),
+        stage=own.get(HEADER_STAGE) or UNREADABLE,
+        reason=own.get(HEADER_ERROR_CLASS) or UNREADABLE,
         message=own.get(HEADER_ERROR_MESSAGE, ""),
         source=source,
         origin=origin,
