@@ -49,6 +49,12 @@ def _produce_raw(bootstrap: str, topic: str, values: list[bytes]) -> None:
     assert producer.flush(30) == 0
 
 
+def _backtest(pipe: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
+    """`streamserve backtest` as a user runs it."""
+    command = [sys.executable, "-m", "streamserve", "backtest", "-c", str(pipe.path), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+
 def _commit_group(bootstrap: str, group: str, topic: str, offsets: dict[int, int]) -> None:
     """Give the pipeline's group committed offsets, as a worker that ran before would have."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
@@ -101,7 +107,9 @@ def test_backtest_scores_like_offline_onnxruntime_and_leaves_the_group_alone(
 
     # The range: from offset 2 of every partition to its end, but partition 3 only up to offset 40.
     start = "0:2,1:2,2:2,3:2"
-    records = [m for m in read_all(bootstrap, s.input.topic) if m.offset() >= 2 and (m.partition() != 3 or m.offset() < 40)]
+    records = [
+        m for m in read_all(bootstrap, s.input.topic) if m.offset() >= 2 and (m.partition() != 3 or m.offset() < 40)
+    ]
     by_value = {e["event_id"]: e for e in events}
     schema = load_schema(s.input.schema_path)
     in_range: list[dict[str, Any]] = []
@@ -113,22 +121,21 @@ def test_backtest_scores_like_offline_onnxruntime_and_leaves_the_group_alone(
         decoded = fastavro.schemaless_reader(io.BytesIO(msg.value()), schema, None)
         in_range.append(by_value[decoded["event_id"]])
     scorable = [e for e in in_range if e["event_id"] not in unknown]
-    assert garbage_in_range and len(scorable) < len(in_range)  # the range holds both kinds of bad input
+    assert garbage_in_range
+    assert len(scorable) < len(in_range)
 
     outcomes = {e["event_id"]: int(i % 3 == 0) for i, e in enumerate(scorable[:80])}
     _labels(bootstrap, labels_topic, outcomes)
     predictions_topic = unique("candidate-predictions")
     report_path = tmp_path / "report.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "streamserve", "backtest", "-c", str(pipe.path), "--candidate", "v2",
-         "--from", start, "--to", "3:40", "--jobs", "2", "--batch-size", "64", "--json", str(report_path),
-         "--predictions-topic", predictions_topic],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=180,
+    run = _backtest(
+        pipe,
+        *["--candidate", "v2", "--to", "3:40", "--jobs", "2", "--batch-size", "64"],
+        *("--from", start, "--json", str(report_path), "--predictions-topic", predictions_topic),
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "read from Redis as it is now" in run.stdout and "agreement:" in run.stdout
+    assert "read from Redis as it is now" in run.stdout
+    assert "agreement:" in run.stdout
     report = json.loads(report_path.read_text())
 
     # The candidate's predictions equal offline onnxruntime on features rebuilt here.
@@ -136,7 +143,9 @@ def test_backtest_scores_like_offline_onnxruntime_and_leaves_the_group_alone(
     v2_scores, v2_labels = offline_scores(models["v2"], matrix)
     v1_scores, v1_labels = offline_scores(models["v1"], matrix)
     output_schema = load_schema(s.output.schema_path)
-    produced = [decode_prediction(output_schema, m.value()) for m in read_topic(bootstrap, predictions_topic, len(scorable))]
+    produced = [
+        decode_prediction(output_schema, m.value()) for m in read_topic(bootstrap, predictions_topic, len(scorable))
+    ]
     candidate = {p["event_id"]: p for p in produced}
     assert len(produced) == len(candidate) == len(scorable)
     got = [candidate[e["event_id"]] for e in scorable]
@@ -146,8 +155,10 @@ def test_backtest_scores_like_offline_onnxruntime_and_leaves_the_group_alone(
 
     # The agreement figures equal those recomputed from both versions' offline labels.
     agree = int((v1_labels == v2_labels).sum())
-    assert report["compared"] == len(scorable) and report["events"] == len(records)
-    assert report["agreement"]["agree"] == agree and report["agreement"]["flips"] == len(scorable) - agree
+    assert report["compared"] == len(scorable)
+    assert report["events"] == len(records)
+    assert report["agreement"]["agree"] == agree
+    assert report["agreement"]["flips"] == len(scorable) - agree
     assert report["agreement"]["rate"] == agree / len(scorable)
     confusion = {}
     for a, b in zip(v1_labels.tolist(), v2_labels.tolist(), strict=True):
@@ -156,15 +167,22 @@ def test_backtest_scores_like_offline_onnxruntime_and_leaves_the_group_alone(
     assert report["agreement"]["confusion"] == confusion
     deltas = v2_scores.astype(np.float64) - v1_scores.astype(np.float64)
     assert abs(report["score_delta"]["quantiles"]["p50"] - float(np.quantile(deltas, 0.5))) < 1e-6
-    assert report["rejected"] == {"decode: DecodeError": garbage_in_range, "features: FeatureError": len(in_range) - len(scorable)}
-    assert report["live"]["version"] == "v1" and report["candidate"]["version"] == "v2"
+    assert report["rejected"] == {
+        "decode: DecodeError": garbage_in_range,
+        "features: FeatureError": len(in_range) - len(scorable),
+    }
+    assert report["live"]["version"] == "v1"
+    assert report["candidate"]["version"] == "v2"
     assert "control topic" in report["candidate"]["origin"]
     assert report["latency_ms_per_batch"]["batches"] >= 4
 
     # Quality side by side from the labels topic, recomputed here.
     labelled = [i for i, e in enumerate(scorable) if e["event_id"] in outcomes]
     truth = np.array([outcomes[scorable[i]["event_id"]] for i in labelled])
-    assert report["quality"]["live"] == {"labelled": len(labelled), "accuracy": float((v1_labels[labelled] == truth).mean())}
+    assert report["quality"]["live"] == {
+        "labelled": len(labelled),
+        "accuracy": float((v1_labels[labelled] == truth).mean()),
+    }
     assert report["quality"]["candidate"]["accuracy"] == float((v2_labels[labelled] == truth).mean())
     assert report["quality"]["unreadable"] == 1
 
@@ -173,21 +191,30 @@ def test_backtest_scores_like_offline_onnxruntime_and_leaves_the_group_alone(
 
 
 def test_backtest_without_labels_says_so_and_reads_a_time_range(
-    pipeline_factory: Any, models: dict[str, TrainedModel], entities: Entities, tmp_path: Path
+    pipeline_factory: Any,
+    models: dict[str, TrainedModel],
+    entities: Entities,
+    redis_client: redis.Redis,
+    tmp_path: Path,
 ) -> None:
+    import pyarrow.parquet as pq
+
     pipe: Pipeline = pipeline_factory(partitions=2)
     events = list(make_events(entities, 40, seed=43))
     produce_events(pipe, events)
-    report_path = tmp_path / "report.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "streamserve", "backtest", "-c", str(pipe.path), "--candidate", "v2-file",
-         "--candidate-uri", str(models["v2"].path), "--from=-1h", "--json", str(report_path)],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=120,
+    report_path, parquet = tmp_path / "report.json", tmp_path / "candidate.parquet"
+    run = _backtest(
+        pipe,
+        *("--candidate", "v2-file", "--candidate-uri", str(models["v2"].path), "--from=-1h"),
+        *("--json", str(report_path), "--parquet", str(parquet)),
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(report_path.read_text())
-    assert report["compared"] == len(events) and report["candidate"]["origin"].startswith("--candidate-uri")
+    assert report["compared"] == len(events)
+    assert report["candidate"]["origin"].startswith("--candidate-uri")
     assert report["quality"]["note"].startswith("no labels")
     assert "quality: no labels" in run.stdout
+    rows = {row["event_id"]: row for row in pq.read_table(parquet).to_pylist()}
+    expected, _ = offline_scores(models["v2"], offline_features(events, redis_client, pipe.prefix))
+    np.testing.assert_allclose([rows[e["event_id"]]["candidate_score"] for e in events], expected, rtol=0, atol=1e-6)
+    assert {row["candidate_version"] for row in rows.values()} == {"v2-file"}

@@ -9,6 +9,7 @@ no dead letters are reported and skipped.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import numpy as np
 import redis
 from confluent_kafka import Producer
@@ -30,6 +32,7 @@ from tests.integration.harness import (
     offline_features,
     offline_scores,
     produce_events,
+    read_topic,
     wait_until,
 )
 from tests.integration.poison import read_all
@@ -55,7 +58,10 @@ def _predicted(pipe: Pipeline) -> Counter[str]:
     from streamserve.pipeline.decode import load_schema
 
     schema = load_schema(pipe.settings.output.schema_path)
-    return Counter(str(decode_prediction(schema, m.value())["event_id"]) for m in read_all(pipe.bootstrap, pipe.settings.output.topic))
+    return Counter(
+        str(decode_prediction(schema, m.value())["event_id"])
+        for m in read_all(pipe.bootstrap, pipe.settings.output.topic)
+    )
 
 
 def test_dead_letters_are_replayed_once_even_when_a_replay_is_killed(
@@ -88,8 +94,10 @@ def test_dead_letters_are_replayed_once_even_when_a_replay_is_killed(
 
     inspected = _cli(pipe, "inspect")
     assert f"{MISSING}  features / FeatureError" in inspected
-    assert "merchant_risk" in inspected and "sample: key 'card-" in inspected
-    assert "(not a dead letter)" in inspected and "not replayable" in inspected
+    assert "merchant_risk" in inspected
+    assert "sample: key 'card-" in inspected
+    assert "(not a dead letter)" in inspected
+    assert "not replayable" in inspected
 
     dry = _cli(pipe, "replay", "--stage", "features", "--dry-run")
     assert f"would replay {MISSING} of {MISSING} selected" in dry
@@ -141,3 +149,43 @@ def test_dead_letters_are_replayed_once_even_when_a_replay_is_killed(
         scores[prediction["event_id"]] = prediction["score"]
     expected, _ = offline_scores(models["v1"], offline_features(stranded, redis_client, pipe.prefix))
     np.testing.assert_allclose([scores[e["event_id"]] for e in stranded], expected, rtol=0, atol=1e-6)
+
+
+def test_replay_can_score_dead_letters_directly(
+    pipeline_factory: Any, models: dict[str, TrainedModel], entities: Entities, redis_client: redis.Redis
+) -> None:
+    """--score: no worker involved; predictions of the live version to the output topic, what still fails back to
+    the DLQ as a new dead letter."""
+    from streamserve.pipeline.deadletter import dead_letter
+    from streamserve.pipeline.decode import load_schema
+    from streamserve.records import Rejected, Source
+
+    pipe: Pipeline = pipeline_factory(partitions=1)
+    s = pipe.settings
+    events = list(make_events(entities, 12, seed=53))
+    for i, event in enumerate(events):
+        event["merchant_id"] = f"merchant-fixed-{i % 2}"
+    schema = load_schema(s.input.schema_path)
+    producer = Producer({"bootstrap.servers": pipe.bootstrap})
+    for offset, event in enumerate(events):
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, schema, event)
+        original = Source(s.input.topic, 0, offset, event["card_id"].encode(), buffer.getvalue(), [("h", b"1")], 1)
+        key, value, headers = dead_letter(Rejected(original, "features", "FeatureError", "merchant_risk missing"))
+        producer.produce(s.output.dead_letter_topic, value, key, headers=headers)
+    assert producer.flush(30) == 0
+    redis_client.hset(f"{pipe.prefix}:merchant:merchant-fixed-0", mapping={"risk_score": 0.3})  # -1 stays missing
+
+    out = _cli(pipe, "replay", "--score")
+    assert f"replayed {len(events)} of {len(events)} selected" in out
+    fixed = [e for e in events if e["merchant_id"] == "merchant-fixed-0"]
+    output_schema = load_schema(s.output.schema_path)
+    # Written in transactions: read_topic (not read_all) does not wait for the commit markers' offsets.
+    written = read_topic(pipe.bootstrap, s.output.topic, len(fixed))
+    predicted = {str(p["event_id"]): p for p in (decode_prediction(output_schema, m.value()) for m in written)}
+    assert set(predicted) == {e["event_id"] for e in fixed}
+    expected, _ = offline_scores(models["v1"], offline_features(fixed, redis_client, pipe.prefix))
+    np.testing.assert_allclose([predicted[e["event_id"]]["score"] for e in fixed], expected, rtol=0, atol=1e-6)
+    assert [p["source_offset"] for p in predicted.values()] == [events.index(e) for e in fixed]
+    dead_letters = len(events) + len(events) - len(fixed)  # the first ones, and the ones that failed again
+    assert len(read_topic(pipe.bootstrap, s.output.dead_letter_topic, dead_letters)) == dead_letters

@@ -41,7 +41,9 @@ def test_agreement_and_flips_equal_a_recount() -> None:
     assert (found["compared"], found["agree"], found["flips"]) == (500, same, 500 - same)
     assert found["rate"] == same / 500
     assert sum(sum(row.values()) for row in found["confusion"].values()) == 500
-    assert found["confusion"]["0"].get("2", 0) == sum(a == "0" and b == "2" for a, b in zip(live, candidate, strict=True))
+    assert found["confusion"]["0"].get("2", 0) == sum(
+        a == "0" and b == "2" for a, b in zip(live, candidate, strict=True)
+    )
 
 
 def test_score_deltas_are_candidate_minus_live() -> None:
@@ -60,7 +62,8 @@ def _label(event_id: str, label: object) -> bytes:
 
 def test_quality_side_by_side_reads_labels_and_skips_garbage() -> None:
     labels, unreadable = decode_labels([_label("a", 1), _label("b", 0), b"\xff\xff garbage", None, _label("c", None)])
-    assert labels == {"a": 1, "b": 0} and unreadable >= 1
+    assert labels == {"a": 1, "b": 0}
+    assert unreadable >= 1
     assert quality(["a", "b", "z"], [0.9, 0.8, 0.1], ["1", "1", "0"], labels) == {"labelled": 2, "accuracy": 0.5}
     regressor = quality(["a", "b"], [0.5, 0.5], [None, None], labels)
     assert regressor == {"labelled": 2, "mae": pytest.approx(0.5)}

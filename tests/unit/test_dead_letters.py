@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import pytest
@@ -35,14 +36,16 @@ def test_a_dead_letter_gives_back_the_original_record_and_its_reason() -> None:
     letter = parse_dead_letter(_letter_record(7))
     assert (letter.key, letter.value, letter.headers) == (b"k7", b"v", [("trace", b"t")])
     assert (letter.stage, letter.reason, letter.origin) == ("features", "FeatureError", ("in", 1, 1007))
-    assert letter.replayable and letter.ledger_key == b"dlq:0:7"
+    assert letter.replayable
+    assert letter.ledger_key == b"dlq:0:7"
 
 
 def test_a_dead_letter_whose_value_was_replaced_is_not_replayable() -> None:
     original = Source("in", 0, 3, b"k", b"x" * 5000, None, 0)
     key, value, headers = dead_letter(Rejected(original, "decode", "DecodeError", "bad"), max_bytes=2000)
     letter = parse_dead_letter(Source("dlq", 0, 3, key, value, headers, 0))
-    assert not letter.replayable and "reference" in (letter.problem or "")
+    assert not letter.replayable
+    assert "reference" in (letter.problem or "")
 
 
 header_values = st.one_of(st.none(), st.binary(max_size=20), st.text(max_size=20))
@@ -53,8 +56,12 @@ header_values = st.one_of(st.none(), st.binary(max_size=20), st.text(max_size=20
     value=st.one_of(st.none(), st.binary(max_size=60)),
     headers=st.one_of(
         st.none(),
-        st.lists(st.tuples(st.sampled_from(["streamserve.dlq.stage", "streamserve.dlq.source.offset", "x", ""]),
-                           header_values), max_size=6),  # fmt: skip
+        st.lists(
+            st.tuples(
+                st.sampled_from(["streamserve.dlq.stage", "streamserve.dlq.source.offset", "x", ""]), header_values
+            ),
+            max_size=6,
+        ),
     ),
 )
 def test_any_record_parses_and_groups(key: bytes | None, value: bytes | None, headers: Headers | None) -> None:
@@ -63,7 +70,9 @@ def test_any_record_parses_and_groups(key: bytes | None, value: bytes | None, he
     stage_given = any(name == "streamserve.dlq.stage" and value for name, value in headers or [])
     assert group([letter])[0].count == 1
     if not stage_given:
-        assert letter.stage == UNREADABLE and not letter.replayable and letter.problem
+        assert letter.stage == UNREADABLE
+        assert not letter.replayable
+        assert letter.problem
 
 
 def test_selection_by_stage_reason_and_time() -> None:
@@ -115,10 +124,8 @@ def _run(kafka: FakeTransactions, letters: list[DeadLetter], killed_after: int |
     """One `dlq replay` process, as run_replay does it: read the ledger, plan, replay."""
     ledger = {key for topic, key, _ in kafka.committed if topic == "ledger" and key is not None}
     todo = plan(letters, Selection(), ledger)
-    try:
+    with contextlib.suppress(Killed):
         replay(todo, ledger, kafka.process(killed_after), "ledger", to_topic("in"), "input", per_transaction)
-    except Killed:
-        pass
 
 
 @settings(max_examples=150, deadline=None)
@@ -145,7 +152,8 @@ def test_any_sequence_of_replays_and_kills_replays_each_dead_letter_at_most_once
     _run(kafka, letters, None, per_transaction)
     replayed = Counter(key for topic, key, _ in kafka.committed if topic == "in")
     expected = {f"k{i}".encode() for i in range(count) if i not in foreign}
-    assert set(replayed) == expected and all(n == 1 for n in replayed.values())
+    assert set(replayed) == expected
+    assert all(n == 1 for n in replayed.values())
     before = len(kafka.committed)
     _run(kafka, letters, None, per_transaction)
     assert len(kafka.committed) == before
