@@ -430,12 +430,13 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
     if not args.candidate and not args.candidate_uri:
         raise StreamServeError("give --candidate VERSION (announced on the control topic) or --candidate-uri PATH")
+    start, end = parse_position(args.start), parse_position(args.end)
     settings = load_settings(args.config)
     check_pipeline_files(settings)
     check_pipeline_servers(settings, args.timeout)
     request = BacktestRequest(
-        parse_position(args.start),
-        parse_position(args.end),
+        start,
+        end,
         args.candidate,
         args.candidate_uri,
         args.jobs,
@@ -467,9 +468,9 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     from streamserve.ops.preflight import check_kafka
     from streamserve.ops.replay import ReplayRequest, read_dead_letters, run_replay
 
+    since = parse_position(args.since) if args.since else None
     settings = load_settings(args.config)
     check_kafka(settings.kafka.common(), args.timeout)
-    since = parse_position(args.since) if args.since else None
     selection = Selection(args.stage, args.reason, since.time_ms if since is not None else None)
     topic = settings.output.dead_letter_topic
 
@@ -697,7 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a range of history with a candidate and the live version, and compare them",
         description=cmd_backtest.__doc__,
         epilog="TIME: ISO 8601 (2026-12-06T10:00:00Z; no zone means UTC), now, or -30m/-2h/-7d before now; "
-        "OFFSETS: PARTITION:OFFSET[,PARTITION:OFFSET...] (only those partitions are read); also beginning, end. "
+        "OFFSETS: PARTITION:OFFSET[,PARTITION:OFFSET...] (in --from: only those partitions are read; in --to: the "
+        "others are read to their end); also beginning, end. "
         "The range is [--from, --to): --to is exclusive. Write a relative time with '=': --from=-2h.",
     )
     _add_config(backtest)

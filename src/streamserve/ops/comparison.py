@@ -114,8 +114,8 @@ def render(report: dict[str, Any]) -> str:
         f"  live      {report['live']['version']} (from {report['live']['origin']})",
         f"  candidate {report['candidate']['version']} (from {report['candidate']['origin']})",
         f"  features  {report['features']}",
-        f"  scored by both: {report['compared']}; rejected by the live path: {sum(report['rejected'].values())} "
-        f"{report['rejected'] or ''}; scored by live only: {report['live_only']}",
+        f"  scored by both: {report['compared']}; rejected by the live path: {sum(report['rejected'].values())}"
+        f"{_counts(report['rejected'])}; scored by live only: {report['live_only']}",
     ]
     agreed = report["agreement"]
     if agreed["rate"] is None:
@@ -140,6 +140,10 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  {name:<20} " + " ".join(f"{k} {_fmt(v)}" for k, v in values.items()))
     lines.append(_quality_line(report["quality"]))
     return "\n".join(lines)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return " (" + ", ".join(f"{reason} {n}" for reason, n in counts.items()) + ")" if counts else ""
 
 
 def _quality_line(found: dict[str, Any]) -> str:
