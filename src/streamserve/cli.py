@@ -463,7 +463,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from streamserve.config import load_settings
-    from streamserve.ops.deadletters import Selection, as_json, group, sample_lines, summary
+    from streamserve.ops.deadletters import Selection, as_json, group, inspect, sample_lines, summary
     from streamserve.ops.history import parse_position
     from streamserve.ops.preflight import check_kafka
     from streamserve.ops.replay import ReplayRequest, read_dead_letters, run_replay
@@ -479,11 +479,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
     if args.action == "inspect":
         letters = read_dead_letters(settings.kafka.common(), topic, since, max(args.timeout, 10.0))
-        groups = group(letter for letter in letters if selection(letter))
+        read, groups = inspect(letters, selection)
         if args.json:
-            print(json.dumps({"topic": topic, "read": len(letters), "groups": as_json(groups)}, indent=2))
+            print(json.dumps({"topic": topic, "read": read, "groups": as_json(groups)}, indent=2))
             return 0
-        print(f"{topic}: {len(letters)} record(s) read, {sum(g.count for g in groups)} selected")
+        print(f"{topic}: {read} record(s) read, {sum(g.count for g in groups)} selected")
         for g in groups:
             print(f"{g.count:>8}  {g.stage} / {g.reason}  first {when(g.first_ms)}  last {when(g.last_ms)}")
             for message, count in g.messages.items():

@@ -139,6 +139,20 @@ def test_dead_letters_are_replayed_once_even_when_a_replay_is_killed(
     assert {event_id: counts[event_id] for event_id in wanted} == dict.fromkeys(wanted, 1)
     assert all(counts[e["event_id"]] == 1 for e in good)
 
+    # Each replayed record went back to the partition its original was read from, with its original key.
+    inputs = read_topic(pipe.bootstrap, s.input.topic, len(good) + 2 * MISSING, isolation="read_committed")
+    assert len(inputs) == len(good) + 2 * MISSING
+    # The killed replay's 5 records of its open transaction are in the log, aborted: no consumer that reads
+    # committed records (every worker) sees them.
+    everything = read_topic(pipe.bootstrap, s.input.topic, len(inputs) + 5)
+    assert len(everything) == len(inputs) + 5
+    stranded_keys = {e["card_id"].encode() for e in stranded}
+    places: dict[bytes, set[int]] = {}
+    for m in inputs:
+        if m.key() in stranded_keys:
+            places.setdefault(m.key(), set()).add(m.partition())
+    assert all(len(partitions) == 1 for partitions in places.values()), places
+
     # Predicted as offline onnxruntime scores them on the features as Redis holds them now.
     from streamserve.pipeline.decode import load_schema
 

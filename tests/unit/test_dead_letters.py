@@ -108,7 +108,9 @@ class FakeProcess:
     def begin(self) -> None:
         self.open = []
 
-    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None) -> None:
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None, partition: int | None = None
+    ) -> None:
         if self.killed_after is not None and self.written >= self.killed_after:
             raise Killed
         self.open.append((topic, key, value))

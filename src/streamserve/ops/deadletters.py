@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from streamserve.pipeline.deadletter import (
     HEADER_ERROR_CLASS,
@@ -41,8 +41,15 @@ HANG_AFTER_ENV = "STREAMSERVE_TEST_REPLAY_HANG_AFTER"
 """Test hook: after this many dead letters are written inside an open transaction, the replay hangs (so a test can
 SIGKILL it mid-transaction deterministically)."""
 
-OutputRecord = tuple[str, bytes | None, bytes | None, Headers | None]
-"""A record to produce: topic, key, value, headers."""
+
+class OutputRecord(NamedTuple):
+    """A record to produce; ``partition`` None: the producer's partitioner chooses."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers | None
+    partition: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +177,21 @@ class Group:
             self.messages[letter.message] = self.messages.get(letter.message, 0) + 1
 
 
+def inspect(letters: Iterable[DeadLetter], selected: Callable[[DeadLetter], bool]) -> tuple[int, list[Group]]:
+    """How many dead letters were read, and the selected ones grouped."""
+    read = 0
+
+    def counted() -> Iterator[DeadLetter]:
+        nonlocal read
+        for letter in letters:
+            read += 1
+            if selected(letter):
+                yield letter
+
+    groups = group(counted())
+    return read, groups
+
+
 def group(letters: Iterable[DeadLetter]) -> list[Group]:
     """Dead letters grouped by stage and reason, the largest group first."""
     groups: dict[tuple[str, str], Group] = {}
@@ -212,8 +234,10 @@ class TransactionalWriter(Protocol):
         """Open a transaction."""
         ...
 
-    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None) -> None:
-        """Write one record inside the open transaction."""
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None, partition: int | None = None
+    ) -> None:
+        """Write one record inside the open transaction (to `partition`, when given)."""
         ...
 
     def commit(self) -> None:
@@ -227,12 +251,21 @@ record to the input topic, or the prediction or new dead letter of scoring it.""
 
 
 def to_topic(topic: str) -> Replayer:
-    """Replay by re-producing each dead letter's original key, value and headers to a topic."""
+    """Replay by re-producing each dead letter's original key, value and headers to a topic; to the partition it
+    came from when it came from that topic, so a key stays in its partition whatever partitioner wrote it."""
 
     def records(letters: Sequence[DeadLetter]) -> list[list[OutputRecord]]:
-        return [[(topic, letter.key, letter.value, list(letter.headers))] for letter in letters]
+        return [
+            [OutputRecord(topic, letter.key, letter.value, list(letter.headers), _partition_in(letter, topic))]
+            for letter in letters
+        ]
 
     return records
+
+
+def _partition_in(letter: DeadLetter, topic: str) -> int | None:
+    """The partition the dead letter's original record was read from, if it was read from `topic`."""
+    return letter.origin[1] if letter.origin is not None and letter.origin[0] == topic else None
 
 
 @dataclass
@@ -309,8 +342,8 @@ def replay(
                 ahead = sent / rate - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)  # a throttle, so a large replay does not flood the workers
-            for topic, key, value, headers in records:
-                writer.produce(topic, key, value, headers)
+            for topic, key, value, headers, partition in records:
+                writer.produce(topic, key, value, headers, partition)
                 outcome.written += 1
             writer.produce(ledger_topic, letter.ledger_key, ledger_entry(letter, mode, now_ms), None)
             sent += 1

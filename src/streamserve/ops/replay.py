@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import Producer
@@ -62,11 +62,16 @@ class KafkaTransactions:
         """Open a transaction."""
         self.producer.begin_transaction()
 
-    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None) -> None:
-        """Write one record inside the open transaction."""
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None, partition: int | None = None
+    ) -> None:
+        """Write one record inside the open transaction (to `partition`, when given)."""
         while True:
             try:
-                self.producer.produce(topic, value, key, headers=headers)
+                if partition is None:
+                    self.producer.produce(topic, value, key, headers=headers)
+                else:
+                    self.producer.produce(topic, value, key, partition=partition, headers=headers)
                 break
             except BufferError:
                 self.producer.poll(0.1)
@@ -83,16 +88,17 @@ class KafkaTransactions:
 
 def read_dead_letters(
     config: LibrdkafkaConfig, topic: str, since: Position | None, timeout_s: float
-) -> list[DeadLetter]:
-    """The DLQ topic's records (from `since`), each parsed; foreign records are kept, marked not replayable."""
+) -> Iterator[DeadLetter]:
+    """The DLQ topic's records (from `since`) as they are read, each parsed; foreign records are kept, marked not
+    replayable. Streamed: inspecting a large DLQ holds its groups, not its records."""
     consumer = reader(config, "dlq")
     try:
         ranges = resolve_range(consumer, topic, since or Position(edge="beginning"), Position(edge="end"), timeout_s)
-        letters = []
+        read = 0
         for batch in read_range(consumer, topic, ranges, idle_timeout_s=timeout_s):
-            letters += [parse_dead_letter(record) for record in batch]
-            log.debug("read %d dead letters", len(letters))
-        return letters
+            yield from map(parse_dead_letter, batch)
+            read += len(batch)
+            log.debug("read %d of %d dead letters", read, sum(r.size for r in ranges))
     finally:
         consumer.close()
 
@@ -182,10 +188,11 @@ def scorer(settings: PipelineSettings) -> Replayer:
         per_letter: list[list[OutputRecord]] = [[] for _ in letters]
         result = processor.run(sources, routing)
         for topic, encoded in result.records():
-            per_letter[position[id(encoded.source)]].append((topic, encoded.key, encoded.value, encoded.headers))
+            record = OutputRecord(topic, encoded.key, encoded.value, encoded.headers)
+            per_letter[position[id(encoded.source)]].append(record)
         for rejected in result.rejected:
             key, value, headers = dead_letter(rejected)
-            per_letter[position[id(rejected.source)]].append((dlq, key, value, headers))
+            per_letter[position[id(rejected.source)]].append(OutputRecord(dlq, key, value, headers))
         return per_letter
 
     return records
