@@ -464,6 +464,95 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(config, args.events, args.partitions)
 
 
+def cmd_backtest(args: argparse.Namespace) -> int:
+    """Score a range of the input topic's history with a candidate version and the live one, through the worker's
+    own BatchProcessor, and compare them: agreement and label flips, score deltas, latency per batch, and quality
+    where the labels topic (monitor.labels_topic) has outcomes. The range is read outside the consumer group and
+    nothing is committed. The live version is the one the control topic says the fleet serves (the config's before
+    any announcement); the candidate is --candidate-uri when given, else the newest accepted announcement of
+    --candidate on the control topic. Features are read from Redis as they are now: the report says so."""
+    import json
+
+    from streamserve.config import load_settings
+    from streamserve.ops.backtest import BacktestRequest, run_backtest
+    from streamserve.ops.comparison import render
+    from streamserve.ops.history import parse_position
+    from streamserve.ops.preflight import check_pipeline_files, check_pipeline_servers
+
+    if not args.candidate and not args.candidate_uri:
+        raise StreamServeError("give --candidate VERSION (announced on the control topic) or --candidate-uri PATH")
+    start, end = parse_position(args.start), parse_position(args.end)
+    settings = load_settings(args.config)
+    check_pipeline_files(settings)
+    check_pipeline_servers(settings, args.timeout)
+    request = BacktestRequest(
+        start,
+        end,
+        args.candidate,
+        args.candidate_uri,
+        args.jobs,
+        args.batch_size,
+        args.predictions_topic,
+        args.parquet,
+        max(args.timeout, 10.0),
+    )
+    report = run_backtest(settings, request)
+    print(render(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {args.json}")
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    """inspect: the dead letters grouped by stage and reason, with counts, first and last seen, and a sample (its
+    original key, value size and headers). replay: re-produce the original key, value and headers of the selected
+    dead letters to the input topic (--score: score them here and write predictions), each at most once: a
+    compacted ledger topic (<dead_letter_topic>.replayed) records each replayed dead letter by its DLQ offset, in
+    the same Kafka transaction as its replay, so a replay killed mid-way and run again replays each one once."""
+    import json
+    from datetime import UTC, datetime
+
+    from streamserve.config import load_settings
+    from streamserve.ops.deadletters import Selection, as_json, group, inspect, sample_lines, summary
+    from streamserve.ops.history import parse_position
+    from streamserve.ops.preflight import check_kafka
+    from streamserve.ops.replay import ReplayRequest, read_dead_letters, run_replay
+
+    since = parse_position(args.since) if args.since else None
+    settings = load_settings(args.config)
+    check_kafka(settings.kafka.common(), args.timeout)
+    selection = Selection(args.stage, args.reason, since.time_ms if since is not None else None)
+    topic = settings.output.dead_letter_topic
+
+    def when(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    if args.action == "inspect":
+        letters = read_dead_letters(settings.kafka.common(), topic, since, max(args.timeout, 10.0))
+        read, groups = inspect(letters, selection)
+        if args.json:
+            print(json.dumps({"topic": topic, "read": read, "groups": as_json(groups)}, indent=2))
+            return 0
+        print(f"{topic}: {read} record(s) read, {sum(g.count for g in groups)} selected")
+        for g in groups:
+            print(f"{g.count:>8}  {g.stage} / {g.reason}  first {when(g.first_ms)}  last {when(g.last_ms)}")
+            for message, count in g.messages.items():
+                print(f"          {count:>6} x {message[:150]}")
+            for line in sample_lines(g.sample) if g.sample is not None else []:
+                print(f"          sample: {line}")
+        return 0
+    request = ReplayRequest(
+        selection, since, args.dry_run, args.score, args.per_transaction, args.rate, max(args.timeout, 10.0)
+    )
+    todo, outcome = run_replay(settings, request)
+    for g in group(todo.pending):
+        print(f"{g.count:>8}  {g.stage} / {g.reason}  first {when(g.first_ms)}  last {when(g.last_ms)}")
+    target = "scored to " + settings.output.topic if args.score else "to " + settings.input.topic
+    print(f"{summary(todo, outcome)} ({target}; ledger {topic}.replayed)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -669,6 +758,61 @@ def build_parser() -> argparse.ArgumentParser:
         f"{ADMIN_TIMEOUT_S:g})",
     )
     check.set_defaults(func=cmd_schemas_check)
+
+    backtest = sub.add_parser(
+        "backtest",
+        help="score a range of history with a candidate and the live version, and compare them",
+        description=cmd_backtest.__doc__,
+        epilog="TIME: ISO 8601 (2026-12-06T10:00:00Z; no zone means UTC), now, or -30m/-2h/-7d before now; "
+        "OFFSETS: PARTITION:OFFSET[,PARTITION:OFFSET...] (in --from: only those partitions are read; in --to: the "
+        "others are read to their end); also beginning, end. "
+        "The range is [--from, --to): --to is exclusive. Write a relative time with '=': --from=-2h.",
+    )
+    _add_config(backtest)
+    _add_timeout(backtest, servers="Redis or Kafka")
+    backtest.add_argument("--candidate", help="the candidate's version, as announced on the control topic (e.g. v2)")
+    backtest.add_argument(
+        "--candidate-uri",
+        help="the candidate's .onnx artifact (path, file:// or http(s)://) instead of the control "
+        "topic; --candidate names its version then (default: candidate)",
+    )
+    backtest.add_argument("--from", dest="start", required=True, metavar="TIME|OFFSETS", help="where the range starts")
+    backtest.add_argument("--to", dest="end", default="end", metavar="TIME|OFFSETS", help="where it ends (end)")
+    backtest.add_argument(
+        "--jobs", type=int, default=1, help="score the partition ranges in this many processes (1: in this one)"
+    )
+    backtest.add_argument("--batch-size", type=int, default=1000, help="records per micro-batch (1000)")
+    backtest.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
+    backtest.add_argument("--predictions-topic", help="also produce the candidate's predictions to this topic")
+    backtest.add_argument("--parquet", type=Path, metavar="FILE", help="also write both versions' predictions here")
+    backtest.set_defaults(func=cmd_backtest)
+
+    dlq = sub.add_parser("dlq", help="inspect and replay dead letters").add_subparsers(dest="action", required=True)
+    for name, help_text in (
+        ("inspect", "dead letters grouped by stage and reason, with a sample of each"),
+        ("replay", "replay the selected dead letters to the input topic, each at most once"),
+    ):
+        cmd = dlq.add_parser(name, help=help_text, description=cmd_dlq.__doc__)
+        _add_config(cmd)
+        _add_timeout(cmd)
+        cmd.add_argument("--stage", help="only dead letters of this stage (decode, features, enrich, infer, encode)")
+        cmd.add_argument("--reason", help="only this error class (e.g. FeatureError), or a piece of the error message")
+        cmd.add_argument("--since", metavar="TIME", help="only dead letters written at or after TIME (see backtest)")
+        cmd.set_defaults(func=cmd_dlq)
+        if name == "inspect":
+            cmd.add_argument("--json", action="store_true", help="print the groups as JSON")
+        else:
+            cmd.add_argument("--dry-run", action="store_true", help="show what would be replayed; write nothing")
+            cmd.add_argument(
+                "--score",
+                action="store_true",
+                help="score them here with the live version instead: predictions "
+                "to the output topic, failures to the DLQ again",
+            )
+            cmd.add_argument("--rate", type=float, help="at most this many dead letters per second (unlimited)")
+            cmd.add_argument(
+                "--per-transaction", type=int, default=200, help="dead letters per Kafka transaction (200)"
+            )
 
     demo = sub.add_parser(
         "demo", help="run the card-fraud demo end to end on a running local stack", description=cmd_demo.__doc__
