@@ -177,6 +177,27 @@ def cmd_features_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features_stream(args: argparse.Namespace) -> int:
+    """Keep windowed aggregates per entity in Redis from the input events (a faust-streaming app).
+
+    Reads the pipeline's input topic and, for every aggregate of ``stream_features.aggregates`` (count, sum,
+    mean, min, max or distinct_count of an event field over a tumbling or hopping event-time window), writes
+    each entity's value over its current window - "the last window_s up to its latest event" - to the Redis
+    key and layout the worker reads, stamped with ``updated_at``. State survives restarts (a faust table with a
+    changelog topic); start one app per few input partitions to scale; an older value never replaces a newer
+    one. Events the aggregates cannot use are dead-lettered with the reason. Stops on SIGTERM/SIGINT.
+    """
+    from streamserve.config import load_settings
+    from streamserve.ops.preflight import check_file, check_pipeline_servers
+    from streamserve.streaming.app import run
+
+    settings = load_settings(args.config)
+    check_file(settings.input.schema_path, "input schema", "set input.schema to the events' .avsc file")
+    check_pipeline_servers(settings, args.timeout)
+    run(settings, args.log_level.lower())
+    return 0
+
+
 @dataclass(frozen=True)
 class _ControlTarget:
     """Where and how the models subcommands talk to the control plane."""
@@ -649,6 +670,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_timeout(load, servers="Redis")
     load.set_defaults(func=cmd_features_load)
+    stream = features.add_parser(
+        "stream",
+        help="keep windowed aggregates per entity (count/sum/mean/min/max/distinct over tumbling or hopping "
+        "windows) in Redis from the input events: a faust-streaming app",
+        description=cmd_features_stream.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example, in the pipeline YAML:\n"
+        "  stream_features:\n"
+        "    app_id: fraud-features\n"
+        "    aggregates:\n"
+        "      - {name: txn_count_10m, key: 'card_stream:{card_id}', function: count, window_s: 600}\n"
+        "      - {name: amount_mean_1h, key: 'card_stream:{card_id}', function: mean, field: amount,\n"
+        "         window_s: 3600, hop_s: 600}\n"
+        "and a model feature reading one:\n"
+        "  - {name: txn_count_10m, source: redis, key: 'card_stream:{card_id}', field: txn_count_10m,\n"
+        "     default: 0, max_age_s: 600, updated_at_field: updated_at}",
+    )
+    _add_config(stream)
+    _add_timeout(stream, default=RUN_TIMEOUT_S, servers="Kafka or Redis")
+    stream.set_defaults(func=cmd_features_stream)
 
     models = sub.add_parser("models", help="model versions on the control topic").add_subparsers(
         dest="action", required=True

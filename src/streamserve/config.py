@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -549,6 +550,89 @@ class MonitorSettings(_Section):
         return self
 
 
+# --- streaming features (`streamserve features stream`): aggregates per entity over event-time windows ---------
+
+
+class AggregateSpec(_Section):
+    """One streaming feature: an aggregate of the events of one entity over an event-time window."""
+
+    name: str
+    """The Redis hash field written (layout hash); what a model feature reads with ``field``."""
+    key: str
+    """Redis key template of the entity, filled from the input's key field, e.g. ``card_stats:{card_id}``. Use a
+    key of its own: the app stamps it with ``updated_at`` (the entity's latest event time)."""
+    function: Literal["count", "sum", "mean", "min", "max", "distinct_count"]
+    field: str | None = None
+    """Event field path aggregated (every function but count); numbers for sum/mean/min/max, any value for
+    distinct_count."""
+    window_s: float = Field(gt=0)
+    """Window length in seconds, e.g. 600 for "in the last 10 minutes"."""
+    hop_s: float | None = Field(default=None, gt=0)
+    """Hopping windows start every ``hop_s`` (a divisor of window_s); tumbling windows when unset."""
+    layout: Literal["hash", "packed"] = "hash"
+    """``hash``: one hash field per aggregate; ``packed``: a float32 at ``index`` of the entity's vector."""
+    index: int | None = Field(default=None, ge=0)
+    """Position in the packed vector (layout packed)."""
+
+    @property
+    def window_ms(self) -> int:
+        """Window length in milliseconds."""
+        return round(self.window_s * 1000)
+
+    @property
+    def hop_ms(self) -> int:
+        """Window start interval in milliseconds (the window length when tumbling)."""
+        return self.window_ms if self.hop_s is None else round(self.hop_s * 1000)
+
+    @model_validator(mode="after")
+    def _check(self) -> AggregateSpec:
+        where = f"aggregate {self.name!r}"
+        if (self.function == "count") != (self.field is None):
+            raise ValueError(f"{where}: {self.function} {'takes no' if self.field else 'needs a'} field")
+        if abs(self.window_s * 1000 - self.window_ms) > 1e-6 or self.window_ms < 1:
+            raise ValueError(f"{where}: window_s must be a whole number of milliseconds")
+        if self.hop_s is not None and (self.hop_ms < 1 or self.window_ms % self.hop_ms or self.hop_ms > self.window_ms):
+            raise ValueError(f"{where}: hop_s must divide window_s into whole milliseconds")
+        if (self.layout == "packed") != (self.index is not None):
+            raise ValueError(f"{where}: layout 'packed' and index go together")
+        return self
+
+
+class StreamFeatureSettings(_Section):
+    """The faust-streaming app that keeps windowed aggregates per entity in Redis (``features stream``)."""
+
+    app_id: str = "streamserve-features"
+    """faust app id: the consumer group, and the prefix of the state's changelog topic."""
+    aggregates: list[AggregateSpec] = Field(default_factory=list)
+    updated_at_field: str = "updated_at"
+    """Hash field stamped with the entity's latest event time (epoch ms): a model feature's updated_at_field."""
+    dead_letter_topic: str | None = None
+    """Where events the aggregates cannot use go, with the reason; ``output.dead_letter_topic`` when unset."""
+    max_batch_size: int = Field(default=1000, ge=1)
+    """Events folded per step (one Redis round trip per step)."""
+    max_wait_ms: int = Field(default=50, ge=1)
+    """Longest an event waits for its step to fill."""
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    """How often input offsets are committed (the state's changelog is flushed first)."""
+    replication_factor: int = Field(default=1, ge=1)
+    """Replication factor of the changelog topic the app creates."""
+
+    @field_validator("aggregates")
+    @classmethod
+    def _consistent(cls, aggregates: list[AggregateSpec]) -> list[AggregateSpec]:
+        seen: dict[tuple[str, str], AggregateSpec] = {}
+        for spec in aggregates:
+            first = seen.setdefault((spec.key, spec.name), spec)
+            if first is not spec:
+                raise ValueError(f"aggregate {spec.name!r} appears twice under key {spec.key!r}")
+            same_key = [s for s in aggregates if s.key == spec.key]
+            if any(s.layout != spec.layout for s in same_key):
+                raise ValueError(f"aggregates of key {spec.key!r} mix layouts 'hash' and 'packed'")
+            if spec.index is not None and sum(s.index == spec.index for s in same_key) > 1:
+                raise ValueError(f"aggregates of key {spec.key!r} share index {spec.index}")
+        return aggregates
+
+
 class PipelineSettings(BaseSettings):
     """A streamserve pipeline: input, features, model, output, batching, clients."""
 
@@ -566,6 +650,8 @@ class PipelineSettings(BaseSettings):
     control: ControlSettings = ControlSettings()
     observe: ObserveSettings = ObserveSettings()
     monitor: MonitorSettings = MonitorSettings()
+    stream_features: StreamFeatureSettings = StreamFeatureSettings()
+    """Windowed aggregates per entity kept in Redis by ``streamserve features stream``."""
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     """``at_least_once`` commits input offsets after outputs are acknowledged (duplicates possible after a
     crash); ``exactly_once`` commits outputs and input offsets in one Kafka transaction per micro-batch
@@ -596,6 +682,19 @@ class PipelineSettings(BaseSettings):
     def _wire_format_needs_a_registry(self) -> PipelineSettings:
         if self.output.wire_format and not self.kafka.schema_registry_url:
             raise ValueError("output.wire_format needs kafka.schema_registry_url")
+        return self
+
+    @model_validator(mode="after")
+    def _aggregates_follow_the_input_key(self) -> PipelineSettings:
+        # One writer per entity: the input is partitioned by its key field, so an entity keyed by that field alone
+        # lives in one partition, and its state in one app (see streaming/store.py).
+        for spec in self.stream_features.aggregates:
+            fields = {name for _, name, _, _ in string.Formatter().parse(spec.key) if name}
+            if fields != {self.input.key_field}:
+                raise ValueError(
+                    f"stream_features aggregate {spec.name!r}: key {spec.key!r} must be filled from the input's key "
+                    f"field {self.input.key_field!r} alone (one partition, hence one writer, per entity)"
+                )
         return self
 
     @classmethod
