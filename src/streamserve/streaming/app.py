@@ -182,7 +182,7 @@ def build_app(settings: PipelineSettings, partitions: int) -> faust.App:
         topic_replication_factor=sf.replication_factor,
         table_standby_replicas=0,
     )
-    table = app.Table("aggregates", default=None, partitions=partitions, key_type=str, value_serializer="json")
+    table = app.Table("aggregates", default=None, partitions=partitions, key_type=str)  # json keys and values
     client = redis_client(settings.redis)
     producer = Producer(settings.kafka.producer_config(linger_ms=5))
     aggregator = Aggregator(settings, table, AggregateStore(client, sf.updated_at_field), producer)
