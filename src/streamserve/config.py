@@ -616,6 +616,9 @@ class StreamFeatureSettings(_Section):
     """How often input offsets are committed (the state's changelog is flushed first)."""
     replication_factor: int = Field(default=1, ge=1)
     """Replication factor of the changelog topic the app creates."""
+    session_timeout_s: float = Field(default=10.0, gt=0)
+    """After this long without a heartbeat an app is out of the group and its partitions move to the others (a
+    killed app's partitions wait this long before another app, or its restart, takes them)."""
 
     @field_validator("aggregates")
     @classmethod

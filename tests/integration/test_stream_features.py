@@ -208,7 +208,9 @@ def produce_readings(bootstrap: str, topic: str, events: list[dict[str, Any]], g
 
 
 @pytest.fixture
-def reading_pipeline(stack: Servers, bootstrap: str, tmp_path: Path, redis_client: redis.Redis) -> Iterator[dict[str, Any]]:
+def reading_pipeline(
+    stack: Servers, bootstrap: str, tmp_path: Path, redis_client: redis.Redis
+) -> Iterator[dict[str, Any]]:
     name = unique("sf")
     schema_path = tmp_path / "reading.avsc"
     schema_path.write_text(json.dumps(READING))
@@ -220,13 +222,23 @@ def reading_pipeline(stack: Servers, bootstrap: str, tmp_path: Path, redis_clien
     config = config_from(
         EXAMPLE_PIPELINE,
         {
-            "input": {"topic": f"{name}-in", "schema": str(schema_path), "key_field": "account",
-                      "event_id_field": "id", "event_time_field": "ts"},  # fmt: skip
+            "input": {
+                "topic": f"{name}-in",
+                "schema": str(schema_path),
+                "key_field": "account",
+                "event_id_field": "id",
+                "event_time_field": "ts",
+            },  # fmt: skip
             "output.topic": f"{name}-out",
             "output.dead_letter_topic": f"{name}-dlq",
             "kafka.bootstrap_servers": bootstrap,
             "redis.url": stack.redis_url,
-            "stream_features": {"app_id": f"{name}-app", "aggregates": aggregates, "commit_interval_s": 0.5},
+            "stream_features": {
+                "app_id": f"{name}-app",
+                "aggregates": aggregates,
+                "commit_interval_s": 0.5,
+                "session_timeout_s": 6,
+            },
             "log_every_s": 1.0,
         },
     )

@@ -181,6 +181,8 @@ def build_app(settings: PipelineSettings, partitions: int) -> faust.App:
         topic_partitions=partitions,
         topic_replication_factor=sf.replication_factor,
         table_standby_replicas=0,
+        broker_session_timeout=sf.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, sf.session_timeout_s / 3),
     )
     table = app.Table("aggregates", default=None, partitions=partitions, key_type=str)  # json keys and values
     client = redis_client(settings.redis)
