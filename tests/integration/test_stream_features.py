@@ -29,6 +29,7 @@ from confluent_kafka import Producer
 from streamserve.config import config_from, load_settings
 from streamserve.demo.data import Entities, make_events
 from streamserve.demo.train import TrainedModel
+from streamserve.streaming.store import AggregateStore, Entry
 from tests.integration.harness import (
     EXAMPLE_PIPELINE,
     Pipeline,
@@ -228,7 +229,7 @@ def reading_pipeline(
                 "key_field": "account",
                 "event_id_field": "id",
                 "event_time_field": "ts",
-            },  # fmt: skip
+            },
             "output.topic": f"{name}-out",
             "output.dead_letter_topic": f"{name}-dlq",
             "kafka.bootstrap_servers": bootstrap,
@@ -386,3 +387,30 @@ def test_the_worker_scores_with_the_streamed_aggregate(
         record = by_id[event["event_id"]]
         assert record["score"] == pytest.approx(float(scores[i]), abs=1e-6)
         assert record["label"] == labels[i]
+
+
+def test_an_older_entry_never_replaces_a_newer_one(redis_client: redis.Redis) -> None:
+    """The store's compare-and-set: a later event time wins; at the same time, the state with more events."""
+    store = AggregateStore(redis_client, "updated_at")
+    key, vector = unique("sf-cas"), unique("sf-cas-vec")
+    try:
+
+        def write(latest_ms: int, events: int, value: float | None) -> int:
+            entries = [Entry(key, latest_ms, events, {"v": value})]
+            packed = [Entry(vector, latest_ms, events, {"v": value})]
+            return store.write([("hash", {}, entries), ("packed", {"v": 1}, packed)])
+
+        assert write(1000, 5, 5.0) == 0
+        assert write(999, 50, 50.0) == 2, "an earlier event time is older, however many events"
+        assert write(1000, 4, 4.0) == 2, "the same time with fewer events is older"
+        assert redis_client.hget(key, "v") == b"5.0"
+        assert write(1000, 6, None) == 0
+        assert redis_client.hget(key, "v") is None, "no value (the mean of nothing) deletes the field"
+        assert write(2000, 1, 7.0) == 0
+        assert redis_client.hmget(key, "v", "updated_at", "updated_at.events") == [b"7.0", b"2000", b"1"]
+        elements = np.frombuffer(redis_client.get(vector), dtype="<f4")
+        assert np.isnan(elements[0]), "a new vector's other elements read as missing"
+        assert elements[1] == 7.0
+        assert redis_client.hget(vector + "#stamp", "updated_at") == b"2000"
+    finally:
+        redis_client.delete(key, vector, vector + "#stamp")
