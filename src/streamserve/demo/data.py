@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +11,9 @@ import numpy as np
 
 CARD_FIELDS = ("avg_amount_30d", "txn_count_24h", "chargeback_rate")
 MERCHANT_FIELDS = ("risk_score",)
+STREAMED_COUNT_WINDOW_MS = 86_400_000
+STREAMED_COUNT_HOP_MS = 3_600_000
+"""The card's transactions in the last 24 hours (hourly hops): ``stream_features`` of examples/fraud/pipeline.yaml."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,26 @@ def make_events(
         }
 
 
-def feature_row(event: dict[str, Any], entities: Entities) -> list[float]:
-    """The model inputs of an event in the demo's feature order (see examples/fraud/pipeline.yaml)."""
+def streamed_counts(
+    events: Iterable[dict[str, Any]], window_ms: int = STREAMED_COUNT_WINDOW_MS, hop_ms: int = STREAMED_COUNT_HOP_MS
+) -> list[float]:
+    """Per event, its card's transactions in the window that holds the card's latest time so far and started
+    first, this one included: what `streamserve features stream` keeps in Redis once it has seen the event.
+    Computed here on its own (not with streamserve.streaming), so the training data checks the app."""
+    seen: dict[str, list[int]] = {}
+    counts = []
+    for event in events:
+        times = seen.setdefault(event["card_id"], [])
+        times.append(int(event["event_time"]))
+        latest = max(times)
+        start = (latest - window_ms) // hop_ms * hop_ms + hop_ms
+        counts.append(float(sum(start <= t < start + window_ms for t in times)))
+    return counts
+
+
+def feature_row(event: dict[str, Any], entities: Entities, txn_count: float | None = None) -> list[float]:
+    """The model inputs of an event in the demo's feature order (see examples/fraud/pipeline.yaml); the card's
+    transaction count is the streamed one when given (streamed_counts), else the batch-loaded hash field."""
     card = entities.cards[event["card_id"]]
     merchant = entities.merchants[event["merchant_id"]]
     return [
@@ -70,7 +91,7 @@ def feature_row(event: dict[str, Any], entities: Entities) -> list[float]:
         float(event["hour_of_day"]),
         float(event["is_online"]),
         card["avg_amount_30d"],
-        card["txn_count_24h"],
+        card["txn_count_24h"] if txn_count is None else txn_count,
         card["chargeback_rate"],
         merchant["risk_score"],
     ]

@@ -6,6 +6,9 @@ import csv
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,7 +23,14 @@ from streamserve.config import PipelineSettings, load_settings
 from streamserve.control.publish import fleet_status, local_validator, publish
 from streamserve.control.reading import acceptance_policy
 from streamserve.control.signing import generate, load_private
-from streamserve.demo.data import CARD_FIELDS, MERCHANT_FIELDS, Entities, make_entities, make_events
+from streamserve.demo.data import (
+    CARD_FIELDS,
+    MERCHANT_FIELDS,
+    Entities,
+    make_entities,
+    make_events,
+    streamed_counts,
+)
 from streamserve.demo.train import train_versions
 from streamserve.ops.admin import ensure_topics, pipeline_topics
 from streamserve.ops.preflight import env_overrides
@@ -122,6 +132,7 @@ def fresh_topics(base: PipelineSettings) -> str:
             "STREAMSERVE_CONTROL__TOPIC": f"{base.control.topic}-{run_id}",
             "STREAMSERVE_CONTROL__STATUS_TOPIC": f"{base.control.status_topic}-{run_id}",
             "STREAMSERVE_KAFKA__GROUP_ID": f"{base.kafka.group_id}-{run_id}",
+            "STREAMSERVE_STREAM_FEATURES__APP_ID": f"{base.stream_features.app_id}-{run_id}",
             "STREAMSERVE_LOG_EVERY_S": "0",
         }
     )
@@ -152,6 +163,43 @@ def publish_validated(settings: PipelineSettings, sign_key: Path, version: str, 
     )
 
 
+def start_feature_app(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """`streamserve features stream` in its own process (faust runs its own event loop), stopped by its PID."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        command = [sys.executable, "-m", "streamserve", "--log-level", "WARNING", "features", "stream", "-c"]
+        return subprocess.Popen([*command, str(config)], stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def stop_feature_app(app: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not stopped within 30 s."""
+    app.send_signal(signal.SIGTERM)
+    try:
+        app.wait(30)
+    except subprocess.TimeoutExpired:
+        app.kill()
+        app.wait(10)
+
+
+def streamed_counts_match(
+    client: redis.Redis, app: subprocess.Popen[bytes], produced: list[dict[str, Any]], timeout_s: float
+) -> tuple[int, int]:
+    """(cards whose streamed count in Redis equals the one computed here from the events, cards), waiting for the
+    app to catch up."""
+    expected = dict(zip((e["card_id"] for e in produced), streamed_counts(produced), strict=True))  # last wins
+    cards = sorted(expected)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reads = client.pipeline(transaction=False)
+        for card in cards:
+            reads.hget(f"card_stream:{card}", "txn_count_24h")
+        replies = reads.execute()
+        matching = sum(float(reply or -1) == expected[card] for card, reply in zip(cards, replies, strict=True))
+        if matching == len(cards) or time.monotonic() > deadline or app.poll() is not None:
+            return matching, len(cards)
+        time.sleep(0.5)
+
+
 def run_demo(config: Path, events: int, partitions: int) -> int:
     """The whole demo; returns the process exit code."""
     env_overrides()
@@ -180,20 +228,16 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     load_features(client, read_rows(cards_csv), "card:{card_id}")
     load_features(client, read_rows(merchants_csv), "merchant:{merchant_id}")
 
-    say("[4/6] starting a worker and streaming the first half of the events (served by v1)")
+    say("[4/6] starting the streaming-features app and a worker; streaming the first half of the events (v1)")
+    feature_app = start_feature_app(config, model_dir.parent / "data" / f"features-{run_id}.log")
     worker = build_worker(settings)
     worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
     worker_thread.start()
     reader = PredictionReader(settings)
     schema = load_schema(settings.input.schema_path)
     first, second = events // 2, events - events // 2
-    produce_avro(
-        settings.kafka.producer_config(),
-        settings.input.topic,
-        schema,
-        make_events(entities, first, seed=21),
-        settings.input.key_field,
-    )
+    produced = list(make_events(entities, first, seed=21))
+    produce_avro(settings.kafka.producer_config(), settings.input.topic, schema, produced, settings.input.key_field)
     bad = Producer(settings.kafka.common())
     for i in range(5):  # a few undecodable records, to show where bad input goes
         bad.produce(settings.input.topic, os.urandom(24), f"bad-{i}".encode())
@@ -206,12 +250,9 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     deadline = time.monotonic() + 60
     while worker.registry.routing.live.version != "v2" and time.monotonic() < deadline:
         time.sleep(0.1)
+    produced += make_events(entities, second, seed=22)
     produce_avro(
-        settings.kafka.producer_config(),
-        settings.input.topic,
-        schema,
-        make_events(entities, second, seed=22),
-        settings.input.key_field,
+        settings.kafka.producer_config(), settings.input.topic, schema, produced[first:], settings.input.key_field
     )
     reader.wait_for(events, timeout_s=180)
     if worker.follower is not None:
@@ -220,6 +261,8 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     worker.stop()
     worker_thread.join(timeout=60)
     reader.close()
+    matching, cards = streamed_counts_match(client, feature_app, produced, timeout_s=60)
+    stop_feature_app(feature_app)
 
     stats = worker.stats
     span_s = max((reader.last_ms - (reader.first_ms or reader.last_ms)) / 1000, 1e-3)
@@ -237,12 +280,16 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
             f"      fleet status:     worker {status.worker_id} serves {status.model} {status.serving_version} "
             f"({status.state}, mode {status.mode}) - `streamserve models status` shows this"
         )
+    say(
+        f"      streamed feature: txn_count_24h of {matching}/{cards} cards in Redis equals the count computed from "
+        "the events (`streamserve features stream`, a faust app; the models were trained on the same count)"
+    )
     say("      sample predictions:")
     for record in reader.samples[:6]:
         say(
             f"        {record['event_id']}  card={record['key']}  version={record['model_version']}  "
             f"score={record['score']:.4f}  label={record['label']}"
         )
-    ok = reader.by_version.get("v2", 0) > 0 and reader.total == events and stats.dead_letters == 5
+    ok = reader.by_version.get("v2", 0) > 0 and reader.total == events and stats.dead_letters == 5 and matching == cards
     say(f"demo {'OK' if ok else 'FAILED'} in {time.monotonic() - started:.0f}s")
     return 0 if ok else 1

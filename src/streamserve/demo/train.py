@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamserve.demo.data import Entities, feature_row, fraud_label, make_events
+from streamserve.demo.data import Entities, feature_row, fraud_label, make_events, streamed_counts
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,12 @@ class TrainedModel:
 
 
 def training_set(entities: Entities, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels from synthetic events."""
+    """Features and labels from synthetic events; the card's transaction count as the streaming app counts it."""
     events = list(make_events(entities, rows, seed=seed))
-    matrix = np.array([feature_row(event, entities) for event in events], dtype=np.float32)
+    counts = streamed_counts(events)
+    matrix = np.array(
+        [feature_row(event, entities, count) for event, count in zip(events, counts, strict=True)], dtype=np.float32
+    )
     return matrix, fraud_label(matrix.astype(np.float64), np.random.default_rng(seed))
 
 
