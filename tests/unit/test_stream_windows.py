@@ -202,3 +202,23 @@ def test_fields_are_checked_against_the_event_schema(field: str, function: str, 
     spec = AggregateSpec(name="a", key="k:{who}", function=function, field=field, window_s=1)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=message):
         check_field(spec, SCHEMA)
+
+
+def test_the_demo_trains_on_the_count_its_pipeline_streams() -> None:
+    """The fraud demo's training count (demo/data.py, computed on its own) is the app's aggregate, event by event."""
+    from streamserve.demo.data import STREAMED_COUNT_HOP_MS, STREAMED_COUNT_WINDOW_MS, streamed_counts
+
+    settings = PipelineSettings(**config_from(EXAMPLE_PIPELINE))
+    [spec] = settings.stream_features.aggregates
+    assert (spec.function, spec.window_ms, spec.hop_ms) == ("count", STREAMED_COUNT_WINDOW_MS, STREAMED_COUNT_HOP_MS)
+    [feature] = [f for f in settings.features if f.name == spec.name]
+    assert (feature.key, feature.field) == (spec.key, spec.name)
+
+    aggregates = {spec.name: Aggregate(spec.name, "count", Window(spec.window_ms, spec.hop_ms))}
+    start = 1_700_000_000_000
+    events = [{"card_id": f"c{i % 7}", "event_time": start + i * 997_000} for i in range(400)]  # ~4.6 days
+    states: dict[str, EntityState] = {}
+    for offset, (event, count) in enumerate(zip(events, streamed_counts(events), strict=True)):
+        state = states.setdefault(event["card_id"], EntityState())
+        state.apply(aggregates, 0, offset, event["event_time"], {spec.name: None})
+        assert state.current(aggregates)[spec.name] == count

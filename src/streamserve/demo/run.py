@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import logging
@@ -172,7 +173,9 @@ def start_feature_app(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
 
 
 def stop_feature_app(app: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it has not stopped within 30 s."""
+    """SIGTERM, then SIGKILL if it has not stopped within 30 s (nothing when it has exited)."""
+    if app.poll() is not None:
+        return
     app.send_signal(signal.SIGTERM)
     try:
         app.wait(30)
@@ -219,6 +222,9 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     say(f"[2/6] creating topics on {settings.kafka.bootstrap_servers} ({partitions} partitions)")
     ensure_topics(settings.kafka.common(), pipeline_topics(settings, partitions))
 
+    # Started first, so it has joined its group by the time events flow (the worker reads what it writes).
+    feature_app = start_feature_app(config, model_dir.parent / "data" / f"features-{run_id}.log")
+    atexit.register(stop_feature_app, feature_app)  # also when the demo fails half-way
     say(
         f"[3/6] loading {len(entities.cards)} card and {len(entities.merchants)} merchant feature rows "
         f"into Redis at {settings.redis.url}"
@@ -227,9 +233,10 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     cards_csv, merchants_csv = _write_entity_files(entities, model_dir.parent / "data")
     load_features(client, read_rows(cards_csv), "card:{card_id}")
     load_features(client, read_rows(merchants_csv), "merchant:{merchant_id}")
+    # This run's feature app counts from zero: no count of an earlier run on a long-lived stack may be read.
+    client.delete(*(f"card_stream:{card_id}" for card_id in entities.cards))
 
-    say("[4/6] starting the streaming-features app and a worker; streaming the first half of the events (v1)")
-    feature_app = start_feature_app(config, model_dir.parent / "data" / f"features-{run_id}.log")
+    say("[4/6] starting a worker (the streaming-features app runs beside it); streaming the first half (v1)")
     worker = build_worker(settings)
     worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
     worker_thread.start()

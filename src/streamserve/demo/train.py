@@ -27,9 +27,11 @@ class TrainedModel:
 def training_set(entities: Entities, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels from synthetic events; the card's transaction count as the streaming app counts it."""
     events = list(make_events(entities, rows, seed=seed))
-    counts = streamed_counts(events)
+    # The worker scores an event while the streaming app folds it in beside it: what Redis holds then is the
+    # count of the card's earlier transactions (a missing key, the first one, reads the default 0).
+    earlier = [count - 1 for count in streamed_counts(events)]
     matrix = np.array(
-        [feature_row(event, entities, count) for event, count in zip(events, counts, strict=True)], dtype=np.float32
+        [feature_row(event, entities, count) for event, count in zip(events, earlier, strict=True)], dtype=np.float32
     )
     return matrix, fraud_label(matrix.astype(np.float64), np.random.default_rng(seed))
 
