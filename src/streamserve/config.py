@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextvars
 import json
 import os
-import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -559,8 +558,9 @@ class AggregateSpec(_Section):
     name: str
     """The Redis hash field written (layout hash); what a model feature reads with ``field``."""
     key: str
-    """Redis key template of the entity, filled from the input's key field, e.g. ``card_stats:{card_id}``. Use a
-    key of its own: the app stamps it with ``updated_at`` (the entity's latest event time)."""
+    """Redis key template of the entity, filled from ``input.key_field`` alone (checked when the app starts: the
+    input is partitioned by it, so one app writes each entity), e.g. ``card_stats:{card_id}``. Use a key of its
+    own: the app stamps it with ``updated_at`` (the entity's latest event time)."""
     function: Literal["count", "sum", "mean", "min", "max", "distinct_count"]
     field: str | None = None
     """Event field path aggregated (every function but count); numbers for sum/mean/min/max, any value for
@@ -685,19 +685,6 @@ class PipelineSettings(BaseSettings):
     def _wire_format_needs_a_registry(self) -> PipelineSettings:
         if self.output.wire_format and not self.kafka.schema_registry_url:
             raise ValueError("output.wire_format needs kafka.schema_registry_url")
-        return self
-
-    @model_validator(mode="after")
-    def _aggregates_follow_the_input_key(self) -> PipelineSettings:
-        # One writer per entity: the input is partitioned by its key field, so an entity keyed by that field alone
-        # lives in one partition, and its state in one app (see streaming/store.py).
-        for spec in self.stream_features.aggregates:
-            fields = {name for _, name, _, _ in string.Formatter().parse(spec.key) if name}
-            if fields != {self.input.key_field}:
-                raise ValueError(
-                    f"stream_features aggregate {spec.name!r}: key {spec.key!r} must be filled from the input's key "
-                    f"field {self.input.key_field!r} alone (one partition, hence one writer, per entity)"
-                )
         return self
 
     @classmethod

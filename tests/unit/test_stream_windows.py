@@ -184,8 +184,9 @@ def test_bad_aggregates_are_refused(spec: dict[str, Any], message: str) -> None:
 
 
 def test_the_key_template_must_be_the_input_key() -> None:
-    with pytest.raises(ValueError, match="must be filled from the input's key field 'who' alone"):
-        pipeline([{"name": "n", "key": "k:{tag}", "function": "count", "window_s": 1}])
+    settings = pipeline([{"name": "n", "key": "k:{tag}", "function": "count", "window_s": 1}])
+    with pytest.raises(ConfigError, match=r"must be filled from input\.key_field 'who' alone"):
+        entity_groups(settings, SCHEMA)
     with pytest.raises(ValueError, match="appears twice"):
         StreamFeatureSettings(aggregates=[{"name": "n", "key": "k", "function": "count", "window_s": 1}] * 2)
 

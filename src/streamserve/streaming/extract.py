@@ -8,6 +8,7 @@ and counted per reason. Nothing here raises on a record's content.
 from __future__ import annotations
 
 import math
+import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ def entity_groups(settings: PipelineSettings, schema: Any) -> list[EntityGroup]:
     """The configured aggregates grouped by key template, each field checked against the event schema."""
     by_template: dict[str, list[AggregateSpec]] = {}
     for spec in settings.stream_features.aggregates:
+        check_key(spec, settings.input.key_field)
         check_field(spec, schema)
         by_template.setdefault(spec.key, []).append(spec)
     return [
@@ -90,6 +92,17 @@ def entity_groups(settings: PipelineSettings, schema: Any) -> list[EntityGroup]:
         )
         for template, specs in by_template.items()
     ]
+
+
+def check_key(spec: AggregateSpec, key_field: str) -> None:
+    """Refuse a key template not filled from the input's key field alone: the input is partitioned by that field,
+    so such an entity lives in one partition and is written by one app (one writer per key)."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(spec.key) if name}
+    if fields != {key_field}:
+        raise ConfigError(
+            f"stream_features aggregate {spec.name!r}: key {spec.key!r} must be filled from input.key_field "
+            f"{key_field!r} alone (the input is partitioned by it: one partition, hence one writer, per entity)"
+        )
 
 
 def check_field(spec: AggregateSpec, schema: Any) -> None:
