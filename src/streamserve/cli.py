@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import signal
@@ -674,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stream",
         help="keep windowed aggregates per entity (count/sum/mean/min/max/distinct over tumbling or hopping "
         "windows) in Redis from the input events: a faust-streaming app",
-        description=cmd_features_stream.__doc__,
+        description=inspect.cleandoc(cmd_features_stream.__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example, in the pipeline YAML:\n"
         "  stream_features:\n"
