@@ -223,3 +223,10 @@ def test_the_demo_trains_on_the_count_its_pipeline_streams() -> None:
         state = states.setdefault(event["card_id"], EntityState())
         state.apply(aggregates, 0, offset, event["event_time"], {spec.name: None})
         assert state.current(aggregates)[spec.name] == count
+
+
+def test_an_app_without_aggregates_is_refused_in_one_line() -> None:
+    from streamserve.streaming.app import build_app
+
+    with pytest.raises(ConfigError, match=r"stream_features\.aggregates is empty"):
+        build_app(pipeline([]), partitions=1)
