@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, ConsumerGroupState, Producer
+from confluent_kafka.admin import AdminClient
 
 from streamserve.config import PipelineSettings, load_settings
 from streamserve.control.publish import fleet_status, local_validator, publish
@@ -172,6 +173,24 @@ def start_feature_app(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([*command, str(config)], stdout=log_file, stderr=subprocess.STDOUT)
 
 
+RATE = 4000.0
+"""Events per second the demo streams: a card's transactions come ~0.5 s apart, so the streaming app has folded
+a card's earlier ones in by the time the worker scores the next (a burst would outrun it)."""
+
+
+def wait_consuming(settings: PipelineSettings, timeout_s: float) -> None:
+    """Wait until the streaming-features app's consumer group is stable with a member (it reads the input)."""
+    group = settings.stream_features.app_id
+    admin = AdminClient(settings.kafka.common())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+        if description.state == ConsumerGroupState.STABLE and description.members:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the streaming-features app (group {group}) did not join within {timeout_s:.0f}s")
+
+
 def stop_feature_app(app: subprocess.Popen[bytes]) -> None:
     """SIGTERM, then SIGKILL if it has not stopped within 30 s (nothing when it has exited)."""
     if app.poll() is not None:
@@ -244,7 +263,10 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     schema = load_schema(settings.input.schema_path)
     first, second = events // 2, events - events // 2
     produced = list(make_events(entities, first, seed=21))
-    produce_avro(settings.kafka.producer_config(), settings.input.topic, schema, produced, settings.input.key_field)
+    wait_consuming(settings, timeout_s=60)
+    produce_avro(
+        settings.kafka.producer_config(), settings.input.topic, schema, produced, settings.input.key_field, rate=RATE
+    )
     bad = Producer(settings.kafka.common())
     for i in range(5):  # a few undecodable records, to show where bad input goes
         bad.produce(settings.input.topic, os.urandom(24), f"bad-{i}".encode())
@@ -259,7 +281,12 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
         time.sleep(0.1)
     produced += make_events(entities, second, seed=22)
     produce_avro(
-        settings.kafka.producer_config(), settings.input.topic, schema, produced[first:], settings.input.key_field
+        settings.kafka.producer_config(),
+        settings.input.topic,
+        schema,
+        produced[first:],
+        settings.input.key_field,
+        rate=RATE,
     )
     reader.wait_for(events, timeout_s=180)
     if worker.follower is not None:
