@@ -124,6 +124,7 @@ class Worker:
             except Fenced as exc:
                 # Another instance owns our transactional.id: stop without committing anything (no crash loop).
                 self.stats.fenced = True
+                self.health.failed(f"fenced: {exc}")
                 log.error("fenced, stopping without committing: %s", exc)
         self._log_progress()
         return self.stats
@@ -240,6 +241,7 @@ class Worker:
         self.stats.events_in += len(sources)
         self.stats.dead_letters += len(rejected)
         self.stats.batches += 1
+        self.health.batch_written()
         self.stats.batches_ahead = self.processor.used_ahead
         self.telemetry.batch_done(sources, rejected, result.degraded, time.perf_counter() - started)
 

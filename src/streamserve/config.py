@@ -456,7 +456,10 @@ class ObserveSettings(_Section):
     host: str = "0.0.0.0"
     """Address to listen on; Kubernetes probes reach the pod IP."""
     liveness_timeout_s: float = Field(default=120.0, gt=0)
-    """/healthz fails when the micro-batch loop has not gone round for this long."""
+    """/healthz fails when the micro-batch loop has not gone round for this long (unless it waits by policy:
+    a Redis outage under ``redis.on_error: wait``)."""
+    stalled_after_s: float = Field(default=30.0, gt=0)
+    """/readyz fails while a micro-batch has been stuck in one stage (e.g. enrich waiting for Redis) this long."""
     trace_sample_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of micro-batches traced (OpenTelemetry, exported over OTLP/HTTP); 0 turns tracing off at no cost."""
     otlp_endpoint: str | None = None

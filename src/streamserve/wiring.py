@@ -30,7 +30,7 @@ from streamserve.pipeline.featurelog import FeatureLog
 from streamserve.pipeline.features import FeatureBuilder, redis_fetcher
 from streamserve.pipeline.fields import check_event_schema
 from streamserve.pipeline.limits import size_limits
-from streamserve.pipeline.process import BatchProcessor, ScoredTap
+from streamserve.pipeline.process import ENRICH_STAGE, BatchProcessor, ScoredTap
 from streamserve.pipeline.sink import OutputSink
 from streamserve.pipeline.source import KafkaSource
 from streamserve.pipeline.subjects import prediction_prefix
@@ -56,6 +56,8 @@ def build_worker(settings: PipelineSettings) -> Worker:
         readers=readers,
         desired=lambda: registry.desired_version,
         lag=lambda: telemetry.lag,
+        last_batch=lambda: health.last_batch,
+        group=settings.kafka.group_id,
     )
     updated_at = {spec.updated_at_field for spec in settings.features if spec.updated_at_field}
     tracer = BatchTracer.from_settings(settings.observe, worker_id)
@@ -121,6 +123,10 @@ def build_worker(settings: PipelineSettings) -> Worker:
         health = HealthState(
             settings.observe.liveness_timeout_s,
             ready=lambda: source.joined and (follower is None or follower.healthy()),
+            stalled_after_s=settings.observe.stalled_after_s,
+            current_stage=telemetry.current_stage,
+            # under `wait`, enrich blocks until Redis answers: unready, but a restart would only wait again
+            waits_by_policy=[ENRICH_STAGE] if settings.redis.on_error == "wait" else [],
         )
         if settings.observe.port is not None:
             observe_server = ObserveServer(settings.observe.host, settings.observe.port, health)

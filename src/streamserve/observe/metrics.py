@@ -1,8 +1,12 @@
 """Worker metrics through OpenTelemetry, served with health probes on one small HTTP endpoint.
 
 ``GET /metrics``  Prometheus text format (OpenTelemetry's Prometheus reader)
-``GET /healthz``  liveness: the micro-batch loop went round within ``liveness_timeout_s``
-``GET /readyz``   readiness: the worker loaded its model and joined its consumer group
+``GET /healthz``  liveness: the micro-batch loop went round within ``liveness_timeout_s``, or it waits by
+                  policy on a dependency (a Redis outage under ``redis.on_error: wait``): 503 only when a
+                  restart would help
+``GET /readyz``   readiness: the worker loaded its model, joined its consumer group, its control plane follows
+                  its topic, it is not fenced, and no batch has been stuck for ``stalled_after_s``: 503 (with
+                  the reason as body) while the worker cannot make progress
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class WorkerMetrics:
         readers: Iterable[object] = (),
         desired: Callable[[], str] | None = None,
         lag: Callable[[], Iterable[tuple[str, int, int]]] | None = None,
+        last_batch: Callable[[], float] | None = None,
+        group: str = "",
     ) -> None:
         from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
@@ -136,6 +142,10 @@ class WorkerMetrics:
             for (model, version, feature), value in list(self.psi.items()):
                 yield Observation(value, {"model": model, "version": version, "feature": feature})
 
+        def last_batch_completed(options: CallbackOptions) -> Iterable[Observation]:
+            if last_batch is not None:
+                yield Observation(last_batch(), {"group": group})
+
         meter.create_observable_gauge("streamserve.model.serving", [serving_version], description="served version")
         meter.create_observable_gauge(
             "streamserve.model.info",
@@ -153,29 +163,92 @@ class WorkerMetrics:
             [drift_psi],
             description="population stability index of a feature (or the score) over the last drift window",
         )
+        # The heartbeat of the "stuck" alert: with events waiting at the broker, it must keep moving.
+        meter.create_observable_gauge(
+            "streamserve.last_batch.timestamp",
+            [last_batch_completed],
+            unit="s",
+            description="Unix time the last micro-batch was written and acknowledged (the worker's start before)",
+        )
 
     def shutdown(self) -> None:
         """Flush and stop the provider."""
         self.provider.shutdown()
 
 
-class HealthState:
-    """What the probes look at: the loop's heartbeat, and readiness (model loaded, group joined)."""
+Stage = tuple[str, float]
+"""The innermost open stage of the batch in progress, and since when (time.monotonic())."""
 
-    def __init__(self, liveness_timeout_s: float, ready: Callable[[], bool]) -> None:
+
+class HealthState:
+    """What the probes look at: the loop's heartbeat, the batch in progress, and readiness.
+
+    Liveness fails only when a restart would help: the loop stopped going round and is not waiting by policy
+    (``waits_by_policy``: the stages that may block on a dependency, such as enrich under ``redis.on_error:
+    wait``, where a restart would only wait again). Readiness fails while the worker cannot make progress.
+    """
+
+    def __init__(
+        self,
+        liveness_timeout_s: float,
+        ready: Callable[[], bool],
+        stalled_after_s: float = 30.0,
+        current_stage: Callable[[], Stage | None] = lambda: None,
+        waits_by_policy: Iterable[str] = (),
+    ) -> None:
         self.liveness_timeout_s = liveness_timeout_s
+        self.stalled_after_s = stalled_after_s
         self.last_loop = time.monotonic()
+        self.last_batch = time.time()
+        """Unix time the last batch was written (the start until then): the heartbeat metric."""
         self._ready = ready
+        self._current_stage = current_stage
+        self._waits_by_policy = frozenset(waits_by_policy)
+        self._failed: str | None = None
 
     def beat(self) -> None:
         """The loop went round once."""
         self.last_loop = time.monotonic()
 
+    def batch_written(self) -> None:
+        """A batch was written and handed to its delivery: the worker makes progress."""
+        self.last_batch = time.time()
+
+    def failed(self, reason: str) -> None:
+        """The worker can no longer serve (e.g. fenced): unready from now on."""
+        self._failed = reason
+
+    def liveness_problem(self) -> str | None:
+        """Why a restart would help, or None."""
+        stalled_s = time.monotonic() - self.last_loop
+        if stalled_s < self.liveness_timeout_s:
+            return None
+        stage = self._current_stage()
+        if stage is not None and stage[0] in self._waits_by_policy:
+            return None  # waiting for a dependency by policy: a new process would wait the same way
+        where = f" in stage {stage[0]}" if stage is not None else ""
+        return f"loop stalled{where} for {stalled_s:.0f}s"
+
+    def readiness_problem(self) -> str | None:
+        """Why the worker cannot make progress now, or None."""
+        if self._failed is not None:
+            return self._failed
+        if not self._ready():
+            return "not serving: consumer group not joined yet, or the control-topic follower is down"
+        stage = self._current_stage()
+        if stage is not None:
+            waited_s = time.monotonic() - stage[1]
+            if waited_s >= self.stalled_after_s:
+                return f"a batch has waited in stage {stage[0]} for {waited_s:.0f}s"
+        return None
+
     def live(self) -> bool:
-        return time.monotonic() - self.last_loop < self.liveness_timeout_s
+        """/healthz answers 200."""
+        return self.liveness_problem() is None
 
     def ready(self) -> bool:
-        return self._ready()
+        """/readyz answers 200."""
+        return self.readiness_problem() is None
 
 
 class ObserveServer:
@@ -189,13 +262,17 @@ class ObserveServer:
                 if self.path == "/metrics":
                     self._reply(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
-                    ok = health.live()
-                    self._reply(200 if ok else 503, b"ok\n" if ok else b"loop stalled\n")
+                    self._probe(health.liveness_problem(), b"ok\n")
                 elif self.path == "/readyz":
-                    ok = health.ready()
-                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                    self._probe(health.readiness_problem(), b"ready\n")
                 else:
                     self._reply(404, b"not found\n")
+
+            def _probe(self, problem: str | None, healthy: bytes) -> None:
+                if problem is None:
+                    self._reply(200, healthy)
+                else:
+                    self._reply(503, f"{problem}\n".encode())
 
             def _reply(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
                 self.send_response(status)

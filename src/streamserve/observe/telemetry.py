@@ -63,6 +63,8 @@ class StageClock:
     inference_s: list[tuple[str, float]] = field(default_factory=list)
     depth: dict[str, int] = field(default_factory=dict)
     """Open calls per stage: only the outermost call of a recursive stage (bisection) is measured."""
+    opened: list[tuple[str, float]] = field(default_factory=lambda: [("batch", time.monotonic())])
+    """The open stages, outermost first, with when each opened (monotonic): what the health probes read."""
 
     def mark(self, stage: str, start_ns: int, end_ns: int) -> None:
         span = self.stages.get(stage)
@@ -120,6 +122,12 @@ class Telemetry:
             self.tracer.shutdown()
 
     # --- stage boundaries (StageObserver, LookupObserver) ---------------------------------------------------
+
+    def current_stage(self) -> tuple[str, float] | None:
+        """The innermost open stage of the batch in progress and since when (monotonic); None between batches."""
+        clock = self.clock  # read from the probes' thread: one reference, one list slice, no lock needed
+        opened = clock.opened[-1:] if clock is not None else []
+        return opened[0] if opened else None
 
     def stage(self, name: str) -> AbstractContextManager[object]:
         """Marks the block as ``name`` of the current batch (the outermost of nested blocks only)."""
@@ -317,6 +325,8 @@ class _Stage:
         depth = self.depth = self.clock.depth.get(self.name, 0)
         self.clock.depth[self.name] = depth + 1
         self.start = time.perf_counter_ns()
+        if depth == 0:
+            self.clock.opened.append((self.name, time.monotonic()))
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
@@ -325,6 +335,7 @@ class _Stage:
         clock.depth[self.name] = self.depth
         end = time.perf_counter_ns()
         if self.depth == 0:
+            clock.opened.pop()
             clock.mark(self.name, self.start, end)
             if self.model_version is not None:
                 clock.inference_s.append((self.model_version, (end - self.start) / 1e9))
