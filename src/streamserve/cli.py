@@ -469,6 +469,31 @@ def cmd_schemas_check(args: argparse.Namespace) -> int:
     return 0 if all(check.ok for check in checks) else 1
 
 
+def cmd_lag_exporter(args: argparse.Namespace) -> int:
+    """Serve the consumer group's lag as the broker sees it (committed offsets and watermarks, read through the
+    Admin API on every scrape) on /metrics, until SIGTERM/SIGINT: the workers' lag seen from outside them."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from streamserve.config import load_settings
+    from streamserve.ops.lagexport import BrokerLag, LagCollector
+    from streamserve.ops.preflight import check_kafka
+
+    settings = load_settings(args.config)
+    check_kafka(settings.kafka.common(), args.timeout)
+    registry = CollectorRegistry()
+    registry.register(LagCollector(BrokerLag(settings.kafka.common(), settings.kafka.group_id, settings.input.topic,
+                                             args.timeout)))  # fmt: skip
+    server, _ = start_http_server(args.port, args.host, registry)
+    log.info("lag of group %s on %s served on %s:%d/metrics", settings.kafka.group_id, settings.input.topic,
+             args.host, server.server_port)  # fmt: skip
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stopped.set())
+    stopped.wait()
+    server.shutdown()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run an example end to end on the local stack: the card-fraud demo (default) or the predictive-maintenance
     example (a nested, nullable schema and a multi-input scikit-learn model with string labels)."""
@@ -855,6 +880,17 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--per-transaction", type=int, default=200, help="dead letters per Kafka transaction (200)"
             )
+
+    lag = sub.add_parser(
+        "lag-exporter",
+        help="serve the group's lag measured at the broker (Prometheus)",
+        description=cmd_lag_exporter.__doc__,
+    )
+    _add_config(lag)
+    _add_timeout(lag)
+    lag.add_argument("--port", type=int, default=9465, help="port of /metrics (9465; 0 picks a free one)")
+    lag.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0)")
+    lag.set_defaults(func=cmd_lag_exporter)
 
     demo = sub.add_parser(
         "demo", help="run the card-fraud demo end to end on a running local stack", description=cmd_demo.__doc__
