@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -54,7 +55,10 @@ class Prometheus:
 
     def scrape(self, port: int | None, **labels: str) -> None:
         """Scrape 127.0.0.1:`port` (as job `streamserve`, with `labels` on every series); None: scrape nothing."""
-        groups = [{"targets": [f"127.0.0.1:{port}"], "labels": labels}] if port is not None else []
+        self.scrape_groups([{"targets": [f"127.0.0.1:{port}"], "labels": labels}] if port is not None else [])
+
+    def scrape_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Scrape these file-discovery target groups (each: targets, labels) instead of the current ones."""
         staged = self.targets_path.with_suffix(".tmp")
         staged.write_text(json.dumps(groups))
         os.replace(staged, self.targets_path)  # file discovery must never read a half-written file
@@ -95,12 +99,28 @@ class Prometheus:
             time.sleep(0.5)
 
 
-def _config(targets_path: Path) -> dict[str, Any]:
-    return {
+def _config(targets_path: Path, rules: Path, alertmanager_url: str | None) -> dict[str, Any]:
+    config: dict[str, Any] = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
+        "rule_files": [str(rules)],
         "scrape_configs": [{"job_name": JOB, "file_sd_configs": [{"files": [str(targets_path)]}]}],
     }
+    if alertmanager_url is not None:
+        target = alertmanager_url.removeprefix("http://")
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [target]}]}]}
+    return config
+
+
+def shortened_rules(for_s: int, window_s: int, source: Path = RULES) -> dict[str, Any]:
+    """The project's alert rules with every `for:` cut to `for_s` seconds and every range window of minutes to
+    `window_s` seconds, so a test sees them fire and resolve in seconds: built from the real file, never copied."""
+    rules = yaml.safe_load(source.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule["expr"] = re.sub(r"\[\d+m\]", f"[{window_s}s]", rule["expr"])
+            if "for" in rule:
+                rule["for"] = f"{for_s}s"
+    return rules
 
 
 def _prometheus_binary() -> str:
@@ -124,13 +144,16 @@ def _ready(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def prometheus(directory: Path, start_timeout_s: float = 60.0) -> Iterator[Prometheus]:
-    """Start Prometheus on a free 127.0.0.1 port with its data in `directory`; stop it (by PID) afterwards."""
+def prometheus(
+    directory: Path, start_timeout_s: float = 60.0, rules: Path = RULES, alertmanager_url: str | None = None
+) -> Iterator[Prometheus]:
+    """Start Prometheus on a free 127.0.0.1 port with its data in `directory`; stop it (by PID) afterwards.
+    With `alertmanager_url`, its alerts go there (resent every second, so a resolution arrives at once)."""
     binary = _prometheus_binary()
     targets_path = directory / "targets.json"
     targets_path.write_text("[]")
     config_path = directory / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(_config(targets_path), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(_config(targets_path, rules, alertmanager_url), sort_keys=False))
     log_path = directory / "prometheus.log"
     port = free_port()
     with log_path.open("ab") as log:
@@ -140,6 +163,7 @@ def prometheus(directory: Path, start_timeout_s: float = 60.0) -> Iterator[Prome
                 f"--config.file={config_path}",
                 f"--storage.tsdb.path={directory / 'data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
+                "--rules.alert.resend-delay=1s",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -162,3 +186,81 @@ def prometheus(directory: Path, start_timeout_s: float = 60.0) -> Iterator[Prome
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
+
+
+@dataclass
+class Alertmanager:
+    """A running Alertmanager: its API (v2) and its log."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def active(self) -> dict[str, dict[str, str]]:
+        """The alerts Alertmanager holds as active now (not resolved), by alert name: their labels."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v2/alerts?active=true", timeout=10) as response:
+                alerts = json.load(response)
+        except (urllib.error.URLError, OSError) as exc:
+            raise AssertionError(f"Alertmanager API failed: {exc}\n{self.log_tail()}") from exc
+        return {a["labels"]["alertname"]: a["labels"] for a in alerts if a["status"]["state"] == "active"}
+
+
+def _alertmanager_binary() -> str:
+    ensured = subprocess.run([str(ENSURE_PROMETHEUS)], check=False, capture_output=True, text=True, timeout=600)
+    found = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    if found is None:
+        raise ServerStartError(
+            "Alertmanager not found and scripts/ensure-promtool could not install Debian's prometheus-alertmanager:\n"
+            + ensured.stdout[-2000:]
+            + ensured.stderr[-4000:]
+        )
+    return found
+
+
+@contextlib.contextmanager
+def alertmanager(directory: Path, start_timeout_s: float = 60.0) -> Iterator[Alertmanager]:
+    """Start Alertmanager (no receiver, no cluster) on a free 127.0.0.1 port; stop it (by PID) afterwards."""
+    binary = _alertmanager_binary()
+    config_path = directory / "alertmanager.yml"
+    route = {"receiver": "api-only", "group_by": ["alertname"], "group_wait": "0s", "group_interval": "1s"}
+    config_path.write_text(yaml.safe_dump({"route": route, "receivers": [{"name": "api-only"}]}))
+    log_path = directory / "alertmanager.log"
+    port = free_port()
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config_path}",
+                f"--storage.path={directory / 'am-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",  # a single instance: no gossip port
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Alertmanager(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not _ready(server.url):
+            if process.poll() is not None:
+                raise ServerStartError(f"Alertmanager exited with {process.returncode} at start:\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"Alertmanager not ready after {start_timeout_s:.0f}s:\n{server.log_tail()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
