@@ -888,7 +888,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(lag)
     _add_timeout(lag)
-    lag.add_argument("--port", type=int, default=9465, help="port of /metrics (9465; 0 picks a free one)")
+    lag.add_argument("--port", type=int, default=9466, help="port of /metrics (9466; 0 picks a free one)")
     lag.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0)")
     lag.set_defaults(func=cmd_lag_exporter)
 

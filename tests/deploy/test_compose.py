@@ -28,6 +28,12 @@ def test_compose_file_is_consistent() -> None:
     prometheus = yaml.safe_load((REPO / "monitoring" / "prometheus.yml").read_text())
     targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
     assert f"worker:{port}" in targets
+    exporter = services["lag-exporter"]["command"]
+    assert exporter[0] == "lag-exporter"
+    assert f"lag-exporter:{exporter[exporter.index('--port') + 1]}" in targets
+    managers = [t for m in prometheus["alerting"]["alertmanagers"] for c in m["static_configs"] for t in c["targets"]]
+    assert managers == ["alertmanager:9093"]
+    assert "alertmanager" in services
     assert worker["environment"]["STREAMSERVE_OBSERVE__OTLP_ENDPOINT"].startswith("http://otel-collector:")
 
 

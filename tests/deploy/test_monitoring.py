@@ -113,3 +113,11 @@ def test_every_dashboard_query_is_valid_promql() -> None:
 def test_dashboard_panels_are_complete(panel: dict[str, object]) -> None:
     assert panel["targets"], "a panel without a query"
     assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
+def test_alertmanager_config_is_valid() -> None:
+    promtool()  # scripts/ensure-promtool installs amtool with Debian's prometheus-alertmanager
+    amtool = shutil.which("amtool")
+    assert amtool, "amtool not found: scripts/ensure-promtool installs Debian's prometheus-alertmanager"
+    out = _run([amtool, "check-config", "alertmanager.yml"], MONITORING)
+    assert "SUCCESS" in out
