@@ -475,6 +475,7 @@ def cmd_lag_exporter(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from streamserve.config import load_settings
+    from streamserve.observe.metrics import TargetFile
     from streamserve.ops.lagexport import BrokerLag, LagCollector
     from streamserve.ops.preflight import check_kafka
 
@@ -484,12 +485,19 @@ def cmd_lag_exporter(args: argparse.Namespace) -> int:
     registry.register(LagCollector(BrokerLag(settings.kafka.common(), settings.kafka.group_id, settings.input.topic,
                                              args.timeout)))  # fmt: skip
     server, _ = start_http_server(args.port, args.host, registry)
+    targets_dir = settings.observe.targets_dir
+    name, labels = f"lag-exporter-{settings.kafka.group_id}", {"job": "streamserve-lag"}
+    target = TargetFile(targets_dir, name, labels) if targets_dir is not None else None
+    if target is not None:  # the local stack's Prometheus finds it as it finds the workers
+        target.write(args.host, server.server_port)
     log.info("lag of group %s on %s served on %s:%d/metrics", settings.kafka.group_id, settings.input.topic,
              args.host, server.server_port)  # fmt: skip
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stopped.set())
     stopped.wait()
+    if target is not None:
+        target.remove()
     server.shutdown()
     return 0
 

@@ -458,6 +458,9 @@ class ObserveSettings(_Section):
     liveness_timeout_s: float = Field(default=120.0, gt=0)
     """/healthz fails when the micro-batch loop has not gone round for this long (unless it waits by policy:
     a Redis outage under ``redis.on_error: wait``)."""
+    targets_dir: Path | None = None
+    """Prometheus file-based discovery: while the worker serves, ``<targets_dir>/<worker_id>.json`` names its
+    observe address (``scripts/stack up --monitoring`` sets it through ``stack env``)."""
     stalled_after_s: float = Field(default=30.0, gt=0)
     """/readyz fails while a micro-batch has been stuck in one stage (e.g. enrich waiting for Redis) this long."""
     trace_sample_ratio: float = Field(default=0.0, ge=0.0, le=1.0)

@@ -18,7 +18,7 @@ from streamserve.config import PipelineSettings
 from streamserve.control.follower import ControlFollower
 from streamserve.control.registry import ModelRegistry
 from streamserve.observe.context import set_worker
-from streamserve.observe.metrics import HealthState, ObserveServer, WorkerMetrics
+from streamserve.observe.metrics import HealthState, ObserveServer, TargetFile, WorkerMetrics
 from streamserve.observe.telemetry import Telemetry, consumer_lag
 from streamserve.observe.tracing import BatchTracer
 from streamserve.pipeline.batch import MicroBatcher
@@ -129,7 +129,9 @@ def build_worker(settings: PipelineSettings) -> Worker:
             waits_by_policy=[ENRICH_STAGE] if settings.redis.on_error == "wait" else [],
         )
         if settings.observe.port is not None:
-            observe_server = ObserveServer(settings.observe.host, settings.observe.port, health)
+            targets_dir, labels = settings.observe.targets_dir, {"job": "streamserve", "group": settings.kafka.group_id}
+            target = TargetFile(targets_dir, worker_id, labels) if targets_dir is not None else None
+            observe_server = ObserveServer(settings.observe.host, settings.observe.port, health, target)
         return Worker(
             settings=settings,
             worker_id=worker_id,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from streamserve.observe.metrics import HealthState, ObserveServer, WorkerMetrics
+from streamserve.observe.metrics import HealthState, ObserveServer, TargetFile, WorkerMetrics
 from streamserve.observe.telemetry import Telemetry
 
 
@@ -121,3 +123,15 @@ def test_the_heartbeat_is_exported_with_the_group() -> None:
     finally:
         metrics.shutdown()  # unregisters the reader
     assert re.search(r'^streamserve_last_batch_timestamp_seconds\{group="scoring",.*\} 1\.7e\+09$', scrape, re.M)
+
+
+def test_a_serving_worker_names_itself_in_the_discovery_directory(tmp_path: Path) -> None:
+    target = TargetFile(tmp_path / "targets", "w1", {"job": "streamserve", "group": "scoring"})
+    server = ObserveServer("0.0.0.0", 0, health(Stage()), target)
+    server.start()
+    try:
+        (entry,) = json.loads((tmp_path / "targets" / "w1.json").read_text())
+        assert entry == {"targets": [f"127.0.0.1:{server.port}"], "labels": {"job": "streamserve", "group": "scoring"}}
+    finally:
+        server.stop()
+    assert not (tmp_path / "targets" / "w1.json").exists(), "a clean stop is no longer a target"

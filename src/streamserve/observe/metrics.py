@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -251,10 +254,34 @@ class HealthState:
         return self.readiness_problem() is None
 
 
+class TargetFile:
+    """A Prometheus file-based discovery entry naming one scrape target, present while the process serves.
+
+    Written atomically (file discovery must never read half a file); removed on a clean stop. A killed process
+    leaves it behind on purpose: Prometheus keeps scraping the dead address, so ``up == 0`` fires.
+    """
+
+    def __init__(self, directory: Path, name: str, labels: dict[str, str]) -> None:
+        self.path = directory / f"{name}.json"
+        self.labels = labels
+
+    def write(self, host: str, port: int) -> None:
+        """Name host:port (a wildcard address as 127.0.0.1) as a target with the labels."""
+        address = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staged = self.path.with_suffix(".tmp")
+        staged.write_text(json.dumps([{"targets": [f"{address}:{port}"], "labels": self.labels}]))
+        os.replace(staged, self.path)
+
+    def remove(self) -> None:
+        """No longer a target."""
+        self.path.unlink(missing_ok=True)
+
+
 class ObserveServer:
     """/metrics, /healthz and /readyz on one port, in a daemon thread."""
 
-    def __init__(self, host: str, port: int, health: HealthState) -> None:
+    def __init__(self, host: str, port: int, health: HealthState, target: TargetFile | None = None) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
         class Handler(BaseHTTPRequestHandler):
@@ -285,15 +312,19 @@ class ObserveServer:
                 pass
 
         self.server = ThreadingHTTPServer((host, port), Handler)
-        self.port = int(self.server.server_address[1])
+        self.host, self.port, self.target = host, int(self.server.server_address[1]), target
         self.thread = threading.Thread(target=self.server.serve_forever, name="streamserve-observe", daemon=True)
 
     def start(self) -> None:
         """Serve in the background."""
         self.thread.start()
         log.info("metrics and health on port %d (/metrics /healthz /readyz)", self.port)
+        if self.target is not None:
+            self.target.write(self.host, self.port)
 
     def stop(self) -> None:
         """Stop serving."""
+        if self.target is not None:
+            self.target.remove()
         self.server.shutdown()
         self.server.server_close()
