@@ -261,8 +261,16 @@ class Worker:
         s = self.stats
         log.info(
             "events=%d predictions=%d dead_letters=%d batches=%d aborted=%d degraded=%d defaults(missing=%d "
-            "stale=%d) paused=%d backpressure_s=%.2f max_batch_wait_ms=%.1f batches_ahead=%d version=%s",
+            "stale=%d) paused=%d backpressure_s=%.2f max_batch_wait_ms=%.1f batches_ahead=%d model=%s version=%s "
+            "partitions=%s",
             *(s.events_in, s.predictions_out, s.dead_letters, s.batches, s.aborted_batches, s.degraded_predictions),
             *(s.missing_defaults, s.stale_defaults, s.paused, s.backpressure_s, s.max_batch_wait_s * 1000),
-            *(s.batches_ahead, self._live),
+            *(s.batches_ahead, self.settings.model.name, self._live, self._partitions()),
         )
+
+    def _partitions(self) -> str:
+        """The partitions this member owns now, e.g. ``transactions[0,3]`` (``-`` while it owns none)."""
+        owned: dict[str, list[int]] = {}
+        for topic, partition in sorted(self.source.assignment):
+            owned.setdefault(topic, []).append(partition)
+        return " ".join(f"{t}[{','.join(map(str, ps))}]" for t, ps in owned.items()) or "-"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-from streamserve.observe.tracing import TRACEPARENT
+from streamserve.observe.tracing import TRACEPARENT, input_context
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.process import BatchResult
 from streamserve.pipeline.sink import InflightBatch, OutputSink
 from streamserve.records import Headers, Rejected
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +43,17 @@ def write_batch(
         sink.produce_all(inflight, topic, encoded.keys, encoded.values, encoded.headers)
     for item in rejected:
         sink.produce(inflight, topics.dead_letter, *dead_letter(item, sink.max_record_bytes(topics.dead_letter)))
+        log_dead_letter(item)
     return rejected
+
+
+def log_dead_letter(item: Rejected) -> None:
+    """One WARNING line per dead letter: stage, reason, where the record came from, and its producer's trace id
+    (the batch's trace id is added by the log context, like every line written inside a batch)."""
+    source, producer = item.source, input_context(item.source.headers)
+    trace = f" input_trace_id={producer.trace_id:032x}" if producer is not None else ""
+    log.warning("dead letter: stage=%s reason=%s: %s source=%s/%d@%d%s", item.stage, item.error_class,
+                item.message, source.topic, source.partition, source.offset, trace)  # fmt: skip
 
 
 def _with_trace_once(headers: list[Headers], trace: bytes) -> list[Headers]:
