@@ -60,7 +60,7 @@ def build_worker(settings: PipelineSettings) -> Worker:
         group=settings.kafka.group_id,
     )
     updated_at = {spec.updated_at_field for spec in settings.features if spec.updated_at_field}
-    tracer = BatchTracer.from_settings(settings.observe, worker_id)
+    tracer = BatchTracer.from_settings(settings.observe, worker_id, settings.kafka.group_id, settings.output.topic)
     telemetry = Telemetry(metrics, tracer, updated_at, export=settings.observe.port is not None)
     try:  # the telemetry exports from its start: a part that cannot be built must not leave it behind
         control = settings.control

@@ -5,6 +5,12 @@ parents, so links rather than a parent). The stages run inside the batch become 
 redis, infer, encode, produce) with their measured times. Every output record gets a ``traceparent`` naming
 the batch span, so a downstream consumer continues the trace from there.
 
+Spans follow OpenTelemetry's messaging conventions: the batch span is ``process`` (CONSUMER) with the input
+topic, consumer group and, for a single-partition batch, its partition (and offset for a single record); the
+produce stage span is ``send`` (PRODUCER) to the output topic. Sampling honours the producers' decision: a batch
+with a sampled input is sampled, a batch whose traced inputs were all dropped is dropped, and only untraced
+batches are sampled at ``trace_sample_ratio`` (parent-based, like a span with a remote parent).
+
 Off by default (``observe.trace_sample_ratio: 0``): then no tracer exists and nothing is parsed or created.
 """
 
@@ -17,7 +23,14 @@ from typing import Any, Protocol
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    StaticSampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Link, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -66,19 +79,49 @@ def input_context(headers: Sequence[tuple[str, Any]] | None) -> SpanContext | No
     return None
 
 
+class LinkedInputsSampler(Sampler):
+    """A batch's producers decide: sampled when an input's trace is sampled, dropped when every traced input was
+    dropped; the ratio decides only for a batch without traced inputs (a batch has links, not a parent)."""
+
+    def __init__(self, ratio: float) -> None:
+        self.ratio = TraceIdRatioBased(ratio)
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+                      attributes: Any = None, links: Sequence[Link] | None = None,
+                      trace_state: Any = None) -> SamplingResult:  # fmt: skip
+        """The producers' decision when the batch links to traced inputs, else the ratio's."""
+        if links:
+            sampled = any(link.context.trace_flags.sampled for link in links)
+            decision = Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP
+            return SamplingResult(decision, attributes if sampled else None, trace_state)
+        return self.ratio.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        """Named in the SDK's debug output."""
+        return f"LinkedInputsSampler{{{self.ratio.get_description()}}}"
+
+
+def sampler(ratio: float) -> Sampler:
+    """Parent-based: a span with a parent follows it; a batch span follows its linked inputs, else the ratio."""
+    return ParentBased(root=LinkedInputsSampler(ratio), remote_parent_not_sampled=StaticSampler(Decision.DROP))
+
+
 class BatchTracer:
     """Creates the batch spans of one worker."""
 
-    def __init__(self, provider: TracerProvider, owned: bool = True) -> None:
+    def __init__(self, provider: TracerProvider, owned: bool = True, group: str = "", output_topic: str = "") -> None:
         self.provider = provider
         self.owned = owned
+        self.group, self.output_topic = group, output_topic
         self.tracer = provider.get_tracer("streamserve")
 
     @classmethod
-    def from_settings(cls, settings: TracingSettings, worker_id: str) -> BatchTracer | None:
+    def from_settings(
+        cls, settings: TracingSettings, worker_id: str, group: str = "", output_topic: str = ""
+    ) -> BatchTracer | None:
         """A tracer exporting over OTLP/HTTP, or None when tracing is off."""
         if provider_override is not None:
-            return cls(provider_override, owned=False)
+            return cls(provider_override, owned=False, group=group, output_topic=output_topic)
         if settings.trace_sample_ratio <= 0:
             return None
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -86,11 +129,11 @@ class BatchTracer:
 
         provider = TracerProvider(
             resource=Resource.create({"service.name": "streamserve", "service.instance.id": worker_id}),
-            sampler=TraceIdRatioBased(settings.trace_sample_ratio),
+            sampler=sampler(settings.trace_sample_ratio),
         )
         endpoint = settings.otlp_endpoint.rstrip("/") + "/v1/traces" if settings.otlp_endpoint else None
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-        return cls(provider)
+        return cls(provider, group=group, output_topic=output_topic)
 
     @contextmanager
     def batch_span(self, sources: Sequence[Source], batch: BatchContext) -> Iterator[Span]:
@@ -105,12 +148,19 @@ class BatchTracer:
                     links.append(Link(span_context))
         attributes: dict[str, str | int] = {
             "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
             "messaging.destination.name": batch.topic,
+            "messaging.consumer.group.name": self.group,
             "messaging.batch.message_count": len(sources),
             "streamserve.batch.id": batch.batch_id,
             "streamserve.model.version": batch.model_version,
             "streamserve.batch.traced_inputs": traced,
         }
+        if len(batch.partitions) == 1:  # the conventions name one partition (and one offset): a batch may span more
+            attributes["messaging.destination.partition.id"] = str(batch.partitions[0])
+        if len(sources) == 1:
+            attributes["messaging.kafka.offset"] = sources[0].offset
         with self.tracer.start_as_current_span(
             "streamserve.batch", kind=trace.SpanKind.CONSUMER, links=links, attributes=attributes
         ) as span:
@@ -123,8 +173,21 @@ class BatchTracer:
         parent_context = trace.set_span_in_context(parent)
         for stage in sorted(clock.stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99):
             start, end = clock.stages[stage]
-            child = self.tracer.start_span(stage, context=parent_context, start_time=start + offset_ns)
+            kind, attributes = trace.SpanKind.INTERNAL, None
+            if stage == "produce":
+                kind, attributes = trace.SpanKind.PRODUCER, self._send_attributes()
+            child = self.tracer.start_span(
+                stage, context=parent_context, kind=kind, attributes=attributes, start_time=start + offset_ns
+            )
             child.end(end_time=end + offset_ns)
+
+    def _send_attributes(self) -> dict[str, str]:
+        return {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "send",
+            "messaging.destination.name": self.output_topic,
+        }
 
     @staticmethod
     def traceparent(span: Span) -> bytes:
