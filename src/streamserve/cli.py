@@ -132,6 +132,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     """Produce synthetic card transactions (the demo's schema) to the input topic."""
     from streamserve.config import load_settings
     from streamserve.demo.data import make_entities, make_events
+    from streamserve.observe.tracing import ProduceTracer
     from streamserve.ops.preflight import check_file, check_kafka
     from streamserve.ops.tools import produce_avro
     from streamserve.pipeline.decode import load_schema
@@ -140,15 +141,22 @@ def cmd_produce(args: argparse.Namespace) -> int:
     check_file(settings.input.schema_path, "input schema", "fix input.schema in the pipeline config")
     check_kafka(settings.kafka.common(), args.timeout)
     entities = make_entities(n_cards=args.cards, seed=args.entity_seed)
-    sent = produce_avro(
-        settings.kafka.producer_config(),
-        settings.input.topic,
-        load_schema(settings.input.schema_path),
-        make_events(entities, args.count, seed=args.seed),
-        settings.input.key_field,
-        rate=args.rate,
-        progress_every=max(args.count // 10, 1),
-    )
+    # observe.trace_sample_ratio > 0: every event carries the traceparent of its send span (exported over OTLP)
+    tracer = ProduceTracer.from_settings(settings.observe, settings.input.topic)
+    try:
+        sent = produce_avro(
+            settings.kafka.producer_config(),
+            settings.input.topic,
+            load_schema(settings.input.schema_path),
+            make_events(entities, args.count, seed=args.seed),
+            settings.input.key_field,
+            rate=args.rate,
+            progress_every=max(args.count // 10, 1),
+            headers=tracer.headers if tracer is not None else None,
+        )
+    finally:
+        if tracer is not None:
+            tracer.shutdown()
     print(f"produced {sent} events to {settings.input.topic}")
     return 0
 

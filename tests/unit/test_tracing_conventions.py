@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import Link, SpanContext, TraceFlags
 
 from streamserve.observe.context import BatchContext
-from streamserve.observe.tracing import BatchTracer, sampler
+from streamserve.observe.tracing import BatchTracer, ProduceTracer, sampler
 from streamserve.records import Source
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -111,3 +111,29 @@ def test_the_producers_sampling_decision_is_honoured() -> None:
     assert always.should_sample(None, trace_id, "b", links=[_link(False)]).decision == Decision.DROP
     assert always.should_sample(None, trace_id, "b").decision == Decision.RECORD_AND_SAMPLE, "untraced: the ratio"
     assert never.should_sample(None, trace_id, "b").decision == Decision.DROP
+
+
+def test_produce_gives_each_record_the_traceparent_of_its_exported_send_span(
+    receiver: tuple[str, list[ExportTraceServiceRequest]],
+) -> None:
+    url, received = receiver
+    tracer = ProduceTracer.from_settings(SimpleNamespace(trace_sample_ratio=1.0, otlp_endpoint=url), "transactions")
+    assert tracer is not None
+    ((name, traceparent),) = tracer.headers()
+    tracer.shutdown()
+    assert name == "traceparent"
+    version, trace_id, span_id, flags = traceparent.decode().split("-")  # type: ignore[union-attr]
+    assert (version, flags) == ("00", "01")
+    (span,) = [s for r in received for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert (span.trace_id.hex(), span.span_id.hex()) == (trace_id, span_id)
+    assert span.kind == SpanProto.SPAN_KIND_PRODUCER
+    assert _attributes(span)["messaging.operation.type"] == "send"
+    assert _attributes(span)["messaging.destination.name"] == "transactions"
+
+
+def test_an_unsampled_record_says_so_in_its_traceparent() -> None:
+    tracer = ProduceTracer.from_settings(SimpleNamespace(trace_sample_ratio=1e-12, otlp_endpoint=None), "t")
+    assert tracer is not None
+    ((_, traceparent),) = tracer.headers()
+    tracer.shutdown()
+    assert traceparent.endswith(b"-00"), "the workers drop what the producer dropped"  # type: ignore[union-attr]

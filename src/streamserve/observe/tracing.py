@@ -106,6 +106,50 @@ def sampler(ratio: float) -> Sampler:
     return ParentBased(root=LinkedInputsSampler(ratio), remote_parent_not_sampled=StaticSampler(Decision.DROP))
 
 
+class ProduceTracer:
+    """The producer side (``streamserve produce``): one PRODUCER ``send`` span per record, whose W3C traceparent
+    (sampled or not, as the ratio decided) goes in the record's headers for the workers to honour."""
+
+    def __init__(self, provider: TracerProvider, topic: str, owned: bool = True) -> None:
+        self.provider, self.topic, self.owned = provider, topic, owned
+        self.tracer = provider.get_tracer("streamserve.produce")
+
+    @classmethod
+    def from_settings(cls, settings: TracingSettings, topic: str) -> ProduceTracer | None:
+        """A tracer exporting over OTLP/HTTP like the workers', or None when tracing is off."""
+        if provider_override is not None:
+            return cls(provider_override, topic, owned=False)
+        if settings.trace_sample_ratio <= 0:
+            return None
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": "streamserve-produce"}),
+            sampler=sampler(settings.trace_sample_ratio),
+        )
+        endpoint = settings.otlp_endpoint.rstrip("/") + "/v1/traces" if settings.otlp_endpoint else None
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        return cls(provider, topic)
+
+    def headers(self) -> list[tuple[str, str | bytes | None]]:
+        """The headers of one record: the traceparent of its (ended) send span."""
+        attributes = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "send",
+            "messaging.destination.name": self.topic,
+        }
+        span = self.tracer.start_span(f"send {self.topic}", kind=trace.SpanKind.PRODUCER, attributes=attributes)
+        span.end()
+        return [(TRACEPARENT, BatchTracer.traceparent(span))]
+
+    def shutdown(self) -> None:
+        """Export what is buffered and stop (only a provider this tracer built)."""
+        if self.owned:
+            self.provider.shutdown()
+
+
 class BatchTracer:
     """Creates the batch spans of one worker."""
 

@@ -97,8 +97,10 @@ def produce_avro(
     key_field: str,
     rate: float | None = None,
     progress_every: int = 0,
+    headers: Callable[[], list[tuple[str, str | bytes | None]]] | None = None,
 ) -> int:
-    """Produce schemaless Avro records keyed by the key_field path, at most `rate` per second when given."""
+    """Produce schemaless Avro records keyed by the key_field path, at most `rate` per second when given;
+    `headers` gives each record its headers (a traceparent)."""
     # Metadata refreshed every 5 s (librdkafka's default is 5 min): after a broker restart a producer was seen
     # holding every record for minutes on "new leader-1 not found in cache", until a periodic refresh.
     defaults = {"linger.ms": 20, "enable.idempotence": True, "topic.metadata.refresh.interval.ms": 5000}
@@ -130,7 +132,11 @@ def produce_avro(
         while True:
             try:
                 key = render_id(key_of(record))
-                producer.produce(topic, buffer.getvalue(), key and key.encode(), on_delivery=on_delivery)
+                encoded_key = key and key.encode()
+                if headers is None:
+                    producer.produce(topic, buffer.getvalue(), encoded_key, on_delivery=on_delivery)
+                else:
+                    producer.produce(topic, buffer.getvalue(), encoded_key, on_delivery=on_delivery, headers=headers())
                 break
             except BufferError:
                 producer.poll(0.1)
