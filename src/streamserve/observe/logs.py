@@ -107,4 +107,12 @@ def setup_logging(level: str, log_format: LogFormat = "auto", stream: object = N
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    # The Schema Registry client's HTTP layer writes one INFO line per request: WARNING unless DEBUG is asked for.
+    for noisy in QUIET_LOGGERS:
+        logging.getLogger(noisy).setLevel(
+            max(root.level, logging.WARNING) if root.level > logging.DEBUG else root.level
+        )
     return handler
+
+
+QUIET_LOGGERS = ("httpx", "httpcore")

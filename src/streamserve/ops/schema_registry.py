@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import fastavro
 
@@ -98,12 +99,40 @@ class Check:
 
 
 def _level(client: Any, subject: str) -> str:
+    """The effective compatibility level of `subject`: its own, else the global one.
+
+    Asked with ``defaultToGlobal=true`` (Confluent and Apicurio alike): Apicurio answers a plain
+    ``/config/{subject}`` with NONE when the subject has no setting of its own, though BACKWARD applies globally.
+    """
     from confluent_kafka.schema_registry import SchemaRegistryError
 
+    rest = getattr(client, "_rest_client", None)  # the client has no parameter for it (confluent-kafka 2.x)
     try:
+        if rest is not None:
+            return str(rest.get(f"config/{quote(subject, safe='')}", {"defaultToGlobal": "true"})["compatibilityLevel"])
         return str(client.get_compatibility(subject))
-    except SchemaRegistryError:  # no subject-level setting: the global one applies
+    except SchemaRegistryError:  # no subject-level setting and no defaultToGlobal support: the global one applies
         return str(client.get_compatibility())
+
+
+def rule_errors(level: str, registered: Any, new: Any, what: str) -> list[str]:
+    """Why `new` breaks the compatibility rule `level` against the `registered` schema (its latest version)."""
+    errors = []
+    if level.startswith(("BACKWARD", "FULL")):
+        errors += [f"the new schema cannot read old {what}: {e}" for e in resolution_errors(registered, new)]
+    if level.startswith(("FORWARD", "FULL")):
+        errors += [
+            f"readers of the registered schema cannot read new {what}: {e}" for e in resolution_errors(new, registered)
+        ]
+    return errors
+
+
+def _reasons(compatible: bool, errors: list[str], level: str) -> list[str]:
+    """The reasons of a NO: the rule's errors, or a line saying the registry gave none we could reproduce."""
+    if compatible or errors:
+        return errors
+    return [f"the registry gave no reason, and {level} against the latest version finds none: a transitive level "
+            "also checks older versions (GET /subjects/<subject>/versions lists them)"]  # fmt: skip
 
 
 def check_input(settings: PipelineSettings, client: Any) -> Check:
@@ -122,10 +151,15 @@ def check_input(settings: PipelineSettings, client: Any) -> Check:
     errors = resolution_errors(_expanded(latest.schema.schema_str), _expanded(reader_str))
     lines = [f"latest: version {latest.version}, id {latest.schema_id}"]
     lines += [f"cannot resolve: {error}" for error in errors] or ["resolves: the reader schema reads it"]
-    compatible = client.test_compatibility(subject, Schema(reader_str, "AVRO"))
+    compatible = bool(client.test_compatibility(subject, Schema(reader_str, "AVRO")))
     level = _level(client, subject)
     lines.append(f"registry ({level}): the reader schema is {'' if compatible else 'NOT '}compatible with {subject!r}")
-    return Check(title, not errors and bool(compatible), lines)
+    if not compatible:  # the reasons of the registry's NO, those not printed above already
+        printed = set(errors)
+        rule = rule_errors(level, _expanded(latest.schema.schema_str), _expanded(reader_str), "events")
+        rule = [reason for reason in rule if reason.split(": ", 1)[1] not in printed]
+        lines += rule or ([] if errors else _reasons(False, [], level))
+    return Check(title, not errors and compatible, lines)
 
 
 def check_output(settings: PipelineSettings, client: Any) -> Check:
@@ -147,16 +181,9 @@ def check_output(settings: PipelineSettings, client: Any) -> Check:
     lines = [f"latest: version {latest.version}, id {latest.schema_id}"]
     if ours == theirs:
         lines.append("the same schema is registered")
-    errors = []  # the registry's rule, checked here too: Apicurio's answers carry no reasons
-    if level.startswith(("BACKWARD", "FULL")):
-        errors += [f"the new schema cannot read old predictions: {e}" for e in resolution_errors(theirs, ours)]
-    if level.startswith(("FORWARD", "FULL")):
-        errors += [
-            f"readers of the registered schema cannot read new predictions: {e}"
-            for e in resolution_errors(ours, theirs)
-        ]
+    errors = rule_errors(level, theirs, ours, "predictions")  # checked here too: Apicurio's answers carry no reasons
     compatible = bool(client.test_compatibility(subject, Schema(schema_str, "AVRO")))
-    lines += errors
+    lines += _reasons(compatible, errors, level)
     lines.append(f"registry ({level}): the prediction schema is {'' if compatible else 'NOT '}compatible")
     return Check(title, compatible and not errors, lines)
 
