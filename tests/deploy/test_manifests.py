@@ -65,6 +65,9 @@ def test_keda_owns_the_replica_count(built: list[dict[str, Any]]) -> None:
     assert trigger["metadata"]["consumerGroup"] == pipeline["kafka"]["group_id"]
     assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA trigger metadata must be strings"
     assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    fallback = scaled["spec"]["fallback"]  # a scaler that cannot read the lag must not freeze the count
+    assert fallback["failureThreshold"] >= 1
+    assert scaled["spec"]["minReplicaCount"] <= fallback["replicas"] <= scaled["spec"]["maxReplicaCount"]
 
 
 def test_metrics_port_agrees_everywhere(built: list[dict[str, Any]]) -> None:
@@ -91,8 +94,8 @@ def test_network_policy_selects_the_workers_and_limits_egress(built: list[dict[s
     assert selector.items() <= pod_labels.items()
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
-    # DNS, Kafka, Redis, the artifact store (HTTPS) and OTLP (gRPC, HTTP): nothing else.
-    assert egress_ports == {53, 9092, 9093, 6379, 443, 4317, 4318}
+    # DNS, Kafka, Redis, the artifact store (HTTPS), a Schema Registry and OTLP (gRPC, HTTP): nothing else.
+    assert egress_ports == {53, 9092, 9093, 6379, 443, 8081, 4317, 4318}
 
 
 def test_secrets_and_storage(built: list[dict[str, Any]]) -> None:
