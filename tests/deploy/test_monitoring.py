@@ -17,6 +17,8 @@ RULES = MONITORING / "streamserve.rules.yml"
 DASHBOARD = MONITORING / "grafana" / "streamserve-dashboard.json"
 _METRIC = re.compile(r"\bstreamserve_[a-z_]+")
 _SUFFIXES = ("_bucket", "_sum", "_count")
+BROKER_METRICS = "streamserve_broker_"
+"""Prefix of the metrics `streamserve lag-exporter` serves (not the workers)."""
 
 
 def promtool() -> str:
