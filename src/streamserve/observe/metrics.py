@@ -171,7 +171,7 @@ class WorkerMetrics:
             "streamserve.last_batch.timestamp",
             [last_batch_completed],
             unit="s",
-            description="Unix time the last micro-batch was written and acknowledged (the worker's start before)",
+            description="Unix time the last micro-batch was written to the producer (the worker's start before)",
         )
 
     def shutdown(self) -> None:
