@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from streamserve.batch.job import score_files
 from streamserve.demo.data import Entities, make_events
 from streamserve.demo.train import TrainedModel
 from streamserve.pipeline.deadletter import HEADER_STAGE
@@ -157,3 +158,73 @@ def test_parquet_of_100k_demo_events_scores_like_offline_onnxruntime_and_the_wor
     stages = sorted(headers_of(msg)[HEADER_STAGE].decode() for msg in dead)
     by_id = {e["event_id"] for e in subset} - streamed.keys()
     assert stages == sorted(reasons[event_id][0] for event_id in by_id)
+
+
+def _score_cli(pipeline: Pipeline, source: Path, output: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streamserve",
+            "score",
+            "-c",
+            str(pipeline.path),
+            "--input",
+            str(source),
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+    )
+
+
+def test_bad_parquet_files_give_one_line_naming_file_and_column(
+    pipeline: Pipeline, entities: Entities, tmp_path: Path
+) -> None:
+    events = list(make_events(entities, 50, seed=43))
+    table = pa.Table.from_pylist(events)
+    cases = {
+        "missing.parquet": (table.drop_columns(["amount"]), "'amount'"),
+        "wrongtype.parquet": (
+            table.set_column(
+                table.schema.get_field_index("amount"), "amount", pa.array([str(e["amount"]) for e in events])
+            ),
+            "'amount'",
+        ),
+    }
+    for name, (data, _) in cases.items():
+        pq.write_table(data, tmp_path / name)
+    corrupt = tmp_path / "corrupt.parquet"
+    pq.write_table(table, corrupt)
+    corrupt.write_bytes(corrupt.read_bytes()[:-12] + b"\x00" * 12)  # the footer's length and magic gone
+    cases["corrupt.parquet"] = (table, "corrupt")
+    for name, (_, needle) in cases.items():
+        done = _score_cli(pipeline, tmp_path / name, tmp_path / f"{name}.out.parquet")
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert name in lines[0]
+        assert needle in lines[0]
+        assert "Traceback" not in done.stderr
+
+
+def test_avro_container_input_and_output_score_like_offline(
+    pipeline: Pipeline, entities: Entities, models: dict[str, TrainedModel], tmp_path: Path
+) -> None:
+    events = demo_events(entities, 3000, seed=44)
+    source = tmp_path / "events.avro"
+    with source.open("wb") as handle:
+        fastavro.writer(handle, fastavro.parse_schema(CARD_SCHEMA), events)
+    output = tmp_path / "scores.avro"
+    summary = score_files(pipeline.settings, str(source), output)
+    predicted = read_output(output)
+    rejects = read_output(tmp_path / "scores.rejects.avro")
+    expected = expected_scores(events, entities, models["v1"])
+    assert summary.predictions == len(predicted) == len(expected)
+    assert len(rejects) == len(events) - len(expected)
+    got = {p["event_id"]: p["score"] for p in predicted}
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=0, atol=1e-6)
+    assert {r["stage"] for r in rejects} == {"features"}

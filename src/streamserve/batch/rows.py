@@ -111,11 +111,11 @@ class RowReader:
         ]
         events: list[Event] = []
         rejected: list[Rejected] = []
-        for source, reason, fields in zip(sources, reasons, zip(*values.values(), strict=True), strict=True):
-            if reason is None:
+        for source, problem, fields in zip(sources, reasons, zip(*values.values(), strict=True), strict=True):
+            if problem is None:
                 events.append(Event(source, dict(zip(names, fields, strict=True))))
             else:
-                rejected.append(Rejected(source, DECODE_STAGE, "BatchInputError", reason))
+                rejected.append(Rejected(source, DECODE_STAGE, "BatchInputError", problem))
         return events, rejected
 
 
