@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 import numpy as np
 import pyarrow as pa
@@ -77,7 +78,7 @@ class RowReader:
                         path, "missing: the input schema needs this field (it has no default)", column.name
                     )
                 continue
-            problem = _mismatch(schema.field(column.name).type, column.node, self._named)
+            problem = _mismatch(schema.field(column.name).type, column.node, self._named, column.name)
             if problem is not None:
                 raise BatchInputError(path, problem, column.name)
         for name in self.carried:
@@ -102,6 +103,8 @@ class RowReader:
                 for row in np.flatnonzero(mask).tolist():
                     reasons[row] = reasons[row] or reason
             values[column.name] = _python(converted)
+            if _is_uuid(column.node, self._named):
+                values[column.name] = _uuids(values[column.name], column.name, reasons)
         for name in self.carried:
             values[name] = batch.column(name).to_pylist() if name in batch.schema.names else [None] * n
         names = list(values)
@@ -150,6 +153,23 @@ def _cast(array: pa.Array, column: _Column, reasons: list[str | None]) -> pa.Arr
     return pa.concat_arrays(pieces) if pieces else pa.nulls(0, column.target)
 
 
+def _is_uuid(node: Any, named: Mapping[str, Any]) -> bool:
+    inner = resolve(nullable(node)[0], named)
+    return inner.get("type") == "string" and inner.get("logicalType") == "uuid"
+
+
+def _uuids(texts: list[Any], name: str, reasons: list[str | None]) -> list[Any]:
+    """A uuid field's texts as the UUIDs fastavro decodes; a text that is no UUID rejects its row."""
+    out: list[Any] = []
+    for row, text in enumerate(texts):
+        try:
+            out.append(None if text is None else UUID(text))
+        except ValueError:
+            reasons[row] = reasons[row] or f"field {name}: {text!r} is not a UUID"
+            out.append(None)
+    return out
+
+
 def _python(array: pa.Array) -> list[Any]:
     """The column's values as the worker's decoder gives them (maps as dicts)."""
     return array.to_pylist(maps_as_pydicts="lossy") if _has_map(array.type) else array.to_pylist()
@@ -173,12 +193,12 @@ def _mismatch(source: pa.DataType, node: Any, named: Mapping[str, Any], path: st
     if millis and (pa.types.is_timestamp(source) or pa.types.is_integer(source)):
         return None  # a timestamp column, or epoch milliseconds already
     if not holds(source, target):
-        where = f" at {path}" if path else ""
+        where = f" at {path}" if "." in path or "[" in path else ""  # a nested field: its whole path
         return f"type {source}{where} cannot hold the schema's {_avro_name(inner)}"
     if pa.types.is_struct(target):
         names = [source.field(i).name for i in range(source.num_fields)]
         for field in inner["fields"]:
-            child = f"{path}.{field['name']}" if path else field["name"]
+            child = f"{path}.{field['name']}"
             if field["name"] not in names:
                 if "default" in field or nullable(field["type"])[1]:
                     continue
