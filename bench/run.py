@@ -37,10 +37,10 @@ import redis
 import yaml
 
 from bench import report
+from bench.batch_score import batch_score
 from bench.components import run_components
 from bench.dataset import REPO, Dataset, Stack, cleanup_redis, delete_topics, find_stack, prepare
 from bench.livemax import live_maximum
-from bench.batch_score import batch_score
 from bench.phases import Settings, create_output_topics, hot_swap, offered_rate
 from bench.procs import Job, TopicCounter, wait_for_count
 from bench.scenarios import EXAMPLE_PIPELINE, VENVS, Scenario, commands, ensure_peer_venv, job_env
