@@ -56,7 +56,7 @@ def batch_score(dataset: Dataset, directory: Path, rows: int | None = None) -> d
         "rows_per_s": float(match.group(1).replace(",", "")) if match else None,
         "wall_s": round(wall, 2),
         "cores": 1,
-        "command": " ".join(["taskset -c 0", *command[1:]]),
+        "command": " ".join(["taskset -c 0", Path(sys.executable).name, *command[1:]]),
         "summary": done.stdout.strip(),
     }
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 import redis
 import yaml
@@ -143,3 +144,42 @@ def test_redis_outage_on_spark_follows_the_on_error_policy(
     else:  # scored with every Redis feature at its default, marked degraded; an unknown merchant too
         assert all(r["rejected"] is None and r["degraded"] for r in rows)
         assert {r["event_id"] for r in rows} == {e["event_id"] for e in events}
+
+
+def test_score_command_on_spark_writes_predictions_and_rejects(
+    pipeline: Pipeline, entities: Entities, models: dict[str, TrainedModel], tmp_path: Path
+) -> None:
+    events = [e for e in demo_events(entities, 3000, seed=53) if not math.isnan(e["amount"])]
+    source = tmp_path / "events.parquet"
+    pa.parquet.write_table(pa.Table.from_pylist(events), source)
+    output = tmp_path / "scores.parquet"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streamserve",
+            "score",
+            "-c",
+            str(pipeline.path),
+            "--input",
+            str(source),
+            "--output",
+            str(output),
+            "--spark",
+            "local[2]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYSPARK_PYTHON": sys.executable},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    predicted = pa.parquet.read_table(output).to_pylist()
+    rejects = pa.parquet.read_table(tmp_path / "scores.rejects.parquet").to_pylist()
+    expected = expected_scores(events, entities, models["v1"])
+    got = {p["event_id"]: p["score"] for p in predicted}
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=0, atol=1e-6)
+    assert len(rejects) == len(events) - len(expected)
+    assert {r["stage"] for r in rejects} == {"features"}
+    assert f"{len(expected):,} predictions" in done.stdout

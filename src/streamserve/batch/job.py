@@ -15,7 +15,7 @@ import pyarrow as pa
 from streamserve.batch.files import InputFile, input_paths, open_input
 from streamserve.batch.output import RejectsWriter, output_kind, prediction_writer
 from streamserve.batch.progress import Progress
-from streamserve.batch.rows import Origin
+from streamserve.batch.rows import Origin, RowReader
 from streamserve.batch.scoring import Scorer, carried_features, feature_sources, load_model, output_schema
 from streamserve.clients import redis_client
 from streamserve.config import PipelineSettings
@@ -96,6 +96,10 @@ def score_files(
     files = [open_input(path) for path in input_paths(input_pattern)]
     rejects = rejects or rejects_path(output)
     output_kind(rejects)
+    carried = {file.path: carried_features(settings, file.schema.names) for file in files}
+    event_schema = json.loads(settings.input.schema_path.read_text())
+    for file in files:  # every file's columns, before the model is loaded: a bad file costs nothing
+        RowReader(event_schema, carried[file.path]).check(file.schema, file.path)
     started = time.perf_counter()
     model = load_model(settings)
     scorers: dict[tuple[str, ...], Scorer] = {}
@@ -108,12 +112,10 @@ def score_files(
     redis = redis_client(settings.redis) if any(spec.source == "redis" for spec in settings.features) else None
     try:
         for index, file in enumerate(files):
-            carried = carried_features(settings, file.schema.names)
-            carried_all.update(carried)
-            scorer = scorers.get(carried)
+            carried_all.update(carried[file.path])
+            scorer = scorers.get(carried[file.path])
             if scorer is None:
-                scorer = scorers[carried] = Scorer(settings, model, carried, redis)
-            scorer.check(file.schema, file.path)
+                scorer = scorers[carried[file.path]] = Scorer(settings, model, carried[file.path], redis)
             _score_file(file, index, scorer, batch_rows, writer, rejected, summary, progress)
     finally:
         progress.close()

@@ -108,10 +108,6 @@ class Scorer:
         )
         self.routing = Routing(live=model)
 
-    def check(self, schema: pa.Schema, path: object) -> None:
-        """Raise BatchInputError (file and column named) when an input's columns cannot hold the events."""
-        self.rows.check(schema, path)
-
     def score(self, batch: pa.RecordBatch, origin: Origin) -> BatchResult:
         """The batch's predictions (result.outputs) and rejected rows, as the worker's processor makes them."""
         events, rejected = self.rows.events(batch, origin)
