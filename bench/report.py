@@ -179,6 +179,17 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {c['note']} |"
             )
         out.append("")
+    batch = results.get("batch_score")
+    if batch:  # issue 25: `streamserve score` on one core beside the worker's events/s of the same run
+        worker = next((r for r in results["scenarios"] if r["name"] == "streamserve-1"), None)
+        rate = worker["throughput"]["events_per_s"] if worker else None
+        out += [
+            "### Batch scoring (`streamserve score`, Parquet in and out, one core)",
+            "",
+            f"{_fmt(batch['rows_per_s'])} rows/s over {batch['rows']:,} rows (`{batch['command']}`); streamserve-1 in "
+            f"this run: {_fmt(rate)} events/s.",
+            "",
+        ]
     if results.get("sweep"):
         live = results.get("live_max")
         windows = results["sweep"][0].get("windows")

@@ -37,6 +37,7 @@ import redis
 import yaml
 
 from bench import report
+from bench.batch_score import batch_score
 from bench.components import run_components
 from bench.dataset import REPO, Dataset, Stack, cleanup_redis, delete_topics, find_stack, prepare
 from bench.livemax import live_maximum
@@ -357,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         results["components"] = run_components(dataset)
+        results["batch_score"] = batch_score(dataset, out_dir)  # issue 25: rows/s on one core, beside the worker's
         rows = {
             s.name: {"name": s.name, "title": s.title, "kind": s.kind, "processes": s.processes, "layout": s.layout}
             for s in chosen

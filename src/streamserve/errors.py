@@ -130,3 +130,13 @@ class FileMissing(StreamServeError):
     def __init__(self, what: str, path: str, hint: str) -> None:
         super().__init__(f"{what} {path} not found: {hint}")
         self.path = path
+
+
+class BatchInputError(StreamServeError):
+    """An input file of a batch job cannot be read as the pipeline's events (one line naming file and column)."""
+
+    def __init__(self, path: object, problem: str, column: str | None = None) -> None:
+        where = f"{path}: column {column!r}: " if column else f"{path}: "
+        super().__init__(where + problem)
+        self.path = path
+        self.column = column

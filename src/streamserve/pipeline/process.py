@@ -178,12 +178,25 @@ class BatchProcessor:
                 self.used_ahead += lookup is not None and lookup.replies.sent
             else:
                 events, lookup = self.decode_batch(sources, result), None
-            if not events:
-                return result
-            batch = self._features(events, result, lookup)
-            if batch.events:
-                self._score(batch, routing, result)
+            if events:
+                self._features_and_score(events, routing, result, lookup)
             return result
+
+    def run_decoded(self, events: list[Event], routing: Routing, rejected: list[Rejected] | None = None) -> BatchResult:
+        """run() for events decoded elsewhere (rows of a file, of a Spark batch): features -> infer -> encode,
+        with ``rejected`` (what their reading rejected) carried into the result."""
+        with self._observer.stage(PROCESS_STAGE):
+            result = BatchResult(rejected=list(rejected or ()))
+            if events:
+                self._features_and_score(events, routing, result, None)
+            return result
+
+    def _features_and_score(
+        self, events: list[Event], routing: Routing, result: BatchResult, lookup: Lookup | None
+    ) -> None:
+        batch = self._features(events, result, lookup)
+        if batch.events:
+            self._score(batch, routing, result)
 
     def _take_ahead(self, sources: list[Source]) -> _Ahead | None:
         """What was prepared ahead for these very records (and the older ones forgotten), if anything."""

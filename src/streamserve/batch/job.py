@@ -1,0 +1,167 @@
+"""score_files(): a batch job from input files to a predictions file and a rejects file, with progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+
+from streamserve.batch.files import InputFile, input_paths, open_input
+from streamserve.batch.output import RejectsWriter, output_kind, prediction_writer
+from streamserve.batch.progress import Progress
+from streamserve.batch.rows import Origin, RowReader
+from streamserve.batch.scoring import Scorer, carried_features, feature_sources, load_model, output_schema
+from streamserve.clients import redis_client
+from streamserve.config import PipelineSettings
+from streamserve.errors import BatchInputError
+from streamserve.pipeline.process import BatchResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_ROWS = 4096
+"""Rows per record batch: big enough that per-batch work (a Redis round trip, an ORT call) is spread thin."""
+
+
+@dataclass
+class Summary:
+    """What a job did: counts, time, where each feature came from, rejects by stage and reason."""
+
+    files: int = 0
+    rows: int = 0
+    predictions: int = 0
+    seconds: float = 0.0
+    rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
+    features: dict[str, str] = field(default_factory=dict)
+    output: str = ""
+    rejects: str | None = None
+
+    @property
+    def rows_per_s(self) -> float:
+        """Rows read per second of the job."""
+        return self.rows / self.seconds if self.seconds else 0.0
+
+    def text(self) -> str:
+        """The summary a user reads at the end of the job."""
+        lines = [
+            f"scored {self.rows:,} rows of {self.files} file(s) in {self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s):"
+            f" {self.predictions:,} predictions -> {self.output}, {sum(self.rejected.values()):,} rejected"
+            + (f" -> {self.rejects}" if self.rejects else ""),
+        ]
+        by_source: dict[str, list[str]] = {}
+        for name, source in self.features.items():
+            by_source.setdefault(source, []).append(name)
+        lines += [f"features from {source}: {', '.join(names)}" for source, names in by_source.items()]
+        for (stage, reason), count in self.rejected.most_common(10):
+            lines.append(f"rejected at {stage}: {count:,} x {reason}")
+        return "\n".join(lines)
+
+    def as_json(self) -> dict[str, Any]:
+        """The summary as a JSON object (rejects by stage)."""
+        stages: Counter[str] = Counter()
+        for (stage, _), count in self.rejected.items():
+            stages[stage] += count
+        return {
+            "files": self.files,
+            "rows": self.rows,
+            "predictions": self.predictions,
+            "seconds": self.seconds,
+            "rows_per_s": self.rows_per_s,
+            "rejected": dict(stages),
+            "features": self.features,
+        }
+
+
+def rejects_path(output: Path) -> Path:
+    """The default rejects file beside the output: ``preds.parquet`` -> ``preds.rejects.parquet``."""
+    return output.with_name(f"{output.stem}.rejects{output.suffix}")
+
+
+def score_files(
+    settings: PipelineSettings,
+    input_pattern: str,
+    output: Path,
+    rejects: Path | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    progress_stream: IO[str] | None = None,
+) -> Summary:
+    """Score every row of the input files with the pipeline's model, as its worker would; BatchInputError (one
+    line) for an input that cannot be read as the pipeline's events."""
+    output_kind(output)
+    files = [open_input(path) for path in input_paths(input_pattern)]
+    rejects = rejects or rejects_path(output)
+    output_kind(rejects)
+    carried = {file.path: carried_features(settings, file.schema.names) for file in files}
+    event_schema = json.loads(settings.input.schema_path.read_text())
+    for file in files:  # every file's columns, before the model is loaded: a bad file costs nothing
+        RowReader(event_schema, carried[file.path]).check(file.schema, file.path)
+    started = time.perf_counter()
+    model = load_model(settings)
+    scorers: dict[tuple[str, ...], Scorer] = {}
+    summary = Summary(files=len(files), output=str(output))
+    total = None if any(f.rows is None for f in files) else sum(f.rows or 0 for f in files)
+    progress = Progress(total, progress_stream)
+    writer = prediction_writer(output, output_schema(settings))
+    rejected = RejectsWriter(rejects)
+    carried_all: set[str] = set()
+    redis = redis_client(settings.redis) if any(spec.source == "redis" for spec in settings.features) else None
+    try:
+        for index, file in enumerate(files):
+            carried_all.update(carried[file.path])
+            scorer = scorers.get(carried[file.path])
+            if scorer is None:
+                scorer = scorers[carried[file.path]] = Scorer(settings, model, carried[file.path], redis)
+            _score_file(file, index, scorer, batch_rows, writer, rejected, summary, progress)
+    finally:
+        progress.close()
+        writer.close()
+        rejected.close()
+    summary.seconds = time.perf_counter() - started
+    summary.features = feature_sources(settings, carried_all)
+    summary.rejects = str(rejects) if rejected.count else None
+    return summary
+
+
+def _score_file(
+    file: InputFile,
+    index: int,
+    scorer: Scorer,
+    batch_rows: int,
+    writer: Any,
+    rejects: RejectsWriter,
+    summary: Summary,
+    progress: Progress,
+) -> None:
+    """One file's batches through the scorer, their outputs to the writers."""
+    first = 0
+    stamp = int(file.path.stat().st_mtime * 1000)
+    for batch in file.batches(batch_rows):
+        result = scorer.score(batch, Origin(str(file.path), index, first, stamp))
+        writer.write([value for _, encoded in result.outputs for value in encoded.values])
+        rejects.write(result.rejected, _rejected_rows(batch, result, first))
+        summary.rows += batch.num_rows
+        summary.predictions += result.predictions
+        summary.rejected.update((r.stage, _reason_kind(r.message)) for r in result.rejected)
+        progress.advance(batch.num_rows)
+        first += batch.num_rows
+    if file.rows is not None and first != file.rows:
+        raise BatchInputError(file.path, f"read {first} rows where the footer says {file.rows}")
+
+
+def _rejected_rows(batch: pa.RecordBatch, result: BatchResult, first: int) -> dict[int, str | None]:
+    """Each rejected row's input as JSON, by its offset (row number in the file)."""
+    if not result.rejected:
+        return {}
+    offsets = sorted({r.source.offset for r in result.rejected})
+    rows = batch.take(pa.array([offset - first for offset in offsets])).to_pylist()
+    return {offset: json.dumps(row, default=str) for offset, row in zip(offsets, rows, strict=True)}
+
+
+def _reason_kind(message: str) -> str:
+    """A reason without what is particular to one row (digits), so that rejects of one kind count together."""
+    return "".join("N" if ch.isdigit() else ch for ch in message)[:160]
