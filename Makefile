@@ -73,7 +73,7 @@ bench: venv  ## benchmark against the Kafka limit, a hand-written loop, Quix Str
 clean:  ## remove the virtualenv and local state
 	-$(STACK) down
 	-$(STACK) down --secure
-	rm -rf $(VENV) .stack .stack-secure .pytest_cache .mypy_cache .ruff_cache .import_linter_cache examples/fraud/models examples/fraud/data
+	rm -rf $(VENV) .tools .stack .stack-secure .pytest_cache .mypy_cache .ruff_cache .import_linter_cache examples/fraud/models examples/fraud/data
 
 demo-maintenance: venv  ## the predictive-maintenance example: nested/nullable events, multi-input model, string labels
 	bash scripts/demo --example maintenance

@@ -223,3 +223,41 @@ def test_schemas_check_answers_yes_for_a_compatible_change_and_no_for_an_incompa
     assert no.returncode == 1, no.stdout + no.stderr
     assert "field country is not in the writer's schema and has no default" in no.stdout
     assert "registry (BACKWARD): the reader schema is NOT compatible" in no.stdout
+
+
+def test_schemas_check_prints_the_reasons_of_the_registrys_no_on_apicurio(
+    registry_pipeline: Pipeline, registry_client: SchemaRegistryClient, tmp_path: Path
+) -> None:
+    """The registry says NO where the pipeline's own reading is fine (a FORWARD subject), and under the global level
+    alone (a subject without a level of its own, which Apicurio reports as NONE unless asked for the effective
+    one): each NO is printed with the registry's rule, its level and the field that breaks it."""
+    pipe, topic = registry_pipeline, registry_pipeline.settings.input.topic
+    registry_client.set_compatibility(level="BACKWARD")  # the global level (Apicurio's own default is NONE)
+    # Input: the registered writer has a field without default the reader lacks. The reader reads it (extra writer
+    # fields are skipped), but under FORWARD readers of the registered schema must read the reader's events too.
+    writer = {**BASE, "fields": [*BASE["fields"], {"name": "channel", "type": "string"}]}
+    registry_client.set_compatibility(f"{topic}-value", "FORWARD")
+    registry_client.register_schema(f"{topic}-value", Schema(json.dumps(writer), "AVRO"))
+    # Output: the registered prediction schema lacks source_offset, which ours requires (no default): under the
+    # global BACKWARD our schema cannot read the predictions already written.
+    prediction = json.loads(pipe.settings.output.schema_path.read_text())
+    older = {**prediction, "fields": [f for f in prediction["fields"] if f["name"] != "source_offset"]}
+    subject = f"{pipe.settings.output.topic}-{prediction['namespace']}.{prediction['name']}"  # topic_record
+    registry_client.register_schema(subject, Schema(json.dumps(older), "AVRO"))
+
+    no = _check(pipe.path)
+
+    assert no.returncode == 1, no.stdout + no.stderr
+    out = no.stdout
+    assert "resolves: the reader schema reads it" in out, out
+    assert f"registry (FORWARD): the reader schema is NOT compatible with '{topic}-value'" in out, out
+    assert (
+        "readers of the registered schema cannot read new events: "
+        "field channel is not in the writer's schema and has no default in the reader's"
+    ) in out, out
+    assert "registry (BACKWARD): the prediction schema is NOT compatible" in out, out
+    assert (
+        "the new schema cannot read old predictions: "
+        "field source_offset is not in the writer's schema and has no default in the reader's"
+    ) in out, out
+    assert "registry (NONE)" not in out, "the subject's effective level is the global one"
