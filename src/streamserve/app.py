@@ -180,7 +180,7 @@ class Worker:
             return None
         waited = self.batcher.age()
         self.stats.max_batch_wait_s = max(self.stats.max_batch_wait_s, waited)
-        self.metrics.batch_wait.record(waited)
+        self.telemetry.received(waited)
         batch = self.batcher.take()
         following = self.batcher.peek()
         if following is not None:  # a full batch waits behind: its Redis lookup overlaps this batch's work

@@ -5,12 +5,19 @@ from __future__ import annotations
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from streamserve.demo.data import Entities, make_events
 from tests.deploy.test_monitoring import BROKER_METRICS, exported_families, referenced_metrics
 from tests.integration.harness import Pipeline, WorkerThread, predictions, produce_events, wait_until
+from tests.otlp import otlp_receiver, spans
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5"
+"""What Prometheus sends when exemplar storage is on."""
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -78,3 +85,72 @@ def _lag(body: str) -> list[float]:
 def _count(body: str, histogram: str) -> float:
     found = re.search(rf"{histogram}_count(?:\{{[^}}]*\}})? (\S+)", body)
     return float(found.group(1)) if found else -1.0
+
+
+def _scrape(port: int, accept: str | None) -> tuple[str, str]:
+    """/metrics with this Accept header: its content type and body."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.headers["Content-Type"], response.read().decode()
+
+
+def test_an_openmetrics_scrape_carries_the_exported_batch_traces_as_exemplars(
+    pipeline_factory: Callable[..., Pipeline], entities: Entities
+) -> None:
+    with otlp_receiver() as (url, received):
+        pipe = pipeline_factory(
+            **{
+                "observe.port": 0,
+                "observe.host": "127.0.0.1",
+                "observe.trace_sample_ratio": 1.0,
+                "observe.otlp_endpoint": url,
+                "batch.max_batch_size": 100,
+            }
+        )
+        worker = WorkerThread(pipe.settings)
+        try:
+            server = worker.worker.observe_server
+            assert server is not None
+            wait_until(lambda: _get(server.port, "/readyz")[0] == 200, 30, "readiness after joining the group")
+            events = list(make_events(entities, 800, seed=302))
+            produce_events(pipe, events)
+            predictions(pipe, len(events))
+            wait_until(
+                lambda: _count(_scrape(server.port, None)[1], "streamserve_record_latency_seconds") == len(events),
+                30,
+                "an end-to-end latency per acknowledged record",
+            )
+            plain_type, plain = _scrape(server.port, None)
+            open_type, open_body = _scrape(server.port, OPENMETRICS)
+        finally:
+            worker.stop()  # flushes the batch spans to the receiver
+        exported = spans(received)
+
+    assert plain_type.startswith("text/plain"), plain_type
+    assert " # {" not in plain, "the Prometheus text format has no exemplars"
+    assert open_type.startswith("application/openmetrics-text"), open_type
+    assert open_body.endswith("# EOF\n")
+    families = {f.name: f for f in text_string_to_metric_families(open_body)}
+    batch_traces = {s.trace_id.hex() for s in exported if s.name == "streamserve.batch"}
+    assert batch_traces, "the worker exported its batch spans"
+    for histogram in ("streamserve_record_latency_seconds", "streamserve_batch_duration_seconds"):
+        buckets = [s for s in families[histogram].samples if s.name.endswith("_bucket")]
+        with_exemplar = [s for s in buckets if s.exemplar is not None]
+        assert with_exemplar, f"{histogram}: no exemplar"
+        bounds = [float(s.labels["le"]) for s in buckets]
+        for sample in with_exemplar:
+            assert sample.exemplar.labels["trace_id"] in batch_traces, f"{histogram}: not an exported batch's trace"
+            upper = float(sample.labels["le"])
+            lower = max([b for b in bounds if b < upper], default=float("-inf"))
+            assert lower < sample.exemplar.value <= upper, f"{histogram}: exemplar outside its bucket"
+    # The batch's receive span (the polls that gathered it) beside process and send, as a child of the batch span.
+    batches = {s.span_id: s for s in exported if s.name == "streamserve.batch"}
+    receives = [s for s in exported if s.name == "receive"]
+    assert receives, "a receive span per polled batch"
+    for receive in receives:
+        assert receive.kind == SpanProto.SPAN_KIND_CLIENT
+        attributes = {a.key: a.value for a in receive.attributes}
+        assert attributes["messaging.operation.type"].string_value == "receive"
+        assert attributes["messaging.destination.name"].string_value == pipe.settings.input.topic
+        parent = batches[receive.parent_span_id]
+        assert receive.end_time_unix_nano <= parent.start_time_unix_nano + 1_000_000  # gathered, then processed

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,6 +15,7 @@ from opentelemetry.trace import Link, SpanContext, TraceFlags
 from streamserve.observe.context import BatchContext
 from streamserve.observe.tracing import BatchTracer, ProduceTracer, sampler
 from streamserve.records import Source
+from tests.otlp import otlp_receiver
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 
@@ -24,27 +23,8 @@ TRACE = "0af7651916cd43dd8448eb211c80319c"
 @pytest.fixture
 def receiver() -> Iterator[tuple[str, list[ExportTraceServiceRequest]]]:
     """An OTLP/HTTP trace receiver on a free port: every export request, decoded."""
-    received: list[ExportTraceServiceRequest] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append(request)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", received
-    server.shutdown()
-    server.server_close()
+    with otlp_receiver() as found:
+        yield found
 
 
 def _attributes(span: SpanProto) -> dict[str, Any]:
@@ -64,12 +44,25 @@ def test_an_exported_batch_span_follows_the_messaging_conventions(
     assert tracer is not None
     headers = [("traceparent", f"00-{TRACE}-b7ad6b7169203331-01".encode())]
     sources = [Source("transactions", 2, 41, None, b"x", headers, 0)]
-    with tracer.batch_span(sources, BatchContext.of(1, sources, "v1")) as span:
+    polled = (1_700_000_000_000_000_000, 1_700_000_000_004_000_000)  # the batch gathered in 4 ms of polls
+    with tracer.batch_span(sources, BatchContext.of(1, sources, "v1"), polled) as span:
         tracer.stage_spans(span, SimpleNamespace(stages={"decode": [10, 20], "produce": [30, 40]}), 0)
     tracer.shutdown()  # flushes the batch processor: the export happened over HTTP
 
     spans = {s.name: s for r in received for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans}
-    batch, produce = spans["streamserve.batch"], spans["produce"]
+    batch, produce, receive = spans["streamserve.batch"], spans["produce"], spans["receive"]
+    assert receive.kind == SpanProto.SPAN_KIND_CLIENT
+    assert _attributes(receive) == {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "receive",
+        "messaging.operation.name": "poll",
+        "messaging.destination.name": "transactions",
+        "messaging.consumer.group.name": "scorers",
+        "messaging.destination.partition.id": "2",
+        "messaging.batch.message_count": 1,
+    }
+    assert receive.parent_span_id == batch.span_id
+    assert (receive.start_time_unix_nano, receive.end_time_unix_nano) == polled
     assert batch.kind == SpanProto.SPAN_KIND_CONSUMER
     assert _attributes(batch) | {"streamserve.batch.id": None} == {
         "messaging.system": "kafka",

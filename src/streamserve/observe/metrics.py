@@ -1,6 +1,8 @@
 """Worker metrics through OpenTelemetry, served with health probes on one small HTTP endpoint.
 
-``GET /metrics``  Prometheus text format (OpenTelemetry's Prometheus reader)
+``GET /metrics``  Prometheus text format (OpenTelemetry's Prometheus reader and the batch histograms); OpenMetrics,
+                  with exemplars (trace ids) on the latency histograms, when the scraper's Accept header asks for
+                  ``application/openmetrics-text``
 ``GET /healthz``  liveness: the micro-batch loop went round within ``liveness_timeout_s``, or it waits by
                   policy on a dependency (a Redis outage under ``redis.on_error: wait``): 503 only when a
                   restart would help
@@ -51,10 +53,6 @@ class WorkerMetrics:
             resource=Resource.create({"service.name": "streamserve", "service.instance.id": worker_id}),
             views=[
                 View(
-                    instrument_name="streamserve.batch.duration",
-                    aggregation=ExplicitBucketHistogramAggregation(BATCH_SECONDS_BUCKETS),
-                ),
-                View(
                     instrument_name="streamserve.redis.duration",
                     aggregation=ExplicitBucketHistogramAggregation(BATCH_SECONDS_BUCKETS),
                 ),
@@ -73,9 +71,6 @@ class WorkerMetrics:
         """The last window's PSI per (model, version, feature), read by the streamserve.drift.psi gauge."""
         self.events = meter.create_counter("streamserve.events", unit="1", description="input records by outcome")
         self.batches = meter.create_counter("streamserve.batches", unit="1", description="micro-batches processed")
-        self.batch_duration = meter.create_histogram(
-            "streamserve.batch.duration", unit="s", description="decode to produce, per micro-batch"
-        )
         self.batch_wait = meter.create_histogram(
             "streamserve.batch.wait",
             unit="s",
@@ -282,12 +277,15 @@ class ObserveServer:
     """/metrics, /healthz and /readyz on one port, in a daemon thread."""
 
     def __init__(self, host: str, port: int, health: HealthState, target: TargetFile | None = None) -> None:
-        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+        from prometheus_client import REGISTRY
+        from prometheus_client.exposition import choose_encoder
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/metrics":
-                    self._reply(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+                    # Prometheus' text format, or OpenMetrics (exemplars included) when the Accept header asks
+                    encode, content_type = choose_encoder(self.headers.get("Accept", ""))
+                    self._reply(200, encode(REGISTRY), content_type)
                 elif self.path == "/healthz":
                     self._probe(health.liveness_problem(), b"ok\n")
                 elif self.path == "/readyz":

@@ -5,7 +5,8 @@ inference, encode, the whole processor run), the feature builder's LookupObserve
 delivery's DeliveryObserver and the registry's swap listener. Each stage adds two clock reads to a per-batch
 :class:`StageClock`. After the batch, the clock becomes metrics (Redis and inference durations) and, when
 tracing is on, child spans with their real start and end times. Per-record values (end-to-end latency,
-feature age) go to numpy-bucketed histograms.
+feature age) and the batch duration go to numpy-bucketed histograms; the latency ones carry the sampled batch
+span's trace id as an exemplar (one per batch).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from streamserve.observe.histogram import (
     BatchHistogram,
     BatchHistograms,
 )
-from streamserve.observe.metrics import WorkerMetrics
+from streamserve.observe.metrics import BATCH_SECONDS_BUCKETS, WorkerMetrics
 from streamserve.observe.tracing import BatchTracer
 from streamserve.records import Rejected, Source
 
@@ -98,7 +99,10 @@ class Telemetry:
             AGE_SECONDS_BUCKETS,
             ["field"],
         )
-        self.collector = BatchHistograms([self.latency, self.feature_age])
+        self.batch_duration = BatchHistogram(
+            "streamserve_batch_duration_seconds", "decode to produce, per micro-batch", BATCH_SECONDS_BUCKETS
+        )
+        self.collector = BatchHistograms([self.latency, self.feature_age, self.batch_duration])
         self._registered = False
         if export:
             from prometheus_client import REGISTRY
@@ -109,7 +113,11 @@ class Telemetry:
         self.lag: list[tuple[str, int, int]] = []
         """(topic, partition, records behind) of the assigned partitions, as last sampled."""
         self._next_lag_sample = 0.0
-        self._unacknowledged: deque[tuple[Any, np.ndarray]] = deque()
+        self._unacknowledged: deque[tuple[Any, np.ndarray, str | None]] = deque()
+        self._trace_id: str | None = None
+        """The sampled batch span's trace id while a batch runs (the exemplar of its latencies), else None."""
+        self._received_s: float | None = None
+        """How long the next batch took to gather, from the first poll for it (its receive span), else None."""
 
     def close(self) -> None:
         """Stop exporting (and flush spans)."""
@@ -174,6 +182,11 @@ class Telemetry:
 
     # --- one batch ---------------------------------------------------------------------------------------
 
+    def received(self, waited_s: float) -> None:
+        """The next batch is complete, `waited_s` after the first poll for it (the batch wait, the receive span)."""
+        self.metrics.batch_wait.record(waited_s)
+        self._received_s = waited_s
+
     @contextmanager
     def batch(self, sources: Sequence[Source], model_version: str) -> Iterator[BatchScope]:
         """Around one micro-batch: log context, stage clock, the batch span (when tracing)."""
@@ -182,6 +195,7 @@ class Telemetry:
         started_ns = time.time_ns()
         started = time.perf_counter_ns()
         scope = BatchScope(started_ns)
+        received_s, self._received_s = self._received_s, None
         with context.batch_scope(batch_context):
             if self.tracer is None:
                 try:
@@ -189,11 +203,15 @@ class Telemetry:
                 finally:
                     self.clock = None
                 return
-            with self.tracer.batch_span(sources, batch_context) as span:
+            receive = None if received_s is None else (started_ns - round(received_s * 1e9), started_ns)
+            with self.tracer.batch_span(sources, batch_context, receive) as span:
                 scope.traceparent = self.tracer.traceparent(span)
+                span_context = span.get_span_context()
+                self._trace_id = f"{span_context.trace_id:032x}" if span_context.trace_flags.sampled else None
                 try:
                     yield scope
                 finally:
+                    self._trace_id = None
                     clock, self.clock = self.clock, None
                     processed = clock.stages.pop("process", None)
                     if processed is not None:  # what follows the processor is producing the outputs
@@ -207,7 +225,7 @@ class Telemetry:
         m = self.metrics
         m.batches.add(1)
         m.batch_size.record(len(sources))
-        m.batch_duration.record(seconds)
+        self.batch_duration.observe((seconds,), trace_id=self._trace_id)
         m.events.add(len(sources) - len(rejected), {"outcome": "predicted"})
         stages: dict[str, int] = {}
         for item in rejected:
@@ -234,7 +252,7 @@ class Telemetry:
 
     def sealed(self, inflight: Any, sources: Sequence[Source]) -> None:
         """A batch handed to the producer: its latency is recorded once all its outputs are acknowledged."""
-        self._unacknowledged.append((inflight, _timestamps_ms(sources)))
+        self._unacknowledged.append((inflight, _timestamps_ms(sources), self._trace_id))
 
     def sample_lag(self, read_lag: Callable[[], list[tuple[str, int, int]]]) -> None:
         """Refresh the consumer lag at most once per LAG_INTERVAL_S, from the loop's thread (the consumer is
@@ -248,13 +266,13 @@ class Telemetry:
         """Record the latency of the batches acknowledged since the last call (in order, like commits)."""
         now_ms = time.time() * 1000
         while self._unacknowledged and self._unacknowledged[0][0].done:
-            inflight, stamps = self._unacknowledged.popleft()
+            inflight, stamps, trace_id = self._unacknowledged.popleft()
             if inflight.error is None:
-                self.latency.observe((now_ms - stamps) / 1000)
+                self.latency.observe((now_ms - stamps) / 1000, trace_id=trace_id)
 
     def acknowledged(self, sources: Sequence[Source]) -> None:
         """A batch whose outputs are acknowledged now (exactly-once: its transaction committed)."""
-        self.latency.observe((time.time() * 1000 - _timestamps_ms(sources)) / 1000)
+        self.latency.observe((time.time() * 1000 - _timestamps_ms(sources)) / 1000, trace_id=self._trace_id)
 
     def transaction_aborted(self) -> None:
         """An exactly-once batch's transaction was aborted (the batch is read again)."""

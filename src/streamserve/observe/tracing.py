@@ -6,10 +6,12 @@ redis, infer, encode, produce) with their measured times. Every output record ge
 the batch span, so a downstream consumer continues the trace from there.
 
 Spans follow OpenTelemetry's messaging conventions: the batch span is ``process`` (CONSUMER) with the input
-topic, consumer group and, for a single-partition batch, its partition (and offset for a single record); the
-produce stage span is ``send`` (PRODUCER) to the output topic. Sampling honours the producers' decision: a batch
-with a sampled input is sampled, a batch whose traced inputs were all dropped is dropped, and only untraced
-batches are sampled at ``trace_sample_ratio`` (parent-based, like a span with a remote parent).
+topic, consumer group and, for a single-partition batch, its partition (and offset for a single record); its
+child ``receive`` (CLIENT, operation ``poll``) spans the polls that gathered the batch, from the first poll for
+it to the batch being complete; the produce stage span is ``send`` (PRODUCER) to the output topic.
+Sampling honours the producers' decision: a batch with a sampled input is sampled, a batch whose traced inputs
+were all dropped is dropped, and only untraced batches are sampled at ``trace_sample_ratio`` (parent-based,
+like a span with a remote parent).
 
 Off by default (``observe.trace_sample_ratio: 0``): then no tracer exists and nothing is parsed or created.
 """
@@ -180,8 +182,11 @@ class BatchTracer:
         return cls(provider, group=group, output_topic=output_topic)
 
     @contextmanager
-    def batch_span(self, sources: Sequence[Source], batch: BatchContext) -> Iterator[Span]:
-        """The span of one micro-batch, current for the block, linked to its inputs' trace contexts."""
+    def batch_span(
+        self, sources: Sequence[Source], batch: BatchContext, received: tuple[int, int] | None = None
+    ) -> Iterator[Span]:
+        """The span of one micro-batch, current for the block, linked to its inputs' trace contexts; with
+        `received` (start and end, ns since the epoch), its child receive span."""
         links: list[Link] = []
         traced = 0
         for source in sources:
@@ -208,7 +213,25 @@ class BatchTracer:
         with self.tracer.start_as_current_span(
             "streamserve.batch", kind=trace.SpanKind.CONSUMER, links=links, attributes=attributes
         ) as span:
+            if received is not None and span.is_recording():
+                self._receive_span(span, attributes, received)
             yield span
+
+    def _receive_span(self, parent: Span, batch: Mapping[str, str | int], received: tuple[int, int]) -> None:
+        """The polls that gathered the batch: a ``receive`` span with the batch's destination attributes."""
+        kept = ("messaging.destination.name", "messaging.consumer.group.name", "messaging.batch.message_count",
+                "messaging.destination.partition.id")  # fmt: skip
+        attributes = {key: batch[key] for key in kept if key in batch}
+        attributes |= {"messaging.system": "kafka", "messaging.operation.type": "receive",
+                       "messaging.operation.name": "poll"}  # fmt: skip
+        child = self.tracer.start_span(
+            "receive",
+            context=trace.set_span_in_context(parent),
+            kind=trace.SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=received[0],
+        )
+        child.end(end_time=received[1])
 
     def stage_spans(self, parent: Span, clock: StageTimes, offset_ns: int) -> None:
         """Children of the batch span for the measured stages (perf_counter times shifted to wall clock)."""
