@@ -29,14 +29,39 @@ def promtool() -> str:
     return found
 
 
-def queries() -> list[str]:
-    """Every PromQL expression of the dashboard and the alert rules."""
+def panel_queries() -> list[str]:
+    """Every PromQL expression of the dashboard: its panels' and its annotations'."""
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    return exprs + [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
+
+
+def queries() -> list[str]:
+    """Every PromQL expression of the dashboard and the alert rules."""
+    exprs = panel_queries()
     rules = yaml.safe_load(RULES.read_text())
     exprs += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
     return exprs
 
+
+TOPIC_LABELLED = {"streamserve_consumer_lag", "streamserve_broker_lag"}
+"""Families whose series carry the input topic: the dashboard's $topic filters them (tests/integration/test_observe.py
+checks the worker's)."""
+MODEL_LABELLED = {
+    "streamserve_model_info",
+    "streamserve_model_serving",
+    "streamserve_drift_psi",
+    "streamserve_label_lag_seconds",
+    "streamserve_quality",
+    "streamserve_quality_estimated",
+    "streamserve_quality_pairs",
+    "streamserve_quality_floor",
+    "streamserve_quality_comparison",
+    "streamserve_quality_comparison_verdict",
+    "streamserve_quality_comparison_labels_needed",
+}
+"""Families whose series carry the model name: the dashboard's $model filters them."""
+_SELECTOR = re.compile(r"\b(streamserve_[a-z_]+)(\{[^}]*\})?")
 
 MONITOR_FAMILIES = ("streamserve_quality", "streamserve_monitor_", "streamserve_label_lag")
 """Prefixes of the metrics `streamserve monitor` exports (the rest are the worker's)."""
@@ -123,3 +148,59 @@ def test_alertmanager_config_is_valid() -> None:
     assert amtool, "amtool not found: scripts/ensure-promtool installs Debian's prometheus-alertmanager"
     out = _run([amtool, "check-config", "alertmanager.yml"], MONITORING)
     assert "SUCCESS" in out
+
+
+def _family(name: str) -> str:
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return name
+
+
+def test_the_dashboard_has_job_instance_topic_and_model_variables() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"datasource", "job", "instance", "topic", "model"} <= set(variables)
+    for name in ("job", "instance", "topic", "model"):
+        variable = variables[name]
+        assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert variable["query"]["query"] == variable["definition"]
+        assert variable["includeAll"], "All must be offered"
+        assert variable["allValue"] == ".*", "All must match every series"
+        assert variable["definition"].startswith("label_values(")
+        assert variable["definition"].endswith(f", {name})")
+    # The job list is the alert rules' own selection of streamserve targets (StreamserveTargetDown).
+    assert 'up{job=~".*streamserve.*"}' in variables["job"]["definition"]
+    assert '"$job"' in variables["instance"]["definition"]
+    for name, labelled in (("topic", TOPIC_LABELLED), ("model", MODEL_LABELLED)):
+        metrics = set(re.findall(r"streamserve_[a-z_]+", variables[name]["definition"]))
+        assert metrics, variables[name]["definition"]
+        assert metrics <= labelled, f"${name} lists values of metrics without a {name} label"
+
+
+def test_every_panel_query_uses_the_variables() -> None:
+    """Every metric of every panel and annotation is filtered by $job and $instance, and by $topic and $model
+    exactly where its series carry that label (a filter on a label a series lacks would blank the panel)."""
+    for expr in panel_queries():
+        selectors = _SELECTOR.findall(expr)
+        assert selectors, expr
+        for name, braces in selectors:
+            family = _family(name)
+            matchers = {m.strip() for m in braces.strip("{}").split(",")}
+            assert {'job=~"$job"', 'instance=~"$instance"'} <= matchers, f"{expr}: {name} ignores $job/$instance"
+            assert ('topic=~"$topic"' in matchers) == (family in TOPIC_LABELLED), f"{expr}: $topic on {name}"
+            assert ('model=~"$model"' in matchers) == (family in MODEL_LABELLED), f"{expr}: $model on {name}"
+
+
+def test_model_swaps_are_annotations() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    swaps = [a for a in dashboard["annotations"]["list"] if "expr" in a]
+    assert {a["name"] for a in swaps} == {"Model swaps", "Rejected swaps"}
+    for annotation in swaps:
+        assert annotation["enable"]
+        assert annotation["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        (metric,) = set(re.findall(r"streamserve_[a-z_]+", annotation["expr"]))
+        # A family the worker exports: tests/integration/test_observe.py checks every queried family in a scrape.
+        assert metric == "streamserve_model_swaps_total"
+        assert metric in referenced_metrics()
+        assert "{{reason}}" in annotation["titleFormat"]

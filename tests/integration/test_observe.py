@@ -12,7 +12,13 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from streamserve.demo.data import Entities, make_events
-from tests.deploy.test_monitoring import BROKER_METRICS, exported_families, referenced_metrics
+from tests.deploy.test_monitoring import (
+    BROKER_METRICS,
+    MODEL_LABELLED,
+    TOPIC_LABELLED,
+    exported_families,
+    referenced_metrics,
+)
 from tests.integration.harness import Pipeline, WorkerThread, predictions, produce_events, wait_until
 from tests.otlp import otlp_receiver, spans
 
@@ -76,6 +82,12 @@ def test_metrics_count_what_the_worker_did_and_probes_answer(pipeline: Pipeline,
     missing = from_workers - exported_families(body) - {"streamserve_drift_psi"}
     assert not missing, f"the dashboard or the alert rules query metrics the worker does not export: {missing}"
     assert re.search(r'streamserve_model_info\{[^}]*desired_version="v1"[^}]*serving_version="v1"[^}]*\} 1', body)
+    # The dashboard's $topic and $model filter these families: their series must carry the label.
+    for label, families in (("topic", TOPIC_LABELLED), ("model", MODEL_LABELLED)):
+        for family in families & exported_families(body):
+            series = re.findall(rf"^{family}\{{([^}}]*)\}}", body, re.MULTILINE)
+            assert series, family
+            assert all(f'{label}="' in labels for labels in series), f"{family} has series without {label}"
 
 
 def _lag(body: str) -> list[float]:
