@@ -17,6 +17,8 @@ import yaml
 from streamserve.config import load_settings
 from tests.deploy.chart import CHART, NAMESPACE, REPO, render, run_helm, validate
 
+pytestmark = pytest.mark.timeout(1800)
+"""The first test that needs helm may build it (scripts/ensure-helm): minutes on a new machine."""
 ALL_ON = CHART / "ci" / "all-on-values.yaml"
 PIPELINE = CHART / "files" / "pipeline.yaml"
 RULES = REPO / "monitoring" / "streamserve.rules.yml"

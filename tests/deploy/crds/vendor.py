@@ -19,7 +19,10 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 SOURCES = {
-    "github.com/kedacore/keda/v2@v2.21.0": ["config/crd/bases/keda.sh_scaledobjects.yaml"],
+    "github.com/kedacore/keda/v2@v2.21.0": [
+        "config/crd/bases/keda.sh_scaledobjects.yaml",
+        "config/crd/bases/keda.sh_triggerauthentications.yaml",
+    ],
     "github.com/prometheus-operator/prometheus-operator@v0.85.0": [
         "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml",
         "example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml",
