@@ -255,7 +255,8 @@ def test_secrets_and_storage(default: list[dict[str, Any]]) -> None:
     assert tls_volume["secret"]["secretName"] == "streamserve-tls"
     for bound in ("requests", "limits"):
         assert "ephemeral-storage" in container["resources"][bound]
-    assert container["resources"]["requests"] == container["resources"]["limits"], "Guaranteed QoS"
+    for resource in ("cpu", "memory"):  # requests == limits: the Guaranteed QoS class
+        assert container["resources"]["requests"][resource] == container["resources"]["limits"][resource]
 
 
 def test_the_monitor_and_the_lag_exporter_run_once_beside_the_workers(default: list[dict[str, Any]]) -> None:

@@ -121,7 +121,7 @@ checksum/pipeline: {{ include "streamserve.pipelineText" . | sha256sum }}
 
 {{/* One egress rule from a values entry {enabled, to, ports}; call with (dict "name" "kafka" "rule" $rule). */}}
 {{- define "streamserve.egressRule" -}}
-{{- if .rule.enabled }}
+{{- if .rule.enabled -}}
 - to:  # {{ .name }}
     {{- toYaml .rule.to | nindent 4 }}
   ports:
