@@ -61,7 +61,10 @@ def test_an_exported_batch_span_follows_the_messaging_conventions(
         "messaging.destination.partition.id": "2",
         "messaging.batch.message_count": 1,
     }
-    assert receive.parent_span_id == batch.span_id
+    # The polls come first: the receive span is the batch's root, linked to the inputs like the process span.
+    assert (batch.parent_span_id, receive.parent_span_id) == (receive.span_id, b"")
+    assert batch.trace_id == receive.trace_id
+    assert [link.trace_id.hex() for link in receive.links] == [TRACE]
     assert (receive.start_time_unix_nano, receive.end_time_unix_nano) == polled
     assert batch.kind == SpanProto.SPAN_KIND_CONSUMER
     assert _attributes(batch) | {"streamserve.batch.id": None} == {

@@ -7,7 +7,7 @@ the batch span, so a downstream consumer continues the trace from there.
 
 Spans follow OpenTelemetry's messaging conventions: the batch span is ``process`` (CONSUMER) with the input
 topic, consumer group and, for a single-partition batch, its partition (and offset for a single record); its
-child ``receive`` (CLIENT, operation ``poll``) spans the polls that gathered the batch, from the first poll for
+parent ``receive`` (CLIENT, operation ``poll``) spans the polls that gathered the batch, from the first poll for
 it to the batch being complete; the produce stage span is ``send`` (PRODUCER) to the output topic.
 Sampling honours the producers' decision: a batch with a sampled input is sampled, a batch whose traced inputs
 were all dropped is dropped, and only untraced batches are sampled at ``trace_sample_ratio`` (parent-based,
@@ -186,7 +186,7 @@ class BatchTracer:
         self, sources: Sequence[Source], batch: BatchContext, received: tuple[int, int] | None = None
     ) -> Iterator[Span]:
         """The span of one micro-batch, current for the block, linked to its inputs' trace contexts; with
-        `received` (start and end, ns since the epoch), its child receive span."""
+        `received` (start and end, ns since the epoch), the child of a receive span."""
         links: list[Link] = []
         traced = 0
         for source in sources:
@@ -210,28 +210,28 @@ class BatchTracer:
             attributes["messaging.destination.partition.id"] = str(batch.partitions[0])
         if len(sources) == 1:
             attributes["messaging.kafka.offset"] = sources[0].offset
+        # The receive span, when the polls are known, is the root: it carries the links (so the producers' sampling
+        # decides there) and the process span is its child, as the messaging conventions nest a batch's spans.
+        parent = (
+            None if received is None else trace.set_span_in_context(self._receive_span(attributes, links, received))
+        )
         with self.tracer.start_as_current_span(
-            "streamserve.batch", kind=trace.SpanKind.CONSUMER, links=links, attributes=attributes
+            "streamserve.batch", context=parent, kind=trace.SpanKind.CONSUMER, links=links, attributes=attributes
         ) as span:
-            if received is not None and span.is_recording():
-                self._receive_span(span, attributes, received)
             yield span
 
-    def _receive_span(self, parent: Span, batch: Mapping[str, str | int], received: tuple[int, int]) -> None:
-        """The polls that gathered the batch: a ``receive`` span with the batch's destination attributes."""
+    def _receive_span(self, batch: Mapping[str, str | int], links: list[Link], received: tuple[int, int]) -> Span:
+        """The polls that gathered the batch: an ended ``receive`` span with the batch's destination attributes."""
         kept = ("messaging.destination.name", "messaging.consumer.group.name", "messaging.batch.message_count",
                 "messaging.destination.partition.id")  # fmt: skip
         attributes = {key: batch[key] for key in kept if key in batch}
         attributes |= {"messaging.system": "kafka", "messaging.operation.type": "receive",
                        "messaging.operation.name": "poll"}  # fmt: skip
-        child = self.tracer.start_span(
-            "receive",
-            context=trace.set_span_in_context(parent),
-            kind=trace.SpanKind.CLIENT,
-            attributes=attributes,
-            start_time=received[0],
+        span = self.tracer.start_span(
+            "receive", kind=trace.SpanKind.CLIENT, links=links, attributes=attributes, start_time=received[0]
         )
-        child.end(end_time=received[1])
+        span.end(end_time=received[1])
+        return span
 
     def stage_spans(self, parent: Span, clock: StageTimes, offset_ns: int) -> None:
         """Children of the batch span for the measured stages (perf_counter times shifted to wall clock)."""
