@@ -107,9 +107,7 @@ class _Site:
             return None  # left as written: mkdocs reports it
         src_uri = f"{COPIED_UNDER}/{resolved.relative_to(ROOT).as_posix()}"
         if self.files.get_file_from_path(src_uri) is None:
-            copied = File.generated(
-                self.config, src_uri, abs_src_path=str(resolved), inclusion=InclusionLevel.INCLUDED
-            )
+            copied = File.generated(self.config, src_uri, abs_src_path=str(resolved), inclusion=InclusionLevel.INCLUDED)
             self.files.append(copied)
         return self.docs_dir / src_uri
 

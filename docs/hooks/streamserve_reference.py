@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import itertools
 import os
 import re
 import textwrap
@@ -83,7 +84,7 @@ def attribute_docstrings(model: type[BaseModel]) -> dict[str, str]:
     assert isinstance(body, ast.ClassDef)
     docs: dict[str, str] = {}
     statements = body.body
-    for statement, following in zip(statements, statements[1:], strict=False):
+    for statement, following in itertools.pairwise(statements):
         if (
             isinstance(statement, ast.AnnAssign)
             and isinstance(statement.target, ast.Name)
@@ -202,7 +203,8 @@ def config_reference() -> str:
             lines += [doc, ""]
         if _list_item_model(field.annotation) is not None:
             env = f"{prefix}{key.upper()}"
-            lines += [f"A list; each item has the keys below. As an environment variable, the whole list as JSON: `{env}`.", ""]
+            note = "A list; each item has the keys below. As an environment variable, the whole list as JSON"
+            lines += [f"{note}: `{env}`.", ""]
         own = [k for k in keys if k.path.startswith((f"{key}.", f"{key}[]."))]
         lines += [*_table(own), ""]
     return "\n".join(lines)
