@@ -59,17 +59,18 @@ def _walk(model: type[BaseModel], prefix: str, env: str | None, delimiter: str) 
         key = field.alias or name
         path = f"{prefix}{key}"
         env_name = f"{env}{delimiter if prefix else '_'}{key.upper()}" if env is not None else None
+        section = _model_of(field.annotation)
+        item = _list_item_model(field.annotation)
+        nested = section or item
         yield SettingsKey(
             path=path,
             type=type_name(field.annotation),
             default=default_text(field),
             env=env_name,
-            description=_description(field, docs.get(name)),
+            description=_description(field, docs.get(name) or (nested.__doc__ if nested else None)),
         )
-        section = _model_of(field.annotation)
         if section is not None:
             yield from _walk(section, f"{path}.", env_name, delimiter)
-        item = _list_item_model(field.annotation)
         if item is not None:
             yield from _walk(item, f"{path}[].", None, delimiter)
 
