@@ -6,9 +6,10 @@
   k8s/README.md), which keeps living where it is.
 
 Relative links are written for GitHub, from where their file lives. Each is rewritten for the site: a link into
-docs/ points at that page; a link to an included file points at the page that includes it; a link to another
-file of the repository (an image under bench/latest/) copies that file into the site under ``repo/``. A link
-whose target does not exist is left alone, so ``mkdocs build --strict`` fails on it.
+docs/ points at that page; a link to an included file points at the page that includes it; a link to a folder
+points at its index.md or README.md; a link to another file of the repository (an image under bench/latest/)
+copies that file into the site under ``repo/``. A link whose target does not exist is left alone, so
+``mkdocs build --strict`` fails on it.
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ class _Site:
         return f"{match['text']}({relative}{hash_}{anchor}{match['title'] or ''})"
 
     def _site_path(self, resolved: Path) -> Path | None:
+        if resolved.is_dir():  # a folder stands for its index page, as on GitHub
+            resolved = next(
+                (resolved / name for name in ("index.md", "README.md") if (resolved / name).is_file()), resolved
+            )
         if resolved in _included_by:
             return _included_by[resolved]
         if resolved.is_relative_to(self.docs_dir):
