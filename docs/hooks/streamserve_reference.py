@@ -186,7 +186,6 @@ def config_reference() -> str:
     prefix = str(config.get("env_prefix", ""))
     delimiter = str(config.get("env_nested_delimiter", "__"))
     keys = list(settings_keys(PipelineSettings, prefix, delimiter))
-    top_docs = attribute_docstrings(PipelineSettings)
     fields = PipelineSettings.model_fields
     nested = {
         field.alias or name: (field, name)
@@ -195,18 +194,13 @@ def config_reference() -> str:
     }
     scalars = [key for key in keys if "." not in key.path and key.path not in nested]
     lines = ["## Top-level keys", "", *_table(scalars), ""]
-    for key, (field, name) in nested.items():
-        section = _model_of(field.annotation) or _list_item_model(field.annotation)
-        assert section is not None
-        doc = _description(field, top_docs.get(name) or section.__doc__)
+    for key, (field, _name) in nested.items():
         lines += [f"## {key}", ""]
-        if doc:
-            lines += [doc, ""]
         if _list_item_model(field.annotation) is not None:
             env = f"{prefix}{key.upper()}"
             note = "A list; each item has the keys below. As an environment variable, the whole list as JSON"
             lines += [f"{note}: `{env}`.", ""]
-        own = [k for k in keys if k.path.startswith((f"{key}.", f"{key}[]."))]
+        own = [k for k in keys if k.path == key or k.path.startswith((f"{key}.", f"{key}[]."))]
         lines += [*_table(own), ""]
     return "\n".join(lines)
 
@@ -221,11 +215,13 @@ def _table(keys: list[SettingsKey]) -> list[str]:
 
 
 def _code(text: str) -> str:
-    return "`" + text.replace("|", "\\|") + "`"
+    return f"`{text}`"  # a | inside a code span does not split the cell (Python-Markdown's tables)
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """Pipes outside code spans escaped, so that they do not split the cell."""
+    pieces = re.split(r"(`[^`]*`)", text)
+    return "".join(piece if piece.startswith("`") else piece.replace("|", "\\|") for piece in pieces)
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------
