@@ -351,8 +351,9 @@ class OutputSettings(_Section):
     headers: list[PredictionHeader] = Field(default_factory=lambda: list(DEFAULT_PREDICTION_HEADERS))
     """Kafka headers each prediction carries, named ``streamserve.<name with dots>`` (``model_version`` is
     ``streamserve.model.version``). They repeat fields of the value, so each costs bytes on every record (see
-    the README); the model version alone by default, so a consumer can route or filter without decoding. ``[]``:
-    none. The trace header (``traceparent``) is added whenever the batch is traced, whatever this says."""
+    docs/models-and-signatures.md); the model version alone by default, so a consumer can route or filter without
+    decoding. ``[]``: none. The trace header (``traceparent``) is added whenever the batch is traced, whatever this
+    says."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
