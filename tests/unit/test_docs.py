@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import os
 import re
+import subprocess
 import sys
 import typing
 from collections.abc import Iterator
@@ -243,3 +244,31 @@ def test_every_settings_key_has_a_description() -> None:
     rows = _rows(reference.config_reference())
     undocumented = [key for key, cells in rows.items() if not cells[4]]
     assert not undocumented, f"add a docstring under these fields in src/streamserve/config.py: {undocumented}"
+
+
+def test_the_site_builds_with_the_included_files_and_their_links(tmp_path: Path) -> None:
+    """`mkdocs build --strict`: README, BENCHMARKS.md and k8s/README.md become pages, their links work there."""
+    site = tmp_path / "site"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(site)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr
+    home = (site / "index.html").read_text(encoding="utf-8")
+    assert 'id="your-own-pipeline"' in home, "the home page is the README"
+    assert 'href="running/#prerequisites"' in home, "README links into docs/ point at the pages"
+    assert 'href="kubernetes/"' in home, "a link to k8s/README.md points at the page that includes it"
+    benchmarks = (site / "benchmarks" / "index.html").read_text(encoding="utf-8")
+    for chart in re.findall(r"!\[[^\]]*\]\((bench/latest/[^)]+)\)", (ROOT / "BENCHMARKS.md").read_text()):
+        assert f'src="../repo/{chart}"' in benchmarks
+        assert (site / "repo" / chart).read_bytes() == (ROOT / chart).read_bytes()
+    config = (site / "reference" / "configuration" / "index.html").read_text(encoding="utf-8")
+    assert "STREAMSERVE_BATCH__MAX_WAIT_MS" in config
+    cli = (site / "reference" / "cli" / "index.html").read_text(encoding="utf-8")
+    assert "usage: streamserve models publish" in cli
