@@ -152,7 +152,10 @@ def type_name(annotation: Any) -> str:
 def default_text(field: FieldInfo) -> str:
     """The default as YAML would spell it; ``required`` when there is none."""
     if field.default_factory is not None:
-        value = field.default_factory()  # type: ignore[call-arg]
+        try:
+            value = field.default_factory()  # type: ignore[call-arg]
+        except TypeError:  # a factory of the other fields' values (pydantic's default_factory(data))
+            return "(computed)"
     elif field.default is PydanticUndefined:
         return "required"
     else:
