@@ -268,3 +268,16 @@ def cli_reference() -> str:
 def _stable(text: str) -> str:
     """The help as argparse wrote it, minus trailing spaces."""
     return re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)
+
+
+if __name__ == "__main__":  # `python docs/hooks/streamserve_reference.py config|cli`: a reference without the site
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+    choice = sys.argv[1] if len(sys.argv) > 1 else ""
+    if choice not in ("config", "cli"):
+        sys.exit("usage: python docs/hooks/streamserve_reference.py config|cli")
+    try:
+        print(config_reference() if choice == "config" else cli_reference())
+    except BrokenPipeError:  # piped into head
+        sys.stderr.close()
