@@ -8,8 +8,8 @@
 Relative links are written for GitHub, from where their file lives. Each is rewritten for the site: a link into
 docs/ points at that page; a link to an included file points at the page that includes it; a link to a folder
 points at its index.md or README.md; a link to another file of the repository (an image under bench/latest/)
-copies that file into the site under ``repo/``. A link whose target does not exist is left alone, so
-``mkdocs build --strict`` fails on it.
+copies that file into the site under ``repo/`` (not a Markdown file: a page is included, never copied). A link
+whose target does not exist is left alone, so ``mkdocs build --strict`` fails on it.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ class _Site:
             return _included_by[resolved]
         if resolved.is_relative_to(self.docs_dir):
             return resolved
-        if not resolved.is_file() or not resolved.is_relative_to(ROOT):
-            return None  # left as written: mkdocs reports it
+        if not resolved.is_file() or not resolved.is_relative_to(ROOT) or resolved.suffix == ".md":
+            return None  # left as written: mkdocs reports it (a page outside docs/ must be included to be linked)
         src_uri = f"{COPIED_UNDER}/{resolved.relative_to(ROOT).as_posix()}"
         if self.files.get_file_from_path(src_uri) is None:
             copied = File.generated(self.config, src_uri, abs_src_path=str(resolved), inclusion=InclusionLevel.INCLUDED)
