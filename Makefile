@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STACK  := $(PYTHON) scripts/stack
 
-.PHONY: help venv lint test test-unit test-integration demo demo-maintenance stack-up stack-down stack-status stack-up-secure stack-down-secure test-secure stack-up-registry stack-down-registry test-registry bench clean
+.PHONY: help venv lint docs docs-serve test test-unit test-integration demo demo-maintenance stack-up stack-down stack-status stack-up-secure stack-down-secure test-secure stack-up-registry stack-down-registry test-registry bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,11 +20,18 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed  ## create .venv with streamserve and its dev tools
 
-lint: venv  ## ruff (lint, complexity, format check), mypy, and the layers (import-linter, docs/architecture.md)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+lint: venv  ## ruff (lint, complexity, format check), mypy, the layers (import-linter, docs/architecture.md), the docs site
+	$(BIN)/ruff check src tests bench docs/hooks
+	$(BIN)/ruff format --check src tests bench docs/hooks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site-check
+
+docs: venv  ## the docs site into site/ (mkdocs-material; the config and CLI references generated from the code)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: venv  ## the docs site on http://127.0.0.1:8000, rebuilt on every change
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
 test-unit: venv  ## unit tests only (no servers)
 	$(BIN)/pytest tests/unit
@@ -73,7 +80,7 @@ bench: venv  ## benchmark against the Kafka limit, a hand-written loop, Quix Str
 clean:  ## remove the virtualenv and local state
 	-$(STACK) down
 	-$(STACK) down --secure
-	rm -rf $(VENV) .tools .stack .stack-secure .pytest_cache .mypy_cache .ruff_cache .import_linter_cache examples/fraud/models examples/fraud/data
+	rm -rf $(VENV) site .tools .stack .stack-secure .pytest_cache .mypy_cache .ruff_cache .import_linter_cache examples/fraud/models examples/fraud/data
 
 demo-maintenance: venv  ## the predictive-maintenance example: nested/nullable events, multi-input model, string labels
 	bash scripts/demo --example maintenance

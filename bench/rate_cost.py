@@ -9,7 +9,7 @@ the bench's overrides) on a fresh input topic, and the bench's load generator at
 of the run it reads the CPU of the worker's threads (psutil; names from /proc: the Python main thread,
 librdkafka's broker threads and its main thread) and prints them in cores, with the CPU per event. Below the
 maximum a worker scores ~1000 / max_wait_ms batches a second, each with a cost of its own, so this is what sets
-its CPU at low and moderate rates (README, `batch.max_wait_ms`).
+its CPU at low and moderate rates (docs/running.md, `batch.max_wait_ms`).
 """
 
 from __future__ import annotations

@@ -162,6 +162,7 @@ class InputSettings(_Section):
     """The topic events are read from and how to decode them."""
 
     topic: str
+    """Kafka topic the events are read from."""
     schema_path: Path = Field(alias="schema")
     """Avro schema (.avsc) of the events: the writer schema, or the reader schema with a registry."""
     key_field: str
@@ -185,7 +186,9 @@ class FeatureSpec(_Section):
     """
 
     name: str
+    """Name of the feature, unique in the pipeline."""
     source: Literal["event", "redis"]
+    """``event``: a field of the event; ``redis``: a field of the Redis entry under ``key``."""
     field: str
     """Event field path (source=event), e.g. ``amount``, ``device.os.version``, ``scores[2]``; or the Redis
     hash field (source=redis)."""
@@ -286,9 +289,11 @@ class ModelSettings(_Section):
     """The model the worker serves until the control topic says otherwise, and how its outputs are read."""
 
     name: str
+    """Name of the model: predictions carry it, and announcements on the control topic name it."""
     uri: str
     """Artifact location: a path, file:// or http(s):// URI of an .onnx file."""
     version: str = "1"
+    """Version served until the control topic announces another; predictions carry it."""
     input_name: str | None = None
     """Model input fed by the features that name no ``input``; the model's only input when unset."""
     score_output: str = "probabilities"
@@ -305,7 +310,9 @@ class ModelSettings(_Section):
     classes: list[str] | None = None
     """Class labels in the column order of score_output; read from the model's classifier node when unset."""
     intra_op_threads: int = 1
+    """onnxruntime's threads within one operator (intra_op_num_threads)."""
     inter_op_threads: int = 1
+    """onnxruntime's threads across operators (inter_op_num_threads)."""
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     """onnxruntime execution providers in order of preference; unavailable ones are skipped."""
     sha256: str | None = None
@@ -321,9 +328,11 @@ class OutputSettings(_Section):
     """Where predictions and rejected records go."""
 
     topic: str
+    """Kafka topic the predictions are written to."""
     schema_path: Path = Field(alias="schema")
     """Avro schema of prediction records."""
     dead_letter_topic: str
+    """Where records that cannot be scored go, with their original bytes and the stage and reason in headers."""
     shadow_topic: str | None = None
     """Topic for shadow-model predictions; ``<topic>.shadow`` when unset."""
     copy_fields: dict[str, str] = Field(default_factory=dict)
@@ -342,8 +351,9 @@ class OutputSettings(_Section):
     headers: list[PredictionHeader] = Field(default_factory=lambda: list(DEFAULT_PREDICTION_HEADERS))
     """Kafka headers each prediction carries, named ``streamserve.<name with dots>`` (``model_version`` is
     ``streamserve.model.version``). They repeat fields of the value, so each costs bytes on every record (see
-    the README); the model version alone by default, so a consumer can route or filter without decoding. ``[]``:
-    none. The trace header (``traceparent``) is added whenever the batch is traced, whatever this says."""
+    docs/models-and-signatures.md); the model version alone by default, so a consumer can route or filter without
+    decoding. ``[]``: none. The trace header (``traceparent``) is added whenever the batch is traced, whatever this
+    says."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -362,6 +372,9 @@ class BatchSettings(_Section):
     """Reached only when records are waiting (a backlog); below that max_wait_ms closes batches. A batch has a
     fixed CPU cost of ~1 ms (`python -m bench.batch_cost`): 1024 keeps it under 5% of the batch."""
     max_wait_ms: int = Field(default=10, ge=0, le=60_000)
+    """The longest a batch's first record waits in the worker before the batch is scored while the worker keeps
+    up. It also sets the CPU floor: once events arrive faster than one per max_wait_ms, the worker scores
+    ~1000/max_wait_ms batches a second (`python -m bench.rate_cost`)."""
     max_inflight_batches: int = Field(default=16, ge=1)
     """Batches produced but not yet acknowledged before intake pauses (backpressure)."""
 
@@ -384,8 +397,11 @@ class RedisSettings(_Section):
     ssl_check_hostname: bool = True
     """Check that the server's certificate names the host of ``url``."""
     timeout_ms: int = Field(default=1000, ge=1)
+    """Socket and connect timeout of the Redis client."""
     retries: int = Field(default=3, ge=0)
+    """Retries of a failed round trip, with backoff, before ``on_error`` applies."""
     backoff_ms: int = Field(default=100, ge=0)
+    """First pause between retries; doubled each time up to ``max_backoff_ms``."""
     on_error: Literal["dead_letter", "wait", "defaults", "fail"] = "dead_letter"
     """When Redis fails after the retries: ``dead_letter`` routes the batch's events to the DLQ; ``wait``
     keeps retrying (intake stops) until Redis answers; ``defaults`` scores with each feature's default and
@@ -415,8 +431,11 @@ class ControlSettings(_Section):
     """Control plane: model announcements in, worker status out."""
 
     topic: str = "streamserve.control"
+    """Compacted topic of model announcements (one partition); every worker reads it from its beginning."""
     status_topic: str = "streamserve.status"
+    """Where each worker reports the version it serves, its state and its last rejection (``models status``)."""
     enabled: bool = True
+    """Follow the control topic; off: serve the config's model only."""
     artifact_cache_dir: Path = Path("~/.cache/streamserve/models")
     """Verified http(s) artifacts are kept here under their sha256, so restarts need no download."""
     keep_versions: int = Field(default=3, ge=1)
@@ -513,6 +532,7 @@ class MonitorSettings(_Section):
     confidence: float = Field(default=0.95, gt=0, lt=1)
     """Confidence level of the comparisons' intervals."""
     bootstrap_samples: int = Field(default=1000, ge=50, le=100_000)
+    """Resamples of the bootstrap intervals of the comparisons (all measures but ROC AUC, compared by DeLong)."""
     compare_metric: Literal["auto"] | QualityMetric = "auto"
     """Measure of the comparisons; ``auto``: ROC AUC (binary), accuracy (more classes), MAE (regressors)."""
     floors: dict[QualityMetric, float] = Field(default_factory=dict)
@@ -523,6 +543,7 @@ class MonitorSettings(_Section):
     port: int | None = Field(default=None, ge=0, le=65535)
     """Port of the monitor's /metrics, /healthz and /readyz; disabled when unset."""
     host: str = "0.0.0.0"
+    """Address the monitor's port listens on."""
     data_dir: Path | None = None
     """faust's data directory; a fresh temporary one when unset (the tables live in memory and their changelog)."""
 
@@ -568,6 +589,7 @@ class AggregateSpec(_Section):
     input is partitioned by it, so one app writes each entity), e.g. ``card_stats:{card_id}``. Use a key of its
     own: the app stamps it with ``updated_at`` (the entity's latest event time)."""
     function: Literal["count", "sum", "mean", "min", "max", "distinct_count"]
+    """What is computed over the window: the events (count), or ``field`` (the others)."""
     field: str | None = None
     """Event field path aggregated (every function but count); numbers for sum/mean/min/max, any value for
     distinct_count."""

@@ -137,6 +137,11 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 60) -> list[Message]
                 messages.append(msg)
                 if msg.offset() == end[msg.partition()] - 1:
                     remaining.discard(msg.partition())
+            # On a transactional topic the last offset is a commit marker, never delivered: the position
+            # passing the end offset is what says the partition is read.
+            for tp in consumer.position([TopicPartition(topic, p) for p in remaining]):
+                if tp.offset >= end[tp.partition]:
+                    remaining.discard(tp.partition)
     finally:
         consumer.close()
     return messages

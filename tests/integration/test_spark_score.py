@@ -3,6 +3,7 @@ BatchProcessor; the model loaded once per Python worker (counted); a Redis outag
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -45,6 +46,9 @@ def spark() -> Iterator[Any]:
     )
     yield session
     session.stop()
+    # py4j logs "Closing down clientserver connection" at INFO from interpreter shutdown, after pytest closed
+    # the stream its handler wrote to ("--- Logging error ---"): it has nothing left to say worth a line.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
 
 
 def frame_of(spark: Any, events: list[dict[str, Any]], partitions: int) -> Any:
