@@ -155,7 +155,9 @@ def check_pipeline_files(settings: PipelineSettings) -> None:
         )
 
 
-def check_pipeline_servers(settings: PipelineSettings, timeout_s: float, redis_needed: bool = True) -> None:
+def check_pipeline_servers(
+    settings: PipelineSettings, timeout_s: float, redis_needed: bool = True, kafka_needed: bool = True
+) -> None:
     """Redis (when a feature reads it) answers PING and a Kafka broker answers, each within timeout_s."""
     from streamserve.clients import redis_client
 
@@ -169,4 +171,5 @@ def check_pipeline_servers(settings: PipelineSettings, timeout_s: float, redis_n
             check_redis(client, settings.redis.url, timeout_s)
         finally:
             client.close()
-    check_kafka(settings.kafka.common(), timeout_s)
+    if kafka_needed:
+        check_kafka(settings.kafka.common(), timeout_s)
