@@ -224,12 +224,13 @@ def leaf_fields(schema: Any, max_depth: int = 8) -> list[tuple[str, FieldType]]:
 
 
 def fits_feature(found: FieldType, spec: Any) -> bool:
-    """Whether a field of this type can feed the feature as it is declared (see _check_feature)."""
+    """Whether a field of this type feeds the feature as it is declared without parsing (a number from a number,
+    a category from a single value, a vector from an array of numbers)."""
     if spec.length is not None:
         return found.kind == "array" and found.items is not None and found.items.numeric
     if spec.categorical:
         return found.kind in SCALAR_KINDS
-    return found.numeric or found.kind == "string"
+    return found.numeric
 
 
 # --- conversions --------------------------------------------------------------------------------------------
