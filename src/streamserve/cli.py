@@ -118,11 +118,11 @@ def _feature_store(args: argparse.Namespace) -> object:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a worker until SIGTERM/SIGINT, then drain and leave the group."""
     from streamserve.config import load_settings
-    from streamserve.ops.preflight import check_pipeline_files, check_pipeline_servers
+    from streamserve.ops.preflight import check_pipeline_offline, check_pipeline_servers
     from streamserve.wiring import build_worker
 
     settings = load_settings(args.config)
-    check_pipeline_files(settings)
+    check_pipeline_offline(settings)  # before the servers: a wrong field is no "Kafka did not answer"
     # Redis down at start is fatal only under the policies that would stop on it later anyway: `wait` waits
     # for it and `defaults` scores without it, at start as in flight.
     check_pipeline_servers(settings, args.timeout, redis_needed=settings.redis.on_error in ("dead_letter", "fail"))
