@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from streamserve.config import PipelineSettings
     from streamserve.control.rollout import AcceptancePolicy, ArtifactRef
+    from streamserve.pipeline.features.replies import FetchFeatures
 
 log = logging.getLogger("streamserve")
 
@@ -103,7 +104,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _feature_store(args: argparse.Namespace) -> object:
+def _feature_store(args: argparse.Namespace) -> FetchFeatures:
     """The real Redis fetcher of the config (check --redis), once Redis answers."""
     from streamserve.clients import redis_client
     from streamserve.config import load_settings
