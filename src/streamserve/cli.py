@@ -185,6 +185,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     """Produce synthetic events to the input topic: the demo's card transactions for its schema, else events made
     from the pipeline's own schema (ops/synthetic.py: id fields from 50 entities, <field>-0 ... <field>-49)."""
     from streamserve.config import load_settings
+    from streamserve.observe.progress import Progress
     from streamserve.observe.tracing import ProduceTracer
     from streamserve.ops.preflight import check_file, check_kafka
     from streamserve.ops.tools import produce_avro
@@ -196,6 +197,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     events = _events_to_produce(settings, args)
     # observe.trace_sample_ratio > 0: every event carries the traceparent of its send span (exported over OTLP)
     tracer = ProduceTracer.from_settings(settings.observe, settings.input.topic)
+    progress = Progress(args.count, verb="produced", unit="events")
     try:
         sent = produce_avro(
             settings.kafka.producer_config(),
@@ -204,10 +206,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
             events,
             settings.input.key_field,
             rate=args.rate,
-            progress_every=max(args.count // 10, 1),
             headers=tracer.headers if tracer is not None else None,
+            on_produced=progress.advance,
         )
     finally:
+        progress.close()
         if tracer is not None:
             tracer.shutdown()
     print(f"produced {sent} events to {settings.input.topic}")
@@ -233,6 +236,7 @@ def cmd_features_load(args: argparse.Namespace) -> int:
     """Bulk-load entity features from CSV/Parquet into Redis hashes."""
     import redis
 
+    from streamserve.observe.progress import Progress
     from streamserve.ops.preflight import check_file, check_redis, display_url, quick_redis
     from streamserve.ops.tools import load_features, load_packed_features, read_rows
 
@@ -244,12 +248,15 @@ def cmd_features_load(args: argparse.Namespace) -> int:
         probe.close()
     client = redis.Redis.from_url(args.redis_url)
     shown_url = display_url(args.redis_url)
+    progress = Progress(None, verb="wrote", unit="rows")
     if args.packed:
         fields = args.packed.split(",")
-        written = load_packed_features(client, read_rows(args.file), args.key_template, fields)
+        written = load_packed_features(client, read_rows(args.file), args.key_template, fields, 1000, progress.advance)
+        progress.close()
         print(f"wrote {written} packed float32 vectors [{args.packed}] to {shown_url} ({args.key_template})")
         return 0
-    written = load_features(client, read_rows(args.file), args.key_template)
+    written = load_features(client, read_rows(args.file), args.key_template, 1000, progress.advance)
+    progress.close()
     print(f"wrote {written} hashes to {shown_url} ({args.key_template})")
     return 0
 
@@ -582,10 +589,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run an example end to end on the local stack: the card-fraud demo (default) or the predictive-maintenance
     example (a nested, nullable schema and a multi-input scikit-learn model with string labels)."""
     from streamserve.config import load_settings
+    from streamserve.demo.logfile import log_to_file
     from streamserve.ops.preflight import check_pipeline_servers
 
     config = args.config or Path(f"examples/{args.example}/pipeline.yaml")
-    check_pipeline_servers(load_settings(config), args.timeout)  # before minutes of training
+    settings = load_settings(config)
+    check_pipeline_servers(settings, args.timeout)  # before minutes of training
+    # The demo prints its steps and summary; the worker's log lines go to a file it names (text, no JSON).
+    log_path = log_to_file(Path(settings.model.uri).parent.parent / "data", f"demo-{args.example}", args.log_level)
+    print(f"the worker's log: {log_path}", flush=True)
     if args.example == "maintenance":
         from streamserve.demo.maintenance import run_example
 
