@@ -75,29 +75,31 @@ class _Feature:
     todo: list[str] = field(default_factory=list)
 
 
-def _feature_for(tensor: Tensor, fields: Fields, many_inputs: bool, categories: tuple[str, ...]) -> _Feature:
+def _feature_for(tensor: Tensor, fields: Fields, many_inputs: bool, categories: tuple[str, ...], key: str) -> _Feature:
     """The feature that feeds a model input, or the TODO explaining why none could be proposed."""
     where = f"model input {tensor.name!r} ({tensor.describe()})"
     if tensor.dtype is None:
-        return _todo(tensor, many_inputs, f"{where}: streamserve cannot feed this type")
+        return _todo(tensor, many_inputs, f"{where}: streamserve cannot feed this type", key)
     paths, how = match_field(tensor.name, fields)
     if not paths:
-        return _todo(tensor, many_inputs, f"{where} matches no event field by name")
+        return _todo(tensor, many_inputs, f"{where} matches no event field by name", key)
     if len(paths) > 1:
-        return _todo(tensor, many_inputs, f"{where} matches several event fields ({', '.join(paths)}): pick one")
+        return _todo(tensor, many_inputs, f"{where} matches several event fields ({', '.join(paths)}): pick one", key)
     path = paths[0]
     kind = dict(fields)[path]
     entry: dict[str, Any] = {"name": tensor.name, "source": "event", "field": path}
     shaped = _shape_entry(tensor, kind, entry)
     if shaped is not None:
-        return _todo(tensor, many_inputs, f"{where}: event field {path!r} ({_kind(kind)}) {shaped}")
+        return _todo(tensor, many_inputs, f"{where}: event field {path!r} ({_kind(kind)}) {shaped}", key)
     if many_inputs:
         entry["input"] = tensor.name
     result = _Feature(entry, f"{how}: event field {path} ({_kind(kind)})")
     if kind.nullable and "default" not in entry:
         result.notes.append(f"{path} may be null: such events go to the dead-letter topic unless you add `default:`")
     if categories and tensor.type == "tensor(string)":
-        result.notes.append(f"the model knows categories {list(categories)} (an unknown one is the encoder's business)")
+        result.notes.append(
+            f"categories the model knows: {', '.join(categories[:6])} (an unknown one is its encoder's business)"
+        )
     return result
 
 
@@ -130,15 +132,17 @@ def _shape_entry(tensor: Tensor, kind: FieldType, entry: dict[str, Any]) -> str 
     return None
 
 
-def _todo(tensor: Tensor, many_inputs: bool, reason: str) -> _Feature:
-    """A TODO comment for an input init could not feed, with a Redis example and an event example."""
+def _todo(tensor: Tensor, many_inputs: bool, reason: str, key: str) -> _Feature:
+    """A TODO comment for an input init could not feed, with a Redis example (keyed by the key field, ``key``)
+    and an event example."""
     columns = tensor.columns or 1
     dtype = "string" if tensor.type == "tensor(string)" else tensor.dtype or "float32"
     lines = [f"TODO: {reason}."]
     lines.append("Feed it from Redis (loaded with `streamserve features load`), e.g.:")
     for i in range(min(columns, 3)):
         name = tensor.name if columns == 1 else f"{tensor.name}_{i}"
-        example: dict[str, Any] = {"name": name, "source": "redis", "key": "entity:{<key field>}", "field": name}
+        entity = re.sub(r"[_.]?id$", "", key.rsplit(".", 1)[-1], flags=re.IGNORECASE) or "entity"
+        example: dict[str, Any] = {"name": name, "source": "redis", "key": f"{entity}:{{{key}}}", "field": name}
         if dtype != "float32":
             example["dtype"] = dtype
         example["default"] = "unknown" if dtype == "string" else 0.0
@@ -276,8 +280,8 @@ def propose(schema_path: Path, model_path: Path, out: Path, topic: str | None = 
     topic = topic or _kebab(str(schema.get("name", "events")))
     model_name = re.sub(r"[^A-Za-z0-9_.-]", "-", model_path.stem)
     scaffold = Scaffold("")
-    features = _features_block(signature, fields, scaffold)
     roles = _pick_roles(fields, str(schema.get("name", "")))
+    features = _features_block(signature, fields, scaffold, roles["key_field"][0] or "<key field>")
     model, model_lines, model_todos = _pick_outputs(signature)
     scaffold.todos += model_todos
     text = [
@@ -313,11 +317,11 @@ def propose(schema_path: Path, model_path: Path, out: Path, topic: str | None = 
     return scaffold
 
 
-def _features_block(signature: ModelSignature, fields: Fields, scaffold: Scaffold) -> list[str]:
+def _features_block(signature: ModelSignature, fields: Fields, scaffold: Scaffold, key: str) -> list[str]:
     many = len(signature.inputs) > 1
     lines: list[str] = []
     for tensor in signature.inputs:
-        feature = _feature_for(tensor, fields, many, signature.categories.get(tensor.name, ()))
+        feature = _feature_for(tensor, fields, many, signature.categories.get(tensor.name, ()), key)
         if feature.entry is None:
             lines += [f"  # {line}" for line in feature.todo]
             scaffold.todos.append(feature.todo[0])
