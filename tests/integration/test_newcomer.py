@@ -79,6 +79,7 @@ def test_a_newcomers_schema_and_model_from_init_to_predictions(
         writer.writerow(["parcel_id", "sender_risk"])
         writer.writerows(risks.items())
     streamserve("features", "load", "--file", "senders.csv", "--key-template", key, env=env, cwd=tmp_path)
+    assert "ok: " in streamserve("check", "-c", "pipeline.yaml", "--redis", env=env, cwd=tmp_path)
 
     worker = WorkerProcess(tmp_path / "pipeline.yaml", tmp_path, f"{name}-worker")
     try:

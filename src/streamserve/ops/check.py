@@ -50,17 +50,14 @@ class CheckReport:
     sample: dict[str, Any] | None = None
 
 
-def run_check(
-    config: Path, events: int = 100, seed: int = 0, fetch: FetchFeatures | None = None, settings: Any = None
-) -> CheckReport:
+def run_check(config: Path, events: int = 100, seed: int = 0, fetch: FetchFeatures | None = None) -> CheckReport:
     """Check a pipeline config offline (``fetch``: a real feature fetcher for --redis; stand-ins otherwise)."""
     report = CheckReport(events=events)
-    if settings is None:
-        try:
-            settings = load_settings(config)
-        except ConfigError as exc:
-            report.problems += _config_lines(str(exc))
-            return report
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        report.problems += _config_lines(str(exc))
+        return report
     schema = _read_schema(settings, report)
     model_path = local_model_path(settings.model.uri)
     signature = _read_model(settings, model_path, report)
