@@ -17,7 +17,9 @@ import yaml
 from onnx import TensorProto, helper
 
 from streamserve.cli import main
+from streamserve.ops.scaffold import match_field, propose
 from streamserve.ops.synthetic import EventMaker
+from streamserve.pipeline.fields import FieldType
 from tests.newcomer import CLASSES, write_inputs
 
 SENDER_RISK = {
@@ -220,3 +222,32 @@ def test_check_catches_a_vector_length_mismatch(tmp_path: Path, capsys: pytest.C
     code, lines = run_check(edit(out, lambda c: c["features"][0].update(length=2)), capsys)
     assert code == 1
     assert lines[0] == "problem: input 'samples' takes 3 columns; features ['samples'] give 2"
+
+
+def test_names_match_exact_then_case_insensitive_then_snake_camel() -> None:
+    fields = [
+        ("Amount", FieldType("float")),
+        ("device.osName", FieldType("string")),
+        ("device.os_version", FieldType("string")),
+    ]
+    assert match_field("amount", fields) == (["Amount"], "case-insensitive name")
+    assert match_field("device_os_name", fields) == (["device.osName"], "snake/camel name")
+    assert match_field("osName", fields) == (["device.osName"], "exact name (last part of the path)")
+    assert match_field("os_version", fields) == (["device.os_version"], "exact name (last part of the path)")
+    assert match_field("merchant", fields) == ([], "")
+
+
+def test_a_zipmap_classifier_is_a_todo_saying_how_to_convert_it(tmp_path: Path) -> None:
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.random.default_rng(0).normal(size=(50, 1)).astype(np.float32)
+    model = LogisticRegression().fit(x, (x[:, 0] > 0).astype(int))
+    (tmp_path / "m.onnx").write_bytes(to_onnx(model, x[:1]).SerializeToString())  # ZipMap on by default
+    schema = {"type": "record", "name": "E", "fields": [{"name": "event_id", "type": "string"}]}
+    (tmp_path / "e.avsc").write_text(json.dumps(schema))
+    scaffold = propose(tmp_path / "e.avsc", tmp_path / "m.onnx", tmp_path / "p.yaml")
+    zipmap = [todo for todo in scaffold.todos if "ZipMap" in todo]
+    assert len(zipmap) == 1
+    assert "'zipmap': False" in zipmap[0]
+    assert any("model input 'X'" in todo for todo in scaffold.todos), "no field named like the input X"

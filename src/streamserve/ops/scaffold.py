@@ -51,14 +51,25 @@ _RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def _whole(path: str) -> tuple[str, ...]:
+    """A path as a name: itself, and joined with ``_`` (``parcel.weight_kg`` is ``parcel_weight_kg``)."""
+    return path, path.replace(".", "_")
+
+
+def _last(path: str) -> tuple[str, ...]:
+    """The last name of a path."""
+    return (path.rsplit(".", 1)[-1],)
+
+
 def match_field(name: str, fields: Fields) -> tuple[list[str], str]:
-    """The event paths named like ``name`` by the first rule that finds any, and the rule ("" when none)."""
+    """The event paths named like ``name`` by the first rule that finds any, and the rule ("" when none): the whole
+    path before its last name, exact before case-insensitive before snake/camel."""
     for how, norm in _RULES:
         target = norm(name)
-        for forms in (lambda p: (p, p.replace(".", "_")), lambda p: (p.rsplit(".", 1)[-1],)):
+        for forms, part in ((_whole, ""), (_last, " (last part of the path)")):
             found = [path for path, _ in fields if target in {norm(form) for form in forms(path)}]
             if found:
-                return found, how + ("" if forms("a.b")[0] == "a.b" else " (last part of the path)")
+                return found, how + part
     return [], ""
 
 
