@@ -93,12 +93,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     their defaults unless --redis). Prints one line per problem and exits 1, or a sample prediction and exits 0."""
     from streamserve.ops.check import report_lines, run_check
 
+    ours = logging.getLogger("streamserve")
+    level = ours.level
     if args.log_level.upper() == "INFO":  # the loader's "loaded model" lines are the worker's, not the report's
-        logging.getLogger("streamserve").setLevel(logging.WARNING)
-    fetch = None
-    if args.redis:
-        fetch = _feature_store(args)
-    report = run_check(args.config, args.events, args.seed, fetch=fetch)
+        ours.setLevel(logging.WARNING)
+    try:
+        fetch = _feature_store(args) if args.redis else None
+        report = run_check(args.config, args.events, args.seed, fetch=fetch)
+    finally:
+        ours.setLevel(level)
     lines, ok = report_lines(report, args.config)
     print("\n".join(lines), file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1

@@ -884,7 +884,7 @@ def _explain(file: Path, exc: ValidationError, environ: Mapping[str, str]) -> st
         message = _unknown_key(loc) if error["type"] == "extra_forbidden" else error["msg"]
         variable = next((name for path, name in from_env.items() if loc[: len(path)] == path), None)
         if variable is not None:
-            lines.append(f"  {key} (set by environment variable {variable}): {message}")
+            lines.append(f"  {key}: {message} (set by environment variable {variable})")
         else:
             blamed_file = True
             lines.append(f"  {key}: {message}")

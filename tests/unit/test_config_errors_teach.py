@@ -131,8 +131,8 @@ def test_an_unknown_key_from_the_environment_is_blamed_on_the_variable(tmp_path:
         streamserve("topics", "create", "-c", str(path), closed_port=closed_port, STREAMSERVE_BATCH__MAX_WAIT="5")
     )
     assert line == (
-        f"streamserve: error: invalid environment setting(s) for {path}: batch.max_wait (set by environment variable"
-        " STREAMSERVE_BATCH__MAX_WAIT): unknown key; did you mean `max_wait_ms`?"
+        f"streamserve: error: invalid environment setting(s) for {path}: batch.max_wait: unknown key; did you mean"
+        " `max_wait_ms`? (set by environment variable STREAMSERVE_BATCH__MAX_WAIT)"
     )
 
 

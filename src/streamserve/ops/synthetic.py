@@ -2,9 +2,9 @@
 
 Every type is honoured: unions (a null now and then in a nullable field), enums, nested records, arrays and
 maps, fixed and bytes, the logical types (timestamps near now, dates, uuids, decimals). Values are seeded, so
-two runs give the same events (times and dates aside: they are near the time of the run). Id fields (names ending in ``id``) take values from a small pool of entities -
-``<field>-0`` ... ``<field>-49`` - so features loaded for those keys are found; the event-id field is unique
-per event.
+two runs give the same events (times and dates aside: they are near the time of the run). Id fields (names
+ending in ``id``) take values from a small pool of entities - ``<field>-0`` ... ``<field>-49`` - so features
+loaded for those keys are found; the event-id field is unique per event.
 """
 
 from __future__ import annotations
