@@ -34,6 +34,7 @@ def test_the_demo_prints_its_steps_and_names_the_workers_text_log(stack: Servers
         capture_output=True,
         text=True,
         env=env,
+        cwd=tmp_path,  # the feature app's faust data directory lands in the working directory
         timeout=400,
     )
     output = done.stdout + done.stderr
