@@ -799,15 +799,17 @@ def build_parser() -> argparse.ArgumentParser:
     grant.set_defaults(func=cmd_acls_grant)
 
     produce = sub.add_parser(
-        "produce", help="produce synthetic demo events (load generator)", description=cmd_produce.__doc__
+        "produce", help="produce synthetic events of the input schema (load generator)", description=cmd_produce.__doc__
     )
     _add_config(produce)
     _add_timeout(produce)
     produce.add_argument("--count", type=int, default=10_000, help="events to produce (10000)")
     produce.add_argument("--rate", type=float, default=None, help="events per second (unlimited)")
     produce.add_argument("--seed", type=int, default=11, help="seed of the events (event ids depend on it)")
-    produce.add_argument("--cards", type=int, default=2000, help="number of distinct cards (2000)")
-    produce.add_argument("--entity-seed", type=int, default=7, help="seed of the cards and merchants (7)")
+    produce.add_argument("--cards", type=int, default=2000, help="number of distinct cards (2000; the demo's schema)")
+    produce.add_argument(
+        "--entity-seed", type=int, default=7, help="seed of the cards and merchants (7; the demo's schema)"
+    )
     produce.set_defaults(func=cmd_produce)
 
     features = sub.add_parser("features", help="feature store tools").add_subparsers(dest="action", required=True)
