@@ -154,6 +154,11 @@ def test_check_passes_once_the_todo_is_filled_and_its_sample_equals_onnxruntime(
             " `input: distance_km`",
         ),
         (
+            "a copied field the output schema does not have",
+            lambda c: c["output"].update(copy_fields={"region": "depot.region"}),
+            "output.copy_fields ['region']: the output schema",
+        ),
+        (
             "a label output that does not exist",
             lambda c: c["model"].update(label_output="output_label"),
             "has no output 'output_label'; it has ['label', 'probabilities']",

@@ -148,7 +148,11 @@ def _score_synthetic(
     fetch: FetchFeatures | None,
 ) -> None:
     """Score synthetic events through the worker's BatchProcessor; a problem when none scores."""
-    processor = _processor(settings, schema, fetch or StandInFeatures(settings.features))
+    try:  # the encoder checks the output schema against the outputs and copied fields, as the worker's does
+        processor = _processor(settings, schema, fetch or StandInFeatures(settings.features))
+    except StreamServeError as exc:
+        report.problems.append(str(exc))
+        return
     maker = EventMaker(
         schema,
         seed=seed,
