@@ -101,12 +101,12 @@ def _read_schema(settings: PipelineSettings, report: CheckReport) -> Any:
 
 def _read_model(settings: PipelineSettings, path: Path | None, report: CheckReport) -> ModelSignature | None:
     if path is None:
-        report.notes.append(f"model.uri {settings.model.uri} is remote: its signature is checked when it is fetched")
+        report.notes.append(f"model.uri {settings.model.uri} is remote: fetched as a worker fetches it, to check it")
         return None
     if not path.is_file():
         report.problems.append(
-            f"model.uri: model file {shown(path)} not found: train or export your model to that path (or fix"
-            " model.uri); `make demo` trains the examples' models"
+            f"model.uri: model file {shown(path)} not found: train or publish a model first - export yours to ONNX"
+            " at that path (or fix model.uri); `make demo` trains the examples' models"
         )
         return None
     try:
