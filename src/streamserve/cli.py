@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
     from streamserve.config import PipelineSettings
     from streamserve.control.rollout import AcceptancePolicy, ArtifactRef
+    from streamserve.pipeline.features.replies import FetchFeatures
 
 log = logging.getLogger("streamserve")
 
@@ -63,14 +65,68 @@ def _add_timeout(parser: argparse.ArgumentParser, default: float = ADMIN_TIMEOUT
     )
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a first pipeline config from your event schema (.avsc) and model (.onnx), and say how each line was
+    chosen: a feature per model input mapped to the event field of its name, the key, event-id and event-time
+    fields, the score and label outputs. Inputs it cannot map are TODO comments with an example to fill in."""
+    from streamserve.ops.preflight import check_file
+    from streamserve.ops.scaffold import propose, write
+
+    check_file(args.schema, "event schema", "give --schema your events' Avro schema (.avsc)")
+    check_file(args.model, "model", "give --model your model exported to ONNX (.onnx)")
+    scaffold = propose(args.schema, args.model, args.out, args.topic)
+    written = write(scaffold, args.out, args.force)
+    print(f"wrote {', '.join(str(path) for path in written)}")
+    for line in scaffold.summary:
+        print(f"  {line}")
+    if scaffold.todos:
+        print(f"{len(scaffold.todos)} TODO(s) in {args.out}, fill them in: (search for TODO)")
+        for todo in scaffold.todos:
+            print(f"  {todo}")
+    print(f"next: streamserve check -c {args.out}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check a pipeline config offline: keys, files, every feature against the event schema and the model's
+    inputs, the outputs; then score synthetic events through the worker's own processor (Redis features take
+    their defaults unless --redis). Prints one line per problem and exits 1, or a sample prediction and exits 0."""
+    from streamserve.ops.check import report_lines, run_check
+
+    ours = logging.getLogger("streamserve")
+    level = ours.level
+    if args.log_level.upper() == "INFO":  # the loader's "loaded model" lines are the worker's, not the report's
+        ours.setLevel(logging.WARNING)
+    try:
+        fetch = _feature_store(args) if args.redis else None
+        report = run_check(args.config, args.events, args.seed, fetch=fetch)
+    finally:
+        ours.setLevel(level)
+    lines, ok = report_lines(report, args.config)
+    print("\n".join(lines), file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def _feature_store(args: argparse.Namespace) -> FetchFeatures:
+    """The real Redis fetcher of the config (check --redis), once Redis answers."""
+    from streamserve.clients import redis_client
+    from streamserve.config import load_settings
+    from streamserve.ops.preflight import check_pipeline_servers
+    from streamserve.pipeline.features import redis_fetcher
+
+    settings = load_settings(args.config)
+    check_pipeline_servers(settings, args.timeout, kafka_needed=False)
+    return redis_fetcher(redis_client(settings.redis), settings.redis)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a worker until SIGTERM/SIGINT, then drain and leave the group."""
     from streamserve.config import load_settings
-    from streamserve.ops.preflight import check_pipeline_files, check_pipeline_servers
+    from streamserve.ops.preflight import check_pipeline_offline, check_pipeline_servers
     from streamserve.wiring import build_worker
 
     settings = load_settings(args.config)
-    check_pipeline_files(settings)
+    check_pipeline_offline(settings)  # before the servers: a wrong field is no "Kafka did not answer"
     # Redis down at start is fatal only under the policies that would stop on it later anyway: `wait` waits
     # for it and `defaults` scores without it, at start as in flight.
     check_pipeline_servers(settings, args.timeout, redis_needed=settings.redis.on_error in ("dead_letter", "fail"))
@@ -129,9 +185,10 @@ def cmd_acls_grant(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    """Produce synthetic card transactions (the demo's schema) to the input topic."""
+    """Produce synthetic events to the input topic: the demo's card transactions for its schema, else events made
+    from the pipeline's own schema (ops/synthetic.py: id fields from 50 entities, <field>-0 ... <field>-49)."""
     from streamserve.config import load_settings
-    from streamserve.demo.data import make_entities, make_events
+    from streamserve.observe.progress import Progress
     from streamserve.observe.tracing import ProduceTracer
     from streamserve.ops.preflight import check_file, check_kafka
     from streamserve.ops.tools import produce_avro
@@ -140,31 +197,49 @@ def cmd_produce(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     check_file(settings.input.schema_path, "input schema", "fix input.schema in the pipeline config")
     check_kafka(settings.kafka.common(), args.timeout)
-    entities = make_entities(n_cards=args.cards, seed=args.entity_seed)
+    events = _events_to_produce(settings, args)
     # observe.trace_sample_ratio > 0: every event carries the traceparent of its send span (exported over OTLP)
     tracer = ProduceTracer.from_settings(settings.observe, settings.input.topic)
+    progress = Progress(args.count, verb="produced", unit="events")
     try:
         sent = produce_avro(
             settings.kafka.producer_config(),
             settings.input.topic,
             load_schema(settings.input.schema_path),
-            make_events(entities, args.count, seed=args.seed),
+            events,
             settings.input.key_field,
             rate=args.rate,
-            progress_every=max(args.count // 10, 1),
             headers=tracer.headers if tracer is not None else None,
+            on_produced=progress.advance,
         )
     finally:
+        progress.close()
         if tracer is not None:
             tracer.shutdown()
     print(f"produced {sent} events to {settings.input.topic}")
     return 0
 
 
+def _events_to_produce(settings: PipelineSettings, args: argparse.Namespace) -> Iterable[dict[str, object]]:
+    """The demo's card transactions for its schema; events made from any other schema (ops/synthetic.py)."""
+    import json
+
+    from streamserve.ops.synthetic import EventMaker
+
+    schema = json.loads(settings.input.schema_path.read_text())
+    if schema.get("name") == "CardTransaction":
+        from streamserve.demo.data import make_entities, make_events
+
+        entities = make_entities(n_cards=args.cards, seed=args.entity_seed)
+        return make_events(entities, args.count, seed=args.seed)
+    return EventMaker(schema, seed=args.seed, unique=[settings.input.event_id_field]).events(args.count)
+
+
 def cmd_features_load(args: argparse.Namespace) -> int:
     """Bulk-load entity features from CSV/Parquet into Redis hashes."""
     import redis
 
+    from streamserve.observe.progress import Progress
     from streamserve.ops.preflight import check_file, check_redis, display_url, quick_redis
     from streamserve.ops.tools import load_features, load_packed_features, read_rows
 
@@ -176,12 +251,15 @@ def cmd_features_load(args: argparse.Namespace) -> int:
         probe.close()
     client = redis.Redis.from_url(args.redis_url)
     shown_url = display_url(args.redis_url)
+    progress = Progress(None, verb="wrote", unit="rows")
     if args.packed:
         fields = args.packed.split(",")
-        written = load_packed_features(client, read_rows(args.file), args.key_template, fields)
+        written = load_packed_features(client, read_rows(args.file), args.key_template, fields, 1000, progress.advance)
+        progress.close()
         print(f"wrote {written} packed float32 vectors [{args.packed}] to {shown_url} ({args.key_template})")
         return 0
-    written = load_features(client, read_rows(args.file), args.key_template)
+    written = load_features(client, read_rows(args.file), args.key_template, 1000, progress.advance)
+    progress.close()
     print(f"wrote {written} hashes to {shown_url} ({args.key_template})")
     return 0
 
@@ -514,10 +592,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run an example end to end on the local stack: the card-fraud demo (default) or the predictive-maintenance
     example (a nested, nullable schema and a multi-input scikit-learn model with string labels)."""
     from streamserve.config import load_settings
+    from streamserve.demo.logfile import log_to_file
     from streamserve.ops.preflight import check_pipeline_servers
 
     config = args.config or Path(f"examples/{args.example}/pipeline.yaml")
-    check_pipeline_servers(load_settings(config), args.timeout)  # before minutes of training
+    settings = load_settings(config)
+    check_pipeline_servers(settings, args.timeout)  # before minutes of training
+    # The demo prints its steps and summary; the worker's log lines go to a file it names (text, no JSON).
+    log_path = log_to_file(Path(settings.model.uri).parent.parent / "data", f"demo-{args.example}", args.log_level)
+    print(f"the worker's log: {log_path}", flush=True)
     if args.example == "maintenance":
         from streamserve.demo.maintenance import run_example
 
@@ -665,6 +748,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    init = sub.add_parser(
+        "init", help="write a pipeline config from your schema and model", description=cmd_init.__doc__
+    )
+    init.add_argument("--schema", required=True, type=Path, help="Avro schema of your events (.avsc)")
+    init.add_argument("--model", required=True, type=Path, help="your model in ONNX (.onnx)")
+    init.add_argument("--out", type=Path, default=Path(DEFAULT_CONFIG), help=f"config to write ({DEFAULT_CONFIG})")
+    init.add_argument("--topic", help="input topic (default: the schema's record name, kebab-case)")
+    init.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    init.set_defaults(func=cmd_init)
+
+    offline = sub.add_parser(
+        "check", help="check a pipeline config offline and score synthetic events", description=cmd_check.__doc__
+    )
+    _add_config(offline)
+    offline.add_argument("--events", type=int, default=100, help="synthetic events to score (100)")
+    offline.add_argument("--seed", type=int, default=0, help="seed of the synthetic events (0)")
+    offline.add_argument("--redis", action="store_true", help="read Redis features from the real feature store")
+    _add_timeout(offline, servers="Redis (with --redis)")
+    offline.set_defaults(func=cmd_check)
+
     run = sub.add_parser(
         "run", help="run a worker (workers with one config form one consumer group)", description=cmd_run.__doc__
     )
@@ -696,15 +799,17 @@ def build_parser() -> argparse.ArgumentParser:
     grant.set_defaults(func=cmd_acls_grant)
 
     produce = sub.add_parser(
-        "produce", help="produce synthetic demo events (load generator)", description=cmd_produce.__doc__
+        "produce", help="produce synthetic events of the input schema (load generator)", description=cmd_produce.__doc__
     )
     _add_config(produce)
     _add_timeout(produce)
     produce.add_argument("--count", type=int, default=10_000, help="events to produce (10000)")
     produce.add_argument("--rate", type=float, default=None, help="events per second (unlimited)")
     produce.add_argument("--seed", type=int, default=11, help="seed of the events (event ids depend on it)")
-    produce.add_argument("--cards", type=int, default=2000, help="number of distinct cards (2000)")
-    produce.add_argument("--entity-seed", type=int, default=7, help="seed of the cards and merchants (7)")
+    produce.add_argument("--cards", type=int, default=2000, help="number of distinct cards (2000; the demo's schema)")
+    produce.add_argument(
+        "--entity-seed", type=int, default=7, help="seed of the cards and merchants (7; the demo's schema)"
+    )
     produce.set_defaults(func=cmd_produce)
 
     features = sub.add_parser("features", help="feature store tools").add_subparsers(dest="action", required=True)

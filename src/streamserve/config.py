@@ -8,8 +8,10 @@ Relative paths in the file are resolved against the file's directory.
 from __future__ import annotations
 
 import contextvars
+import difflib
 import json
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -773,11 +775,13 @@ def load_settings(path: str | os.PathLike[str], **overrides: Any) -> PipelineSet
     file = Path(path).expanduser().resolve()
     if not file.is_file():
         raise ConfigError(f"config file not found: {file}")
+    _check_yaml(file)
+    check_environment(os.environ)
     token = _yaml_path.set(file)
     try:
         settings = PipelineSettings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_explain(file, exc)) from exc
+        raise ConfigError(_explain(file, exc, os.environ)) from exc
     finally:
         _yaml_path.reset(token)
     _register_secrets(settings)
@@ -842,12 +846,109 @@ def _register_secrets(settings: PipelineSettings) -> None:
             register_secret(str(value))
 
 
-def _explain(file: Path, exc: ValidationError) -> str:
-    lines = [f"invalid pipeline config {file}:"]
+def _check_yaml(file: Path) -> None:
+    """A file that is no YAML mapping, in one line naming where the YAML breaks."""
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"{file} is not valid YAML ({where}{problem}); check the indentation and quotes there"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file} is not a text file (a pipeline config is UTF-8 YAML)") from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(
+            f"{file} holds a YAML {type(data).__name__}, not a mapping: a pipeline config has keys input:, features:,"
+            " model:, output: (`streamserve init` writes one)"
+        )
+
+
+_ENV_PREFIX = "STREAMSERVE_"
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Every STREAMSERVE_<SECTION>__<KEY> variable names a section of the config: a typo is reported, not ignored
+    (variables without ``__`` may be other tools' settings, e.g. STREAMSERVE_LOG_LEVEL)."""
+    sections = list(PipelineSettings.model_fields)
+    for name in sorted(environ):
+        if not name.startswith(_ENV_PREFIX) or "__" not in name:
+            continue
+        section, rest = name.removeprefix(_ENV_PREFIX).split("__", 1)
+        if section.lower() in sections:
+            continue
+        near = difflib.get_close_matches(section.lower(), sections, n=1, cutoff=0.6)
+        hint = f"did you mean {_ENV_PREFIX}{near[0].upper()}__{rest}?" if near else f"sections: {', '.join(sections)}"
+        raise ConfigError(
+            f"environment variable {name}: the pipeline config has no section {section.lower()!r}; {hint}"
+            " (unset it, or fix its name)"
+        )
+
+
+def _env_paths(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """The config path each STREAMSERVE_ variable sets, e.g. ("batch", "max_wait_ms") -> its name."""
+    paths = {}
+    for name in environ:
+        if name.startswith(_ENV_PREFIX):
+            paths[tuple(name.removeprefix(_ENV_PREFIX).lower().split("__"))] = name
+    return paths
+
+
+def _explain(file: Path, exc: ValidationError, environ: Mapping[str, str]) -> str:
+    """The validation errors, one line each, blaming the environment variable that set a key when one did."""
+    from_env = _env_paths(environ)
+    lines, blamed_file = [], False
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(root)"
-        lines.append(f"  {key}: {error['msg']}")
-    return "\n".join(lines)
+        loc = tuple(str(part) for part in error["loc"])
+        key = ".".join(loc) or "(root)"
+        message = _unknown_key(loc) if error["type"] == "extra_forbidden" else error["msg"]
+        variable = next((name for path, name in from_env.items() if loc[: len(path)] == path), None)
+        if variable is not None:
+            lines.append(f"  {key}: {message} (set by environment variable {variable})")
+        else:
+            blamed_file = True
+            lines.append(f"  {key}: {message}")
+    header = f"invalid pipeline config {file}:" if blamed_file else f"invalid environment setting(s) for {file}:"
+    if len(lines) == 1:  # the usual case: one line, as every error of the CLI
+        return f"{header} {lines[0].strip()}"
+    return "\n".join([header, *lines])
+
+
+def _unknown_key(loc: tuple[str, ...]) -> str:
+    """Why a key is refused, with the nearest valid key of its section ("did you mean `max_wait_ms`?")."""
+    valid = _keys_at(loc[:-1])
+    if not valid:
+        return "unknown key"
+    near = difflib.get_close_matches(loc[-1].lower(), valid, n=1, cutoff=0.6)
+    if near:
+        return f"unknown key; did you mean `{near[0]}`?"
+    return f"unknown key; valid keys here: {', '.join(valid)}"
+
+
+def _keys_at(loc: tuple[str, ...]) -> list[str]:
+    """The keys the settings accept at a path (aliases as the YAML spells them); [] when it is not a section."""
+    model: Any = PipelineSettings
+    for part in loc:
+        if part.isdigit():
+            continue  # an item of a list (features)
+        fields = {info.alias or name: info for name, info in model.model_fields.items()}
+        info = fields.get(part)
+        if info is None:
+            return []
+        model = next((t for t in _types_of(info.annotation) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if model is None:
+            return []
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _types_of(annotation: Any) -> list[Any]:
+    """The types inside an annotation: ``list[X] | None`` -> [X, None]."""
+    args = typing.get_args(annotation)
+    if not args:
+        return [annotation]
+    return [inner for arg in args for inner in _types_of(arg)]
 
 
 def _resolve_paths(settings: PipelineSettings, base: Path) -> PipelineSettings:

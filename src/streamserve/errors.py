@@ -11,6 +11,10 @@ class ConfigError(StreamServeError):
     """The pipeline configuration is invalid; the message names the bad key."""
 
 
+class FieldNotFound(ConfigError):
+    """A field path names a field the event schema does not have."""
+
+
 class RecordError(StreamServeError):
     """A single record could not go through a stage; it is routed to the dead-letter topic."""
 
@@ -120,7 +124,11 @@ class RedisUnreachable(Unreachable):
     """Redis did not answer PING."""
 
     def __init__(self, url: str, timeout_s: float, reason: str, hint: str) -> None:
-        super().__init__(f"Redis at {url} does not answer within {timeout_s:g}s ({reason}): {hint}")
+        # A refused connection is known at once: saying "within 10s" after a fraction of a second misleads.
+        if "refused" in reason.lower():
+            super().__init__(f"Redis at {url} refused the connection ({reason}): {hint}")
+        else:
+            super().__init__(f"Redis at {url} does not answer within {timeout_s:g}s ({reason}): {hint}")
         self.url = url
 
 

@@ -1,10 +1,10 @@
-"""batch.progress: plain progress lines (rows, rows/s, ETA) when the output is not a terminal."""
+"""observe.progress: plain progress lines (rows, rows/s, ETA) when the output is not a terminal."""
 
 from __future__ import annotations
 
 import io
 
-from streamserve.batch.progress import Progress
+from streamserve.observe.progress import Progress
 
 
 def test_plain_lines_every_few_seconds_with_rate_and_eta() -> None:

@@ -179,7 +179,8 @@ def test_run_with_an_unreachable_redis(
 ) -> None:
     result = cli("run", "-c", str(EXAMPLE), "--timeout", "1", STREAMSERVE_MODEL__URI=str(model_file))
     line = assert_one_line(result, f"Redis at redis://127.0.0.1:{closed_port}/0", "scripts/stack up")
-    assert "does not answer" in line
+    assert "refused the connection" in line, "a refused connection is no timeout (issue 27)"
+    assert "within" not in line
 
 
 def test_features_load_with_an_unreachable_redis(
@@ -217,7 +218,9 @@ def test_run_with_a_missing_model_file_says_how_to_create_it(
 ) -> None:
     missing = tmp_path / "models" / "fraud-v1.onnx"
     result = cli("run", "-c", str(EXAMPLE), STREAMSERVE_MODEL__URI=str(missing))
-    assert_one_line(result, f"model file {missing} not found", "make demo", "model.uri")
+    assert_one_line(
+        result, f"model file {missing} not found", "train or publish a model first", "make demo", "model.uri"
+    )
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,12 @@ import pyarrow as pa
 
 from streamserve.batch.files import InputFile, input_paths, open_input
 from streamserve.batch.output import RejectsWriter, output_kind, prediction_writer
-from streamserve.batch.progress import Progress
 from streamserve.batch.rows import Origin, RowReader
 from streamserve.batch.scoring import Scorer, carried_features, feature_sources, load_model, output_schema
 from streamserve.clients import redis_client
 from streamserve.config import PipelineSettings
 from streamserve.errors import BatchInputError
+from streamserve.observe.progress import Progress
 from streamserve.pipeline.process import BatchResult
 
 log = logging.getLogger(__name__)

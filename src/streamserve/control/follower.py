@@ -25,8 +25,10 @@ from streamserve.control.reading import acceptance_policy, read_topic_to_end
 from streamserve.control.registry import ModelRegistry
 from streamserve.control.rollout import DesiredState, Rejection, RolloutState
 from streamserve.errors import ArtifactUnavailable, ControlPlaneFailed
+from streamserve.observe.kafkalog import TransientAtStart
 
 log = logging.getLogger(__name__)
+log.addFilter(TransientAtStart())  # the broker's start-up answers ("Coordinator load in progress") while they pass
 
 LibrdkafkaConfig = dict[str, str | int | float | bool]
 MAX_RETRY_S = 300.0

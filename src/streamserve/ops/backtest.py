@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from confluent_kafka import Producer
 from streamserve.config import PipelineSettings
 from streamserve.control.rollout import ArtifactRef
 from streamserve.errors import StreamServeError
+from streamserve.observe.progress import Progress
 from streamserve.ops.comparison import (
     LATENCY_QUANTILES,
     agreement,
@@ -129,8 +130,8 @@ class _Scorer:
             Producer(job.settings.kafka.producer_config(linger_ms=20)) if job.predictions_topic is not None else None
         )
 
-    def score(self, partition_range: PartitionRange) -> Scored:
-        """Read one partition range and score it with both versions."""
+    def score(self, partition_range: PartitionRange, on_scored: Callable[[int], None] | None = None) -> Scored:
+        """Read one partition range and score it with both versions (``on_scored``: told of each batch's size)."""
         scored = Scored()
         settings = self.job.settings
         consumer = reader(settings.kafka.common(), "backtest")
@@ -147,7 +148,9 @@ class _Scorer:
                 scored.candidate_ms.append(self.times.seconds.get(candidate_version, 0.0) * 1000)
                 scored.events += len(batch)
                 self._collect(result, scored)
-                log.info("partition %d: %d of %d read", partition_range.partition, scored.events, partition_range.size)
+                if on_scored is not None:
+                    on_scored(len(batch))
+                log.debug("partition %d: %d of %d read", partition_range.partition, scored.events, partition_range.size)
         finally:
             consumer.close()
         if self.producer is not None:
@@ -229,13 +232,16 @@ def plan_ranges(settings: PipelineSettings, start: Position, end: Position, time
         consumer.close()
 
 
-def score_ranges(job: Job, ranges: list[PartitionRange], jobs: int = 1) -> Scored:
-    """Score every range (in `jobs` processes when more than one), and join the results."""
+def score_ranges(
+    job: Job, ranges: list[PartitionRange], jobs: int = 1, on_scored: Callable[[int], None] | None = None
+) -> Scored:
+    """Score every range (in `jobs` processes when more than one), and join the results; ``on_scored`` is told
+    of each batch scored (of each range, in processes)."""
     total = Scored()
     if jobs <= 1 or len(ranges) <= 1:
         scorer = _Scorer(job)
         for partition_range in ranges:
-            total.extend(scorer.score(partition_range))
+            total.extend(scorer.score(partition_range, on_scored))
         return total
     # spawn, not fork: the parent already runs librdkafka threads, which a fork would copy half-alive.
     with ProcessPoolExecutor(
@@ -246,6 +252,8 @@ def score_ranges(job: Job, ranges: list[PartitionRange], jobs: int = 1) -> Score
     ) as pool:
         for scored in pool.map(_score_in_process, ranges):
             total.extend(scored)
+            if on_scored is not None:
+                on_scored(scored.events)
     return total
 
 
@@ -274,7 +282,11 @@ def run_backtest(settings: PipelineSettings, request: BacktestRequest) -> dict[s
     job = Job(
         settings, versions.live, versions.candidate, request.batch_size, request.predictions_topic, request.timeout_s
     )
-    scored = score_ranges(job, ranges, request.jobs)
+    progress = Progress(sum(r.size for r in ranges), verb="scored", unit="events")
+    try:
+        scored = score_ranges(job, ranges, request.jobs, progress.advance)
+    finally:
+        progress.close()
     if request.parquet is not None:
         write_parquet(scored, request.parquet, versions.live.version, versions.candidate.version)
     report: dict[str, Any] = {

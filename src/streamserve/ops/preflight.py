@@ -151,11 +151,25 @@ def check_pipeline_files(settings: PipelineSettings) -> None:
         check_file(
             model,
             "model file",
-            "`make demo` trains the example's models, or set model.uri (env STREAMSERVE_MODEL__URI)",
+            "train or publish a model first - export yours to ONNX at that path (or point model.uri, env"
+            " STREAMSERVE_MODEL__URI, at it); for the examples, `make demo` trains theirs into models/",
         )
 
 
-def check_pipeline_servers(settings: PipelineSettings, timeout_s: float, redis_needed: bool = True) -> None:
+def check_pipeline_offline(settings: PipelineSettings) -> None:
+    """What a worker checks without any server, before a server is asked: the files, and every field the
+    pipeline reads against the event schema (a typo in a field is not reported as "Kafka did not answer")."""
+    import json
+
+    from streamserve.pipeline.fields import check_event_schema
+
+    check_pipeline_files(settings)
+    check_event_schema(json.loads(settings.input.schema_path.read_text()), settings)
+
+
+def check_pipeline_servers(
+    settings: PipelineSettings, timeout_s: float, redis_needed: bool = True, kafka_needed: bool = True
+) -> None:
     """Redis (when a feature reads it) answers PING and a Kafka broker answers, each within timeout_s."""
     from streamserve.clients import redis_client
 
@@ -169,4 +183,5 @@ def check_pipeline_servers(settings: PipelineSettings, timeout_s: float, redis_n
             check_redis(client, settings.redis.url, timeout_s)
         finally:
             client.close()
-    check_kafka(settings.kafka.common(), timeout_s)
+    if kafka_needed:
+        check_kafka(settings.kafka.common(), timeout_s)

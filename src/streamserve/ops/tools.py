@@ -36,9 +36,15 @@ def read_rows(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _write_rows(
-    client: redis.Redis, rows: Iterable[dict[str, Any]], key_template: str, write: Callable[..., Any], chunk: int
+    client: redis.Redis,
+    rows: Iterable[dict[str, Any]],
+    key_template: str,
+    write: Callable[..., Any],
+    chunk: int,
+    on_written: Callable[[int], None] | None = None,
 ) -> int:
-    """Call write(pipeline, key, row) for every row under key_template filled from the row, in pipelined chunks."""
+    """Call write(pipeline, key, row) for every row under key_template filled from the row, in pipelined chunks;
+    ``on_written`` is told how many rows each chunk wrote (a progress bar)."""
     written = 0
     pipe = client.pipeline(transaction=False)
     for row in rows:
@@ -50,11 +56,21 @@ def _write_rows(
         written += 1
         if written % chunk == 0:
             pipe.execute()
+            if on_written is not None:
+                on_written(chunk)
     pipe.execute()
+    if on_written is not None and written % chunk:
+        on_written(written % chunk)
     return written
 
 
-def load_features(client: redis.Redis, rows: Iterable[dict[str, Any]], key_template: str, chunk: int = 1000) -> int:
+def load_features(
+    client: redis.Redis,
+    rows: Iterable[dict[str, Any]],
+    key_template: str,
+    chunk: int = 1000,
+    on_written: Callable[[int], None] | None = None,
+) -> int:
     """HSET each row under key_template filled from the row; pipelined in chunks. Returns rows written."""
     return _write_rows(
         client,
@@ -62,6 +78,7 @@ def load_features(client: redis.Redis, rows: Iterable[dict[str, Any]], key_templ
         key_template,
         lambda pipe, key, row: pipe.hset(key, mapping={k: v for k, v in row.items() if v is not None and v != ""}),
         chunk,
+        on_written,
     )
 
 
@@ -76,12 +93,23 @@ def pack_vector(row: dict[str, Any], fields: list[str]) -> bytes:
 
 
 def load_packed_features(
-    client: redis.Redis, rows: Iterable[dict[str, Any]], key_template: str, fields: list[str], chunk: int = 1000
+    client: redis.Redis,
+    rows: Iterable[dict[str, Any]],
+    key_template: str,
+    fields: list[str],
+    chunk: int = 1000,
+    on_written: Callable[[int], None] | None = None,
 ) -> int:
     """SET one packed float32 vector per row (a feature's ``index`` is its position in `fields`). Returns rows."""
     return _write_rows(
-        client, rows, key_template, lambda pipe, key, row: pipe.set(key, pack_vector(row, fields)), chunk
+        client, rows, key_template, lambda pipe, key, row: pipe.set(key, pack_vector(row, fields)), chunk, on_written
     )
+
+
+def _pace(producer: Producer, ahead_s: float) -> None:
+    """Wait (serving delivery reports) while the producer is ahead of its rate."""
+    if ahead_s > 0:
+        producer.poll(ahead_s)
 
 
 STUCK_AFTER_S = 20.0
@@ -96,11 +124,12 @@ def produce_avro(
     records: Iterable[dict[str, Any]],
     key_field: str,
     rate: float | None = None,
-    progress_every: int = 0,
     headers: Callable[[], list[tuple[str, str | bytes | None]]] | None = None,
+    on_produced: Callable[[int], None] | None = None,
 ) -> int:
     """Produce schemaless Avro records keyed by the key_field path, at most `rate` per second when given;
-    `headers` gives each record its headers (a traceparent)."""
+    `headers` gives each record its headers (a traceparent); `on_produced` is told of every 100 records handed
+    to the producer (a progress bar)."""
     # Metadata refreshed every 5 s (librdkafka's default is 5 min): after a broker restart a producer was seen
     # holding every record for minutes on "new leader-1 not found in cache", until a periodic refresh.
     defaults = {"linger.ms": 20, "enable.idempotence": True, "topic.metadata.refresh.interval.ms": 5000}
@@ -123,9 +152,7 @@ def produce_avro(
     key_of = getter(key_field)
     for record in records:
         if rate:
-            ahead = sent / rate - (time.monotonic() - started)
-            if ahead > 0:
-                producer.poll(ahead)
+            _pace(producer, sent / rate - (time.monotonic() - started))
         buffer.seek(0)
         buffer.truncate()
         fastavro.schemaless_writer(buffer, schema, record)
@@ -141,9 +168,11 @@ def produce_avro(
             except BufferError:
                 producer.poll(0.1)
         sent += 1
-        if progress_every and sent % progress_every == 0:
-            log.info("produced %d events (%.0f/s)", sent, sent / max(time.monotonic() - started, 1e-9))
+        if on_produced is not None and sent % 100 == 0:
+            on_produced(100)
         producer.poll(0)
+    if on_produced is not None and sent % 100:
+        on_produced(sent % 100)
     unsent = _flush_resending_stuck(producer, config, topic, on_delivery, purged)
     if unsent or failures:
         raise StreamServeError(f"{len(failures) + unsent} events not acknowledged: {failures[:3] or 'still queued'}")

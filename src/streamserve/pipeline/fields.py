@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from streamserve.errors import ConfigError
+from streamserve.errors import ConfigError, FieldNotFound
 
 _SEGMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)")
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -107,7 +107,7 @@ def resolve(schema: Any, path_text: str) -> FieldType:
         field = next((f for f in node["fields"] if f["name"] == part), None)
         if field is None:
             names = [f["name"] for f in node["fields"]]
-            raise ConfigError(f"field {path_text!r}: {walked or 'the event'} has no field {part!r} (fields: {names})")
+            raise FieldNotFound(f"field {path_text!r}: {walked or 'the event'} has no field {part!r} (fields: {names})")
         node = _type_of(field["type"], named)
         walked = f"{walked}.{part}" if walked else part
     node_nullable, node = _unwrap(node, named, path_text, walked)
@@ -187,7 +187,7 @@ def _field_type(node: dict[str, Any], nullable: bool, named: dict[str, Any], pat
     if avro_type == "boolean":
         return FieldType("boolean", nullable)
     if avro_type == "string":
-        return FieldType("string", nullable)
+        return FieldType("string", nullable, logical=logical)  # uuid: how `streamserve init` finds an event id
     if avro_type == "enum":
         return FieldType("enum", nullable, symbols=tuple(node.get("symbols", ())))
     if avro_type == "array":
@@ -196,6 +196,41 @@ def _field_type(node: dict[str, Any], nullable: bool, named: dict[str, Any], pat
     if avro_type in ("record", "map"):
         return FieldType(avro_type, nullable)
     raise ConfigError(f"field {path_text!r}: Avro type {avro_type!r} is not supported")
+
+
+def leaf_fields(schema: Any, max_depth: int = 8) -> list[tuple[str, FieldType]]:
+    """Every path of the event a feature, key or id may read, nested records walked, with its type (paths whose
+    type is not supported, such as unions of several types, are left out)."""
+    named: dict[str, Any] = {}
+    found: list[tuple[str, FieldType]] = []
+
+    def walk(node: Any, prefix: str, depth: int) -> None:
+        try:
+            _, node = _unwrap(_type_of(node, named), named, prefix, prefix)
+        except ConfigError:
+            return
+        if node.get("type") == "record" and depth < max_depth:
+            for field in node.get("fields", []):
+                walk(field["type"], f"{prefix}.{field['name']}" if prefix else field["name"], depth + 1)
+            return
+        if prefix:
+            try:
+                found.append((prefix, resolve(schema, prefix)))
+            except ConfigError:
+                return
+
+    walk(schema, "", 0)
+    return found
+
+
+def fits_feature(found: FieldType, spec: Any) -> bool:
+    """Whether a field of this type feeds the feature as it is declared without parsing (a number from a number,
+    a category from a single value, a vector from an array of numbers)."""
+    if spec.length is not None:
+        return found.kind == "array" and found.items is not None and found.items.numeric
+    if spec.categorical:
+        return found.kind in SCALAR_KINDS
+    return found.numeric
 
 
 # --- conversions --------------------------------------------------------------------------------------------
@@ -323,23 +358,46 @@ def check_event_schema(schema: Any, settings: Any) -> None:
 
     ``settings`` is a PipelineSettings (typed loosely to keep this module free of the config import).
     """
-    scalar = SCALAR_KINDS
+    problems = event_schema_problems(schema, settings)
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def event_schema_problems(schema: Any, settings: Any) -> list[str]:
+    """One line per field the pipeline reads that the event schema cannot give (check_event_schema raises the
+    first; ``streamserve check`` prints them all)."""
+    problems: list[str] = []
     inp = settings.input
     for role, path in (("input.key_field", inp.key_field), ("input.event_id_field", inp.event_id_field)):
-        kind = resolve(schema, path).kind
-        if kind not in scalar:
-            raise ConfigError(f"{role} {path!r} is an Avro {kind}; it must be a single value (string, number...)")
+        try:
+            kind = resolve(schema, path).kind
+        except ConfigError as exc:
+            problems.append(f"{role}: {exc}")
+            continue
+        if kind not in SCALAR_KINDS:
+            problems.append(f"{role} {path!r} is an Avro {kind}; it must be a single value (string, number...)")
     if inp.event_time_field:
-        kind = resolve(schema, inp.event_time_field).kind
-        if kind not in ("timestamp", "date", "int"):
-            raise ConfigError(
-                f"input.event_time_field {inp.event_time_field!r} is an Avro {kind}; use a timestamp-millis/micros,"
-                " date, or long (epoch ms) field"
-            )
+        try:
+            kind = resolve(schema, inp.event_time_field).kind
+        except ConfigError as exc:
+            problems.append(f"input.event_time_field: {exc}")
+        else:
+            if kind not in ("timestamp", "date", "int"):
+                problems.append(
+                    f"input.event_time_field {inp.event_time_field!r} is an Avro {kind}; use a"
+                    " timestamp-millis/micros, date, or long (epoch ms) field"
+                )
     for spec in settings.features:
-        _check_feature(schema, spec)
-    for path in settings.output.copy_fields.values():
-        resolve(schema, path)  # the output schema decides whether the value fits; the path must exist
+        try:
+            _check_feature(schema, spec)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    for name, path in settings.output.copy_fields.items():
+        try:
+            resolve(schema, path)  # the output schema decides whether the value fits; the path must exist
+        except ConfigError as exc:
+            problems.append(f"output.copy_fields.{name}: {exc}")
+    return problems
 
 
 def _check_feature(schema: Any, spec: Any) -> None:
@@ -350,8 +408,15 @@ def _check_feature(schema: Any, spec: Any) -> None:
             if kind not in SCALAR_KINDS:
                 raise ConfigError(f"feature {spec.name!r}: key field {path!r} is an Avro {kind}, not a value")
         return
-    found = resolve(schema, spec.field)
     where = f"feature {spec.name!r}: field {spec.field!r}"
+    try:
+        found = resolve(schema, spec.field)
+    except FieldNotFound as exc:
+        fitting = [path for path, kind in leaf_fields(schema) if fits_feature(kind, spec)]
+        what = "vector" if spec.length is not None else f"dtype {spec.dtype}"
+        hint = f"fields that fit a {what} feature: {', '.join(fitting[:12])}" if fitting else "no field fits it"
+        missing = re.sub(r" \(fields: .*\)$", "", str(exc).split(": ", 1)[1])
+        raise ConfigError(f"{where} is not in the event schema ({missing}); {hint}") from exc
     if spec.length is not None:
         if found.kind != "array" or found.items is None or not found.items.numeric:
             raise ConfigError(f"{where} is an Avro {found.kind}; a vector feature (length) needs numbers")

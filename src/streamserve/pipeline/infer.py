@@ -372,3 +372,10 @@ class _Graph:
                         break
                     frontier.extend(node.output)  # type: ignore[attr-defined]
         return cls(classes, categories)
+
+
+def graph_labels(model_bytes: bytes) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """What the graph says beside its signature: the classifier's class labels, and the first categories of the
+    encoder downstream of each string input (``streamserve init`` and ``check`` show them)."""
+    graph = _Graph.parse(model_bytes)
+    return graph.classes, dict(graph.categories)

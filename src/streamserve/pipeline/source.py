@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from streamserve.observe.kafkalog import TransientAtStart
 from streamserve.records import Source
 
 log = logging.getLogger(__name__)
+log.addFilter(TransientAtStart())  # the broker's start-up answers ("Coordinator load in progress") while they pass
 
 CONSUMER_DEFAULTS: dict[str, str | int | float | bool] = {
     "enable.auto.commit": False,  # offsets are committed after outputs are acknowledged
