@@ -628,6 +628,9 @@ class StreamFeatureSettings(_Section):
     session_timeout_s: float = Field(default=10.0, gt=0)
     """After this long without a heartbeat an app is out of the group and its partitions move to the others (a
     killed app's partitions wait this long before another app, or its restart, takes them)."""
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the app's /metrics, /healthz and /readyz (docs/streaming-features.md); disabled when unset."""
+    host: str = "0.0.0.0"
 
     @field_validator("aggregates")
     @classmethod

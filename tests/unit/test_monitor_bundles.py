@@ -49,7 +49,7 @@ def test_positions_increase_with_the_offset_then_the_index() -> None:
     [None, b"", b"garbage", b'{"id": "x"}', json.dumps([{"k": "p"}]).encode(), json.dumps([1, 2]).encode()],
 )
 def test_a_value_that_is_no_bundle_is_refused(value: bytes | None) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="by-event message"):
         bundles.decode(value)
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ class QualityMonitor:
 
 def produce_labels(
     settings: PipelineSettings,
-    events: Sequence[Mapping[str, Any]],
+    events: list[dict[str, Any]],
     entities: Entities,
     versions: Mapping[str, str],
     seed: int = 24,

@@ -161,7 +161,7 @@ class Monitor:
 
     async def _forward_predictions(self, batch: Sequence[Any]) -> None:
         decoded = self.prediction_decoder.decode_many([self._unframed(event.value) for event in batch])
-        bundles = Bundles(self.settings.monitor.partitions)
+        bundled = Bundles(self.settings.monitor.partitions)
         outcomes: Counter[str] = Counter()
         shadow_topic = self.settings.shadow_topic
         for event, record in zip(batch, decoded, strict=True):
@@ -180,18 +180,18 @@ class Monitor:
                 role = "shadow" if message.topic == shadow_topic else "main"
                 time_ms = record.get("event_time") or record["prediction_time"] or 0
                 origin = f"{message.topic}/{message.partition}/{message.offset}"
-                bundles.add(event_id, pairs.prediction_message(origin, role, record, int(time_ms)))
+                bundled.add(event_id, pairs.prediction_message(origin, role, record, int(time_ms)))
             except Exception:  # one record's fields, never the batch's end
                 log.exception("prediction at %s/%d/%d skipped", message.topic, message.partition, message.offset)
                 self.exporter.failures.labels("prediction").inc()
                 continue
             outcomes["forwarded"] += 1
-        await self._send(bundles)
+        await self._send(bundled)
         for outcome, count in outcomes.items():
             self.exporter.predictions.labels(outcome).inc(count)
 
-    async def _send(self, bundles: Bundles) -> None:
-        for partition, value in bundles.encoded():
+    async def _send(self, bundled: Bundles) -> None:
+        for partition, value in bundled.encoded():
             await self.by_event.send(value=value, partition=partition)
 
     async def forward_labels(self, stream: faust.StreamT[Any]) -> None:
@@ -200,16 +200,16 @@ class Monitor:
 
     async def _forward_labels(self, batch: Sequence[Any]) -> None:
         values = [event.value for event in batch]
-        bundles = Bundles(self.settings.monitor.partitions)
+        bundled = Bundles(self.settings.monitor.partitions)
         for event, label in zip(batch, labels.parse_many(values, self.settings.monitor_task), strict=True):
             message = event.message
             origin = f"{message.topic}/{message.partition}/{message.offset}"
             if isinstance(label, BadLabel):
                 await self._dead_letter(label.reason, str(label), event.value, origin, key=event.key)
                 continue
-            bundles.add(label.event_id, pairs.label_message(origin, label.value, label.time_ms, event.value))
-        await self._send(bundles)
-        self.exporter.labels.labels("forwarded").inc(bundles.count)
+            bundled.add(label.event_id, pairs.label_message(origin, label.value, label.time_ms, event.value))
+        await self._send(bundled)
+        self.exporter.labels.labels("forwarded").inc(bundled.count)
 
     async def _dead_letter(
         self, reason: str, message: str, value: bytes | None, origin: str | None, key: bytes | None = None
@@ -376,7 +376,14 @@ class Monitor:
         except Exception:  # a report that fails is retried at the next tick: the windows stay dirty
             log.exception("quality report failed")
 
+    def _joins_nothing(self) -> bool:
+        by_event = self.by_event.get_topic_name()
+        return not any(tp.topic == by_event for tp in self.app.consumer.assignment())
+
     async def _report(self) -> None:
+        if not self.app.rebalancing and self._joins_nothing():
+            self.ready, self.stale = True, False  # a process of a scaled-out monitor that only forwards
+            return
         if self.stale and self.ready and not self.app.rebalancing:
             self._rebuild()
         if not self.ready or self.stale or not self._owns_every_partition():

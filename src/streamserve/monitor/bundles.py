@@ -71,9 +71,12 @@ def decode(value: bytes | None) -> list[Record]:
     """A bundle's records; ValueError when the value is not one (the by-event topic is the monitor's own)."""
     if not value:
         raise ValueError("empty by-event message")
-    records = json.loads(value)
+    try:
+        records = json.loads(value)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"a by-event message is not JSON: {exc}") from exc
     if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("id"), str) for r in records):
         raise ValueError("a by-event message is not a list of records with ids")
     if len(records) >= SLOTS:
-        raise ValueError(f"a bundle of {len(records)} records (at most {SLOTS - 1})")
+        raise ValueError(f"a by-event message of {len(records)} records (at most {SLOTS - 1})")
     return records
