@@ -20,6 +20,8 @@ import argparse
 import io
 import json
 import math
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -134,13 +136,14 @@ class Progress:
 
 
 def run_once(
-    stack: Stack, name: str, processes: int, records: int, directory: Path, timeout_s: float
+    stack: Stack, name: str, processes: int, records: int, directory: Path, timeout_s: float, profile: bool = False
 ) -> dict[str, Any]:
     """One run of the monitor with ``processes`` processes over the backlog of topics ``name-*``."""
     group = f"{name}-p{processes}"
     config = monitor_config(stack, name, group, directory)
     argv = [sys.executable, "-m", "streamserve", "--log-format", "text", "monitor", "-c", str(config)]
     job = Job(f"monitor-{processes}p", [argv] * processes, directory / "logs").start()
+    spy = _py_spy(job.pids[0], directory / f"monitor-{processes}p.pyspy.txt") if profile else None
     progress = Progress(stack.bootstrap, group, [f"{name}-out", f"{name}-labels"], f"{group}-by-event", 8)
     started = done = None
     deadline = time.monotonic() + timeout_s
@@ -156,6 +159,9 @@ def run_once(
                 break
             time.sleep(0.25)
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled
+            spy.wait(60)
         cpu = _cpu_seconds(job)
         job.stop()
         progress.close()
@@ -170,6 +176,13 @@ def run_once(
         "cpu_s_per_1k": round(cpu / records * 1000, 4) if cpu else None,
         "finished": True,
     }
+
+
+def _py_spy(pid: int, raw: Path) -> subprocess.Popen[bytes]:
+    """py-spy (the bench extra) sampling the process until SIGINT; its raw stacks to ``raw``."""
+    py_spy = str(Path(sys.executable).parent / "py-spy")
+    command = [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "--output", str(raw)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _cpu_seconds(job: Job) -> float | None:
@@ -192,6 +205,7 @@ def monitor_rate(
     events: int = 100_000,
     processes: tuple[int, ...] = (1, 2),
     timeout_s: float = 300,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """The phase: the backlog once, then one run per process count; records/s of each. Its topics are the
     run's (``bench-<run_id>-monitor-*``: bench.dataset.delete_topics removes them)."""
@@ -203,7 +217,7 @@ def monitor_rate(
     produce_payloads(stack.bootstrap, f"{name}-out", predictions)
     produce_payloads(stack.bootstrap, f"{name}-labels", labelled)
     records = len(predictions) + len(labelled)
-    runs = [run_once(stack, name, n, records, directory, timeout_s) for n in processes]
+    runs = [run_once(stack, name, n, records, directory, timeout_s, profile) for n in processes]
     return {"events": events, "records": records, "records_per_event": RECORDS_PER_EVENT, "runs": runs, "topic": name}
 
 
@@ -222,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", default="1,2", help="monitor processes of each run (1,2)")
     parser.add_argument("--worker-rate", type=float, help="a worker's events/s, for the processes it needs")
     parser.add_argument("--out", type=Path, help="directory of the configs and monitor logs (a temporary one)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the first monitor process of each run")
     args = parser.parse_args(argv)
     stack = find_stack()
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,9 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         directory.mkdir(parents=True, exist_ok=True)
         run_id = "monitor-" + uuid.uuid4().hex[:6]
         try:
-            result = monitor_rate(
-                stack, directory, run_id, args.events, tuple(int(p) for p in args.processes.split(","))
-            )
+            counts = tuple(int(p) for p in args.processes.split(","))
+            result = monitor_rate(stack, directory, run_id, args.events, counts, profile=args.profile)
         finally:
             delete_topics(stack, run_id)
     result["processes_needed"] = processes_needed(result, args.worker_rate)
