@@ -37,6 +37,7 @@ from streamserve.config import PipelineSettings
 from streamserve.errors import ConfigError
 from streamserve.monitor import bundles, labels, pairs
 from streamserve.monitor.bundles import Bundles
+from streamserve.monitor.changelog import Changelog
 from streamserve.monitor.exporter import QualityExporter
 from streamserve.monitor.labels import BadLabel
 from streamserve.monitor.pairs import Effect, Index, Timing
@@ -131,6 +132,7 @@ class Monitor:
             f"{settings.monitor_app_id}-by-event", internal=True, partitions=monitor.partitions, **raw
         )
         self.table = self.app.Table("pairs", default=None, partitions=monitor.partitions, key_type=str)
+        self.changelog = Changelog(self.table)
         self.app.agent(self.predictions, name="forward_predictions")(self.forward_predictions)
         self.app.agent(self.labels, name="forward_labels")(self.forward_labels)
         self.app.agent(self.by_event, name="join")(self.join)
@@ -241,9 +243,9 @@ class Monitor:
         self.changes[key] = (partition, value)
 
     def _flush(self) -> None:
-        """Send the staged entries' changelog records."""
+        """The staged entries' changelog records, after those written before (``changelog.send`` sends them)."""
         for key, (partition, value) in self.changes.items():
-            self.table.send_changelog(partition, key, value)
+            self.changelog.put(partition, key, value)
         self.changes.clear()
 
     def _put(self, partition: int, key: str, value: Any) -> None:
@@ -251,13 +253,13 @@ class Monitor:
         the staged entries go first, so markers keep their place in the changelog's order."""
         self._flush()
         self.table.data[key] = value
-        self.table.send_changelog(partition, key, value)
+        self.changelog.put(partition, key, value)
 
     def _delete(self, partition: int, key: str) -> None:
         self._flush()
         if key in self.table.data:
             del self.table.data[key]
-        self.table.send_changelog(partition, key, None, value_serializer="raw")
+        self.changelog.put(partition, key, None)
 
     async def join(self, stream: faust.StreamT[Any]) -> None:
         async for batch in _batches(stream):
@@ -287,6 +289,7 @@ class Monitor:
             effects += self._advance(partition)
         finally:
             self._flush()
+            await self.changelog.send()
         await self._carry_out(effects)
 
     def _join_one(
@@ -391,6 +394,7 @@ class Monitor:
         effects: list[Effect] = []
         for partition in sorted(self.index.clocks):
             effects += self._advance(partition)  # partitions whose sources went quiet
+        await self.changelog.send()
         await self._carry_out(effects)
         todo = sorted(self.index.dirty)
         now = int(time.time() * 1000)
