@@ -302,7 +302,7 @@ def _monitor(monitor: dict[str, Any] | None) -> list[str]:
         f"A backlog of {monitor['events']:,} scored events: {monitor['records']:,} records (a prediction and a "
         "label each); the monitor from its first committed offset to every record forwarded and joined.",
         "",
-        "| monitor processes | records/s | events/s (records / 2) | s | CPU s / 1k records |",
+        "| monitor processes | records/s | events/s (records / 2) | s | CPU s / 1k records (start-up included) |",
         "|--:|--:|--:|--:|--:|",
     ]
     for run in monitor["runs"]:
