@@ -116,7 +116,7 @@ class Monitor:
             producer_acks=-1,
             producer_linger=0.005,  # changelog records and bundles go out in fewer, larger requests
             producer_max_batch_size=256 * 1024,
-            stream_buffer_maxsize=4 * BATCH,
+            stream_buffer_maxsize=20 * BATCH,  # records a stream prefetches per partition (faust: 4096)
         )
         raw: dict[str, Any] = {
             "key_type": bytes,
