@@ -32,9 +32,9 @@ from typing import Any
 import fastavro
 import numpy as np
 import yaml
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
-from bench.dataset import SCHEMAS, Stack, delete_topics, find_stack, produce_payloads
+from bench.dataset import SCHEMAS, Stack, delete_topics, find_stack
 from bench.procs import Job, watermarks
 from bench.scenarios import EXAMPLE_PIPELINE
 from streamserve.config import apply_overrides, config_from
@@ -81,6 +81,21 @@ def workload(count: int, seed: int = 24) -> tuple[list[tuple[bytes, bytes]], lis
         predictions.append((key.encode(), buffer.getvalue()))
         labelled.append((event_id.encode(), labels.encode(event_id, str(truth[i]), time_ms + int(lags[i]))))
     return predictions, labelled
+
+
+def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    """The records, lz4-compressed as the workers' producers write (the monitor pays the decompression)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4"})
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    if producer.flush(120):
+        raise RuntimeError(f"pre-producing {topic} did not finish")
 
 
 def monitor_config(stack: Stack, name: str, app_id: str, directory: Path) -> Path:
@@ -214,8 +229,8 @@ def monitor_rate(
     topics = [f"{name}-{t}" for t in ("in", "out", "out.shadow", "labels", "labels.dlq", "out.dlq")]
     ensure_topics({"bootstrap.servers": stack.bootstrap}, [TopicSpec(t, 8, {}) for t in topics])
     ensure_topics({"bootstrap.servers": stack.bootstrap}, [TopicSpec(f"{name}-quality", 1, {})])
-    produce_payloads(stack.bootstrap, f"{name}-out", predictions)
-    produce_payloads(stack.bootstrap, f"{name}-labels", labelled)
+    _produce(stack.bootstrap, f"{name}-out", predictions)
+    _produce(stack.bootstrap, f"{name}-labels", labelled)
     records = len(predictions) + len(labelled)
     runs = [run_once(stack, name, n, records, directory, timeout_s, profile) for n in processes]
     return {"events": events, "records": records, "records_per_event": RECORDS_PER_EVENT, "runs": runs, "topic": name}
