@@ -225,6 +225,7 @@ def monitor_rate(
     """The phase: the backlog once, then one run per process count; records/s of each. Its topics are the
     run's (``bench-<run_id>-monitor-*``: bench.dataset.delete_topics removes them)."""
     name = f"bench-{run_id}-monitor"
+    directory.mkdir(parents=True, exist_ok=True)
     predictions, labelled = workload(events)
     topics = [f"{name}-{t}" for t in ("in", "out", "out.shadow", "labels", "labels.dlq", "out.dlq")]
     ensure_topics({"bootstrap.servers": stack.bootstrap}, [TopicSpec(t, 8, {}) for t in topics])
