@@ -190,6 +190,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"this run: {_fmt(rate)} events/s.",
             "",
         ]
+    out += _monitor(results.get("monitor"))
     if results.get("sweep"):
         live = results.get("live_max")
         windows = results["sweep"][0].get("windows")
@@ -289,6 +290,40 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(f"| `{fi}` | {si:.1%} | | `{fs}` | {ss:.1%} |")
         out.append("")
     return "\n".join(out)
+
+
+def _monitor(monitor: dict[str, Any] | None) -> list[str]:
+    """The monitor phase (issue 24): records/s per process count and the processes one worker's rate needs."""
+    if not monitor:
+        return []
+    out = [
+        "### Monitor (`streamserve monitor`, predictions joined with labels)",
+        "",
+        f"A backlog of {monitor['events']:,} scored events: {monitor['records']:,} records (a prediction and a "
+        "label each); the monitor from its first committed offset to every record forwarded and joined.",
+        "",
+        "| monitor processes | records/s | events/s (records / 2) | s | CPU s / 1k records (start-up included) |",
+        "|--:|--:|--:|--:|--:|",
+    ]
+    for run in monitor["runs"]:
+        rate = run.get("records_per_s")
+        out.append(
+            f"| {run['processes']} | {_fmt(rate)} | {_fmt(rate / monitor['records_per_event'] if rate else None)} "
+            f"| {_fmt(run.get('seconds'), 1)} | {_fmt(run.get('cpu_s_per_1k'), 3)} |"
+            if run.get("finished")
+            else f"| {run['processes']} | did not finish in {run.get('timeout_s')} s | | | |"
+        )
+    needed, worker = monitor.get("processes_needed"), monitor.get("worker_events_per_s")
+    if needed and worker:
+        out += [
+            "",
+            f"One worker at streamserve-1's {_fmt(worker)} events/s makes "
+            f"{_fmt(worker * monitor['records_per_event'])} records/s: it takes **{needed} monitor processes** "
+            "at the best measured rate per process (a core each; on this 2-core machine more processes than cores "
+            "share them).",
+        ]
+    out.append("")
+    return out
 
 
 def machine_text(results: dict[str, Any]) -> str:

@@ -41,6 +41,7 @@ from bench.batch_score import batch_score
 from bench.components import run_components
 from bench.dataset import REPO, Dataset, Stack, cleanup_redis, delete_topics, find_stack, prepare
 from bench.livemax import live_maximum
+from bench.monitor_rate import monitor_rate, processes_needed
 from bench.phases import Settings, create_output_topics, hot_swap, offered_rate
 from bench.procs import Job, TopicCounter, wait_for_count
 from bench.scenarios import EXAMPLE_PIPELINE, VENVS, Scenario, commands, ensure_peer_venv, job_env
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         "--swaps", type=int, default=3, help="hot swaps (v1->v2, v2->v1, v1->v2); the median counts (3)"
     )
     parser.add_argument("--no-peers", action="store_true", help="skip Quix Streams and faust")
-    parser.add_argument("--only", help="comma-separated scenario names (default: all)")
+    parser.add_argument("--only", help="comma-separated scenario names, `monitor` for the monitor phase (default: all)")
+    parser.add_argument("--monitor-events", type=int, default=100_000, help="events of the monitor phase (100000)")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of streamserve")
     parser.add_argument("--no-latency", action="store_true", help="throughput only")
     parser.add_argument("--out", type=Path, help="results directory (bench/results/<timestamp>)")
@@ -374,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
             repeats = args.kafka_repeats if scenario.kind == "passthrough" else 1
             rows[scenario.name]["throughput"] = throughput(scenario, dataset, settings, backlog, repeats)
         results["settings"]["backlog_events"] = backlog.size
+        if not args.only or "monitor" in args.only.split(","):  # issue 24: records/s of `streamserve monitor`
+            monitor = monitor_rate(stack, out_dir / "monitor", dataset.run_id, args.monitor_events)
+            worker = rows.get("streamserve-1", {}).get("throughput", {}).get("events_per_s")
+            results["monitor"] = {**monitor, "worker_events_per_s": worker}
+            results["monitor"]["processes_needed"] = processes_needed(monitor, worker)
         # The fixed offered rate, the sweep and the hot swap follow streamserve with 1 process (defaults).
         reference = next((s for s in chosen if s.name == "streamserve-1"), None) or next(
             (s for s in chosen if s.kind == "streamserve" and s.processes == 1), None

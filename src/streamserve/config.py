@@ -509,8 +509,11 @@ class MonitorSettings(_Section):
     app_id: str | None = None
     """faust application id: its consumer group and the prefix of its internal topics (by-event records, the
     join table's changelog); ``<kafka.group_id>-monitor`` when unset."""
-    partitions: int = Field(default=4, ge=1)
-    """Partitions of the monitor's internal topics."""
+    partitions: int = Field(default=1, ge=1)
+    """Partitions of the monitor's internal topics (by-event records, the join table's changelog). With 1, any
+    number of monitor processes in the group decode and forward their share of the input partitions while the one
+    owning it joins and reports (docs/monitor.md, scale-out); more split the join, but reports then wait for one
+    process to own every partition."""
     window_s: float = Field(default=3600.0, gt=0)
     """Tumbling event-time window of the reports."""
     label_ttl_s: float = Field(default=86400.0, gt=0)
@@ -649,6 +652,9 @@ class StreamFeatureSettings(_Section):
     session_timeout_s: float = Field(default=10.0, gt=0)
     """After this long without a heartbeat an app is out of the group and its partitions move to the others (a
     killed app's partitions wait this long before another app, or its restart, takes them)."""
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the app's /metrics, /healthz and /readyz (docs/streaming-features.md); disabled when unset."""
+    host: str = "0.0.0.0"
 
     @field_validator("aggregates")
     @classmethod

@@ -50,3 +50,27 @@ def test_compose_starts_the_monitor_beside_the_worker() -> None:
     targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
     assert f"monitor:{port}" in targets
     assert "monitor" in compose["services"]["prometheus"]["depends_on"]
+
+
+def test_compose_starts_the_streaming_features_app_beside_the_worker() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    features, worker = compose["services"]["features"], compose["services"]["worker"]
+    assert features["image"] == worker["image"]
+    assert features["command"][:3] == ["features", "stream", "-c"]
+    assert features["command"][3] == worker["command"][2], "the app reads the worker's pipeline config"
+    pipeline = yaml.safe_load((REPO / "examples" / "fraud" / "pipeline.yaml").read_text())
+    assert pipeline["stream_features"]["aggregates"], "the pipeline declares what the app computes"
+    environment = features["environment"]
+    assert (
+        environment["STREAMSERVE_KAFKA__BOOTSTRAP_SERVERS"]
+        == worker["environment"]["STREAMSERVE_KAFKA__BOOTSTRAP_SERVERS"]
+    )
+    assert environment["STREAMSERVE_REDIS__URL"] == worker["environment"]["STREAMSERVE_REDIS__URL"]
+    port = environment["STREAMSERVE_STREAM_FEATURES__PORT"]
+    assert f"{port}/healthz" in " ".join(features["healthcheck"]["test"])
+    assert f"127.0.0.1:{port}:{port}" in features["ports"]
+    assert {"kafka", "redis", "topics"} <= set(features["depends_on"])
+    prometheus = yaml.safe_load((REPO / "monitoring" / "prometheus.yml").read_text())
+    targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    assert f"features:{port}" in targets
+    assert "features" in compose["services"]["prometheus"]["depends_on"]

@@ -68,7 +68,8 @@ class Stream:
     def __init__(self, settings: PipelineSettings, bootstrap: str) -> None:
         self.settings = settings
         self.schema = load_schema(settings.output.schema_path)
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        # lz4 like the workers' producers: the monitor must read what they write
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "compression.type": "lz4"})
 
     def prediction(self, event: Event, model: str, version: str, role: str) -> None:
         fields = event.predictions[(model, version, role)]

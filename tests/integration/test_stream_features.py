@@ -414,3 +414,69 @@ def test_an_older_entry_never_replaces_a_newer_one(redis_client: redis.Redis) ->
         assert redis_client.hget(vector + "#stamp", "updated_at") == b"2000"
     finally:
         redis_client.delete(key, vector, vector + "#stamp")
+
+
+# --- operating it --------------------------------------------------------------------------------------------------
+
+
+def scrape(log_path: Path) -> dict[str, float]:
+    """The app's /metrics (on the port its log names) as {sample name with labels: value}."""
+    import re
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = re.search(r"metrics and health on port (\d+)", log_path.read_text(errors="replace"))
+    assert found, "the app did not log its metrics port"
+    with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def test_the_app_exports_what_it_did_on_metrics(
+    reading_pipeline: dict[str, Any], bootstrap: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Events consumed, entries written, writes the compare-and-set refused, dead letters: equal to the counts
+    computed here from the events and from what Redis holds."""
+    config = yaml.safe_load(reading_pipeline["path"].read_text())
+    config["stream_features"]["port"] = 0
+    reading_pipeline["path"].write_text(yaml.safe_dump(config, sort_keys=False))
+    settings, hash_key = reading_pipeline["settings"], reading_pipeline["hash_key"]
+    events = readings(400, seed=13)
+    accounts = sorted({e["account"] for e in events if e["account"] is not None})
+    # One account's hash already holds a newer entry (a later event time): every write of it must be refused.
+    newer = hash_key.format(account=accounts[0])
+    redis_client.hset(newer, mapping={"n_10s": 99.0, "updated_at": START_MS + 10**9, "updated_at.events": 1})
+    produce_readings(bootstrap, settings.input.topic, events, garbage=2)
+    prefix = "streamserve_stream_features"
+    app = FeatureApp(reading_pipeline["path"], tmp_path / "features.log")
+    try:
+
+        def consumed_all() -> bool:
+            app.assert_alive()
+            try:
+                return scrape(app.log_path).get(f"{prefix}_events_total") == len(events) + 2
+            except (AssertionError, OSError):
+                return False  # not serving yet
+
+        wait_until(consumed_all, 60, f"{prefix}_events_total to reach {len(events) + 2}")
+        samples = scrape(app.log_path)
+    finally:
+        assert app.stop() == 0, app.log_tail()
+
+    bad = sum(1 for e in events if e["account"] is None or e["amount"] is None)
+    assert samples[f"{prefix}_dead_letters_total"] == bad + 2
+    assert samples[f"{prefix}_rejections_total{{reason=undecodable}}"] == 2
+    assert samples[f"{prefix}_redelivered_total"] == 0
+    assert samples[f"{prefix}_redis_errors_total"] == 0
+    refused = samples[f"{prefix}_stale_writes_total"]
+    assert refused >= 1, "the newer entry's account was written at least once, and refused"
+    assert redis_client.hget(newer, "n_10s") == b"99.0", "the newer entry stayed"
+    # Every account (hash and packed layouts) was written at least once; the refused writes are among them.
+    assert samples[f"{prefix}_aggregates_written_total"] >= 2 * len(accounts)
+    assert samples[f"{prefix}_aggregates_written_total"] >= refused

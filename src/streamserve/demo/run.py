@@ -33,6 +33,13 @@ from streamserve.demo.data import (
     make_events,
     streamed_counts,
 )
+from streamserve.demo.quality import (
+    QualityMonitor,
+    fresh_quality_topic,
+    produce_labels,
+    summary_lines,
+    wait_for_table,
+)
 from streamserve.demo.train import train_versions
 from streamserve.ops.admin import ensure_topics, pipeline_topics
 from streamserve.ops.preflight import env_overrides
@@ -236,6 +243,7 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
         say(f"      {m.version}: holdout ROC AUC {m.auc:.3f}  ({m.path.name})")
 
     run_id = fresh_topics(base)
+    fresh_quality_topic(base, run_id)
     sign_key = trust_a_new_key(model_dir, run_id)
     settings = load_settings(config)
     say(f"[2/6] creating topics on {settings.kafka.bootstrap_servers} ({partitions} partitions)")
@@ -244,6 +252,8 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     # Started first, so it has joined its group by the time events flow (the worker reads what it writes).
     feature_app = start_feature_app(config, model_dir.parent / "data" / f"features-{run_id}.log")
     atexit.register(stop_feature_app, feature_app)  # also when the demo fails half-way
+    monitor = QualityMonitor(config, model_dir.parent / "data" / f"monitor-{run_id}.log")
+    atexit.register(monitor.stop)
     say(
         f"[3/6] loading {len(entities.cards)} card and {len(entities.merchants)} merchant feature rows "
         f"into Redis at {settings.redis.url}"
@@ -255,10 +265,7 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     # This run's feature app counts from zero: no count of an earlier run on a long-lived stack may be read.
     client.delete(*(f"card_stream:{card_id}" for card_id in entities.cards))
 
-    say("[4/6] starting a worker (the streaming-features app runs beside it); streaming the first half (v1)")
-    worker = build_worker(settings)
-    worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
-    worker_thread.start()
+    say("[4/6] streaming the first half; a worker (v1) starts once the streaming-features app has counted it")
     reader = PredictionReader(settings)
     schema = load_schema(settings.input.schema_path)
     first, second = events // 2, events - events // 2
@@ -267,6 +274,12 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     produce_avro(
         settings.kafka.producer_config(), settings.input.topic, schema, produced, settings.input.key_field, rate=RATE
     )
+    # The worker reads txn_count_24h from what the app wrote: started before the app has folded an event in, it
+    # would score the events of a card the app has not reached yet with the feature's default.
+    streamed_counts_match(client, feature_app, produced, timeout_s=60)
+    worker = build_worker(settings)
+    worker_thread = threading.Thread(target=worker.run, name="worker", daemon=True)
+    worker_thread.start()
     bad = Producer(settings.kafka.common())
     for i in range(5):  # a few undecodable records, to show where bad input goes
         bad.produce(settings.input.topic, os.urandom(24), f"bad-{i}".encode())
@@ -279,7 +292,10 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     deadline = time.monotonic() + 60
     while worker.registry.routing.live.version != "v2" and time.monotonic() < deadline:
         time.sleep(0.1)
-    produced += make_events(entities, second, seed=22)
+    # Cards the app has counted already: their streamed count is in Redis when the worker scores them.
+    seen = {str(e["card_id"]) for e in produced}
+    counted = Entities({card: entities.cards[card] for card in sorted(seen)}, entities.merchants)
+    produced += make_events(counted, second, seed=22)
     produce_avro(
         settings.kafka.producer_config(),
         settings.input.topic,
@@ -297,6 +313,10 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
     reader.close()
     matching, cards = streamed_counts_match(client, feature_app, produced, timeout_s=60)
     stop_feature_app(feature_app)
+    versions = {str(r["event_id"]): str(r["model_version"]) for r in reader.records}
+    labelled = produce_labels(settings, produced, entities, versions)
+    table = wait_for_table(settings, monitor, labelled, timeout_s=90)
+    monitor.stop()
 
     stats = worker.stats
     span_s = max((reader.last_ms - (reader.first_ms or reader.last_ms)) / 1000, 1e-3)
@@ -324,6 +344,9 @@ def run_demo(config: Path, events: int, partitions: int) -> int:
             f"        {record['event_id']}  card={record['key']}  version={record['model_version']}  "
             f"score={record['score']:.4f}  label={record['label']}"
         )
+    for line in summary_lines(labelled, events, table, monitor):
+        say(line)
     ok = reader.by_version.get("v2", 0) > 0 and reader.total == events and stats.dead_letters == 5 and matching == cards
+    ok = ok and stats.missing_defaults == 0 and bool(table)
     say(f"demo {'OK' if ok else 'FAILED'} in {time.monotonic() - started:.0f}s")
     return 0 if ok else 1

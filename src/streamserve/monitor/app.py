@@ -8,38 +8,42 @@ Three agents and a timer::
                                                                                     report (timer) v
                                                                    quality topic (Avro), Prometheus gauges
 
-The forwarders decode each record and put a small JSON record on the by-event topic, keyed by event id, so both
-sides of an event meet in one partition of the join agent, which owns that partition of the ``pairs`` table (its
-changelog is the monitor's state: a restarted monitor, SIGKILLed or not, reads it back before it goes on).
+The forwarders decode each batch they take (one fastavro read) and put its records on the by-event topic in
+bundles, one message per by-event partition (``bundles.py``: faust's cost is per message), each record going to
+the partition of its event id, so both sides of an event meet in one partition of the join agent, which owns that
+partition of the ``pairs`` table (its changelog is the monitor's state: a restarted monitor, SIGKILLed or not,
+reads it back before it goes on; an entry changed several times in a bundle is written to it once).
 ``pairs.py`` holds the join itself and why it never counts a pair twice. The timer reports every window that
-changed: it needs every partition of the by-event topic, so one monitor process serves a pipeline (a second
-one stands by: it takes over the partitions when the first leaves the group, and reports nothing meanwhile).
+changed: it needs every partition of the by-event topic. Scale-out: with ``monitor.partitions: 1`` (the default)
+every monitor process of the group forwards its share of the input partitions and the one owning the by-event
+partition joins and reports (it takes over when that one leaves the group).
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-import fastavro
 import faust
 
 from streamserve.config import PipelineSettings
 from streamserve.errors import ConfigError
-from streamserve.monitor import labels, pairs
+from streamserve.monitor import bundles, labels, pairs
+from streamserve.monitor.bundles import Bundles
+from streamserve.monitor.changelog import Changelog
 from streamserve.monitor.exporter import QualityExporter
 from streamserve.monitor.labels import BadLabel
 from streamserve.monitor.pairs import Effect, Index, Timing
 from streamserve.monitor.report import ReportSettings, encode, report_key, window_reports
 from streamserve.pipeline.deadletter import dead_letter
-from streamserve.pipeline.decode import load_schema
+from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.records import Rejected, Source
 
 log = logging.getLogger(__name__)
@@ -65,10 +69,6 @@ def _batches(stream: faust.StreamT[Any]) -> AsyncIterator[Sequence[Any]]:
     return cast(faust.Stream[Any], stream).take_events(BATCH, within=BATCH_WAIT_S)
 
 
-def _millis(value: Any) -> int | None:
-    return None if value is None else labels.millis(value)
-
-
 class Monitor:
     """The faust app, its topics and table, and the join's in-memory index."""
 
@@ -86,7 +86,9 @@ class Monitor:
         )
         self.exporter = exporter or QualityExporter()
         self.exporter.thresholds(settings.model.name, monitor.floors, monitor.ceilings)
-        self.prediction_schema = load_schema(settings.output.schema_path)
+        self.prediction_decoder = LocalSchemaDecoder(load_schema(settings.output.schema_path))
+        self.changes: dict[str, tuple[int, Any]] = {}
+        """Entries set in the current bundle whose changelog records are still to be sent (``_flush``)."""
         self.index = Index(self.timing)
         self.stale = True
         self.ready = False
@@ -108,7 +110,13 @@ class Monitor:
             broker_heartbeat_interval=2.0,
             broker_commit_interval=1.0,
             table_cleanup_interval=3600.0,
+            # No standby copy of the join table: it would cost every other monitor process a read of the whole
+            # changelog; a process taking over a partition reads it then (the memory store is rebuilt anyway).
+            table_standby_replicas=0,
             producer_acks=-1,
+            producer_linger=0.005,  # changelog records and bundles go out in fewer, larger requests
+            producer_max_batch_size=256 * 1024,
+            stream_buffer_maxsize=20 * BATCH,  # records a stream prefetches per partition (faust: 4096)
         )
         raw: dict[str, Any] = {
             "key_type": bytes,
@@ -121,14 +129,10 @@ class Monitor:
         self.dead_letters = self.app.topic(settings.labels_dead_letter_topic, **raw)
         self.quality = self.app.topic(monitor.quality_topic, **raw)
         self.by_event = self.app.topic(
-            f"{settings.monitor_app_id}-by-event",
-            internal=True,
-            partitions=monitor.partitions,
-            key_type=str,
-            key_serializer="raw",
-            value_serializer="json",
+            f"{settings.monitor_app_id}-by-event", internal=True, partitions=monitor.partitions, **raw
         )
         self.table = self.app.Table("pairs", default=None, partitions=monitor.partitions, key_type=str)
+        self.changelog = Changelog(self.table)
         self.app.agent(self.predictions, name="forward_predictions")(self.forward_predictions)
         self.app.agent(self.labels, name="forward_labels")(self.forward_labels)
         self.app.agent(self.by_event, name="join")(self.join)
@@ -139,65 +143,75 @@ class Monitor:
     async def _on_rebalance(self, *args: Any, **kwargs: Any) -> None:
         self.stale = True
 
-    # -- forwarding: decode, check, key by event id
+    # -- forwarding: decode a batch, check, bundle by event id's partition
 
-    def _decode_prediction(self, value: bytes | None) -> dict[str, Any]:
-        if not value:
-            raise ValueError("empty prediction record")
-        data = value[5:] if self.settings.output.wire_format else value
-        record = fastavro.schemaless_reader(io.BytesIO(data), self.prediction_schema, None)
-        if not isinstance(record, dict):
-            raise ValueError("not a prediction record")
-        return record
+    def _unframed(self, value: bytes | None) -> bytes | None:
+        return value[5:] if value and self.settings.output.wire_format else value
 
     async def forward_predictions(self, stream: faust.StreamT[Any]) -> None:
         async for batch in _batches(stream):
-            for event in batch:
-                await self._safely("prediction", self._forward_prediction(event))
+            await self._safely("prediction", self._forward_predictions(batch))
 
     async def _safely(self, what: str, step: Awaitable[None]) -> None:
-        """One record's step; a failure is logged and counted, never the end of the agent (faust would restart
-        it and meet the same record again)."""
+        """A batch's step; a failure is logged and counted, never the end of the agent (faust would restart
+        it and meet the same records again)."""
         try:
             await step
         except Exception:
-            log.exception("monitor %s step failed; the record is skipped", what)
+            log.exception("monitor %s step failed; the records are skipped", what)
             self.exporter.failures.labels(what).inc()
 
-    async def _forward_prediction(self, event: Any) -> None:
-        message = event.message
-        try:
-            record = self._decode_prediction(event.value)
-        except Exception as exc:  # noqa: BLE001 - a record we cannot read is counted, never fatal
-            log.warning("undecodable prediction at %s/%d/%d: %s", message.topic, message.partition, message.offset, exc)
-            self.exporter.predictions.labels("undecodable").inc()
-            return
-        event_id = record.get("event_id")
-        if not event_id:
-            self.exporter.predictions.labels("no_event_id").inc()
-            return
-        role = "shadow" if message.topic == self.settings.shadow_topic else "main"
-        time_ms = _millis(record.get("event_time")) or _millis(record["prediction_time"]) or 0
-        origin = f"{message.topic}/{message.partition}/{message.offset}"
-        await self.by_event.send(key=event_id, value=pairs.prediction_message(origin, role, record, time_ms))
-        self.exporter.predictions.labels("forwarded").inc()
+    async def _forward_predictions(self, batch: Sequence[Any]) -> None:
+        decoded = self.prediction_decoder.decode_many([self._unframed(event.value) for event in batch])
+        bundled = Bundles(self.settings.monitor.partitions)
+        outcomes: Counter[str] = Counter()
+        shadow_topic = self.settings.shadow_topic
+        for event, record in zip(batch, decoded, strict=True):
+            message = event.message
+            if isinstance(record, Exception):
+                log.warning(
+                    "undecodable prediction at %s/%d/%d: %s", message.topic, message.partition, message.offset, record
+                )
+                outcomes["undecodable"] += 1
+                continue
+            event_id = record.get("event_id")
+            if not event_id:
+                outcomes["no_event_id"] += 1
+                continue
+            try:
+                role = "shadow" if message.topic == shadow_topic else "main"
+                time_ms = record.get("event_time") or record["prediction_time"] or 0
+                origin = f"{message.topic}/{message.partition}/{message.offset}"
+                bundled.add(event_id, pairs.prediction_message(origin, role, record, int(time_ms)))
+            except Exception:  # one record's fields, never the batch's end
+                log.exception("prediction at %s/%d/%d skipped", message.topic, message.partition, message.offset)
+                self.exporter.failures.labels("prediction").inc()
+                continue
+            outcomes["forwarded"] += 1
+        await self._send(bundled)
+        for outcome, count in outcomes.items():
+            self.exporter.predictions.labels(outcome).inc(count)
+
+    async def _send(self, bundled: Bundles) -> None:
+        for partition, value in bundled.encoded():
+            await self.by_event.send(value=value, partition=partition)
 
     async def forward_labels(self, stream: faust.StreamT[Any]) -> None:
         async for batch in _batches(stream):
-            for event in batch:
-                await self._safely("label", self._forward_label(event))
+            await self._safely("label", self._forward_labels(batch))
 
-    async def _forward_label(self, event: Any) -> None:
-        message = event.message
-        origin = f"{message.topic}/{message.partition}/{message.offset}"
-        try:
-            label = labels.parse(event.value, self.settings.monitor_task)
-        except BadLabel as exc:
-            await self._dead_letter(exc.reason, str(exc), event.value, origin, key=event.key)
-            return
-        value = pairs.label_message(origin, label.value, label.time_ms, event.value)
-        await self.by_event.send(key=label.event_id, value=value)
-        self.exporter.labels.labels("forwarded").inc()
+    async def _forward_labels(self, batch: Sequence[Any]) -> None:
+        values = [event.value for event in batch]
+        bundled = Bundles(self.settings.monitor.partitions)
+        for event, label in zip(batch, labels.parse_many(values, self.settings.monitor_task), strict=True):
+            message = event.message
+            origin = f"{message.topic}/{message.partition}/{message.offset}"
+            if isinstance(label, BadLabel):
+                await self._dead_letter(label.reason, str(label), event.value, origin, key=event.key)
+                continue
+            bundled.add(label.event_id, pairs.label_message(origin, label.value, label.time_ms, event.value))
+        await self._send(bundled)
+        self.exporter.labels.labels("forwarded").inc(bundled.count)
 
     async def _dead_letter(
         self, reason: str, message: str, value: bytes | None, origin: str | None, key: bytes | None = None
@@ -223,47 +237,74 @@ class Monitor:
             len(self.index.finals),
         )
 
-    def _put(self, partition: int, key: str, value: Any) -> None:
-        """Set a key of the table and its changelog partition (also from the timer, outside any stream event)."""
+    def _stage(self, partition: int, key: str, value: Any) -> None:
+        """Set an entry now; its changelog record goes out at the end of the bundle (one per key, the last)."""
         self.table.data[key] = value
-        self.table.send_changelog(partition, key, value)
+        self.changes[key] = (partition, value)
+
+    def _flush(self) -> None:
+        """The staged entries' changelog records, after those written before (``changelog.send`` sends them)."""
+        for key, (partition, value) in self.changes.items():
+            self.changelog.put(partition, key, value)
+        self.changes.clear()
+
+    def _put(self, partition: int, key: str, value: Any) -> None:
+        """Set a key of the table and its changelog partition now (also from the timer, outside any stream event);
+        the staged entries go first, so markers keep their place in the changelog's order."""
+        self._flush()
+        self.table.data[key] = value
+        self.changelog.put(partition, key, value)
 
     def _delete(self, partition: int, key: str) -> None:
+        self._flush()
         if key in self.table.data:
             del self.table.data[key]
-        self.table.send_changelog(partition, key, None, value_serializer="raw")
+        self.changelog.put(partition, key, None)
 
     async def join(self, stream: faust.StreamT[Any]) -> None:
         async for batch in _batches(stream):
             for event in batch:
-                await self._safely("join", self._join_one(event))
+                await self._safely("join", self._join_bundle(event))
 
-    async def _join_one(self, event: Any) -> None:
+    async def _join_bundle(self, event: Any) -> None:
         if self.stale:
             self._rebuild()
         message = event.message
         partition, offset = message.partition, message.offset
-        key_text = event.key.decode() if isinstance(event.key, bytes) else str(event.key)
-        key = pairs.entry_key(key_text)
-        record = event.value
-        entry = self.table.get(key)
-        if entry is None and offset <= self.index.through.get(partition, -1):
-            return  # replayed after its entry was swept or purged
-        new, effects = pairs.apply(
-            entry,
-            record,
-            partition,
-            offset,
-            self.index.swept.get(partition, 0),
-            self.timing,
-            set(self.index.finals),
-        )
+        try:
+            records = bundles.decode(event.value)
+        except ValueError as exc:
+            log.warning("by-event message %d/%d skipped: %s", partition, offset, exc)
+            self.exporter.failures.labels("join").inc()
+            return
+        swept, finals = self.index.swept.get(partition, 0), set(self.index.finals)
+        effects: list[Effect] = []
+        try:
+            for index, record in enumerate(records):
+                try:
+                    effects += self._join_one(partition, bundles.position(offset, index), record, swept, finals)
+                except Exception:  # one record's fault, never its bundle's end
+                    log.exception("by-event record %d/%d#%d skipped", partition, offset, index)
+                    self.exporter.failures.labels("join").inc()
+            effects += self._advance(partition)
+        finally:
+            self._flush()
+            await self.changelog.send()
+        await self._carry_out(effects)
+
+    def _join_one(
+        self, partition: int, position: int, record: dict[str, Any], swept: int, finals: set[int]
+    ) -> list[Effect]:
+        key = pairs.entry_key(record["id"])
+        entry = self.table.data.get(key)
+        if entry is None and position <= self.index.through.get(partition, -1):
+            return []  # replayed after its entry was swept or purged
+        new, effects = pairs.apply(entry, record, partition, position, swept, self.timing, finals)
         if new is not None:
-            self._put(partition, key, new)
+            self._stage(partition, key, new)
             self.index.add(key, new)
-        self.index.tick(partition, offset, record)
-        effects += self._advance(partition)
-        await self._carry_out(effects, record)
+        self.index.tick(partition, position, record)
+        return effects
 
     def _advance(self, partition: int) -> list[Effect]:
         """Sweep the partition if its clocks moved past a step, purge its final windows; no await inside."""
@@ -312,7 +353,7 @@ class Monitor:
                     self.index.discard(key, entry)
         self.index.purged.setdefault(window, set()).add(partition)
 
-    async def _carry_out(self, effects: Iterable[Effect], record: dict[str, Any]) -> None:
+    async def _carry_out(self, effects: Iterable[Effect]) -> None:
         for effect in effects:
             if effect.kind in LABEL_REASONS:
                 await self._dead_letter(effect.kind, effect.message, effect.raw, effect.origin)
@@ -338,7 +379,14 @@ class Monitor:
         except Exception:  # a report that fails is retried at the next tick: the windows stay dirty
             log.exception("quality report failed")
 
+    def _joins_nothing(self) -> bool:
+        by_event = self.by_event.get_topic_name()
+        return not any(tp.topic == by_event for tp in self.app.consumer.assignment())
+
     async def _report(self) -> None:
+        if not self.app.rebalancing and self._joins_nothing():
+            self.ready, self.stale = True, False  # a process of a scaled-out monitor that only forwards
+            return
         if self.stale and self.ready and not self.app.rebalancing:
             self._rebuild()
         if not self.ready or self.stale or not self._owns_every_partition():
@@ -346,7 +394,8 @@ class Monitor:
         effects: list[Effect] = []
         for partition in sorted(self.index.clocks):
             effects += self._advance(partition)  # partitions whose sources went quiet
-        await self._carry_out(effects, {})
+        await self.changelog.send()
+        await self._carry_out(effects)
         todo = sorted(self.index.dirty)
         now = int(time.time() * 1000)
         for window in todo:

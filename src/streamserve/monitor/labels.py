@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import fastavro
 
+from streamserve.pipeline.decode import LocalSchemaDecoder
 from streamserve.schemas import bundled
 
 Task = Literal["classification", "regression"]
@@ -29,6 +30,8 @@ REASONS = (UNDECODABLE, WRONG_TYPE, UNKNOWN_EVENT, DUPLICATE, EXPIRED)
 (beside ``forwarded``: decoded and passed on to the join)."""
 
 _SCHEMA = bundled("label")
+_DECODER = LocalSchemaDecoder(_SCHEMA)
+"""Reads a batch of label records with one fastavro call (label_time as epoch ms)."""
 
 
 class BadLabel(Exception):
@@ -103,7 +106,24 @@ def true_value(value: Any) -> float:
 
 def parse(data: bytes | None, task: Task) -> Label:
     """A usable label from a labels-topic record, or BadLabel with its reason."""
-    record = decode(data)
+    return _label(decode(data), task)
+
+
+def parse_many(values: list[bytes | None], task: Task) -> list[Label | BadLabel]:
+    """Per value, its usable label or the BadLabel saying why not (one fastavro read for the batch)."""
+    found: list[Label | BadLabel] = []
+    for record in _DECODER.decode_many(values):
+        if isinstance(record, Exception):
+            found.append(BadLabel(UNDECODABLE, f"not a Label record: {record}"))
+            continue
+        try:
+            found.append(_label(record, task))
+        except BadLabel as exc:
+            found.append(exc)
+    return found
+
+
+def _label(record: dict[str, Any], task: Task) -> Label:
     event_id = record.get("event_id")
     if not isinstance(event_id, str) or not event_id:
         raise BadLabel(WRONG_TYPE, "the label has no event_id")

@@ -15,14 +15,15 @@ restarted monitor recovers) and calls these functions; everything that makes the
 - **Windows.** An event belongs to the tumbling window of its time; a window's report is final once every
   entry in it expired. Its entries are then purged, after a marker holding the final report is written to the
   same changelog partition (so a restarted monitor never recomputes a window from half of its entries).
-- **Idempotent.** Each entry remembers the offset of the last record of the monitor's by-event topic applied to
-  it: a record replayed after a crash (its offset not committed although its effect reached the changelog) is
+- **Idempotent.** Each entry remembers the position (bundles.py: the by-event offset and the index in its bundle)
+  of the last record of the monitor's by-event topic applied to it: a record replayed after a crash (its offset
+  not committed although its effect reached the changelog) is
   applied once. A prediction re-sent by a restarted worker or forwarder lands in the same slot (model, version,
   role), a label re-forwarded carries the same origin (topic/partition/offset of the labels topic). No pair is
   ever counted twice; a second label from another record is a duplicate and is dead-lettered.
 
 Entries are JSON-able dicts (short keys: the changelog holds one per event):
-``p`` partition, ``o`` last applied offset, ``t`` event time (ms; None until a prediction came),
+``p`` partition, ``o`` last applied position, ``t`` event time (ms; None until a prediction came),
 ``s`` slots {"<role>|<model>|<version>": prediction}, ``y`` label, ``lt`` label time, ``lo`` label origin,
 ``raw`` the label record's bytes (base64, for the dead-letter topic), ``x`` expired.
 """

@@ -15,21 +15,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 import redis
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
+from prometheus_client import REGISTRY
 
 from streamserve.clients import redis_client
 from streamserve.config import PipelineSettings
 from streamserve.errors import ConfigError
+from streamserve.observe.metrics import HealthState, ObserveServer
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.decode import load_schema, make_decoder
 from streamserve.records import Event, Rejected, Source
 from streamserve.streaming.extract import EntityGroup, Extractor, entity_groups
+from streamserve.streaming.metrics import Counts, CountsCollector
 from streamserve.streaming.store import AggregateStore, Entry
 from streamserve.streaming.windows import EntityState
 
@@ -37,18 +39,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "aggregate"
 """The dead letters' stage header for events the aggregates could not use (``decode`` for undecodable ones)."""
-
-
-@dataclass(slots=True)
-class Counts:
-    """What the app did since it started (the progress line)."""
-
-    events: int = 0
-    redelivered: int = 0
-    written: int = 0
-    refused: int = 0
-    dead_letters: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
 
 
 class Aggregator:
@@ -122,6 +112,7 @@ class Aggregator:
                 return
             except redis.RedisError as exc:  # the feature store, never a record: the step waits for it
                 attempt += 1
+                self.counts.redis_errors += 1
                 delay = min(self.retry_s * 2 ** min(attempt, 6), 5.0)
                 log.warning("Redis write failed (%s), retry %d in %.1fs", exc, attempt, delay)
                 await asyncio.sleep(delay)
@@ -165,7 +156,7 @@ def input_partitions(settings: PipelineSettings, timeout_s: float = 10.0) -> int
     return len(metadata.partitions)
 
 
-def build_app(settings: PipelineSettings, partitions: int) -> faust.App:
+def build_app(settings: PipelineSettings, partitions: int) -> tuple[faust.App, Aggregator]:
     """The faust app: one table (changelog with ``partitions`` partitions), one agent, a progress timer."""
     sf = settings.stream_features
     if not sf.aggregates:
@@ -214,13 +205,14 @@ def build_app(settings: PipelineSettings, partitions: int) -> faust.App:
 
     if settings.log_every_s > 0:
         app.timer(settings.log_every_s)(progress)
-    return app
+    return app, aggregator
 
 
 def run(settings: PipelineSettings, log_level: str = "info") -> None:
     """Run the app until SIGTERM/SIGINT (faust's worker handles the signals and the drain)."""
     partitions = input_partitions(settings)
-    app = build_app(settings, partitions)
+    app, aggregator = build_app(settings, partitions)
+    server = _serve_metrics(settings, app, aggregator.counts)
     log.info(
         "streaming features: %d aggregates from %s (%d partitions) into Redis %s; state in %s-aggregates-changelog",
         len(settings.stream_features.aggregates),
@@ -230,4 +222,26 @@ def run(settings: PipelineSettings, log_level: str = "info") -> None:
         settings.stream_features.app_id,
     )
     worker = faust.Worker(app, loglevel=log_level, quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _serve_metrics(settings: PipelineSettings, app: faust.App, counts: Counts) -> ObserveServer | None:
+    """/metrics (the counts), /healthz and /readyz on ``stream_features.port``; None when it is unset."""
+    sf = settings.stream_features
+    if sf.port is None:
+        return None
+    REGISTRY.register(CountsCollector(counts))
+    health = HealthState(settings.observe.liveness_timeout_s, lambda: True)
+    health.beat()
+
+    async def beat() -> None:
+        health.beat()
+
+    app.timer(5.0)(beat)
+    server = ObserveServer(sf.host, sf.port, health)
+    server.start()
+    return server
