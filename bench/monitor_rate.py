@@ -238,7 +238,7 @@ def monitor_rate(
 
 
 def processes_needed(result: dict[str, Any], worker_events_per_s: float | None) -> int | None:
-    """Monitor processes one worker's events/s takes, at the best measured per-process rate (a core each)."""
+    """Processes forwarding one worker's events/s would take at the best rate per process (the join stays one)."""
     rates = [r["records_per_s"] / r["processes"] for r in result.get("runs", []) if r.get("records_per_s")]
     if not rates or not worker_events_per_s:
         return None
