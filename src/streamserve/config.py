@@ -655,6 +655,7 @@ class StreamFeatureSettings(_Section):
     port: int | None = Field(default=None, ge=0, le=65535)
     """Port of the app's /metrics, /healthz and /readyz (docs/streaming-features.md); disabled when unset."""
     host: str = "0.0.0.0"
+    """Address the app's port listens on."""
 
     @field_validator("aggregates")
     @classmethod
