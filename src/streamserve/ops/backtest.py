@@ -35,10 +35,10 @@ from streamserve.ops.comparison import (
     score_deltas,
 )
 from streamserve.ops.history import PartitionRange, Position, read_range, reader, resolve_range
-from streamserve.ops.scoring import build_processor, load_model, resolve_versions
 from streamserve.pipeline.encode import EncodedBatch, decode_prediction
 from streamserve.pipeline.process import BatchResult
 from streamserve.pipeline.routing import Routing
+from streamserve.scoring import build_processor, load_model, resolve_versions
 
 log = logging.getLogger(__name__)
 

@@ -173,7 +173,7 @@ def run_replay(settings: PipelineSettings, request: ReplayRequest) -> tuple[Repl
 
 def scorer(settings: PipelineSettings) -> Replayer:
     """Replay by scoring: the live version's predictions to the output topic, failures to the DLQ again."""
-    from streamserve.ops.scoring import build_processor, load_model, resolve_versions
+    from streamserve.scoring import build_processor, load_model, resolve_versions
 
     versions = resolve_versions(settings, None, None)
     routing = Routing(live=load_model(settings, versions.live))
