@@ -67,6 +67,7 @@ class HybridOutcome:
     late_merchants: list[str]
     batch_input: Path
     batch_output: Path
+    models: dict[str, Path] = field(default_factory=dict)
     batch: Summary | None = None
     backtest: dict[str, Any] = field(default_factory=dict)
     backtest_json: Path | None = None
@@ -186,6 +187,7 @@ def run_hybrid(example: Path, events: int, partitions: int, directory: Path | No
     outcome = HybridOutcome(
         config, directory, prefix, streamed, late, directory / "events.parquet", directory / "predictions.parquet"
     )
+    outcome.models = {version: model.path for version, model in trained.items()}
     say(f"[2/6] streaming {events:,} events to a worker serving v1 ({len(late)} merchants not in Redis yet:")
     say(f"      {', '.join(late)})")
     worker = build_worker(settings)
