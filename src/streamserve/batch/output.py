@@ -134,6 +134,8 @@ def _array(column: Any, n: int, kind: pa.DataType) -> pa.Array:
         raise ValueError(f"a column of {len(column)} values for {n} records")
     if pa.types.is_timestamp(kind):  # epoch milliseconds, as the encoder holds them
         return pa.array(column, pa.int64()).cast(kind)
+    if pa.types.is_map(kind):  # a dict per row (further outputs): Arrow builds maps from (key, value) pairs
+        column = [None if row is None else list(row.items()) for row in column]
     return pa.array(column, kind)
 
 
