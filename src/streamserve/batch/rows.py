@@ -193,7 +193,7 @@ def _python(array: pa.Array) -> list[Any]:
     many times faster than one Arrow scalar per value, with the same Python values."""
     kind = array.type
     if array.null_count == 0 and any(check(kind) for check in _NUMERIC):
-        return list(array.to_numpy().tolist())
+        return list(array.to_numpy(zero_copy_only=False).tolist())
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return list(array.to_numpy(zero_copy_only=False).tolist())  # None where null
     return array.to_pylist(maps_as_pydicts="lossy") if _has_map(kind) else array.to_pylist()
