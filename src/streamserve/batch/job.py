@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -119,6 +120,10 @@ def score_files(
     carried_all: set[str] = set()
     redis = redis_client(settings.redis) if any(spec.source == "redis" for spec in settings.features) else None
     decoder = LocalSchemaDecoder(load_schema(settings.input.schema_path))  # unused: rows arrive decoded
+    # As the worker before its loop: what was built so far (model, clients, schemas) lives as long as the job, out
+    # of the cyclic collector's sight, so that its full collections stop walking it.
+    gc.collect()
+    gc.freeze()
     try:
         for index, file in enumerate(files):
             carried_all.update(carried[file.path])

@@ -29,6 +29,8 @@ from streamserve.pipeline.process import DECODE_STAGE
 from streamserve.records import Event, Rejected, Source
 
 _NUMERIC = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
+_NEW: Any = tuple.__new__
+"""A named tuple from the tuple of its fields (what its ``_make`` does), called from C by map()."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,25 +113,24 @@ class RowReader:
         for name in self.carried:
             names.append(name)
             columns.append(_python(batch.column(name)) if name in batch.schema.names else [None] * n)
-        # A column at a time above; here one dict and one Source per row, as the worker's decoder makes them.
-        fields = [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
-        if not columns:  # a schema of no fields: an empty record per row
-            fields = [{} for _ in range(n)]
+        # A column at a time above; here one dict, one Source and one Event per row, as the worker's decoder makes
+        # them, built by C loops (map): no Python frame per row.
+        rows = zip(*columns, strict=True) if columns else repeat((), n)  # no fields: an empty record per row
+        fields = list(map(dict, map(zip, repeat(names, n), rows)))
         first = origin.first_row
-        sources = list(
-            map(
-                Source,
-                repeat(origin.name, n),
-                repeat(origin.index, n),
-                range(first, first + n),
-                repeat(None, n),
-                repeat(None, n),
-                repeat(None, n),
-                repeat(origin.timestamp_ms, n),
-            )
+        per_row = zip(
+            repeat(origin.name, n),
+            repeat(origin.index, n),
+            range(first, first + n),
+            repeat(None, n),
+            repeat(None, n),
+            repeat(None, n),
+            repeat(origin.timestamp_ms, n),
+            strict=True,
         )
+        sources: list[Source] = list(map(_NEW, repeat(Source, n), per_row))
         if reasons.count(None) == n:
-            return list(map(Event, sources, fields)), []
+            return list(map(_NEW, repeat(Event, n), zip(sources, fields, strict=True))), []
         events: list[Event] = []
         rejected: list[Rejected] = []
         for source, problem, record in zip(sources, reasons, fields, strict=True):
