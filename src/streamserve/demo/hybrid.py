@@ -160,8 +160,9 @@ def run_hybrid(example: Path, events: int, partitions: int, directory: Path | No
     """The whole hybrid demo (see the module); the outcome says what it did and where its outputs are."""
     env_overrides()
     quiet = logging.getLogger("streamserve")
-    if quiet.getEffectiveLevel() >= logging.INFO:  # the steps below say what happens; warnings still show
+    if quiet.getEffectiveLevel() >= logging.INFO:  # the steps below say what happens; warnings still show,
         quiet.setLevel(logging.WARNING)
+        logging.getLogger("streamserve.pipeline.write").setLevel(logging.ERROR)  # but not one per dead letter
     started = time.monotonic()
     run_id = uuid.uuid4().hex[:6]
     base = load_settings(example)
