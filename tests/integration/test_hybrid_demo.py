@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -24,7 +23,7 @@ from streamserve.demo.data import make_entities
 from streamserve.demo.hybrid import run_hybrid
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.pipeline.encode import decode_prediction
-from tests.integration.harness import EXAMPLE_PIPELINE, read_topic
+from tests.integration.harness import EXAMPLE_PIPELINE, entity_rows, read_topic
 from tests.integration.servers import Servers
 
 EVENTS = 3000
@@ -56,25 +55,9 @@ def test_hybrid_demo_scores_backtests_and_replays_like_offline_onnxruntime(
     stranded = {e["event_id"] for e in events if e["merchant_id"] in late}
     assert stranded, "the demo's late merchants had no events"
 
-    def rows_of(chosen: list[dict[str, Any]]) -> np.ndarray:
-        return np.array(
-            [
-                [
-                    e["amount"],
-                    e["hour_of_day"],
-                    1.0 if e["is_online"] else 0.0,
-                    entities.cards[e["card_id"]]["avg_amount_30d"],
-                    entities.cards[e["card_id"]]["txn_count_24h"],
-                    entities.cards[e["card_id"]]["chargeback_rate"],
-                    entities.merchants[e["merchant_id"]]["risk_score"],
-                ]
-                for e in chosen
-            ]
-        )
-
     scored = [e for e in events if e["event_id"] not in stranded]
-    v1_scores, v1_labels = offline(outcome.models["v1"], rows_of(scored))
-    v2_scores, v2_labels = offline(outcome.models["v2"], rows_of(scored))
+    v1_scores, v1_labels = offline(outcome.models["v1"], entity_rows(scored, entities))
+    v2_scores, v2_labels = offline(outcome.models["v2"], entity_rows(scored, entities))
 
     # Batch: every scored row as offline onnxruntime scores it; the late merchants' rows rejected, with the reason.
     batch = {r["event_id"]: r["score"] for r in pq.read_table(outcome.batch_output).to_pylist()}
@@ -99,7 +82,7 @@ def test_hybrid_demo_scores_backtests_and_replays_like_offline_onnxruntime(
     assert {versions[i] for i in stranded} == {"v2"}
     assert {versions[e["event_id"]] for e in scored} == {"v1"}
     replayed = [e for e in events if e["event_id"] in stranded]
-    replayed_scores, _ = offline(outcome.models["v2"], rows_of(replayed))
+    replayed_scores, _ = offline(outcome.models["v2"], entity_rows(replayed, entities))
     by_id = {str(p["event_id"]): p["score"] for p in predictions}
     np.testing.assert_allclose([by_id[e["event_id"]] for e in replayed], replayed_scores, rtol=0, atol=1e-6)
     assert outcome.replayed == len(stranded)
