@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pyarrow.parquet as pq
 import pytest
+import redis
 
 from streamserve.config import load_settings
 from streamserve.demo.data import make_entities
@@ -36,13 +37,27 @@ def offline(model: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return probabilities[:, 1], labels
 
 
+def _forget(redis_url: str, prefix: str) -> None:
+    """Delete the demo run's Redis keys (its entities under a prefix of its own)."""
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{prefix}*", count=1000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+    client.close()
+
+
 def test_hybrid_demo_scores_backtests_and_replays_like_offline_onnxruntime(
-    stack: Servers, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    stack: Servers,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", stack.bootstrap_servers)
     monkeypatch.setenv("REDIS_URL", stack.redis_url)
     outcome = run_hybrid(EXAMPLE_PIPELINE, EVENTS, 2, directory=tmp_path / "hybrid")
     out = capsys.readouterr().out
+    request.addfinalizer(lambda: _forget(stack.redis_url, outcome.key_prefix))
     assert outcome.ok, out
     for step in range(1, 7):
         assert f"[{step}/6]" in out
