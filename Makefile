@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STACK  := $(PYTHON) scripts/stack
 
-.PHONY: help venv lint docs docs-serve test test-unit test-integration demo demo-maintenance stack-up stack-down stack-status stack-up-secure stack-down-secure test-secure stack-up-registry stack-down-registry test-registry bench clean
+.PHONY: help venv lint docs docs-serve test test-unit test-integration demo demo-maintenance stack-up stack-down stack-status stack-up-secure stack-down-secure test-secure demo-hybrid stack-up-registry stack-down-registry test-registry bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -81,6 +81,9 @@ clean:  ## remove the virtualenv and local state
 	-$(STACK) down
 	-$(STACK) down --secure
 	rm -rf $(VENV) site .tools .stack .stack-secure .pytest_cache .mypy_cache .ruff_cache .import_linter_cache examples/fraud/models examples/fraud/data
+
+demo-hybrid: venv  ## batch, backtest and dead-letter replay beside the stream, with the worker's own code path
+	bash scripts/demo --hybrid
 
 demo-maintenance: venv  ## the predictive-maintenance example: nested/nullable events, multi-input model, string labels
 	bash scripts/demo --example maintenance

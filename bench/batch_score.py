@@ -29,7 +29,8 @@ from streamserve.demo.data import make_entities
 from streamserve.demo.train import train_versions
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 
-_RATE = re.compile(r"\(([\d,]+) rows/s\)")
+_RATE = re.compile(r"\(([\d,]+) rows/s")
+_LOAD = re.compile(r"after ([\d.]+)s loading the model")
 
 
 def batch_score(dataset: Dataset, directory: Path, rows: int | None = None) -> dict[str, Any]:
@@ -50,10 +51,11 @@ def batch_score(dataset: Dataset, directory: Path, rows: int | None = None) -> d
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"streamserve score failed: {done.stderr.strip()[-500:]}")
-    match = _RATE.search(done.stdout)
+    match, load = _RATE.search(done.stdout), _LOAD.search(done.stdout)
     return {
         "rows": len(events),
         "rows_per_s": float(match.group(1).replace(",", "")) if match else None,
+        "model_load_s": float(load.group(1)) if load else None,
         "wall_s": round(wall, 2),
         "cores": 1,
         "command": " ".join(["taskset -c 0", Path(sys.executable).name, *command[1:]]),

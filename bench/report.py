@@ -186,8 +186,14 @@ def markdown(results: dict[str, Any]) -> str:
         out += [
             "### Batch scoring (`streamserve score`, Parquet in and out, one core)",
             "",
-            f"{_fmt(batch['rows_per_s'])} rows/s over {batch['rows']:,} rows (`{batch['command']}`); streamserve-1 in "
-            f"this run: {_fmt(rate)} events/s.",
+            f"{_fmt(batch['rows_per_s'])} rows/s over {batch['rows']:,} rows (`{batch['command']}`"
+            + (
+                f"; from the first row read to the last written, after {batch['model_load_s']:g} s loading the model"
+                if batch.get("model_load_s") is not None
+                else ""
+            )
+            + f"); streamserve-1 in this run: {_fmt(rate)} events/s"
+            + (f" ({batch['rows_per_s'] / rate:.2f}x)." if rate and batch.get("rows_per_s") else "."),
             "",
         ]
     out += _monitor(results.get("monitor"))

@@ -426,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
             ]
             results["hot_swap"] = median_swap(swaps)
         results["scenarios"] = list(rows.values())
+        worker = rows.get("streamserve-1", {}).get("throughput", {}).get("events_per_s")
+        log.info(
+            "batch scoring: %s rows/s on one core beside streamserve-1: %s events/s (target: batch >= worker)",
+            f"{results['batch_score']['rows_per_s'] or 0:,.0f}",
+            "not run" if worker is None else f"{worker:,.0f}",
+        )
         if not args.no_profile:
             results["profiles"] = {}
             for layout in ("hash", "packed"):

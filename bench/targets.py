@@ -68,6 +68,7 @@ Issue 28's targets, as they stand (BENCHMARKS.md states them the same way):
 - p99 at 80% of the live maximum <= 3x p99 at 10%;
 - median hot-swap ratio <= 1.2;
 - >= 10x the per-event hand loop and >= 2x the best peer, as today.
+Issue 25's: batch rows/s >= worker events/s (1 process): `streamserve score` on one core against streamserve-1.
 Reported beside them, with no bound: streamserve's CPU per event as a ratio to the batch loop's, per layout.
 Checks from earlier issues (the 1-process share of the Kafka limit, latency bounds at low rates) stay in a
 table of their own."""
@@ -227,6 +228,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             0.95,
             "x",
             rests_on=[_row(results, "streamserve-1-featurelog"), _row(results, "streamserve-1")],
+        )
+    # Issue 25: `streamserve score` on one core scores at least as many rows/s as one worker events/s, same run.
+    batch_score, worker_row = results.get("batch_score"), _row(results, "streamserve-1")
+    worker = worker_row["throughput"]["events_per_s"] if worker_row else None
+    if batch_score and batch_score.get("rows_per_s") and worker:
+        add(
+            "batch rows/s >= worker events/s (1 process): `streamserve score` on one core "
+            f"({batch_score['rows_per_s']:,.0f} rows/s) vs streamserve-1 ({worker:,.0f} events/s)",
+            batch_score["rows_per_s"] / worker,
+            1.0,
+            "x",
+            rests_on=[worker_row],
+            order=7,
         )
     swap = results.get("hot_swap")
     if swap:

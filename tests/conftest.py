@@ -130,18 +130,39 @@ def maintenance_models(tmp_path_factory: pytest.TempPathFactory, machines: Machi
 
 
 @pytest.fixture
-def example(
-    # The predictive-maintenance example pipeline: own topics and group, machines loaded into Redis.
+def maintenance_factory(
     stack: Servers,
     tmp_path: Path,
     maintenance_models: dict[str, MaintenanceModel],
     machines: Machines,
     redis_client: redis.Redis,
-) -> MaintenancePipeline:
-    pipe = MaintenancePipeline(stack.bootstrap_servers, stack.redis_url, tmp_path, maintenance_models["v1"].path)
-    pipe.create_topics()
-    pipe.load_machines(redis_client, machines)
-    return pipe
+) -> Callable[..., MaintenancePipeline]:
+    """Makes predictive-maintenance example pipelines: own topics and group, machines loaded into Redis. Override
+    values that are text may name the pipeline as ``{name}`` (``"monitor.drift_topic": "{name}-drift"``)."""
+
+    def make(prefix: str = "mt", partitions: int = 4, overrides: dict[str, Any] | None = None) -> MaintenancePipeline:
+        name = unique(prefix)
+        named = {k: v.format(name=name) if isinstance(v, str) else v for k, v in (overrides or {}).items()}
+        pipe = MaintenancePipeline(
+            stack.bootstrap_servers,
+            stack.redis_url,
+            tmp_path,
+            maintenance_models["v1"].path,
+            partitions=partitions,
+            overrides=named,
+            name=name,
+        )
+        pipe.create_topics()
+        pipe.load_machines(redis_client, machines)
+        return pipe
+
+    return make
+
+
+@pytest.fixture
+def example(maintenance_factory: Callable[..., MaintenancePipeline]) -> MaintenancePipeline:
+    """The predictive-maintenance example pipeline: own topics and group, machines loaded into Redis."""
+    return maintenance_factory()
 
 
 @pytest.fixture(autouse=True)

@@ -605,6 +605,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from streamserve.demo.maintenance import run_example
 
         return run_example(config, args.events, args.partitions)
+    if args.hybrid:
+        from streamserve.demo.hybrid import run_hybrid
+
+        return 0 if run_hybrid(config, args.events, args.partitions).ok else 1
     from streamserve.demo.run import run_demo
 
     return run_demo(config, args.events, args.partitions)
@@ -1064,6 +1068,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-c", "--config", type=Path, help="pipeline config (default examples/<example>/pipeline.yaml)")
     demo.add_argument("--events", type=int, default=20_000, help="events to stream (20000)")
     demo.add_argument("--partitions", type=int, default=4, help="partitions of the demo topics (4)")
+    demo.add_argument(
+        "--hybrid",
+        action="store_true",
+        help="the hybrid demo instead (fraud example): score a Parquet file in batch, backtest v2 on the stream's "
+        "history before the swap, and replay the dead letters after loading the missing Redis keys",
+    )
     _add_timeout(demo, servers="Redis or Kafka")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -1,5 +1,5 @@
 """Batch scoring on Apache Spark: a DataFrame of input events scored through ``mapInArrow`` by the worker's own
-BatchProcessor (batch.scoring.Scorer), one model and one Redis client per Python worker, loaded once.
+BatchProcessor (scoring.Scorer, as every batch tool), one model and one Redis client per Python worker, loaded once.
 
     spark-submit --master local[4] -m streamserve score -c pipeline.yaml --input events.parquet \\
         --output scores.parquet --spark local[4]
@@ -24,14 +24,15 @@ import pyarrow as pa
 from streamserve.batch.arrowtypes import arrow_schema
 from streamserve.batch.job import Summary
 from streamserve.batch.rows import Origin, RowReader
-from streamserve.batch.scoring import Scorer, carried_features, feature_sources, load_model, output_schema
+from streamserve.batch.scoring import score_batches
 from streamserve.config import PipelineSettings
 from streamserve.errors import BatchInputError
-from streamserve.pipeline.decode import LocalSchemaDecoder
+from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.pipeline.process import BatchResult
+from streamserve.scoring import Scorer, carried_features, feature_sources, load_model, output_schema
 
 REJECTED = pa.struct([("stage", pa.string()), ("error_class", pa.string()), ("reason", pa.string())])
-_SCORERS: dict[tuple[str, tuple[str, ...]], tuple[Scorer, LocalSchemaDecoder]] = {}
+_SCORERS: dict[tuple[str, tuple[str, ...]], tuple[Scorer, RowReader, LocalSchemaDecoder]] = {}
 """Per Python worker process: the scorer of each pipeline (model, Redis client), built by its first batch."""
 
 
@@ -81,15 +82,12 @@ class SparkScorer:
         def score_partition(batches_in: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             from pyspark import TaskContext
 
-            scorer, decoder = _scorer(settings, carried, loads)
+            scorer, rows, decoder = _scorer(settings, carried, loads)
             context = TaskContext.get()
             partition = context.partitionId() if context is not None else 0
-            first = 0
-            for batch in batches_in:
-                result = scorer.score(batch, Origin("spark", partition, first, 0))
+            for scored in score_batches(scorer, rows, _with_origins(batches_in, partition)):
                 batches.add({os.getpid(): 1})
-                yield _as_rows(result, decoder, out)
-                first += batch.num_rows
+                yield _as_rows(scored.result, decoder, out)
 
         return frame.mapInArrow(score_partition, spark_schema)
 
@@ -98,16 +96,31 @@ def _event_schema(settings: PipelineSettings) -> Any:
     return json.loads(settings.input.schema_path.read_text())
 
 
-def _scorer(settings: PipelineSettings, carried: tuple[str, ...], loads: Any) -> tuple[Scorer, LocalSchemaDecoder]:
+def _with_origins(batches: Iterator[pa.RecordBatch], partition: int) -> Iterator[tuple[pa.RecordBatch, Origin]]:
+    """A partition's Arrow batches, each with where its rows come from (the partition's row numbers)."""
+    first = 0
+    for batch in batches:
+        yield batch, Origin("spark", partition, first, 0)
+        first += batch.num_rows
+
+
+def _scorer(
+    settings: PipelineSettings, carried: tuple[str, ...], loads: Any
+) -> tuple[Scorer, RowReader, LocalSchemaDecoder]:
     """This Python worker's scorer of the pipeline: the model loaded and the Redis client opened on first use."""
     key = (settings.model_dump_json(), carried)
     found = _SCORERS.get(key)
     if found is None:
         import fastavro
 
-        scorer = Scorer(settings, load_model(settings), carried)
+        decoder = LocalSchemaDecoder(load_schema(settings.input.schema_path))  # unused: rows arrive decoded
+        scorer = Scorer.for_settings(settings, load_model(settings), carried=carried, decoder=decoder)
         loads.add({os.getpid(): 1})
-        found = _SCORERS[key] = (scorer, LocalSchemaDecoder(fastavro.parse_schema(output_schema(settings))))
+        found = _SCORERS[key] = (
+            scorer,
+            RowReader(_event_schema(settings), carried),
+            LocalSchemaDecoder(fastavro.parse_schema(output_schema(settings))),
+        )
     return found
 
 

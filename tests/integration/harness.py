@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -14,13 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import fastavro
 import numpy as np
 import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
 import redis
 import yaml
 from confluent_kafka import Consumer, Message
 
 from streamserve.config import PipelineSettings, apply_overrides, config_from, load_settings
+from streamserve.demo.data import Entities, make_events
 from streamserve.demo.train import TrainedModel
 from streamserve.ops.admin import ensure_topics, pipeline_topics
 from streamserve.ops.tools import produce_avro
@@ -280,3 +285,61 @@ def predictions(pipeline: Pipeline, expected: int, timeout_s: float = 120) -> li
     schema = load_schema(pipeline.settings.output.schema_path)
     messages = read_topic(pipeline.bootstrap, pipeline.settings.output.topic, expected, timeout_s)
     return [(msg, decode_prediction(schema, msg.value())) for msg in messages]
+
+
+# --- batch scoring: demo events as files, and what offline onnxruntime makes of them -------------------------
+
+
+def entity_rows(events: list[dict[str, Any]], entities: Entities) -> np.ndarray:
+    """The model inputs of demo events rebuilt from the events and the entities loaded into Redis (no streamserve
+    code), in the demo pipeline's feature order."""
+    return np.array(
+        [
+            [
+                e["amount"],
+                e["hour_of_day"],
+                1.0 if e["is_online"] else 0.0,
+                entities.cards[e["card_id"]]["avg_amount_30d"],
+                entities.cards[e["card_id"]]["txn_count_24h"],
+                entities.cards[e["card_id"]]["chargeback_rate"],
+                entities.merchants[e["merchant_id"]]["risk_score"],
+            ]
+            for e in events
+        ],
+        dtype=np.float32,
+    )
+
+
+def demo_events(entities: Entities, count: int, seed: int) -> list[dict[str, Any]]:
+    """Demo events with bad ones mixed in: an unknown merchant (no default: features), a NaN amount
+    (features), an hour out of int range is not writable, so a null hour (decode) in files only."""
+    events = list(make_events(entities, count, seed=seed, start_ms=1_700_000_000_000))
+    for i in range(7, count, 97):
+        events[i]["merchant_id"] = "merchant-unknown"
+    for i in range(11, count, 89):
+        events[i]["amount"] = math.nan
+    return events
+
+
+def write_parquet(path: Path, events: list[dict[str, Any]], row_group: int = 20_000) -> None:
+    table = pa.Table.from_pylist(events)
+    table = table.set_column(
+        table.schema.get_field_index("event_time"),
+        "event_time",
+        pa.array([e["event_time"] for e in events], pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
+    )
+    pq.write_table(table, path, row_group_size=row_group)
+
+
+def read_output(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".avro":
+        with path.open("rb") as handle:
+            return list(fastavro.reader(handle))  # type: ignore[arg-type]
+    return pq.read_table(path).to_pylist()
+
+
+def expected_scores(events: list[dict[str, Any]], entities: Entities, model: TrainedModel) -> dict[str, float]:
+    """Offline onnxruntime on the features rebuilt from the events and the entities (no streamserve code)."""
+    good = [e for e in events if e["merchant_id"] in entities.merchants and not math.isnan(e["amount"])]
+    scores, _ = offline_scores(model, entity_rows(good, entities))
+    return {e["event_id"]: float(s) for e, s in zip(good, scores, strict=True)}

@@ -8,7 +8,6 @@ and reason, exactly the ones the worker dead-letters.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -28,65 +27,18 @@ from tests.integration.harness import (
     REPO,
     Pipeline,
     WorkerThread,
+    demo_events,
+    expected_scores,
     headers_of,
-    offline_scores,
     predictions,
     produce_events,
+    read_output,
     read_topic,
+    write_parquet,
 )
 
 CARD_SCHEMA = json.loads((REPO / "src/streamserve/schemas/card_transaction.avsc").read_text())
 ROWS = 100_000
-
-
-def demo_events(entities: Entities, count: int, seed: int) -> list[dict[str, Any]]:
-    """Demo events with bad ones mixed in: an unknown merchant (no default: features), a NaN amount
-    (features), an hour out of int range is not writable, so a null hour (decode) in files only."""
-    events = list(make_events(entities, count, seed=seed, start_ms=1_700_000_000_000))
-    for i in range(7, count, 97):
-        events[i]["merchant_id"] = "merchant-unknown"
-    for i in range(11, count, 89):
-        events[i]["amount"] = math.nan
-    return events
-
-
-def write_parquet(path: Path, events: list[dict[str, Any]], row_group: int = 20_000) -> None:
-    table = pa.Table.from_pylist(events)
-    table = table.set_column(
-        table.schema.get_field_index("event_time"),
-        "event_time",
-        pa.array([e["event_time"] for e in events], pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
-    )
-    pq.write_table(table, path, row_group_size=row_group)
-
-
-def read_output(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".avro":
-        with path.open("rb") as handle:
-            return list(fastavro.reader(handle))  # type: ignore[arg-type]
-    return pq.read_table(path).to_pylist()
-
-
-def expected_scores(events: list[dict[str, Any]], entities: Entities, model: TrainedModel) -> dict[str, float]:
-    """Offline onnxruntime on the features rebuilt from the events and the entities (no streamserve code)."""
-    good = [e for e in events if e["merchant_id"] in entities.merchants and not math.isnan(e["amount"])]
-    rows = np.array(
-        [
-            [
-                e["amount"],
-                e["hour_of_day"],
-                1.0 if e["is_online"] else 0.0,
-                entities.cards[e["card_id"]]["avg_amount_30d"],
-                entities.cards[e["card_id"]]["txn_count_24h"],
-                entities.cards[e["card_id"]]["chargeback_rate"],
-                entities.merchants[e["merchant_id"]]["risk_score"],
-            ]
-            for e in good
-        ],
-        dtype=np.float32,
-    )
-    scores, _ = offline_scores(model, rows)
-    return {e["event_id"]: float(s) for e, s in zip(good, scores, strict=True)}
 
 
 def test_parquet_of_100k_demo_events_scores_like_offline_onnxruntime_and_the_worker(

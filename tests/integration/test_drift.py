@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import re
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,8 @@ from streamserve.ops.tools import produce_avro
 from streamserve.pipeline.decode import load_schema
 from streamserve.pipeline.profile import PSI_FLOOR, ReferenceProfile
 from streamserve.schemas import bundled
-from tests.integration.harness import WorkerThread, read_topic, unique, wait_until
+from tests.integration.harness import WorkerThread, read_topic, wait_until
 from tests.integration.maintenance import MaintenancePipeline
-from tests.integration.servers import Servers
 
 WINDOW = 1000
 
@@ -75,26 +75,14 @@ def drift_records(bootstrap: str, topic: str, expected: int) -> list[dict[str, A
 
 
 @pytest.fixture
-def drifting(stack: Servers, tmp_path: Path, maintenance_models: dict[str, TrainedModel], machines: Machines,
-             redis_client: Any) -> MaintenancePipeline:  # fmt: skip
-    name = unique("drift")
-    pipe = MaintenancePipeline(
-        stack.bootstrap_servers,
-        stack.redis_url,
-        tmp_path,
-        maintenance_models["v1"].path,
-        partitions=2,
-        overrides={
-            "monitor.drift_window": WINDOW,
-            "monitor.drift_topic": f"{name}-drift",
-            "observe.port": 0,
-            "observe.host": "127.0.0.1",
-        },
-        name=name,
-    )
-    pipe.create_topics()
-    pipe.load_machines(redis_client, machines)
-    return pipe
+def drifting(maintenance_factory: Callable[..., MaintenancePipeline]) -> MaintenancePipeline:
+    overrides = {
+        "monitor.drift_window": WINDOW,
+        "monitor.drift_topic": "{name}-drift",
+        "observe.port": 0,
+        "observe.host": "127.0.0.1",
+    }
+    return maintenance_factory("drift", partitions=2, overrides=overrides)
 
 
 def test_a_shifted_feature_drifts_alone_and_a_tampered_profile_is_rejected(

@@ -261,3 +261,40 @@ def test_schemas_check_prints_the_reasons_of_the_registrys_no_on_apicurio(
         "field source_offset is not in the writer's schema and has no default in the reader's"
     ) in out, out
     assert "registry (NONE)" not in out, "the subject's effective level is the global one"
+
+
+def test_backtest_predictions_topic_is_in_the_wire_format_like_the_workers(
+    registry_pipeline: Pipeline,
+    registry_client: SchemaRegistryClient,
+    schema_registry: Registry,
+    entities: Entities,
+    models: dict[str, TrainedModel],
+    redis_client: redis.Redis,
+) -> None:
+    """With output.wire_format, the candidate's predictions a backtest writes to --predictions-topic start with the
+    magic byte and a schema id too: a plain AvroDeserializer reads them, as it reads the workers'."""
+    from streamserve.ops.admin import TopicSpec, ensure_topics
+    from streamserve.ops.backtest import BacktestRequest, run_backtest
+    from streamserve.ops.history import parse_position
+
+    pipe, topic = registry_pipeline, registry_pipeline.settings.input.topic
+    events = list(make_events(entities, 40, seed=61))
+    produce(pipe.bootstrap, topic, serialize(registry_client, topic, BASE, events))
+    candidate_topic = f"{pipe.settings.output.topic}.v2"
+    ensure_topics({"bootstrap.servers": pipe.bootstrap}, [TopicSpec(candidate_topic, 1)])
+    request = BacktestRequest(
+        parse_position("beginning"),
+        parse_position("end"),
+        "v2",
+        str(models["v2"].path),
+        predictions_topic=candidate_topic,
+    )
+    report = run_backtest(pipe.settings, request)
+    assert report["compared"] == len(events)
+
+    deserialize = AvroDeserializer(SchemaRegistryClient({"url": schema_registry.url}))
+    ctx = SerializationContext(candidate_topic, MessageField.VALUE)
+    written = read_topic(pipe.bootstrap, candidate_topic, len(events))
+    assert all(m.value()[:1] == b"\x00" for m in written), "the wire format's magic byte"
+    records = [deserialize(m.value(), ctx) for m in written]
+    assert_equal_to_offline(records, events, models["v2"], redis_client, pipe.prefix)

@@ -25,8 +25,7 @@ from streamserve.config import load_settings
 from streamserve.demo.data import Entities
 from streamserve.demo.train import TrainedModel
 from streamserve.spark import SparkScorer
-from tests.integration.harness import Pipeline, wait_until
-from tests.integration.test_batch_score import demo_events, expected_scores
+from tests.integration.harness import Pipeline, demo_events, expected_scores, wait_until
 
 ROWS = 20_000
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -23,9 +23,8 @@ from streamserve.monitor.trainingset import JoinCounts
 from streamserve.ops.tools import produce_avro
 from streamserve.pipeline.decode import load_schema
 from streamserve.schemas import bundled
-from tests.integration.harness import WorkerThread, predictions, read_topic, unique
+from tests.integration.harness import WorkerThread, predictions, read_topic
 from tests.integration.maintenance import MaintenancePipeline
-from tests.integration.servers import Servers
 from tests.unit.test_trainingset import avro
 
 SHARE = 0.4
@@ -33,28 +32,16 @@ READINGS = 800
 
 
 @pytest.fixture
-def logging_pipeline(stack: Servers, tmp_path: Path, maintenance_models: dict[str, TrainedModel], machines: Machines,
-                     redis_client: Any) -> MaintenancePipeline:  # fmt: skip
-    name = unique("fl")
-    pipe = MaintenancePipeline(
-        stack.bootstrap_servers,
-        stack.redis_url,
-        tmp_path,
-        maintenance_models["v1"].path,
-        partitions=2,
-        overrides={
-            "monitor.feature_log": True,
-            "monitor.feature_log_share": SHARE,
-            "monitor.feature_log_topic": f"{name}-features",
-            "monitor.labels_topic": f"{name}-labels",
-            "monitor.training_set_topic": f"{name}-training",
-            "monitor.drift_topic": f"{name}-drift",
-        },
-        name=name,
-    )
-    pipe.create_topics()
-    pipe.load_machines(redis_client, machines)
-    return pipe
+def logging_pipeline(maintenance_factory: Callable[..., MaintenancePipeline]) -> MaintenancePipeline:
+    overrides = {
+        "monitor.feature_log": True,
+        "monitor.feature_log_share": SHARE,
+        "monitor.feature_log_topic": "{name}-features",
+        "monitor.labels_topic": "{name}-labels",
+        "monitor.training_set_topic": "{name}-training",
+        "monitor.drift_topic": "{name}-drift",
+    }
+    return maintenance_factory("fl", partitions=2, overrides=overrides)
 
 
 def test_exported_rows_hold_what_the_model_was_fed_and_bad_labels_never_join(

@@ -110,3 +110,57 @@ def test_a_column_of_the_wrong_type_or_missing_is_one_line_naming_it() -> None:
     with pytest.raises(BatchInputError, match=r"machine.firmware.minor"):
         reader.check(FILE_TYPES.set(3, pa.field("machine", firmware)), "x.parquet")
     reader.check(FILE_TYPES.remove(2), "x.parquet")  # site: nullable with a default
+
+
+PRIMITIVES = {
+    "type": "record",
+    "name": "Primitives",
+    "fields": [
+        {"name": "text", "type": "string"},
+        {"name": "maybe_text", "type": ["null", "string"], "default": None},
+        {"name": "small", "type": "int"},
+        {"name": "maybe_small", "type": ["null", "int"], "default": None},
+        {"name": "big", "type": "long"},
+        {"name": "real", "type": "double"},
+        {"name": "maybe_real", "type": ["null", "double"], "default": None},
+        {"name": "single", "type": "float"},
+        {"name": "flag", "type": "boolean"},
+        {"name": "maybe_flag", "type": ["null", "boolean"], "default": None},
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+    ],
+}
+
+
+def test_primitive_columns_read_as_the_very_values_and_types_the_decoder_gives() -> None:
+    """Numbers, flags and text leave Arrow through numpy: the same Python values and types as fastavro's."""
+    rows = [
+        {
+            "text": f"t{i}-é",
+            "maybe_text": None if i % 3 == 0 else f"m{i}",
+            "small": i - 5,
+            "maybe_small": None if i % 2 else i,
+            "big": 2**40 + i,
+            "real": i / 7 if i != 4 else float("nan"),
+            "maybe_real": None if i % 4 == 1 else -i / 3,
+            "single": 0.5 * i,
+            "flag": i % 2 == 0,
+            "maybe_flag": None if i == 2 else i % 3 == 0,
+            "at": 1_700_000_000_000 + i,
+        }
+        for i in range(9)
+    ]
+    table = pa.Table.from_pylist(rows)  # Arrow's own inference: int64 for int, double for float
+    reader = RowReader(PRIMITIVES)
+    reader.check(table.schema, "p.parquet")
+    events, rejected = reader.events(table.to_batches()[0], ORIGIN)
+    assert not rejected
+    parsed = fastavro.parse_schema(PRIMITIVES)
+    decoder = LocalSchemaDecoder(parsed)
+    for event, row in zip(events, rows, strict=True):
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, parsed, row)
+        decoded = decoder(buffer.getvalue())
+        assert isinstance(decoded, dict)
+        assert {k: type(v) for k, v in event.fields.items()} == {k: type(v) for k, v in decoded.items()}
+        same = {k: v == decoded[k] or (v != v and decoded[k] != decoded[k]) for k, v in event.fields.items()}
+        assert all(same.values()), same

@@ -15,7 +15,7 @@ from streamserve.pipeline.batch import MicroBatcher
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.pipeline.encode import decode_prediction
 from streamserve.pipeline.features import FeatureRequest, PendingReplies, Replies
-from streamserve.pipeline.process import BatchProcessor
+from streamserve.pipeline.process import BatchProcessor, BatchResult
 from streamserve.pipeline.routing import Routing
 from streamserve.records import Source
 from tests.unit.test_process import SCHEMAS, avro, make_processor
@@ -206,3 +206,30 @@ def test_a_batch_whose_decoding_would_ask_the_registry_is_not_prepared_ahead(tmp
     assert not store.sent, "nothing decoded or sent ahead"
     assert run.run(batch, routing).predictions == 29
     assert run.used_ahead == 0
+
+
+def test_events_decoded_elsewhere_have_their_lookup_sent_ahead_too(tmp_path: Path) -> None:
+    """Batch scoring's order (batch/scoring.py): rows read as events, the next batch's lookup sent, this one run."""
+    plain, routing = processor(tmp_path, Store())
+    store = Store()
+    run, _ = processor(tmp_path, store)
+    batches = [sources(20, first_offset=20 * i) for i in range(4)]
+    decoded = []
+    for batch in batches:
+        result = BatchResult()
+        decoded.append((run.decode_batch(batch, result), result.rejected))
+    for (events, rejected), following in zip(decoded, [*decoded[1:], None], strict=True):
+        if following is not None:
+            run.prefetch_decoded(following[0])
+        expected = outcome(plain.run_decoded(list(events), routing, rejected))
+        assert outcome(run.run_decoded(events, routing, rejected)) == expected
+    assert len(store.sent) == len(store.read) == 4, "one lookup per batch: batches 2-4 sent ahead"
+    assert run.used_ahead == 3
+    assert not store.cancelled
+    other = decoded[0][0]
+    run.prefetch_decoded(other)
+    assert run.run_decoded(list(other), routing).predictions == len(other), "another list: fetched from scratch"
+    assert len(store.sent) == 6
+    run.prefetch(batches[0])  # a batch of records: never taken for the events decoded elsewhere, nor the reverse
+    assert run.run_decoded(other, routing).predictions == len(other)
+    assert run.used_ahead == 4

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -13,14 +15,16 @@ from typing import IO, Any
 import pyarrow as pa
 
 from streamserve.batch.files import InputFile, input_paths, open_input
-from streamserve.batch.output import RejectsWriter, output_kind, prediction_writer
+from streamserve.batch.output import PredictionWriter, RejectsWriter, output_kind, prediction_writer
 from streamserve.batch.rows import Origin, RowReader
-from streamserve.batch.scoring import Scorer, carried_features, feature_sources, load_model, output_schema
+from streamserve.batch.scoring import score_batches
 from streamserve.clients import redis_client
 from streamserve.config import PipelineSettings
 from streamserve.errors import BatchInputError
 from streamserve.observe.progress import Progress
+from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.pipeline.process import BatchResult
+from streamserve.scoring import Scorer, carried_features, feature_sources, load_model, output_schema
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,9 @@ class Summary:
     rows: int = 0
     predictions: int = 0
     seconds: float = 0.0
+    """The whole job, from loading the model to the last file written."""
+    load_seconds: float = 0.0
+    """Loading and warming up the model (once per job, before the first row)."""
     rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
     features: dict[str, str] = field(default_factory=dict)
     output: str = ""
@@ -43,15 +50,16 @@ class Summary:
 
     @property
     def rows_per_s(self) -> float:
-        """Rows read per second of the job."""
-        return self.rows / self.seconds if self.seconds else 0.0
+        """Rows scored per second, from the first row read to the last written (the model's load left out)."""
+        scoring = self.seconds - self.load_seconds
+        return self.rows / scoring if scoring > 0 else 0.0
 
     def text(self) -> str:
         """The summary a user reads at the end of the job."""
         lines = [
-            f"scored {self.rows:,} rows of {self.files} file(s) in {self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s):"
-            f" {self.predictions:,} predictions -> {self.output}, {sum(self.rejected.values()):,} rejected"
-            + (f" -> {self.rejects}" if self.rejects else ""),
+            f"scored {self.rows:,} rows of {self.files} file(s) in {self.seconds:.1f}s ({self.rows_per_s:,.0f} rows/s"
+            f" after {self.load_seconds:.1f}s loading the model): {self.predictions:,} predictions -> {self.output},"
+            f" {sum(self.rejected.values()):,} rejected" + (f" -> {self.rejects}" if self.rejects else ""),
         ]
         by_source: dict[str, list[str]] = {}
         for name, source in self.features.items():
@@ -71,6 +79,7 @@ class Summary:
             "rows": self.rows,
             "predictions": self.predictions,
             "seconds": self.seconds,
+            "load_seconds": self.load_seconds,
             "rows_per_s": self.rows_per_s,
             "rejected": dict(stages),
             "features": self.features,
@@ -102,21 +111,27 @@ def score_files(
         RowReader(event_schema, carried[file.path]).check(file.schema, file.path)
     started = time.perf_counter()
     model = load_model(settings)
-    scorers: dict[tuple[str, ...], Scorer] = {}
-    summary = Summary(files=len(files), output=str(output))
+    summary = Summary(files=len(files), output=str(output), load_seconds=time.perf_counter() - started)
+    scorers: dict[tuple[str, ...], tuple[Scorer, RowReader]] = {}
     total = None if any(f.rows is None for f in files) else sum(f.rows or 0 for f in files)
     progress = Progress(total, progress_stream)
     writer = prediction_writer(output, output_schema(settings))
     rejected = RejectsWriter(rejects)
     carried_all: set[str] = set()
     redis = redis_client(settings.redis) if any(spec.source == "redis" for spec in settings.features) else None
+    decoder = LocalSchemaDecoder(load_schema(settings.input.schema_path))  # unused: rows arrive decoded
+    # As the worker before its loop: what was built so far (model, clients, schemas) lives as long as the job, out
+    # of the cyclic collector's sight, so that its full collections stop walking it.
+    gc.collect()
+    gc.freeze()
     try:
         for index, file in enumerate(files):
             carried_all.update(carried[file.path])
-            scorer = scorers.get(carried[file.path])
-            if scorer is None:
-                scorer = scorers[carried[file.path]] = Scorer(settings, model, carried[file.path], redis)
-            _score_file(file, index, scorer, batch_rows, writer, rejected, summary, progress)
+            found = scorers.get(carried[file.path])
+            if found is None:
+                scorer = Scorer.for_settings(settings, model, carried=carried[file.path], redis=redis, decoder=decoder)
+                found = scorers[carried[file.path]] = (scorer, RowReader(event_schema, carried[file.path]))
+            _score_file(file, index, *found, batch_rows, writer, rejected, summary, progress)
     finally:
         progress.close()
         writer.close()
@@ -131,26 +146,36 @@ def _score_file(
     file: InputFile,
     index: int,
     scorer: Scorer,
+    rows: RowReader,
     batch_rows: int,
-    writer: Any,
+    writer: PredictionWriter,
     rejects: RejectsWriter,
     summary: Summary,
     progress: Progress,
 ) -> None:
     """One file's batches through the scorer, their outputs to the writers."""
-    first = 0
-    stamp = int(file.path.stat().st_mtime * 1000)
-    for batch in file.batches(batch_rows):
-        result = scorer.score(batch, Origin(str(file.path), index, first, stamp))
-        writer.write([value for _, encoded in result.outputs for value in encoded.values])
-        rejects.write(result.rejected, _rejected_rows(batch, result, first))
+    read = 0
+    for scored in score_batches(scorer, rows, _with_origins(file, index, batch_rows)):
+        batch, result = scored.batch, scored.result
+        for _, encoded in result.outputs:
+            writer.write(encoded)
+        rejects.write(result.rejected, _rejected_rows(batch, result, scored.origin.first_row))
         summary.rows += batch.num_rows
         summary.predictions += result.predictions
         summary.rejected.update((r.stage, _reason_kind(r.message)) for r in result.rejected)
         progress.advance(batch.num_rows)
+        read += batch.num_rows
+    if file.rows is not None and read != file.rows:
+        raise BatchInputError(file.path, f"read {read} rows where the footer says {file.rows}")
+
+
+def _with_origins(file: InputFile, index: int, batch_rows: int) -> Iterator[tuple[pa.RecordBatch, Origin]]:
+    """The file's record batches, each with where its rows come from (the file's mtime as their timestamp)."""
+    first = 0
+    stamp = int(file.path.stat().st_mtime * 1000)
+    for batch in file.batches(batch_rows):
+        yield batch, Origin(str(file.path), index, first, stamp)
         first += batch.num_rows
-    if file.rows is not None and first != file.rows:
-        raise BatchInputError(file.path, f"read {first} rows where the footer says {file.rows}")
 
 
 def _rejected_rows(batch: pa.RecordBatch, result: BatchResult, first: int) -> dict[int, str | None]:

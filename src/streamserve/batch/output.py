@@ -1,5 +1,10 @@
 """The outputs of a batch job: predictions (Parquet, or an Avro container holding the very records the worker
-produces) and rejects (one row per rejected input: file, row, stage, error class, reason, the row as JSON)."""
+produces) and rejects (one row per rejected input: file, row, stage, error class, reason, the row as JSON).
+
+Parquet predictions are built from the columns the encoder wrote its records from (``EncodedBatch.columns``),
+column by column, never from per-row objects; a batch whose columns are not at hand (a record the encoder wrote
+alone) is read back from its Avro records instead. Both give the same rows.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import fastavro
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streamserve.batch.arrowtypes import arrow_schema
 from streamserve.errors import ConfigError
+from streamserve.pipeline.avrocolumns import MapRows
 from streamserve.pipeline.decode import LocalSchemaDecoder
+from streamserve.pipeline.encode import EncodedBatch
 from streamserve.records import Rejected
 
 REJECT_FIELDS = ("source_file", "source_row", "stage", "error_class", "reason", "row")
@@ -45,25 +53,34 @@ def output_kind(path: Path) -> str:
 
 
 class PredictionWriter(Protocol):
-    """Writes prediction records (Avro bytes of the output schema) to a file."""
+    """Writes prediction records (the encoder's, of the output schema) to a file."""
 
-    def write(self, values: list[bytes]) -> None: ...
+    def write(self, encoded: EncodedBatch) -> None: ...
 
     def close(self) -> None: ...
 
 
 class ParquetPredictions:
-    """Predictions as Parquet: the records read back as columns of the output schema (times as UTC timestamps)."""
+    """Predictions as Parquet: columns of the output schema (times as UTC timestamps)."""
 
     def __init__(self, path: Path, schema: Any) -> None:
         self._decoder = LocalSchemaDecoder(fastavro.parse_schema(schema))
         self.schema = arrow_schema(schema, millis=pa.timestamp("ms", tz="UTC"))
         self._writer = pq.ParquetWriter(path, self.schema)
+        self.from_columns = 0
+        """Batches built from the encoder's columns (the others were read back from their records)."""
 
-    def write(self, values: list[bytes]) -> None:
-        """Append the records (bytes the encoder wrote: they always read back)."""
-        if values:
-            self._writer.write_batch(pa.RecordBatch.from_pylist(self._decoder.decode_many(values), schema=self.schema))
+    def write(self, encoded: EncodedBatch) -> None:
+        """Append a lane's records: from the columns they were written from, else read back from their bytes."""
+        if not len(encoded):
+            return
+        batch = prediction_batch(encoded.columns, len(encoded), self.schema) if encoded.columns is not None else None
+        if batch is None:
+            rows = self._decoder.decode_many(encoded.values)  # bytes the encoder wrote: they always read back
+            batch = pa.RecordBatch.from_pylist(rows, schema=self.schema)
+        else:
+            self.from_columns += 1
+        self._writer.write_batch(batch)
 
     def close(self) -> None:
         """Write the footer."""
@@ -81,8 +98,9 @@ class AvroPredictions:
         fastavro.schemaless_writer(self._file, {"type": "map", "values": "bytes"}, meta)
         self._file.write(self._sync)
 
-    def write(self, values: list[bytes]) -> None:
+    def write(self, encoded: EncodedBatch) -> None:
         """Append the records as one block."""
+        values = encoded.values
         if not values:
             return
         compressor = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw deflate, as the Avro spec's codec has it
@@ -95,6 +113,39 @@ class AvroPredictions:
     def close(self) -> None:
         """Close the file."""
         self._file.close()
+
+
+def prediction_batch(columns: dict[str, Any], n: int, schema: pa.Schema) -> pa.RecordBatch | None:
+    """The encoder's columns of n records as a record batch of the output schema; None when a field has no column
+    (the writer's default) or a column has a form not built here: the caller reads the records back instead."""
+    try:
+        return pa.RecordBatch.from_arrays([_array(columns[f.name], n, f.type) for f in schema], schema=schema)
+    except (KeyError, pa.ArrowException, TypeError, ValueError, OverflowError):
+        return None
+
+
+def _array(column: Any, n: int, kind: pa.DataType) -> pa.Array:
+    """One output column: a value the whole batch shares, a list or numpy array per row, or a MapRows."""
+    if isinstance(column, MapRows):
+        return _map_rows(column, kind)
+    if not isinstance(column, (list, np.ndarray)):
+        column = [column] * n
+    if len(column) != n:
+        raise ValueError(f"a column of {len(column)} values for {n} records")
+    if pa.types.is_timestamp(kind):  # epoch milliseconds, as the encoder holds them
+        return pa.array(column, pa.int64()).cast(kind)
+    if pa.types.is_map(kind):  # a dict per row (further outputs): Arrow builds maps from (key, value) pairs
+        column = [None if row is None else list(row.items()) for row in column]
+    return pa.array(column, kind)
+
+
+def _map_rows(column: MapRows, kind: pa.DataType) -> pa.Array:
+    """A map column whose rows share their keys: offsets, repeated keys and the values' flat array."""
+    rows, width = column.values.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32))
+    keys = pa.array(list(column.keys) * rows, pa.string())
+    items = pa.array(np.ascontiguousarray(column.values).reshape(-1), kind.item_type)
+    return pa.MapArray.from_arrays(offsets, keys, items, type=kind)
 
 
 def prediction_writer(path: Path, schema: Any) -> PredictionWriter:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 from uuid import UUID
 
@@ -28,6 +29,8 @@ from streamserve.pipeline.process import DECODE_STAGE
 from streamserve.records import Event, Rejected, Source
 
 _NUMERIC = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
+_NEW: Any = tuple.__new__
+"""A named tuple from the tuple of its fields (what its ``_make`` does), called from C by map()."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,28 +98,44 @@ class RowReader:
         """The batch's rows as events, and the rows that break the input schema rejected (decode stage)."""
         n = batch.num_rows
         reasons: list[str | None] = [None] * n
-        values: dict[str, list[Any]] = {}
+        names: list[str] = []
+        columns: list[list[Any]] = []
         for column in self._columns:
-            array = _column_of(batch, column)
-            converted = _cast(array, column, reasons)
+            converted = _cast(_column_of(batch, column), column, reasons)
             for mask, reason in _row_problems(converted, column.node, self._named, column.name):
                 for row in np.flatnonzero(mask).tolist():
                     reasons[row] = reasons[row] or reason
-            values[column.name] = _python(converted)
+            values = _python(converted)
             if _is_uuid(column.node, self._named):
-                values[column.name] = _uuids(values[column.name], column.name, reasons)
+                values = _uuids(values, column.name, reasons)
+            names.append(column.name)
+            columns.append(values)
         for name in self.carried:
-            values[name] = batch.column(name).to_pylist() if name in batch.schema.names else [None] * n
-        names = list(values)
-        sources = [
-            Source(origin.name, origin.index, origin.first_row + row, None, None, None, origin.timestamp_ms)
-            for row in range(n)
-        ]
+            names.append(name)
+            columns.append(_python(batch.column(name)) if name in batch.schema.names else [None] * n)
+        # A column at a time above; here one dict, one Source and one Event per row, as the worker's decoder makes
+        # them, built by C loops (map): no Python frame per row.
+        rows = zip(*columns, strict=True) if columns else repeat((), n)  # no fields: an empty record per row
+        fields = list(map(dict, map(zip, repeat(names, n), rows)))
+        first = origin.first_row
+        per_row = zip(
+            repeat(origin.name, n),
+            repeat(origin.index, n),
+            range(first, first + n),
+            repeat(None, n),
+            repeat(None, n),
+            repeat(None, n),
+            repeat(origin.timestamp_ms, n),
+            strict=True,
+        )
+        sources: list[Source] = list(map(_NEW, repeat(Source, n), per_row))
+        if reasons.count(None) == n:
+            return list(map(_NEW, repeat(Event, n), zip(sources, fields, strict=True))), []
         events: list[Event] = []
         rejected: list[Rejected] = []
-        for source, problem, fields in zip(sources, reasons, zip(*values.values(), strict=True), strict=True):
+        for source, problem, record in zip(sources, reasons, fields, strict=True):
             if problem is None:
-                events.append(Event(source, dict(zip(names, fields, strict=True))))
+                events.append(Event(source, record))
             else:
                 rejected.append(Rejected(source, DECODE_STAGE, "BatchInputError", problem))
         return events, rejected
@@ -171,8 +190,14 @@ def _uuids(texts: list[Any], name: str, reasons: list[str | None]) -> list[Any]:
 
 
 def _python(array: pa.Array) -> list[Any]:
-    """The column's values as the worker's decoder gives them (maps as dicts)."""
-    return array.to_pylist(maps_as_pydicts="lossy") if _has_map(array.type) else array.to_pylist()
+    """The column's values as the worker's decoder gives them (maps as dicts): numbers and text through numpy,
+    many times faster than one Arrow scalar per value, with the same Python values."""
+    kind = array.type
+    if array.null_count == 0 and any(check(kind) for check in _NUMERIC):
+        return list(array.to_numpy(zero_copy_only=False).tolist())
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return list(array.to_numpy(zero_copy_only=False).tolist())  # None where null
+    return array.to_pylist(maps_as_pydicts="lossy") if _has_map(kind) else array.to_pylist()
 
 
 def _has_map(kind: pa.DataType) -> bool:

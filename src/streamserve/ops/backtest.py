@@ -36,10 +36,11 @@ from streamserve.ops.comparison import (
     score_deltas,
 )
 from streamserve.ops.history import PartitionRange, Position, read_range, reader, resolve_range
-from streamserve.ops.scoring import build_processor, load_model, resolve_versions
 from streamserve.pipeline.encode import EncodedBatch, decode_prediction
 from streamserve.pipeline.process import BatchResult
 from streamserve.pipeline.routing import Routing
+from streamserve.pipeline.subjects import prediction_prefix
+from streamserve.scoring import build_processor, load_model, resolve_versions
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,11 @@ class _Scorer:
         self.producer = (
             Producer(job.settings.kafka.producer_config(linger_ms=20)) if job.predictions_topic is not None else None
         )
+        self.prefix = b""
+        """Before each prediction written to the topic: the wire format's (output.wire_format), as the worker's."""
+        if job.predictions_topic is not None:
+            output = job.settings.output.model_copy(update={"topic": job.predictions_topic})
+            self.prefix = prediction_prefix(job.settings.model_copy(update={"output": output}))
 
     def score(self, partition_range: PartitionRange, on_scored: Callable[[int], None] | None = None) -> Scored:
         """Read one partition range and score it with both versions (``on_scored``: told of each batch's size)."""
@@ -188,7 +194,7 @@ class _Scorer:
         for record in encoded:
             while True:
                 try:
-                    self.producer.produce(topic, record.value, record.key, headers=record.headers)
+                    self.producer.produce(topic, self.prefix + record.value, record.key, headers=record.headers)
                     break
                 except BufferError:
                     self.producer.poll(0.1)

@@ -173,11 +173,12 @@ def run_replay(settings: PipelineSettings, request: ReplayRequest) -> tuple[Repl
 
 def scorer(settings: PipelineSettings) -> Replayer:
     """Replay by scoring: the live version's predictions to the output topic, failures to the DLQ again."""
-    from streamserve.ops.scoring import build_processor, load_model, resolve_versions
+    from streamserve.pipeline.subjects import prediction_prefix
+    from streamserve.scoring import build_processor, load_model, resolve_versions
 
     versions = resolve_versions(settings, None, None)
     routing = Routing(live=load_model(settings, versions.live))
-    processor = build_processor(settings)
+    processor = build_processor(settings, value_prefix=prediction_prefix(settings))  # as the worker writes them
     dlq = settings.output.dead_letter_topic
     live = versions.live
     log.info("scoring dead letters with %s %s (from %s)", settings.model.name, live.version, versions.live_origin)

@@ -57,6 +57,10 @@ class EncodedBatch:
     keys: list[bytes | None] = field(default_factory=list)
     values: list[bytes] = field(default_factory=list)
     headers: list[Headers] = field(default_factory=list)
+    columns: dict[str, Any] | None = None
+    """The columns the values were written from (row i: record i), by output field name: a list or numpy array
+    per record, a MapRows, or one value every record shares. None when some record was written alone or left
+    out. Batch outputs build their own format from them (batch/output.py); nobody may change them."""
 
     def __len__(self) -> int:
         return len(self.values)
@@ -162,7 +166,10 @@ class PredictionEncoder:
                 [values[i] for i in written],
             )
         out = EncodedBatch(
-            sources, [None if key is None else key.encode() for key in keys], cast("list[bytes]", values)
+            sources,
+            [None if key is None else key.encode() for key in keys],
+            cast("list[bytes]", values),
+            columns=columns if len(values) == len(kept) else None,
         )
         out.headers = self.record_headers(sources, model_name, model_version)
         return out, rejected

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -87,6 +87,8 @@ class _Ahead:
     events: list[Event]
     rejected: list[Rejected]
     lookup: Lookup | None
+    decoded: bool = False
+    """Events decoded elsewhere (prefetch_decoded): matched by the events list, not by the records."""
 
 
 @dataclass(slots=True)
@@ -161,6 +163,19 @@ class BatchProcessor:
         while len(self._ahead) > PREFETCHED:
             _cancel(self._ahead.pop(0))
 
+    def prefetch_decoded(self, events: list[Event]) -> None:
+        """prefetch() for events decoded elsewhere (rows of a file, of a Spark batch): send their Redis lookup now,
+        for run_decoded() given this very list. At most PREFETCHED batches are held, as by prefetch()."""
+        if not self.features.reads_redis or not events or any(a.events is events for a in self._ahead):
+            return
+        try:
+            lookup = self.features.start_lookup(events)
+        except Exception:  # noqa: BLE001 - run_decoded() meets it again where it is handled (a record's keys)
+            return
+        self._ahead.append(_Ahead([], events, [], lookup, decoded=True))
+        while len(self._ahead) > PREFETCHED:
+            _cancel(self._ahead.pop(0))
+
     def drop_prefetched(self) -> None:
         """Forget every batch prepared ahead (their lookups' replies are not read)."""
         ahead, self._ahead = self._ahead, []
@@ -187,8 +202,11 @@ class BatchProcessor:
         with ``rejected`` (what their reading rejected) carried into the result."""
         with self._observer.stage(PROCESS_STAGE):
             result = BatchResult(rejected=list(rejected or ()))
+            ahead = self._take(lambda a: a.decoded and a.events is events) if self._ahead else None
+            lookup = ahead.lookup if ahead is not None else None
+            self.used_ahead += lookup is not None and lookup.replies.sent
             if events:
-                self._features_and_score(events, routing, result, None)
+                self._features_and_score(events, routing, result, lookup)
             return result
 
     def _features_and_score(
@@ -200,8 +218,12 @@ class BatchProcessor:
 
     def _take_ahead(self, sources: list[Source]) -> _Ahead | None:
         """What was prepared ahead for these very records (and the older ones forgotten), if anything."""
+        return self._take(lambda ahead: not ahead.decoded and _same(ahead.sources, sources))
+
+    def _take(self, match: Callable[[_Ahead], bool]) -> _Ahead | None:
+        """The batch prepared ahead that matches (the ones prepared before it forgotten), if any."""
         for position, ahead in enumerate(self._ahead):
-            if _same(ahead.sources, sources):
+            if match(ahead):
                 for older in self._ahead[:position]:  # prepared for records that never came as a batch
                     _cancel(older)
                 del self._ahead[: position + 1]
