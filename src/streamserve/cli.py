@@ -1007,7 +1007,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = dlq.add_parser(name, help=help_text, description=cmd_dlq.__doc__)
         _add_config(cmd)
         _add_timeout(cmd)
-        cmd.add_argument("--stage", help="only dead letters of this stage (decode, features, enrich, infer, encode)")
+        cmd.add_argument(
+            "--stage", help="only dead letters of this stage (decode, features, enrich, infer, encode, produce)"
+        )
         cmd.add_argument("--reason", help="only this error class (e.g. FeatureError), or a piece of the error message")
         cmd.add_argument("--since", metavar="TIME", help="only dead letters written at or after TIME (see backtest)")
         cmd.set_defaults(func=cmd_dlq)
