@@ -274,12 +274,14 @@ def cmd_features_stream(args: argparse.Namespace) -> int:
     changelog topic); start one app per few input partitions to scale; an older value never replaces a newer
     one. Events the aggregates cannot use are dead-lettered with the reason. Stops on SIGTERM/SIGINT.
     """
+    from streamserve.clients import faust_brokers
     from streamserve.config import load_settings
     from streamserve.ops.preflight import check_file, check_pipeline_servers
     from streamserve.streaming.app import run
 
     settings = load_settings(args.config)
     check_file(settings.input.schema_path, "input schema", "set input.schema to the events' .avsc file")
+    faust_brokers(settings.kafka, "streamserve features stream")  # refuses what faust's client cannot do, first
     check_pipeline_servers(settings, args.timeout)
     run(settings, args.log_level.lower())
     return 0

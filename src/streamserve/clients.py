@@ -6,7 +6,8 @@ from typing import Any
 
 import redis
 
-from streamserve.config import RedisSettings
+from streamserve.config import KafkaSettings, RedisSettings
+from streamserve.errors import ConfigError
 
 
 def redis_client(settings: RedisSettings, **overrides: Any) -> redis.Redis:
@@ -24,3 +25,14 @@ def redis_client(settings: RedisSettings, **overrides: Any) -> redis.Redis:
             if (path := getattr(settings, name)) is not None:
                 options[name] = str(path)
     return redis.Redis.from_url(settings.url, **{**options, **overrides})
+
+
+def faust_brokers(kafka: KafkaSettings, command: str) -> list[str]:
+    """faust's broker list for ``command`` (the monitor, the features app): their aiokafka client speaks plaintext
+    Kafka only, so any other ``security.protocol`` is refused rather than silently dropped."""
+    protocol = str(kafka.client.get("security.protocol", "plaintext")).lower()
+    if protocol != "plaintext":
+        raise ConfigError(
+            f"{command} connects to plaintext brokers only; kafka.client sets security.protocol={protocol}"
+        )
+    return [f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",") if server.strip()]

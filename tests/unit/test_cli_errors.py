@@ -352,3 +352,21 @@ def test_monitor_refuses_a_secured_broker_in_one_line(cli: Callable[..., subproc
         "monitor", "-c", str(EXAMPLE), "--timeout", "1", STREAMSERVE_KAFKA__CLIENT='{"security.protocol": "SASL_SSL"}'
     )
     assert_one_line(result, "plaintext brokers only", "security.protocol=sasl_ssl")
+
+
+def test_features_stream_refuses_a_secured_broker_in_one_line(
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """faust's aiokafka client speaks plaintext only: a secured kafka.client is refused, never silently dropped."""
+    result = cli(
+        "features",
+        "stream",
+        "-c",
+        str(EXAMPLE),
+        "--timeout",
+        "1",
+        STREAMSERVE_KAFKA__CLIENT='{"security.protocol": "SASL_SSL"}',
+    )
+    assert_one_line(
+        result, "streamserve features stream connects to plaintext brokers only", "security.protocol=sasl_ssl"
+    )

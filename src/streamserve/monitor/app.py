@@ -33,8 +33,8 @@ from typing import Any, cast
 
 import faust
 
+from streamserve.clients import faust_brokers
 from streamserve.config import PipelineSettings
-from streamserve.errors import ConfigError
 from streamserve.monitor import bundles, labels, pairs
 from streamserve.monitor.bundles import Bundles
 from streamserve.monitor.changelog import Changelog
@@ -56,12 +56,7 @@ BATCH_WAIT_S = 0.05
 
 def broker_urls(settings: PipelineSettings) -> list[str]:
     """faust's broker list; the monitor speaks plaintext Kafka (aiokafka) only."""
-    protocol = str(settings.kafka.client.get("security.protocol", "plaintext")).lower()
-    if protocol != "plaintext":
-        raise ConfigError(
-            f"streamserve monitor connects to plaintext brokers only; kafka.client sets security.protocol={protocol}"
-        )
-    return [f"kafka://{server.strip()}" for server in settings.kafka.bootstrap_servers.split(",") if server.strip()]
+    return faust_brokers(settings.kafka, "streamserve monitor")
 
 
 def _batches(stream: faust.StreamT[Any]) -> AsyncIterator[Sequence[Any]]:

@@ -23,7 +23,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from prometheus_client import REGISTRY
 
-from streamserve.clients import redis_client
+from streamserve.clients import faust_brokers, redis_client
 from streamserve.config import PipelineSettings
 from streamserve.errors import ConfigError
 from streamserve.observe.metrics import HealthState, ObserveServer
@@ -161,7 +161,7 @@ def build_app(settings: PipelineSettings, partitions: int) -> tuple[faust.App, A
     sf = settings.stream_features
     if not sf.aggregates:
         raise ConfigError("stream_features.aggregates is empty: declare at least one aggregate in the pipeline YAML")
-    brokers = [f"kafka://{server.strip()}" for server in settings.kafka.bootstrap_servers.split(",")]
+    brokers = faust_brokers(settings.kafka, "streamserve features stream")
     app = faust.App(
         sf.app_id,
         broker=brokers,
