@@ -32,7 +32,7 @@ AGGREGATES = [
 def stream_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The chart's pipeline with streaming features, as a user passes theirs (--set-file pipeline=FILE)."""
     pipeline = yaml.safe_load(PIPELINE.read_text())
-    pipeline["stream_features"] = {"app_id": "fraud-features", "aggregates": AGGREGATES}
+    pipeline["stream_features"] = {"app_id": "fraud-features", "aggregates": AGGREGATES, "port": 9467}
     path = tmp_path_factory.mktemp("chart") / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     return path
@@ -190,6 +190,7 @@ def test_the_service_monitor_scrapes_every_metrics_service_under_a_job_the_alert
     assert sorted(s["metadata"]["labels"]["app.kubernetes.io/component"] for s in selected) == [
         "lag-exporter",
         "monitor",
+        "stream-features",
         "worker",
     ]
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
@@ -230,7 +231,8 @@ def test_network_policies_open_only_what_each_pod_uses(all_on: list[dict[str, An
     assert egress_ports("monitor") == {53, 9092, 9093, 8081}
     assert egress_ports("lag-exporter") == {53, 9092, 9093}
     assert egress_ports("stream-features") == {53, 9092, 9093, 6379}
-    assert _one(all_on, "NetworkPolicy", "stream-features")["spec"]["ingress"] == []
+    (scrape,) = _one(all_on, "NetworkPolicy", "stream-features")["spec"]["ingress"]  # the pipeline gives a port
+    assert scrape["ports"] == [{"protocol": "TCP", "port": 9467}]
     worker = _one(all_on, "NetworkPolicy")
     artifact = next(rule for rule in worker["spec"]["egress"] if {"port": 9000, "protocol": "TCP"} in rule["ports"])
     assert artifact["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16", "except": ["10.20.9.0/24"]}}]
@@ -324,3 +326,20 @@ def test_a_misspelt_rendered_field_fails_validation(all_on: list[dict[str, Any]]
         typo(resource)
         with pytest.raises(jsonschema.ValidationError):
             validate(resource)
+
+
+def test_stream_features_serve_their_metrics_when_the_pipeline_gives_a_port(all_on: list[dict[str, Any]]) -> None:
+    """stream_features.port in the pipeline: the features app's pod exposes it, is probed and scraped on it, and
+    its headless Service is one the ServiceMonitor selects; the NetworkPolicy lets the scraper in on that port."""
+    pod = _one(all_on, "Deployment", "stream-features")["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["ports"] == [{"name": "observe", "containerPort": 9467}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "observe"}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9467"
+    service = _one(all_on, "Service", "stream-features")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9467, "targetPort": "observe"}]
+    monitor = next(o for o in all_on if o["kind"] == "ServiceMonitor")
+    selected = monitor["spec"]["selector"]["matchExpressions"][0]["values"]
+    assert service["metadata"]["labels"]["app.kubernetes.io/component"] in selected
+    policy = _one(all_on, "NetworkPolicy", "stream-features")
+    assert {"protocol": "TCP", "port": 9467} in policy["spec"]["ingress"][0]["ports"]
