@@ -135,3 +135,18 @@ def test_a_serving_worker_names_itself_in_the_discovery_directory(tmp_path: Path
     finally:
         server.stop()
     assert not (tmp_path / "targets" / "w1.json").exists(), "a clean stop is no longer a target"
+
+
+def test_a_client_that_hangs_up_costs_no_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    """A scraper or probe gone mid-reply (BrokenPipeError after a paused worker resumes) is not socketserver's
+    traceback on stderr; another failure is one log line, not a traceback either."""
+    server = ObserveServer("127.0.0.1", 0, health(Stage()))
+    try:
+        for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), ValueError("odd")):
+            try:
+                raise error
+            except (ConnectionError, ValueError):
+                server.server.handle_error(None, ("127.0.0.1", 5555))
+    finally:
+        server.server.server_close()
+    assert capsys.readouterr().err == ""

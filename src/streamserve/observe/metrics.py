@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -273,6 +275,18 @@ class TargetFile:
         self.path.unlink(missing_ok=True)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A scraper or probe that hangs up mid-reply (a timeout, a paused process resumed) costs one DEBUG line, not
+    socketserver's traceback on stderr; any other handler failure is one WARNING line."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            log.debug("metrics client %s hung up: %s", client_address, error)
+        else:
+            log.warning("metrics request from %s failed: %r", client_address, error)
+
+
 class ObserveServer:
     """/metrics, /healthz and /readyz on one port, in a daemon thread."""
 
@@ -309,7 +323,7 @@ class ObserveServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = _QuietServer((host, port), Handler)
         self.host, self.port, self.target = host, int(self.server.server_address[1]), target
         self.thread = threading.Thread(target=self.server.serve_forever, name="streamserve-observe", daemon=True)
 
