@@ -6,6 +6,7 @@ these fixtures, so they run without servers.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -163,6 +164,47 @@ def maintenance_factory(
 def example(maintenance_factory: Callable[..., MaintenancePipeline]) -> MaintenancePipeline:
     """The predictive-maintenance example pipeline: own topics and group, machines loaded into Redis."""
     return maintenance_factory()
+
+
+def _from_pytest(handler: logging.Handler) -> bool:
+    return type(handler).__module__.startswith("_pytest")
+
+
+@pytest.fixture(autouse=True)
+def _process_state_restored() -> Iterator[None]:
+    """What a test changes in the process beyond its fixtures is undone after it: the environment (an in-process
+    demo sets STREAMSERVE_* overrides for its run), the loggers' levels and the root handlers (`setup_logging`
+    replaces them). Without this, one test's demo reroutes every later test's topics, Redis or log lines."""
+    environment = dict(os.environ)
+    root = logging.getLogger()
+    root_handlers, root_level = [h for h in root.handlers if not _from_pytest(h)], root.level
+    loggers = {
+        name: (logger.level, logger.propagate, logger.disabled, list(logger.handlers))
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    placeholders = {name for name, logger in logging.root.manager.loggerDict.items() if name not in loggers}
+    yield
+    if os.environ != environment:
+        os.environ.clear()
+        os.environ.update(environment)
+    for handler in [h for h in root.handlers if not _from_pytest(h) and h not in root_handlers]:
+        root.removeHandler(handler)
+    for handler in [h for h in root_handlers if h not in root.handlers]:
+        root.addHandler(handler)
+    root.setLevel(root_level)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        if name in placeholders:  # a parent ("streamserve") the test made a logger of, e.g. to set its level
+            logger.setLevel(logging.NOTSET)
+            continue
+        if name not in loggers:  # new: configured by its own import
+            continue
+        level, propagate, disabled, handlers = loggers[name]
+        logger.setLevel(level)
+        logger.propagate, logger.disabled = propagate, disabled
+        logger.handlers[:] = handlers
 
 
 @pytest.fixture(autouse=True)
