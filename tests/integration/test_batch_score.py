@@ -50,24 +50,7 @@ def test_parquet_of_100k_demo_events_scores_like_offline_onnxruntime_and_the_wor
     write_parquet(source, events)
     output = tmp_path / "scores.parquet"
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "streamserve",
-            "score",
-            "-c",
-            str(pipeline.path),
-            "--input",
-            str(source),
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ},
-    )
+    done = _score_cli(pipeline, source, output, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert "scored 100,000 rows" in done.stdout
@@ -112,23 +95,16 @@ def test_parquet_of_100k_demo_events_scores_like_offline_onnxruntime_and_the_wor
     assert stages == sorted(reasons[event_id][0] for event_id in by_id)
 
 
-def _score_cli(pipeline: Pipeline, source: Path, output: Path) -> subprocess.CompletedProcess[str]:
+def _score_cli(
+    pipeline: Pipeline, source: Path, output: Path, *extra: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`streamserve score` as a user runs it (``extra``: more options, e.g. ``--spark local[2]``)."""
+    command = [sys.executable, "-m", "streamserve", "score", "-c", str(pipeline.path)]
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "streamserve",
-            "score",
-            "-c",
-            str(pipeline.path),
-            "--input",
-            str(source),
-            "--output",
-            str(output),
-        ],
+        [*command, "--input", str(source), "--output", str(output), *extra],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         env={**os.environ},
     )
 
