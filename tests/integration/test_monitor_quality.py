@@ -124,7 +124,9 @@ def test_quality_equals_sklearn_across_a_sigkill_with_bad_labels(stack: Servers,
     stream.ticks(T0 + 4 * HOUR_MS)  # every partition's clock past the window's end plus the label TTL
     stream.ticks(T0 + 7 * HOUR_MS)  # ... and past the ghost labels' TTL
     stream.flush()
-    restarted = MonitorProcess(pipe.path, tmp_path)
+    # Restarted as two processes of one group: each joins its share of the 4 by-event partitions (from the
+    # changelog the killed one left), the owner of partition 0 reports from every partition's changelog.
+    restarted, second = MonitorProcess(pipe.path, tmp_path), MonitorProcess(pipe.path, tmp_path)
     report = wait_for_report(
         stack.bootstrap_servers, settings.monitor.quality_topic, "fraud", T0, restarted, lambda r: r["final"], 180
     )
@@ -149,6 +151,20 @@ def test_quality_equals_sklearn_across_a_sigkill_with_bad_labels(stack: Servers,
     for reason, values in bad.items():
         assert found.get(reason, set()) == values, reason
     restarted.assert_alive()
+    second.assert_alive()
+    joined = [_counted(m.metrics(), "streamserve_monitor_pairs_total", 'outcome="joined"') for m in (restarted, second)]
+    assert all(joined), f"the join was not split between the two processes: pairs joined by each {joined}"
+    reported = [_counted(m.metrics(), "streamserve_monitor_reports_total") for m in (restarted, second)]
+    assert sorted(count > 0 for count in reported) == [False, True], f"reports written by each process: {reported}"
+
+
+def _counted(metrics: str, name: str, label: str = "") -> float:
+    """The sum of a counter's series (those with ``label``) in a /metrics text."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith(name) and (not label or label in line)
+    )
 
 
 def test_canary_named_better_and_equal_versions_undistinguishable(stack: Servers, tmp_path: Path) -> None:

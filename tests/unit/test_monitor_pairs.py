@@ -107,14 +107,19 @@ def test_index_schedules_expiry_and_rebuilds_from_the_table() -> None:
     index.add("e:e1", entry)  # scheduled once
     assert index.due(0, T0 + 1000 + T.ttl_ms) == []
     assert index.due(0, T0 + 1001 + T.ttl_ms) == ["e:e1"]
-    table = {"e:e1": entry, pairs.sweep_key(0): {"swept": 5, "through": 3, "clocks": {"out/0": 9}}}
-    table[pairs.final_key(T0, 1)] = [{"model_name": "fraud"}]
+    past = T0 + T.window_ms + T.ttl_ms  # partition 0 swept past the window's end plus the TTL: final there
+    table = {"e:e1": entry, pairs.sweep_key(0): {"swept": past, "through": 3, "clocks": {"out/0": 9}}}
+    table[pairs.final_key(T0, 1)] = {"entries": 4}
     index.rebuild(table.items())
-    assert index.swept == {0: 5}
+    assert index.swept == {0: past}
     assert index.through == {0: 3}
     assert T0 in index.finals
     assert index.purgeable(0) == [T0]
-    assert index.purgeable(1) == []
+    assert index.purgeable(1) == []  # purged there already (its marker)
+    assert index.final_in(1) == {T0}
+    assert index.final_in(0) == set()
+    index.swept[0] = past - 1
+    assert index.purgeable(0) == []
     assert index.keys_of(T0, 0) == ["e:e1"]
 
 

@@ -42,6 +42,7 @@ from streamserve.monitor.exporter import QualityExporter
 from streamserve.monitor.labels import BadLabel
 from streamserve.monitor.pairs import Effect, Index, Timing
 from streamserve.monitor.report import ReportSettings, encode, report_key, window_reports
+from streamserve.monitor.reporter import Due, Reporting
 from streamserve.pipeline.deadletter import dead_letter
 from streamserve.pipeline.decode import LocalSchemaDecoder, load_schema
 from streamserve.records import Rejected, Source
@@ -134,6 +135,7 @@ class Monitor:
         self.app.timer(monitor.report_every_s)(self.report)
         self.app.on_partitions_revoked.connect(self._on_rebalance)
         self.app.on_partitions_assigned.connect(self._on_rebalance)
+        self.reporting = Reporting(self.timing, self.table.changelog_topic.get_topic_name, settings.kafka.common())
 
     async def _on_rebalance(self, *args: Any, **kwargs: Any) -> None:
         self.stale = True
@@ -221,8 +223,22 @@ class Monitor:
 
     # -- the join
 
+    def _owned(self) -> set[int]:
+        """The by-event partitions (and so the join table's) this process owns now."""
+        name = self.by_event.get_topic_name()
+        return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == name}
+
     def _rebuild(self) -> None:
-        self.index.rebuild(self.table.items())
+        """The index of the partitions this process owns; entries of partitions it lost leave its memory (their
+        new owner read them back from the changelog)."""
+        owned = self._owned()
+        mine = []
+        for key, value in list(self.table.data.items()):
+            if pairs.partition_of_key(key, value) in owned:
+                mine.append((key, value))
+            else:
+                del self.table.data[key]
+        self.index.rebuild(mine)
         self.stale = False
         self.ready = True
         log.info(
@@ -272,7 +288,7 @@ class Monitor:
             log.warning("by-event message %d/%d skipped: %s", partition, offset, exc)
             self.exporter.failures.labels("join").inc()
             return
-        swept, finals = self.index.swept.get(partition, 0), set(self.index.finals)
+        swept, finals = self.index.swept.get(partition, 0), self.index.final_in(partition)
         effects: list[Effect] = []
         try:
             for index, record in enumerate(records):
@@ -335,10 +351,11 @@ class Monitor:
         return effects
 
     def _purge(self, window: int, partition: int) -> None:
-        """Drop a final window's entries of this partition, after a marker holding its reports."""
+        """Drop a final window's entries of this partition, after a marker with their count (the reporter keeps
+        them until it reported the window: reporter.py)."""
         keys = self.index.keys_of(window, partition)
         if keys:
-            self._put(partition, pairs.final_key(window, partition), self.index.finals[window])
+            self._put(partition, pairs.final_key(window, partition), {"entries": len(keys)})
             self.index.through[partition] = self.index.offsets.get(partition, -1)
             self._put(partition, pairs.sweep_key(partition), self.index.sweep_marker(partition))
             for key in keys:
@@ -362,53 +379,53 @@ class Monitor:
 
     # -- reports
 
-    def _owns_every_partition(self) -> bool:
-        assigned = self.app.consumer.assignment()
-        mine = {tp.partition for tp in assigned if tp.topic == self.by_event.get_topic_name()}
-        return len(mine) == self.settings.monitor.partitions
-
     async def report(self) -> None:
-        """Report every window that changed since the last report (a final one once); never crash the app."""
+        """Advance quiet partitions, then (the process owning by-event partition 0) report every window that
+        changed since the last report; never crash the app."""
         try:
             await self._report()
         except Exception:  # a report that fails is retried at the next tick: the windows stay dirty
             log.exception("quality report failed")
 
-    def _joins_nothing(self) -> bool:
-        by_event = self.by_event.get_topic_name()
-        return not any(tp.topic == by_event for tp in self.app.consumer.assignment())
-
     async def _report(self) -> None:
-        if not self.app.rebalancing and self._joins_nothing():
+        if self.app.rebalancing:
+            return
+        owned = self._owned()
+        if not owned:
             self.ready, self.stale = True, False  # a process of a scaled-out monitor that only forwards
+            self.reporting.stop()
             return
-        if self.stale and self.ready and not self.app.rebalancing:
+        if self.stale and self.ready and not self.app.in_recovery:
             self._rebuild()
-        if not self.ready or self.stale or not self._owns_every_partition():
+        if self.ready and not self.stale:
+            effects: list[Effect] = []
+            for partition in sorted(self.index.clocks):
+                effects += self._advance(partition)  # partitions whose sources went quiet
+            await self.changelog.send()
+            await self._carry_out(effects)
+        if 0 not in owned:
+            self.reporting.stop()
             return
-        effects: list[Effect] = []
-        for partition in sorted(self.index.clocks):
-            effects += self._advance(partition)  # partitions whose sources went quiet
-        await self.changelog.send()
-        await self._carry_out(effects)
-        todo = sorted(self.index.dirty)
+        view = self.reporting.reader()
+        with view.lock:
+            due = view.due()
+        if due:
+            await self._send_reports(due)
+
+    async def _send_reports(self, due: list[Due]) -> None:
+        """The reports of the due windows, made in a thread (a big window's must not hold up the joins)."""
+        loop = asyncio.get_running_loop()
         now = int(time.time() * 1000)
-        for window in todo:
-            self.index.dirty.discard(window)
-            if window in self.index.finals:
-                continue
-            entries = [(key, self.table[key]) for key in list(self.index.windows.get(window, ())) if key in self.table]
-            if not entries:
-                continue
-            final = all(entry.get("x") for _, entry in entries)
-            reports = window_reports(window, self.timing.window_ms, entries, self.report_settings, final, now)
+        window_ms, settings = self.timing.window_ms, self.report_settings
+        for item in due:
+            reports = await loop.run_in_executor(
+                None, window_reports, item.window, window_ms, item.entries, settings, item.final, now
+            )
             for report in reports:
                 await self.quality.send(key=report_key(report).encode(), value=encode(report))
                 self.exporter.update(report)
-            if final:
-                self.index.finals[window] = reports
-                log.info("window %d final: %d model report(s)", window, len(reports))
-            await asyncio.sleep(0)
+            if item.final:
+                log.info("window %d final: %d model report(s)", item.window, len(reports))
 
 
 def run(settings: PipelineSettings, loglevel: str = "INFO") -> int:

@@ -58,6 +58,15 @@ def final_key(window: int, partition: int) -> str:
     return f"{FINAL}{window}:{partition}"
 
 
+def partition_of_key(key: str, value: Any) -> int | None:
+    """The table partition a key of the join table belongs to (an entry's ``p``, a marker's last number)."""
+    if key.startswith(ENTRY):
+        return int(value["p"]) if isinstance(value, dict) and "p" in value else None
+    if key.startswith((SWEEP, FINAL)):
+        return int(key.rsplit(":", 1)[1])
+    return None
+
+
 @dataclass(frozen=True)
 class Timing:
     window_ms: int
@@ -334,8 +343,19 @@ class Index:
         return keys
 
     def purgeable(self, partition: int) -> list[int]:
-        """Final windows whose entries in this partition are still to be purged."""
-        return [w for w in self.finals if partition not in self.purged.get(w, set())]
+        """Windows final in this partition whose entries in it are still to be purged: its clock swept past their
+        end plus the TTL, so every entry of theirs expired and any later prediction for them is late."""
+        swept = self.swept.get(partition, 0)
+        span = self.timing.window_ms + self.timing.ttl_ms
+        return [
+            window
+            for window in sorted(self.windows)
+            if window + span <= swept and partition not in self.purged.get(window, set())
+        ]
+
+    def final_in(self, partition: int) -> set[int]:
+        """The windows final (purged) in this partition: predictions for them are late."""
+        return {window for window, done in self.purged.items() if partition in done}
 
     def keys_of(self, window: int, partition: int) -> list[str]:
         return [key for key in self.windows.get(window, ()) if self.partitions.get(key) == partition]
