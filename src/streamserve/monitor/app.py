@@ -135,7 +135,8 @@ class Monitor:
         self.app.timer(monitor.report_every_s)(self.report)
         self.app.on_partitions_revoked.connect(self._on_rebalance)
         self.app.on_partitions_assigned.connect(self._on_rebalance)
-        self.reporting = Reporting(self.timing, self.table.changelog_topic.get_topic_name, settings.kafka.common())
+        self.reporting = Reporting(
+            self.timing, monitor.partitions, self.table.changelog_topic.get_topic_name, settings.kafka.common())
 
     async def _on_rebalance(self, *args: Any, **kwargs: Any) -> None:
         self.stale = True

@@ -51,6 +51,8 @@ class View:
     ``lock``."""
 
     timing: Timing
+    partitions: int
+    """The join's partitions (``monitor.partitions``): a window is final once each of them swept past it."""
     entries: dict[str, Entry] = field(default_factory=dict)
     windows: dict[int, set[str]] = field(default_factory=dict)
     swept: dict[int, int] = field(default_factory=dict)
@@ -61,7 +63,8 @@ class View:
     reported: set[int] = field(default_factory=set)
     """Windows reported final (their entries dropped; later records for them are ignored)."""
     caught_up: bool = False
-    """Whether the reader reached the changelog's end as it was when it started (finals wait for it)."""
+    """Whether the reader reached the changelog's end as it was when it started (logged; finals need not wait
+    for it: a partition's sweep marker comes after every entry it swept, in the partition's order)."""
     records: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -74,7 +77,10 @@ class View:
         if key.startswith(ENTRY):
             self._entry(key, value)
         elif key.startswith(SWEEP) and isinstance(value, dict):
-            self.swept[int(key[len(SWEEP) :])] = int(value["swept"])
+            swept = int(value["swept"])
+            self.swept[int(key[len(SWEEP) :])] = swept
+            span = self.timing.window_ms + self.timing.ttl_ms
+            self.dirty.update(window for window in self.windows if window + span <= swept)  # may be final now
         elif key.startswith(FINAL) and value is not None:
             window, partition = (int(part) for part in key[len(FINAL) :].split(":"))
             count = value.get("entries") if isinstance(value, dict) else None
@@ -114,10 +120,8 @@ class View:
 
     def final(self, window: int) -> bool:
         """Every partition swept past the window's end plus the TTL, and each with entries in it marked it final."""
-        if not self.caught_up or not self.swept:
-            return False
         end = window + self.timing.window_ms + self.timing.ttl_ms
-        if any(swept < end for swept in self.swept.values()):
+        if any(self.swept.get(partition, 0) < end for partition in range(self.partitions)):
             return False
         marked = self.markers.get(window, {})
         return all(int(self.entries[key]["p"]) in marked for key in self.windows.get(window, ()))
@@ -251,8 +255,9 @@ class ChangelogReader:
 class Reporting:
     """The reporter of one monitor process: a view and its reader while this process owns by-event partition 0."""
 
-    def __init__(self, timing: Timing, topic: Callable[[], str], config: dict[str, Any]) -> None:
+    def __init__(self, timing: Timing, partitions: int, topic: Callable[[], str], config: dict[str, Any]) -> None:
         self.timing = timing
+        self.partitions = partitions
         self.topic = topic
         self.config = config
         self.view: View | None = None
@@ -261,7 +266,7 @@ class Reporting:
     def reader(self) -> View:
         """The view, reading (a new reader when the last one failed)."""
         if self._reader is None or not self._reader.thread.is_alive():
-            self.view = View(self.timing)
+            self.view = View(self.timing, self.partitions)
             self._reader = ChangelogReader(self.view, self.topic(), self.config).start()
         assert self.view is not None
         return self.view
