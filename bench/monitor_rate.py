@@ -43,6 +43,8 @@ from streamserve.ops.admin import TopicSpec, ensure_topics
 
 RECORDS_PER_EVENT = 2
 """A prediction and its label."""
+PARTITIONS = 8
+"""``monitor.partitions``: the join's partitions, split between the processes of a run."""
 EVENT_STEP_MS = 5
 T0 = 1_767_225_600_000
 
@@ -113,7 +115,7 @@ def monitor_config(stack: Stack, name: str, app_id: str, directory: Path) -> Pat
                 "labels_topic": f"{name}-labels",
                 "quality_topic": f"{name}-quality",
                 "app_id": app_id,
-                "partitions": 1,
+                "partitions": PARTITIONS,
                 "port": None,
             },
         },
@@ -129,7 +131,7 @@ class Progress:
     def __init__(self, bootstrap: str, group: str, inputs: list[str], by_event: str, partitions: int) -> None:
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
         self.inputs = [TopicPartition(t, p) for t in inputs for p in range(partitions)]
-        self.by_event = by_event
+        self.by_event = [TopicPartition(by_event, p) for p in range(PARTITIONS)]
 
     def _committed(self, tps: list[TopicPartition]) -> int:
         return sum(max(tp.offset, 0) for tp in self.consumer.committed(tps, timeout=10))
@@ -138,13 +140,12 @@ class Progress:
         return self._committed(self.inputs)
 
     def joined(self) -> bool:
-        """Every bundle on the by-event topic is committed by the join."""
-        tp = TopicPartition(self.by_event, 0)
+        """Every bundle on every partition of the by-event topic is committed by the joins."""
         try:
-            _, high = watermarks(self.consumer, tp, timeout_s=2.0)
+            highs = [watermarks(self.consumer, tp, timeout_s=2.0)[1] for tp in self.by_event]
         except Exception:  # noqa: BLE001 - the topic is created by the monitor a moment after it starts
             return False
-        return high > 0 and self._committed([tp]) >= high
+        return sum(highs) > 0 and self._committed(self.by_event) >= sum(highs)
 
     def close(self) -> None:
         self.consumer.close()
@@ -193,6 +194,47 @@ def run_once(
     }
 
 
+def reporter_rate(stack: Stack, changelog: str, events: int, timeout_s: float = 300) -> dict[str, Any]:
+    """How fast the reporter reads a run's join state (every partition of its changelog, as ``streamserve monitor``'s
+    reporter does when it takes over), and how long the report of the window takes then: the reporter is one
+    thread of one process, whatever the number of joining processes, so this is the group's ceiling."""
+    from streamserve.monitor.pairs import Timing
+    from streamserve.monitor.report import ReportSettings, window_reports
+    from streamserve.monitor.reporter import ChangelogReader, View, collect_less
+
+    collect_less()  # as in a monitor process
+    view = View(Timing(3_600_000, 86_400_000, 60_000), PARTITIONS)  # the monitor's defaults, as in the runs
+    reader = ChangelogReader(view, changelog, {"bootstrap.servers": stack.bootstrap})
+    started = time.monotonic()
+    reader.start()
+    try:
+        while time.monotonic() - started < timeout_s:
+            with view.lock:
+                if view.caught_up:
+                    break
+            time.sleep(0.05)
+        seconds = time.monotonic() - started
+    finally:
+        reader.stop()
+    if not view.caught_up:
+        return {"finished": False, "timeout_s": timeout_s}
+    due = view.due()
+    began = time.perf_counter()
+    for item in due:
+        window_reports(item.window, 3_600_000, item.entries, ReportSettings("classification", "1"), False, 0)
+    report_s = time.perf_counter() - began
+    return {
+        "finished": True,
+        "records": view.records,
+        "records_per_event": round(view.records / events, 2),
+        "seconds": round(seconds, 2),
+        "records_per_s": round(view.records / seconds, 1),
+        "events_per_s": round(events / seconds, 1),
+        "report_s": round(report_s, 2),
+        "report_entries": sum(len(item.entries) for item in due),
+    }
+
+
 def _py_spy(pid: int, raw: Path) -> subprocess.Popen[bytes]:
     """py-spy (the bench extra) sampling the process until SIGINT; its raw stacks to ``raw``."""
     py_spy = str(Path(sys.executable).parent / "py-spy")
@@ -234,15 +276,31 @@ def monitor_rate(
     _produce(stack.bootstrap, f"{name}-labels", labelled)
     records = len(predictions) + len(labelled)
     runs = [run_once(stack, name, n, records, directory, timeout_s, profile) for n in processes]
-    return {"events": events, "records": records, "records_per_event": RECORDS_PER_EVENT, "runs": runs, "topic": name}
+    reporter = reporter_rate(stack, f"{name}-p{processes[-1]}-pairs-changelog", events)
+    return {
+        "events": events,
+        "records": records,
+        "records_per_event": RECORDS_PER_EVENT,
+        "partitions": PARTITIONS,
+        "runs": runs,
+        "reporter": reporter,
+        "topic": name,
+    }
 
 
 def processes_needed(result: dict[str, Any], worker_events_per_s: float | None) -> int | None:
-    """Processes forwarding one worker's events/s would take at the best rate per process (the join stays one)."""
-    rates = [r["records_per_s"] / r["processes"] for r in result.get("runs", []) if r.get("records_per_s")]
-    if not rates or not worker_events_per_s:
+    """Joining processes one worker's events/s takes at the rate per process of the run with the most processes
+    (the join scales with them up to ``monitor.partitions``); None when the reporter's ceiling is below that rate:
+    no number of processes follows it then."""
+    runs = [r for r in result.get("runs", []) if r.get("records_per_s")]
+    reporter = result.get("reporter") or {}
+    if not runs or not worker_events_per_s:
         return None
-    return math.ceil(worker_events_per_s * result["records_per_event"] / max(rates))
+    widest = max(runs, key=lambda r: r["processes"])
+    if not reporter.get("events_per_s") or reporter["events_per_s"] < worker_events_per_s:
+        return None
+    per_process = widest["records_per_s"] / widest["processes"]
+    return math.ceil(worker_events_per_s * result["records_per_event"] / per_process)
 
 
 def main(argv: list[str] | None = None) -> int:

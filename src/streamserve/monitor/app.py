@@ -35,9 +35,9 @@ import faust
 
 from streamserve.clients import faust_brokers
 from streamserve.config import PipelineSettings
-from streamserve.monitor import bundles, labels, pairs
+from streamserve.monitor import bundles, labels, pairs, reporter
 from streamserve.monitor.bundles import Bundles
-from streamserve.monitor.changelog import Changelog
+from streamserve.monitor.changelog import EXPIRY, Changelog
 from streamserve.monitor.exporter import QualityExporter
 from streamserve.monitor.labels import BadLabel
 from streamserve.monitor.pairs import Effect, Index, Timing
@@ -136,7 +136,8 @@ class Monitor:
         self.app.on_partitions_revoked.connect(self._on_rebalance)
         self.app.on_partitions_assigned.connect(self._on_rebalance)
         self.reporting = Reporting(
-            self.timing, monitor.partitions, self.table.changelog_topic.get_topic_name, settings.kafka.common())
+            self.timing, monitor.partitions, self.table.changelog_topic.get_topic_name, settings.kafka.common()
+        )
 
     async def _on_rebalance(self, *args: Any, **kwargs: Any) -> None:
         self.stale = True
@@ -180,7 +181,12 @@ class Monitor:
                 role = "shadow" if message.topic == shadow_topic else "main"
                 time_ms = record.get("event_time") or record["prediction_time"] or 0
                 origin = f"{message.topic}/{message.partition}/{message.offset}"
-                bundled.add(event_id, pairs.prediction_message(origin, role, record, int(time_ms)))
+                forwarded = pairs.prediction_message(origin, role, record, int(time_ms))
+                if not pairs.finite(forwarded):
+                    log.warning("prediction at %s with a score or probability that is not a number: skipped", origin)
+                    outcomes["not_a_number"] += 1
+                    continue
+                bundled.add(event_id, forwarded)
             except Exception:  # one record's fields, never the batch's end
                 log.exception("prediction at %s/%d/%d skipped", message.topic, message.partition, message.offset)
                 self.exporter.failures.labels("prediction").inc()
@@ -260,12 +266,12 @@ class Monitor:
             self.changelog.put(partition, key, value)
         self.changes.clear()
 
-    def _put(self, partition: int, key: str, value: Any) -> None:
+    def _put(self, partition: int, key: str, value: Any, headers: list[tuple[str, bytes]] | None = None) -> None:
         """Set a key of the table and its changelog partition now (also from the timer, outside any stream event);
         the staged entries go first, so markers keep their place in the changelog's order."""
         self._flush()
         self.table.data[key] = value
-        self.changelog.put(partition, key, value)
+        self.changelog.put(partition, key, value, headers)
 
     def _delete(self, partition: int, key: str) -> None:
         self._flush()
@@ -346,7 +352,7 @@ class Monitor:
                 self._delete(partition, key)
                 self.index.discard(key, entry)
             else:
-                self._put(partition, key, new)
+                self._put(partition, key, new, EXPIRY)
                 self.index.add(key, new)
             effects += expired
         return effects
@@ -431,6 +437,7 @@ class Monitor:
 
 def run(settings: PipelineSettings, loglevel: str = "INFO") -> int:
     """Run the monitor until SIGTERM/SIGINT (faust's worker drains and commits on either)."""
+    reporter.collect_less()
     monitor = Monitor(settings)
     server = None
     if settings.monitor.port is not None:

@@ -17,22 +17,26 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+EXPIRY = [("streamserve.expiry", b"1")]
+"""Headers of a record that only marks an entry expired: the reporter skips it (reporter.py: it knows the expiry
+from the partition's sweep marker, written before), faust's recovery reads it as any other."""
+
 
 class Changelog:
     """Changelog records of one table, held per partition until ``send``."""
 
     def __init__(self, table: Any) -> None:
         self.table = table
-        self.pending: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+        self.pending: dict[int, list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]] = {}
         self.sending = asyncio.Lock()
         """One send at a time (the join's and the timer's): records put during a send go out after it, in order."""
 
-    def put(self, partition: int, key: str, value: Any) -> None:
+    def put(self, partition: int, key: str, value: Any, headers: list[tuple[str, bytes]] | None = None) -> None:
         """A record setting ``key`` to ``value`` (None: a tombstone deleting it)."""
         topic = self.table.changelog_topic
         key_bytes, _ = topic.prepare_key(key, self.table.key_serializer)
         value_bytes = None if value is None else topic.prepare_value(value, self.table.value_serializer)[0]
-        self.pending.setdefault(partition, []).append((key_bytes, value_bytes))
+        self.pending.setdefault(partition, []).append((key_bytes, value_bytes, headers or []))
 
     async def send(self) -> None:
         """Hand the held records to the producer, a record batch per partition (more when one fills)."""
@@ -47,9 +51,9 @@ class Changelog:
         name = self.table.changelog_topic.get_topic_name()
         for partition, records in pending.items():
             batch = producer.create_batch()
-            for key, value in records:
-                if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
+            for key, value, headers in records:
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:  # full: send it
                     await producer.send_batch(batch, name, partition=partition)
                     batch = producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=None)
+                    batch.append(key=key, value=value, timestamp=None, headers=headers)
             await producer.send_batch(batch, name, partition=partition)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import heapq
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -110,6 +111,13 @@ def prediction_message(origin: str, role: str, record: Mapping[str, Any], time_m
         "pr": dict(probabilities) if probabilities else None,
         "t": time_ms,
     }
+
+
+def finite(message: Mapping[str, Any]) -> bool:
+    """Whether a prediction message's score and probabilities are numbers (NaN or infinity would make every
+    report of its window fail, and JSON has no such number)."""
+    values = [message["s"], *(message["pr"] or {}).values()]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
 def label_message(origin: str, value: str | float, time_ms: int, raw: bytes) -> dict[str, Any]:
