@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import faust.utils.json as faust_json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,10 +39,15 @@ def _partition_log(partition: int, events: int, final: bool) -> list[tuple[str, 
     return log
 
 
+def _read(view: View, key: str, value: Any) -> None:
+    """A record as the changelog holds it (faust's JSON), read as the reader reads it."""
+    view.read(faust_json.dumps(key), None if value is None else faust_json.dumps(value))
+
+
 def _view(records: list[tuple[str, Any]]) -> View:
     view = View(T, 4)
     for key, value in records:
-        view.apply(key, value)
+        _read(view, key, value)
     return view
 
 
@@ -52,13 +58,13 @@ def test_a_window_is_final_only_when_every_partition_swept_past_and_marked_it() 
     assert (due.window, due.final, len(due.entries)) == (T0, False, 5)  # the purge of partition 0 kept its entries
     assert {key for key, _ in due.entries} >= {pairs.entry_key("p0-e0"), pairs.entry_key("p1-e1")}
     for key, value in _partition_log(1, 2, final=True)[len(behind) :]:
-        view.apply(key, value)
+        _read(view, key, value)
     (due,) = view.due()
     assert (due.final, len(due.entries)) == (True, 5)
     assert all(entry["x"] for _, entry in due.entries)
     assert view.entries == {}
     assert view.windows == {}
-    view.apply(pairs.entry_key("p1-e0"), _entry(1, T0, "1", expired=True))  # a replayed record afterwards
+    _read(view, pairs.entry_key("p1-e0"), _entry(1, T0, "1", expired=True))  # a replayed record afterwards
     assert view.due() == []
     assert view.entries == {}
 
@@ -66,7 +72,7 @@ def test_a_window_is_final_only_when_every_partition_swept_past_and_marked_it() 
 def test_finals_wait_for_every_partition_of_the_join() -> None:
     view = _view([r for p in range(3) for r in _partition_log(p, 2, final=True)])
     assert [d.final for d in view.due()] == [False]  # partition 3 sent nothing yet: it may hold entries of it
-    view.apply(pairs.sweep_key(3), {"swept": PAST, "through": 0, "clocks": {}})
+    _read(view, pairs.sweep_key(3), {"swept": PAST, "through": 0, "clocks": {}})
     view.dirty.add(T0)
     assert [(d.final, len(d.entries)) for d in view.due()] == [(True, 6)]
 
@@ -94,11 +100,18 @@ def test_a_deleted_label_only_entry_leaves_no_trace() -> None:
     assert view.due() == []
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 3), min_size=0, max_size=80), st.lists(st.integers(0, 4), min_size=4, max_size=4))
-def test_any_interleaving_of_the_partitions_gives_the_same_final_report(order: list[int], sizes: list[int]) -> None:
-    """Partitions are read in any interleaving (each in its own order): the final window holds every partition's
-    entries, once, and is final only after the last partition's marker."""
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.integers(0, 3), min_size=0, max_size=80),
+    st.lists(st.integers(0, 4), min_size=4, max_size=4),
+    st.integers(1, 50),
+)
+def test_any_interleaving_of_the_partitions_gives_the_same_final_report(
+    order: list[int], sizes: list[int], report_every: int
+) -> None:
+    """Partitions are read in any interleaving (each in its own order) and reported every few records (entries
+    staged in between): the final window holds every partition's entries, once, all expired, and is final only
+    after the last partition's marker."""
     logs = [_partition_log(p, sizes[p], final=True) for p in range(4)]
     cursors = [0] * 4
     merged: list[tuple[str, Any]] = []
@@ -107,11 +120,17 @@ def test_any_interleaving_of_the_partitions_gives_the_same_final_report(order: l
             merged.append(logs[p][cursors[p]])
             cursors[p] += 1
     view = View(T, 4)
-    finals: list[int] = []
-    for key, value in merged:
-        view.apply(key, value)
-        finals += [len(d.entries) for d in view.due() if d.final]
-    assert finals == ([sum(sizes)] if sum(sizes) else [])
+    finals: list[list[tuple[str, Any]]] = []
+    for n, (key, value) in enumerate(merged, 1):
+        _read(view, key, value)
+        if n % report_every == 0 or n == len(merged):
+            finals += [d.entries for d in view.due() if d.final]
+    if not sum(sizes):
+        assert finals == []
+        return
+    (entries,) = finals
+    assert sorted(key for key, _ in entries) == sorted({key for log in logs for key, v in log if v and "p" in v})
+    assert all(entry["x"] and entry["y"] == "1" for _, entry in entries)
 
 
 def test_an_entry_past_its_partitions_sweep_is_reported_expired_without_its_expiry_record() -> None:

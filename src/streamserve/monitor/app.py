@@ -53,6 +53,9 @@ LABEL_REASONS = set(labels.REASONS)
 BATCH = 500
 """Records an agent takes from its stream at once (faust's per-record overhead is per stream step)."""
 BATCH_WAIT_S = 0.05
+REPORT_REST = 4.0
+"""After reports that took T seconds, none for REPORT_REST * T seconds: a big window's report (its time grows with
+its entries) takes at most a fifth of the reporting process, the rest stays with its join and the reader."""
 
 
 def broker_urls(settings: PipelineSettings) -> list[str]:
@@ -135,6 +138,7 @@ class Monitor:
         self.app.timer(monitor.report_every_s)(self.report)
         self.app.on_partitions_revoked.connect(self._on_rebalance)
         self.app.on_partitions_assigned.connect(self._on_rebalance)
+        self.reports_resume = 0.0
         self.reporting = Reporting(
             self.timing, monitor.partitions, self.table.changelog_topic.get_topic_name, settings.kafka.common()
         )
@@ -414,10 +418,13 @@ class Monitor:
             self.reporting.stop()
             return
         view = self.reporting.reader()
-        with view.lock:
-            due = view.due()
+        if time.monotonic() < self.reports_resume:
+            return  # resting after a long report; the changed windows stay dirty
+        due = await asyncio.get_running_loop().run_in_executor(None, view.locked_due)  # decoding: off the loop
         if due:
+            began = time.monotonic()
             await self._send_reports(due)
+            self.reports_resume = time.monotonic() + REPORT_REST * (time.monotonic() - began)
 
     async def _send_reports(self, due: list[Due]) -> None:
         """The reports of the due windows, made in a thread (a big window's must not hold up the joins)."""

@@ -25,7 +25,7 @@ restarted monitor recovers) and calls these functions; everything that makes the
 Entries are JSON-able dicts (short keys: the changelog holds one per event):
 ``p`` partition, ``o`` last applied position, ``t`` event time (ms; None until a prediction came),
 ``s`` slots {"<role>|<model>|<version>": prediction}, ``y`` label, ``lt`` label time, ``lo`` label origin,
-``raw`` the label record's bytes (base64, for the dead-letter topic), ``x`` expired.
+``raw`` the label record's bytes (base64, for the dead-letter topic) until it joins, ``x`` expired.
 """
 
 from __future__ import annotations
@@ -150,6 +150,10 @@ def _unknown_class(entry: Mapping[str, Any]) -> str | None:
 
 
 def _joined(entry: Entry, slots: Iterable[str]) -> list[Effect]:
+    """The label met predictions: its bytes, kept to dead-letter it (unknown event id, no such class), go (the
+    changelog and the reporter read the entry without them; a later prediction of a version without the label's
+    class dead-letters it by its origin only)."""
+    entry["raw"] = None
     lag = int(entry["lt"]) - int(entry["t"])
     return [Effect("joined", slot=slot, lag_ms=lag) for slot in slots]
 

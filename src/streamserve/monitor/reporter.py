@@ -33,6 +33,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 
 from streamserve.monitor.pairs import ENTRY, FINAL, SWEEP, Entry, Timing
 
+_ENTRY_KEY = b'"' + ENTRY.encode()
+
 log = logging.getLogger(__name__)
 
 
@@ -76,7 +78,34 @@ class View:
     """Whether the reader reached the changelog's end as it was when it started (logged; finals need not wait
     for it: a partition's sweep marker comes after every entry it swept, in the partition's order)."""
     records: int = 0
+    pending: dict[bytes, bytes] = field(default_factory=dict)
+    """Entry records read since the last ``due``, the last one per key, still encoded: an entry changed several
+    times between two reports (its prediction, then its label) is decoded once."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def read(self, key: bytes | None, value: bytes | None) -> None:
+        """One changelog record as the topic holds it (faust's JSON)."""
+        if key is not None and key.startswith(_ENTRY_KEY):
+            self.records += 1
+            if value is not None:
+                self.pending[key] = value
+                return
+            staged = self.pending.pop(key, None)  # a purge or a deletion: what it deletes must be in first
+            name = _key(key)
+            if staged is not None:
+                self._entry(name, orjson.loads(staged))
+            self._entry(name, None)
+            return
+        self.apply(_key(key), None if value is None else orjson.loads(value))
+
+    def _settle(self) -> None:
+        """Decode and apply the staged entry records."""
+        pending, self.pending = self.pending, {}
+        for key, value in pending.items():
+            try:
+                self._entry(_key(key), orjson.loads(value))
+            except Exception:  # one record the view cannot use; the others still count
+                log.exception("monitor reporter: changelog record of %r skipped", key[:80])
 
     def _window(self, entry: Entry) -> int | None:
         return None if entry.get("t") is None else self.timing.window(int(entry["t"]))
@@ -152,6 +181,7 @@ class View:
 
     def due(self) -> list[Due]:
         """The windows changed since the last call, with their entries; a final one is dropped from the view."""
+        self._settle()
         found = []
         for window in sorted(self.dirty):
             if window in self.reported:
@@ -168,6 +198,11 @@ class View:
                 self._done(window)
         self.dirty.clear()
         return found
+
+    def locked_due(self) -> list[Due]:
+        """``due`` under the lock (from another thread than the reader's)."""
+        with self.lock:
+            return self.due()
 
     def _as_swept(self, entry: Entry) -> Entry:
         """The entry as its partition's sweep left it: expired once the clock passed its time plus the TTL (the
@@ -201,6 +236,11 @@ class ChangelogReader:
             "group.id": f"{topic}-reporter",  # never joined nor committed: the partitions are assigned
             "enable.auto.commit": False,
             "enable.partition.eof": False,
+            # the changelog is read as fast as it can be: large fetches, and no 500 ms wait for a fetch to fill
+            "fetch.wait.max.ms": 50,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            "fetch.max.bytes": 100 * 1024 * 1024,
+            "queued.max.messages.kbytes": 256 * 1024,
         }
         self.batch = batch
         self.stopping = threading.Event()
@@ -268,8 +308,7 @@ class ChangelogReader:
                         if message.headers():  # an expiry only: the sweep marker before it told (View.due)
                             view.records += 1
                             continue
-                        value = message.value()
-                        view.apply(_key(message.key()), None if value is None else orjson.loads(value))
+                        view.read(message.key(), message.value())
                     except Exception:  # one record the view cannot use; the next ones still count
                         log.exception(
                             "monitor reporter: changelog record %d/%d skipped", message.partition(), message.offset()
