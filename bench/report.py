@@ -299,14 +299,17 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _monitor(monitor: dict[str, Any] | None) -> list[str]:
-    """The monitor phase (issue 24): records/s per process count and the processes one worker's rate needs."""
+    """The monitor phase (issue 24): records/s per process count, the reporter's ceiling, and the processes one
+    worker's rate takes."""
     if not monitor:
         return []
+    partitions = monitor.get("partitions", 1)
     out = [
         "### Monitor (`streamserve monitor`, predictions joined with labels)",
         "",
         f"A backlog of {monitor['events']:,} scored events: {monitor['records']:,} records (a prediction and a "
-        "label each); the monitor from its first committed offset to every record forwarded and joined.",
+        f"label each); the monitor (`monitor.partitions: {partitions}`, split between its processes) from its first "
+        "committed offset to every record forwarded and every by-event bundle joined.",
         "",
         "| monitor processes | records/s | events/s (records / 2) | s | CPU s / 1k records (start-up included) |",
         "|--:|--:|--:|--:|--:|",
@@ -319,17 +322,37 @@ def _monitor(monitor: dict[str, Any] | None) -> list[str]:
             if run.get("finished")
             else f"| {run['processes']} | did not finish in {run.get('timeout_s')} s | | | |"
         )
-    worker = monitor.get("worker_events_per_s")
-    rates = [run["records_per_s"] for run in monitor["runs"] if run.get("finished") and run.get("records_per_s")]
-    if rates and worker:
-        follows = max(rates) / monitor["records_per_event"]
+    reporter = monitor.get("reporter") or {}
+    if reporter.get("finished"):
         out += [
             "",
-            f"At its best run the monitor follows {_fmt(follows)} scored events/s; one worker at streamserve-1's "
-            f"{_fmt(worker)} events/s is **{worker / follows:.1f}x that: the monitor does not keep up**. Forwarding "
-            "scales with processes, the join does not (`monitor.partitions: 1`: one process joins every record), "
-            "so more processes alone cannot close the gap (docs/monitor.md, Throughput).",
+            f"The reporter (one thread of the process owning partition 0) took in the last run's join state at "
+            f"{_fmt(reporter['events_per_s'])} events/s ({_fmt(reporter['records_per_s'])} changelog records/s, "
+            f"{reporter['records_per_event']} per event: read {reporter['read_s']} s, decoded {reporter['decode_s']} "
+            f"s); the report of its window ({reporter['report_entries']:,} entries) took {reporter['report_s']} s.",
         ]
+    worker = monitor.get("worker_events_per_s")
+    runs = [run for run in monitor["runs"] if run.get("finished") and run.get("records_per_s")]
+    if runs and worker:
+        widest = max(runs, key=lambda run: run["processes"])
+        per_process = widest["records_per_s"] / widest["processes"] / monitor["records_per_event"]
+        needed = monitor.get("processes_needed")
+        ceiling = reporter.get("events_per_s")
+        line = (
+            f"One worker at streamserve-1's {_fmt(worker)} events/s takes **about {math.ceil(worker / per_process)} "
+            f"joining processes** at {_fmt(per_process)} events/s per process (the {widest['processes']}-process "
+            "run), if the join goes on scaling with cores (this machine shows 2), with `monitor.partitions` at least "
+            "that many"
+        )
+        if ceiling:
+            verdict = "above" if ceiling >= worker else "below"
+            line += (
+                f"; the reporter's ceiling, {_fmt(ceiling)} events/s, is {ceiling / worker:.2f}x that rate "
+                f"({verdict} it)"
+            )
+        if needed is None and ceiling and ceiling < worker:
+            line += ": **no number of processes follows that worker** until the reporter is faster"
+        out += ["", line + " (docs/monitor.md, Throughput)."]
     out.append("")
     return out
 

@@ -509,11 +509,11 @@ class MonitorSettings(_Section):
     app_id: str | None = None
     """faust application id: its consumer group and the prefix of its internal topics (by-event records, the
     join table's changelog); ``<kafka.group_id>-monitor`` when unset."""
-    partitions: int = Field(default=1, ge=1)
-    """Partitions of the monitor's internal topics (by-event records, the join table's changelog). With 1, any
-    number of monitor processes in the group decode and forward their share of the input partitions while the one
-    owning it joins and reports (docs/monitor.md, scale-out); more split the join, but reports then wait for one
-    process to own every partition."""
+    partitions: int = Field(default=8, ge=1)
+    """Partitions of the join: of the monitor's internal topics (by-event records, the join table's changelog).
+    The processes of a monitor group split them, so up to this many processes join (docs/monitor.md, Scale-out);
+    the one owning partition 0 also reports, from every partition's changelog. Fixed when the internal topics are
+    created: to change it, give the monitor a new ``app_id``."""
     window_s: float = Field(default=3600.0, gt=0)
     """Tumbling event-time window of the reports."""
     label_ttl_s: float = Field(default=86400.0, gt=0)

@@ -7,7 +7,8 @@ before labels come (CBPE), and the comparison of a shadow or canary version with
 ``measures`` (metrics in numpy), ``compare`` (confidence intervals, verdicts), ``estimate`` (CBPE),
 ``labels`` (the labels topic: decoding and checks), ``pairs`` (the per-event join state, pure functions),
 ``report`` (a window's report, its Avro record and the terminal table) are plain Python and tested without
-Kafka; ``app`` is the faust application around them and ``exporter`` its Prometheus metrics.
+Kafka; ``app`` is the faust application around them, ``reporter`` the view of every partition's join state (read
+from the changelog) that the reports come from, and ``exporter`` its Prometheus metrics.
 
 The retraining set is apart from the faust app: ``trainingset`` (the feature log joined with labels by event id,
 pure), ``join`` (``streamserve monitor join``, a plain consumer around it) and ``export`` (``streamserve monitor

@@ -5,7 +5,8 @@ Three agents and a timer::
     predictions, shadow predictions --forward_predictions--\\
                                                             >-- <app id>-by-event (keyed by event id) --join--> table
     labels --forward_labels (bad ones: dead-letter topic)--/                                      |
-                                                                                    report (timer) v
+                                                                                         changelog v
+                                                   report (timer, the owner of by-event partition 0; reporter.py)
                                                                    quality topic (Avro), Prometheus gauges
 
 The forwarders decode each batch they take (one fastavro read) and put its records on the by-event topic in
@@ -13,10 +14,11 @@ bundles, one message per by-event partition (``bundles.py``: faust's cost is per
 the partition of its event id, so both sides of an event meet in one partition of the join agent, which owns that
 partition of the ``pairs`` table (its changelog is the monitor's state: a restarted monitor, SIGKILLed or not,
 reads it back before it goes on; an entry changed several times in a bundle is written to it once).
-``pairs.py`` holds the join itself and why it never counts a pair twice. The timer reports every window that
-changed: it needs every partition of the by-event topic. Scale-out: with ``monitor.partitions: 1`` (the default)
-every monitor process of the group forwards its share of the input partitions and the one owning the by-event
-partition joins and reports (it takes over when that one leaves the group).
+``pairs.py`` holds the join itself and why it never counts a pair twice.
+
+Scale-out: the processes of a group split the input partitions and the ``monitor.partitions`` partitions of the
+join. The timer of every process sweeps its quiet partitions; the one owning by-event partition 0 also reports:
+``reporter.py`` reads every partition's changelog into a view of the whole table and makes the reports from it.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class ReportSettings:
     compare_metric: str = "auto"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pair:
     event: str
     predicted: str | None
