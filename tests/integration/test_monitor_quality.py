@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 
 from streamserve.monitor import labels
 from tests.deploy.test_monitoring import exported_families, referenced_metrics
-from tests.integration.harness import headers_of, read_topic
+from tests.integration.harness import headers_of, read_topic, wait_until
 from tests.integration.monitoring import (
     HOUR_MS,
     T0,
@@ -165,6 +165,64 @@ def _counted(metrics: str, name: str, label: str = "") -> float:
         for line in metrics.splitlines()
         if line.startswith(name) and (not label or label in line)
     )
+
+
+def _reporting(monitors: tuple[MonitorProcess, ...]) -> list[MonitorProcess]:
+    """The processes whose reporter runs now: the last reporter line of their log says it reads."""
+    found = []
+    for monitor in monitors:
+        log = monitor.log_path.read_text(errors="replace").splitlines()
+        lines = [line for line in log if "monitor reporter:" in line]
+        if lines and "stopped" not in lines[-1]:
+            found.append(monitor)
+    return found
+
+
+def test_the_reports_go_on_when_the_reporting_process_is_killed(stack: Servers, tmp_path: Path) -> None:
+    """Two processes split the join; the one reporting (it owns by-event partition 0) is SIGKILLed mid-stream:
+    the other takes partition 0 over, reads every partition's changelog, and the final report equals
+    scikit-learn's on every pair, none lost, none twice. ``idle_s`` is longer than the group takes to notice the
+    death (faust's 10 s session) and hand its partitions over: the dead process's input partitions go quiet
+    meanwhile, and a quiet source must not let the survivor's clocks expire entries still to come."""
+    pipe = monitor_pipeline(stack.bootstrap_servers, stack.redis_url, tmp_path, idle_s=30)
+    settings = pipe.settings
+    stream = Stream(settings, stack.bootstrap_servers)
+    live = ("fraud", "v1", "main")
+    events = binary_events(800, 11, T0, {live: 1.5})
+    items: list[tuple[int, int, Any]] = []
+    for event in events:
+        items.append((event.time_ms, 1, lambda e=event: stream.prediction(e, *live)))
+        at = event.time_ms + 10 * 60_000
+        items.append((at, 2, lambda e=event, at=at: stream.label(e.event_id, e.truth, at)))
+    cut = T0 + 30 * 60_000
+    produce_in_time_order(stream, [item for item in items if item[0] < cut])
+    monitors = (MonitorProcess(pipe.path, tmp_path), MonitorProcess(pipe.path, tmp_path))
+    wait_for_report(
+        stack.bootstrap_servers,
+        settings.monitor.quality_topic,
+        "fraud",
+        T0,
+        monitors[0],
+        lambda r: version_row(r, "v1", "live")["labelled"] >= 100,
+    )
+    wait_until(lambda: len(_reporting(monitors)) == 1, 60, "one reporting monitor process")
+    (reporter,) = _reporting(monitors)
+    survivor = monitors[1] if reporter is monitors[0] else monitors[0]
+    reporter.kill()
+    produce_in_time_order(stream, [item for item in items if item[0] >= cut])
+    stream.ticks(T0 + 4 * HOUR_MS)  # every partition's clock past the window's end plus the label TTL
+    stream.flush()
+    report = wait_for_report(
+        stack.bootstrap_servers, settings.monitor.quality_topic, "fraud", T0, survivor, lambda r: r["final"], 180
+    )
+    row = version_row(report, "v1", "live")
+    assert (row["predictions"], row["labelled"], row["never_labelled"], row["pending"]) == (800, 800, 0, 0)
+    expected = _expected_classifier([(e.truth, e.predictions[live]["score"]) for e in events])
+    for name, value in expected.items():
+        assert row[name] == pytest.approx(value, abs=1e-9), name
+    assert _reporting((survivor,)) == [survivor]
+    assert _counted(survivor.metrics(), "streamserve_monitor_reports_total", 'final="true"') >= 1
+    survivor.assert_alive()
 
 
 def test_canary_named_better_and_equal_versions_undistinguishable(stack: Servers, tmp_path: Path) -> None:

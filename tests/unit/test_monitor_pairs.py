@@ -210,3 +210,15 @@ def test_replays_and_reforwards_never_count_a_pair_twice(order: list[int], again
     assert state[1] == (labels_sent[0] if labels_sent else None), "the first label counts"
     again_joined = run(with_repeats)[1]
     assert len(again_joined) == len(set(again_joined))
+
+
+def test_a_rebuilt_join_waits_for_every_input_partition_even_one_never_seen() -> None:
+    """After a restart or a rebalance the input partitions another process forwarded resume here: until each
+    sends (or stays quiet for idle_s) the partition's clock does not move, so no entry expires early."""
+    index = Index(T)
+    index.rebuild([], owned=[1], sources=["out/0", "out/1", "labels/0"])
+    late = T0 + 4 * 3_600_000
+    index.tick(1, 5, {**_prediction("e1", 0.8, "out/0/7"), "t": late})
+    assert index.boundary(1, idle_s=60) == 0  # out/1 and labels/0 not heard from yet
+    assert index.boundary(1, idle_s=0) == T.boundary(late)  # ... until they count as quiet
+    assert index.sweep_marker(1)["clocks"] == {"out/0": late}  # the unseen are not persisted

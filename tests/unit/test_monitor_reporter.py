@@ -144,3 +144,16 @@ def test_an_entry_past_its_partitions_sweep_is_reported_expired_without_its_expi
     (due,) = view.due()
     assert due.entries[0][1]["x"] is True
     assert view.entries[key]["x"] is False  # the view's own entry is left as the changelog wrote it
+
+
+def test_a_label_after_the_purge_leaves_the_final_window_whole() -> None:
+    """The join purged a final window; a label for one of its events comes later (too late: a new label-only
+    entry of the same key): the window's report still holds the purged entry."""
+    log = _partition_log(0, 3, final=True)
+    late = (pairs.entry_key("p0-e1"), {"p": 0, "o": 9, "t": None, "s": {}, "y": "1", "lt": PAST, "x": False})
+    others = [r for p in (1, 2, 3) for r in _partition_log(p, 0, final=True)]
+    view = _view([*log, late, *others])
+    (due,) = view.due()
+    assert due.final
+    assert sorted(key for key, _ in due.entries) == [pairs.entry_key(f"p0-e{i}") for i in range(3)]
+    assert all(entry["t"] is not None for _, entry in due.entries)

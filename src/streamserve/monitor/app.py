@@ -241,6 +241,16 @@ class Monitor:
         name = self.by_event.get_topic_name()
         return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == name}
 
+    def _sources(self) -> list[str]:
+        """Every partition of the topics the monitor reads ("topic/partition"), as the consumer's metadata knows
+        them: a rebuilt join's clocks wait for each (``Index.rebuild``), even one no record came from yet."""
+        found = []
+        settings = self.settings
+        for topic in dict.fromkeys((settings.output.topic, settings.shadow_topic, settings.labels_topic)):
+            count = self.app.consumer.topic_partitions(topic)
+            found += [f"{topic}/{p}" for p in range(count)] if isinstance(count, int) else []
+        return found
+
     def _rebuild(self) -> None:
         """The index of the partitions this process owns; entries of partitions it lost leave its memory (their
         new owner read them back from the changelog)."""
@@ -251,7 +261,7 @@ class Monitor:
                 mine.append((key, value))
             else:
                 del self.table.data[key]
-        self.index.rebuild(mine)
+        self.index.rebuild(mine, owned, self._sources())
         self.stale = False
         self.ready = True
         log.info(

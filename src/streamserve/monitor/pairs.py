@@ -271,7 +271,12 @@ class Index:
     scheduled: dict[str, int] = field(default_factory=dict)
     """The expiry each open entry is in its partition's heap under (older heap items are stale)."""
 
-    def rebuild(self, items: Iterable[tuple[str, Any]]) -> None:
+    def rebuild(self, items: Iterable[tuple[str, Any]], owned: Iterable[int] = (), sources: Iterable[str] = ()) -> None:
+        """The views of the table's ``items``; each ``owned`` partition's clocks wait ``idle_s`` for every one of the
+        ``sources`` (a partition of an input topic) before they move on without it: after a restart or a
+        rebalance, input partitions another process was forwarding (or that it never got to) resume here, and
+        entries must not expire before their records come. A source that sends nothing meanwhile stops
+        holding the clock back, as any quiet one."""
         for name in ("windows", "partitions", "heaps", "swept", "through", "clocks", "offsets", "finals", "purged"):
             getattr(self, name).clear()
         self.scheduled.clear()
@@ -290,6 +295,11 @@ class Index:
                 window, partition = (int(part) for part in key[len(FINAL) :].split(":"))
                 self.finals[window] = value
                 self.purged.setdefault(window, set()).add(partition)
+        restarted = time.monotonic()
+        for partition in owned:
+            clocks = self.clocks.setdefault(partition, {})
+            for source in sources:
+                clocks.setdefault(source, [0.0, restarted])  # not seen yet: holds the clock until it sends or idles
 
     def add(self, key: str, entry: Mapping[str, Any]) -> None:
         partition = int(entry["p"])
@@ -336,7 +346,7 @@ class Index:
         return self.timing.boundary(int(min(active) if active else max(t for t, _ in clocks.values())))
 
     def sweep_marker(self, partition: int) -> dict[str, Any]:
-        clocks = {source: int(t) for source, (t, _) in self.clocks.get(partition, {}).items()}
+        clocks = {source: int(t) for source, (t, _) in self.clocks.get(partition, {}).items() if t > 0}
         return {
             "swept": self.swept.get(partition, 0),
             "through": self.offsets.get(partition, -1),

@@ -69,6 +69,9 @@ class View:
     windows: dict[int, set[str]] = field(default_factory=dict)
     swept: dict[int, int] = field(default_factory=dict)
     """Per partition: how far its clock swept (its latest sweep marker)."""
+    frozen: dict[int, dict[str, Entry]] = field(default_factory=dict)
+    """Per window: the entries its partitions purged after marking it final, kept until it is reported (the key
+    may come back meanwhile: a label after the TTL makes a new entry of the event)."""
     markers: dict[int, dict[int, int | None]] = field(default_factory=dict)
     """Per window: the partitions whose final marker came, with the count of entries they had in it."""
     dirty: set[int] = field(default_factory=set)
@@ -119,7 +122,8 @@ class View:
             swept = int(value["swept"])
             self.swept[int(key[len(SWEEP) :])] = swept
             span = self.timing.window_ms + self.timing.ttl_ms
-            self.dirty.update(window for window in self.windows if window + span <= swept)  # may be final now
+            open_windows = self.windows.keys() | self.frozen.keys()
+            self.dirty.update(window for window in open_windows if window + span <= swept)  # may be final now
         elif key.startswith(FINAL) and value is not None:
             window, partition = (int(part) for part in key[len(FINAL) :].split(":"))
             count = value.get("entries") if isinstance(value, dict) else None
@@ -135,9 +139,9 @@ class View:
         if value is None:
             if old is None:
                 return
-            if old_window is not None and old["p"] in self.markers.get(old_window, ()):
-                return  # the purge of a final window: kept until the window is reported
             self._drop(key, old_window)
+            if old_window is not None and old["p"] in self.markers.get(old_window, ()):
+                self.frozen.setdefault(old_window, {})[key] = old  # the purge of a final window: kept to report it
             return
         if value.__class__ is not dict or "p" not in value:
             return
@@ -171,11 +175,16 @@ class View:
         marked = self.markers.get(window, {})
         return all(int(self.entries[key]["p"]) in marked for key in self.windows.get(window, ()))
 
+    def of(self, window: int) -> list[tuple[str, Entry]]:
+        """The window's entries, those still in the table and those purged."""
+        found = [(key, self.entries[key]) for key in self.windows.get(window, ())]
+        return found + list(self.frozen.get(window, {}).items())
+
     def complete(self, window: int) -> bool:
         """Whether the view holds every entry the final markers of the window counted."""
         counts: dict[int, int] = {}
-        for key in self.windows.get(window, ()):
-            partition = int(self.entries[key]["p"])
+        for _, entry in self.of(window):
+            partition = int(entry["p"])
             counts[partition] = counts.get(partition, 0) + 1
         return all(n is None or counts.get(p, 0) >= n for p, n in self.markers.get(window, {}).items())
 
@@ -191,9 +200,9 @@ class View:
                 log.info("window %d: final and reported before (its entries were compacted away); not again", window)
                 self._done(window)
                 continue
-            keys = self.windows.get(window, ())
-            if keys:
-                found.append(Due(window, [(key, self._as_swept(self.entries[key])) for key in keys], final))
+            entries = self.of(window)
+            if entries:
+                found.append(Due(window, [(key, self._as_swept(entry)) for key, entry in entries], final))
             if final:
                 self._done(window)
         self.dirty.clear()
@@ -214,6 +223,7 @@ class View:
     def _done(self, window: int) -> None:
         self.reported.add(window)
         self.markers.pop(window, None)
+        self.frozen.pop(window, None)
         for key in self.windows.pop(window, set()):
             self.entries.pop(key, None)
 
@@ -344,4 +354,5 @@ class Reporting:
         """No longer the reporter: the view goes."""
         if self._reader is not None:
             self._reader.stop()
+            log.info("monitor reporter: stopped (by-event partition 0 is another process's now)")
         self._reader, self.view = None, None
