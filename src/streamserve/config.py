@@ -74,7 +74,11 @@ class KafkaSettings(_Section):
     schema_registry_key_location: Path | None = None
     """Private key (PEM) of the client certificate."""
     schema_registry_timeout_s: float = Field(default=10.0, gt=0)
-    """Timeout of one HTTP request to the registry."""
+    """Timeout of one HTTP request to the registry: connecting, and each read of its answer (a registry that
+    accepts the connection and never answers costs this much). A request is tried 1 + schema_registry_retries
+    times, so a registry that hangs is given up on after about (1 + retries) x this plus the backoff pauses; then
+    the worker stops at start with one line naming the URL, and a writer schema's fetch goes to
+    schema_registry_on_unavailable."""
     schema_registry_cache_capacity: int = Field(default=1000, ge=1)
     """Schemas kept by the registry client, and writer schemas (resolved to the reader schema) kept by id."""
     schema_registry_retries: int = Field(default=2, ge=0)

@@ -132,6 +132,20 @@ class RedisUnreachable(Unreachable):
         self.url = url
 
 
+class RegistryUnreachable(Unreachable):
+    """The Schema Registry gave no answer (a timeout, a refused or reset connection, TLS) to a request the client
+    tried 1 + kafka.schema_registry_retries times, each bounded by kafka.schema_registry_timeout_s."""
+
+    def __init__(self, url: str, what: str, reason: str, attempts: int, timeout_s: float, waited_s: float) -> None:
+        super().__init__(
+            f"the Schema Registry at {url} did not answer {what} ({' '.join(reason.split())}; "
+            f"{attempts} attempt(s) of up to {timeout_s:g}s each, gave up after {waited_s:.1f}s): check that it runs "
+            "and answers at kafka.schema_registry_url (kafka.schema_registry_timeout_s and "
+            "kafka.schema_registry_retries bound the wait)"
+        )
+        self.url = url
+
+
 class FileMissing(StreamServeError):
     """A file a command reads does not exist; the message says how to get it."""
 

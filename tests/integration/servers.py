@@ -17,6 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 STACK = REPO / "scripts" / "stack"
@@ -139,6 +142,11 @@ def servers() -> Iterator[Servers]:
             yield found
 
 
+REGISTRY_REQUEST_TIMEOUT_S = 10.0
+"""Each request of the tests' own registry clients (Apicurio answers in milliseconds), tried twice at most: a hung
+registry fails a test in about 20 s, not at pytest-timeout's 600 s."""
+
+
 @dataclass(frozen=True)
 class Registry:
     url: str
@@ -146,6 +154,36 @@ class Registry:
     origin: str
     bounce: Callable[[float], float] | None = None
     """Makes the registry unreachable for that many seconds, keeping its schemas; returns the downtime."""
+
+    def client(self) -> Any:
+        """A SchemaRegistryClient for a test's own requests (registering, reading predictions back), with a timeout:
+        confluent-kafka's client has none unless given one. A request Apicurio does not answer fails the test with
+        one line naming Apicurio and its URL."""
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        from streamserve.pipeline.subjects import no_answer_errors
+
+        conf = {"url": self.url, "timeout": REGISTRY_REQUEST_TIMEOUT_S, "max.retries": 1, "retries.wait.ms": 200}
+        client = SchemaRegistryClient(conf)
+        rest: Any = client._rest_client  # every request of the client goes through its send_request
+        send = rest.send_request
+
+        def send_request(path: str, method: str, body: Any = None, query: Any = None) -> Any:
+            started = time.monotonic()
+            try:
+                return send(path, method, body, query)
+            except no_answer_errors() as exc:
+                reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            pytest.fail(  # outside the except: the line alone, without httpx's chain of exceptions
+                f"the Schema Registry (Apicurio, {self.origin}) at {self.url} did not answer {method} /{path} "
+                f"({reason}; 2 attempts of up to {REGISTRY_REQUEST_TIMEOUT_S:g}s, gave up after "
+                f"{time.monotonic() - started:.1f}s): is Apicurio hung? `python3 scripts/stack status --registry-only`"
+                ", its log in .stack-registry/registry.log",
+                pytrace=False,
+            )
+
+        rest.send_request = send_request
+        return client
 
 
 def _native_registry() -> Iterator[Registry]:

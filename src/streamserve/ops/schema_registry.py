@@ -16,7 +16,7 @@ import fastavro
 
 from streamserve.config import PipelineSettings
 from streamserve.pipeline.decode import load_schema
-from streamserve.pipeline.subjects import prediction_subject, registry_client
+from streamserve.pipeline.subjects import answered, prediction_subject, registry_client
 
 _PROMOTIONS = {
     "int": {"long", "float", "double"},
@@ -191,4 +191,5 @@ def check_output(settings: PipelineSettings, client: Any) -> Check:
 def check_schemas(settings: PipelineSettings, client: Any | None = None) -> list[Check]:
     """Both checks of ``streamserve schemas check``, answered by the registry of the pipeline's settings."""
     client = client or registry_client(settings.kafka)
-    return [check_input(settings, client), check_output(settings, client)]
+    with answered(settings.kafka, "the schemas check"):  # RegistryUnreachable: one line naming the URL
+        return [check_input(settings, client), check_output(settings, client)]

@@ -327,8 +327,10 @@ class RegistryDecoder:
         cache_capacity: int = 1000,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        url: str | None = None,
     ) -> None:
         self._registry = registry
+        self._url = url  # named in the reason of a fetch the registry did not answer
         self._on_unavailable = on_unavailable
         self._backoff_s, self._max_backoff_s = backoff_ms / 1000, max_backoff_ms / 1000
         self._capacity = cache_capacity
@@ -346,7 +348,8 @@ class RegistryDecoder:
         basic-auth settings as KafkaSettings.schema_registry_config() gives them."""
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        return cls(SchemaRegistryClient.new_client(dict(registry_config)), reader_schema, **policy)
+        conf = dict(registry_config)
+        return cls(SchemaRegistryClient.new_client(conf), reader_schema, url=str(conf.get("url")), **policy)
 
     @classmethod
     def from_settings(cls, kafka: KafkaSettings, reader_schema: Schema) -> RegistryDecoder:
@@ -409,11 +412,19 @@ class RegistryDecoder:
                 failure: Exception = exc
             except Exception as exc:  # noqa: BLE001 - connection, TLS, timeout: whatever the HTTP layer raises
                 failure = exc
-            reason = f"Schema Registry unavailable fetching schema id {schema_id}: {type(failure).__name__}: {failure}"
+            # One line (the HTTP layer's errors are bounded by the client's timeout and retries, then land here).
+            source = f" from {self._url}" if self._url else ""
+            reason = " ".join(
+                f"Schema Registry unavailable fetching schema id {schema_id}{source}: {type(failure).__name__}: "
+                f"{failure}".split()
+            )
             if self._on_unavailable == "dead_letter":
                 raise DecodeError(reason) from failure
             if self._on_unavailable == "fail":
-                raise RegistryUnavailable(reason) from failure
+                raise RegistryUnavailable(
+                    f"{reason} (kafka.schema_registry_on_unavailable=fail stops the worker; check that the registry "
+                    "runs and answers at kafka.schema_registry_url)"
+                ) from failure
             delay = min(self._backoff_s * 2 ** min(attempt, 16), self._max_backoff_s)
             log.warning("%s; retry %d (until it answers) in %.2fs", reason, attempt + 1, delay)
             self._sleep(delay)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from streamserve.config import KafkaSettings, PipelineSettings
-from streamserve.errors import ConfigError
+from streamserve.errors import ConfigError, RegistryUnreachable
 from streamserve.pipeline.decode import WIRE_MAGIC
 
 _WIRE_HEADER = struct.Struct(">bI")
@@ -26,6 +29,38 @@ def registry_client(kafka: KafkaSettings) -> Any:
     if conf is None:
         raise ConfigError("kafka.schema_registry_url is not set")
     return SchemaRegistryClient.new_client(conf)
+
+
+def no_answer_errors() -> tuple[type[BaseException], ...]:
+    """What the registry client's HTTP layer raises when no answer came (timeouts, refused or reset connections,
+    TLS): httpx's TransportError, of the httpx the client uses (newer confluent-kafka prefers httpx2)."""
+    try:
+        from confluent_kafka.schema_registry.common._httpx_compat import httpx
+    except ImportError:  # a confluent-kafka from before httpx2
+        try:
+            import httpx  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            return (OSError,)
+    return httpx.TransportError, OSError
+
+
+@contextmanager
+def answered(kafka: KafkaSettings, what: str) -> Iterator[None]:
+    """Requests to the registry whose HTTP failure (a timeout, a refused connection, TLS: raised by the client
+    once its retries are spent) becomes one RegistryUnreachable line naming the URL. An answer, even a refusal
+    (SchemaRegistryError), passes through as it is."""
+    started = time.monotonic()
+    try:
+        yield
+    except no_answer_errors() as exc:
+        raise RegistryUnreachable(
+            str(kafka.schema_registry_url),
+            what,
+            f"{type(exc).__name__}: {exc}",
+            kafka.schema_registry_retries + 1,
+            kafka.schema_registry_timeout_s,
+            time.monotonic() - started,
+        ) from exc
 
 
 def full_name(schema: dict[str, Any]) -> str:
@@ -68,13 +103,14 @@ def prediction_prefix(settings: PipelineSettings, client: Any | None = None) -> 
     client = client or registry_client(settings.kafka)
     schema = Schema(settings.output.schema_path.read_text(), "AVRO")
     subject = prediction_subject(settings)
+    action = "register" if settings.output.auto_register else "find"
     try:
-        if settings.output.auto_register:
-            schema_id = client.register_schema(subject, schema)
-        else:
-            schema_id = client.lookup_schema(subject, schema).schema_id
+        with answered(settings.kafka, f"when asked to {action} the prediction schema under subject {subject!r}"):
+            if settings.output.auto_register:
+                schema_id = client.register_schema(subject, schema)
+            else:
+                schema_id = client.lookup_schema(subject, schema).schema_id
     except SchemaRegistryError as exc:
-        action = "register" if settings.output.auto_register else "find"
         raise ConfigError(
             f"cannot {action} the prediction schema {settings.output.schema_path} under subject {subject!r}: {exc}"
         ) from exc
