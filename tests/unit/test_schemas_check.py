@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -70,8 +71,14 @@ def test_a_no_the_reader_resolves_still_names_the_rule_it_breaks(tmp_path: Path)
 
 
 def test_the_registry_clients_http_lines_are_quiet_unless_debug() -> None:
-    setup_logging("INFO")
-    assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
-    setup_logging("DEBUG")
-    assert logging.getLogger("httpx").getEffectiveLevel() == logging.DEBUG
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    SchemaRegistryClient({"url": "http://127.0.0.1:9", "timeout": 1})  # its HTTP library is imported by now
+    http = {name.split(".")[0] for name in sys.modules if name.split(".")[0] in ("httpx", "httpx2")}
+    assert http, "the registry client's HTTP library is neither httpx nor httpx2"
+    for name in http:
+        setup_logging("INFO")
+        assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING, name
+        setup_logging("DEBUG")
+        assert logging.getLogger(name).getEffectiveLevel() == logging.DEBUG, name
     setup_logging("INFO")

@@ -115,4 +115,4 @@ def setup_logging(level: str, log_format: LogFormat = "auto", stream: object = N
     return handler
 
 
-QUIET_LOGGERS = ("httpx", "httpcore")
+QUIET_LOGGERS = ("httpx", "httpcore", "httpx2", "httpcore2")  # httpx2: the registry client of newer confluent-kafka
