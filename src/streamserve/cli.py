@@ -502,7 +502,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     """Run the monitor (a faust-streaming worker) until SIGTERM/SIGINT: predictions and shadow predictions joined
     with the labels topic by event id in event time, quality per model version and window (measured, and
     estimated before the labels come), shadow and canary versions compared with the live one; reports go to the
-    quality topic and to Prometheus (monitor.port)."""
+    quality topic and to Prometheus (monitor.port). Start more processes with the same file to share the work:
+    they split the join's monitor.partitions partitions (8), the one owning partition 0 also reports."""
     from streamserve.config import load_settings
     from streamserve.monitor.app import broker_urls, run
     from streamserve.ops.preflight import check_file, check_kafka
