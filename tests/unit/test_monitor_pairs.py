@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
 
 from streamserve.monitor import labels, pairs
+from streamserve.monitor.exporter import QualityExporter
 from streamserve.monitor.pairs import Index, Timing
 from streamserve.monitor.report import ReportSettings, decode, encode, format_report, latest, window_reports
 
@@ -164,6 +166,19 @@ def test_window_report_round_trips_through_avro_and_prints() -> None:
     assert [json.dumps(r, sort_keys=True) for r in latest([(None, encode(report)), (None, b"garbage")])] == [same]
     text = "\n".join(format_report(report))
     assert "v2 (shadow) vs v1 (live), paired, roc_auc" in text
+
+    # A process that stops reporting (by-event partition 0 moved) drops its quality series, keeps the floors.
+    registry = CollectorRegistry()
+    exporter = QualityExporter(registry)
+    exporter.thresholds("fraud", {"roc_auc": 0.8}, {})
+    exporter.update(report)
+    shown = generate_latest(registry).decode()
+    assert 'streamserve_quality_pairs{model="fraud",role="live",state="labelled",version="v1"} 20.0' in shown
+    exporter.forget()
+    shown = generate_latest(registry).decode()
+    assert "streamserve_quality_pairs{" not in shown
+    assert "streamserve_quality_comparison_verdict{" not in shown
+    assert 'streamserve_quality_floor{metric="roc_auc",model="fraud"} 0.8' in shown
 
 
 _MESSAGES = [

@@ -416,7 +416,7 @@ class Monitor:
         owned = self._owned()
         if not owned:
             self.ready, self.stale = True, False  # a process of a scaled-out monitor that only forwards
-            self.reporting.stop()
+            self._stop_reporting()
             return
         if self.stale and self.ready and not self.app.in_recovery:
             self._rebuild()
@@ -427,7 +427,7 @@ class Monitor:
             await self.changelog.send()
             await self._carry_out(effects)
         if 0 not in owned:
-            self.reporting.stop()
+            self._stop_reporting()
             return
         view = self.reporting.reader()
         if time.monotonic() < self.reports_resume:
@@ -437,6 +437,11 @@ class Monitor:
             began = time.monotonic()
             await self._send_reports(due)
             self.reports_resume = time.monotonic() + REPORT_REST * (time.monotonic() - began)
+
+    def _stop_reporting(self) -> None:
+        if self.reporting.view is not None:
+            self.reporting.stop()
+            self.exporter.forget()
 
     async def _send_reports(self, due: list[Due]) -> None:
         """The reports of the due windows, made in a thread (a big window's must not hold up the joins)."""

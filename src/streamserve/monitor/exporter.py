@@ -86,6 +86,15 @@ class QualityExporter:
         for metric, value in ceilings.items():
             self.ceiling.labels(model, metric).set(value)
 
+    def forget(self) -> None:
+        """Drop the quality gauges' series: this process no longer reports (another owns by-event partition 0 and
+        shows the same windows; two processes must not both alert on a version's quality)."""
+        shown = (self.quality, self.estimated, self.pairs, self.window, self.comparison, self.verdict, self.needed)
+        for gauge in shown:
+            gauge.clear()
+        self._shown.clear()
+        self._measured.clear()
+
     def update(self, report: Mapping[str, Any]) -> None:
         """Show a report's numbers where its window is the newest seen for the version."""
         model, start = report["model_name"], int(report["window_start"])
