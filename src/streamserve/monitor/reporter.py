@@ -201,8 +201,10 @@ class View:
                 self._done(window)
                 continue
             entries = self.of(window)
+            if entries and window + self.timing.ttl_ms <= max(self.swept.values(), default=0):
+                entries = [(key, self._as_swept(entry)) for key, entry in entries]  # some may have expired
             if entries:
-                found.append(Due(window, [(key, self._as_swept(entry)) for key, entry in entries], final))
+                found.append(Due(window, entries, final))
             if final:
                 self._done(window)
         self.dirty.clear()
