@@ -88,6 +88,9 @@ class Monitor:
         self.exporter = exporter or QualityExporter()
         self.exporter.thresholds(settings.model.name, monitor.floors, monitor.ceilings)
         self.prediction_decoder = LocalSchemaDecoder(load_schema(settings.output.schema_path))
+        self.step = asyncio.Lock()
+        """One join step at a time, the join agent's or the timer's: changelog records, then their dead letters
+        delivered, then the records sent (``_dead_letters``), with no other step's records in between."""
         self.changes: dict[str, tuple[int, Any]] = {}
         """Entries set in the current bundle whose changelog records are still to be sent (``_flush``)."""
         self.index = Index(self.timing)
@@ -225,14 +228,15 @@ class Monitor:
 
     async def _dead_letter(
         self, reason: str, message: str, value: bytes | None, origin: str | None, key: bytes | None = None
-    ) -> None:
-        """Count a label the monitor cannot use and send it, with the reason in headers, to the dead-letter topic."""
+    ) -> Awaitable[Any]:
+        """Count a label the monitor cannot use and send it, with the reason in headers, to the dead-letter topic;
+        the send's delivery to await. Sent now (``force``), not when faust acknowledges the stream event."""
         self.exporter.labels.labels(reason).inc()
         topic, partition, offset = (origin or "?/-1/-1").rsplit("/", 2)
         source = Source(topic, int(partition), int(offset), key, value, None, int(time.time() * 1000))
         dl_key, dl_value, headers = dead_letter(Rejected(source, f"monitor.{reason}", "BadLabel", message))
         sendable = [(name, value if isinstance(value, bytes) else str(value or "").encode()) for name, value in headers]
-        await self.dead_letters.send(key=dl_key, value=dl_value, headers=sendable)
+        return await self.dead_letters.send(key=dl_key, value=dl_value, headers=sendable, force=True)
 
     # -- the join
 
@@ -311,20 +315,24 @@ class Monitor:
             log.warning("by-event message %d/%d skipped: %s", partition, offset, exc)
             self.exporter.failures.labels("join").inc()
             return
-        swept, finals = self.index.swept.get(partition, 0), self.index.final_in(partition)
-        effects: list[Effect] = []
-        try:
-            for index, record in enumerate(records):
+        async with self.step:
+            swept, finals = self.index.swept.get(partition, 0), self.index.final_in(partition)
+            effects: list[Effect] = []
+            try:
+                for index, record in enumerate(records):
+                    try:
+                        effects += self._join_one(partition, bundles.position(offset, index), record, swept, finals)
+                    except Exception:  # one record's fault, never its bundle's end
+                        log.exception("by-event record %d/%d#%d skipped", partition, offset, index)
+                        self.exporter.failures.labels("join").inc()
+                effects += self._advance(partition)
+            finally:
                 try:
-                    effects += self._join_one(partition, bundles.position(offset, index), record, swept, finals)
-                except Exception:  # one record's fault, never its bundle's end
-                    log.exception("by-event record %d/%d#%d skipped", partition, offset, index)
-                    self.exporter.failures.labels("join").inc()
-            effects += self._advance(partition)
-        finally:
-            self._flush()
-            await self.changelog.send()
-        await self._carry_out(effects)
+                    await self._dead_letters(effects)
+                finally:
+                    self._flush()
+                    await self.changelog.send()
+        self._count(effects)
 
     def _join_one(
         self, partition: int, position: int, record: dict[str, Any], swept: int, finals: set[int]
@@ -388,11 +396,21 @@ class Monitor:
                     self.index.discard(key, entry)
         self.index.purged.setdefault(window, set()).add(partition)
 
-    async def _carry_out(self, effects: Iterable[Effect]) -> None:
+    async def _dead_letters(self, effects: Iterable[Effect]) -> None:
+        """Send the effects' dead letters and wait until Kafka has them: before the changelog records the entries'
+        new state (after it, a replayed record is not applied again, so a dead letter lost in a crash between the
+        two would be lost for good; this way a crash at worst sends one twice)."""
+        sent = [
+            await self._dead_letter(effect.kind, effect.message, effect.raw, effect.origin)
+            for effect in effects
+            if effect.kind in LABEL_REASONS
+        ]
+        for delivery in sent:
+            await delivery
+
+    def _count(self, effects: Iterable[Effect]) -> None:
         for effect in effects:
-            if effect.kind in LABEL_REASONS:
-                await self._dead_letter(effect.kind, effect.message, effect.raw, effect.origin)
-            elif effect.kind == "late_prediction":
+            if effect.kind == "late_prediction":
                 self.exporter.predictions.labels("late").inc()
             elif effect.slot is not None:
                 role, model, version = effect.slot.split("|", 2)
@@ -421,11 +439,17 @@ class Monitor:
         if self.stale and self.ready and not self.app.in_recovery:
             self._rebuild()
         if self.ready and not self.stale:
-            effects: list[Effect] = []
-            for partition in sorted(self.index.clocks):
-                effects += self._advance(partition)  # partitions whose sources went quiet
-            await self.changelog.send()
-            await self._carry_out(effects)
+            async with self.step:
+                effects: list[Effect] = []
+                try:
+                    for partition in sorted(self.index.clocks):
+                        effects += self._advance(partition)  # partitions whose sources went quiet
+                finally:
+                    try:
+                        await self._dead_letters(effects)
+                    finally:
+                        await self.changelog.send()
+            self._count(effects)
         if 0 not in owned:
             self._stop_reporting()
             return
