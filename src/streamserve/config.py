@@ -527,7 +527,9 @@ class MonitorSettings(_Section):
     """Step (event time) in which each partition's clock advances and expired entries are swept."""
     idle_s: float = Field(default=30.0, gt=0)
     """A source (a partition of the predictions, shadow or labels topic) that sent nothing for this long
-    (processing time) no longer holds back the event-time clock (docs/monitor.md)."""
+    (processing time) no longer holds back the event-time clock (docs/monitor.md). After a restart or a
+    rebalance every source holds it this long: keep it above the time a dead monitor process's partitions take
+    to resume in another (faust's 10 s session, then the changelog read back)."""
     report_every_s: float = Field(default=10.0, gt=0)
     """How often changed windows are reported (quality topic, Prometheus)."""
     task: Literal["auto", "classification", "regression"] = "auto"
