@@ -4,11 +4,13 @@ The workload is what one worker's output and its labels make: for each scored ev
 topic (live version v1; schemas/prediction.avsc, as the worker writes it) and one label on the labels topic (label
 time 1 to 90 minutes after the event, in event time), pre-produced as a backlog of --events events (8 partitions,
 event times 5 ms apart: 20 minutes of events at 200/s of event time). Then `streamserve monitor` starts with 1, then
-2 processes in one faust group (a fresh group and internal topics each run, `monitor.partitions: 1`) and works
-through the backlog. The rate is the backlog's records (predictions + labels) over the time from the first
-committed input offset to the moment every input record is forwarded and every by-event bundle joined (the
-group's committed offsets, read every 0.25 s; faust commits every second). The join state, the changelog writes
-and the quality reports (every 10 s, over the open windows) are all in it.
+2 processes in one faust group (a fresh group and internal topics each run, `monitor.partitions: 8`: the processes
+split the join) and works through the backlog. The rate is the backlog's records (predictions + labels) over the
+time from the first committed input offset to the moment every input record is forwarded and every by-event
+bundle of every partition joined (the group's committed offsets, read every 0.25 s; faust commits every second).
+The join state, the changelog writes and the quality reports (every 10 s, over the open windows, by the process
+owning partition 0) are all in it. Then the reporter's ceiling (``reporter_rate``): a fresh reporter reads the last
+run's changelog and decodes it, as the reporting process does, whatever the number of joining processes.
 
 In `make bench` it runs after the batch phase (bench.run; `--only monitor` runs it alone among the phases);
 alone: `python -m bench.monitor_rate [--events N] [--processes 1,2]`.
