@@ -202,12 +202,15 @@ def reporter_rate(stack: Stack, changelog: str, events: int, timeout_s: float = 
     process, whatever the number of joining processes, so this is the group's ceiling. The read is timed from its
     first record to the changelog's end, the decoding of the entries (once per entry and report: ``View.due``)
     after it; the rate is the events over the two."""
+    from streamserve.config import MonitorSettings
     from streamserve.monitor.pairs import Timing
     from streamserve.monitor.report import ReportSettings, window_reports
     from streamserve.monitor.reporter import ChangelogReader, View, collect_less
 
     collect_less()  # as in a monitor process
-    view = View(Timing(3_600_000, 86_400_000, 60_000), PARTITIONS)  # the monitor's defaults, as in the runs
+    defaults = MonitorSettings()  # the monitor's, as in the runs
+    window_ms = int(defaults.window_s * 1000)
+    view = View(Timing(window_ms, int(defaults.label_ttl_s * 1000), int(defaults.sweep_s * 1000)), PARTITIONS)
     reader = ChangelogReader(view, changelog, {"bootstrap.servers": stack.bootstrap})
     deadline = time.monotonic() + timeout_s
     first = None
@@ -230,7 +233,7 @@ def reporter_rate(stack: Stack, changelog: str, events: int, timeout_s: float = 
     decode_s = time.perf_counter() - began
     began = time.perf_counter()
     for item in due:
-        window_reports(item.window, 3_600_000, item.entries, ReportSettings("classification", "1"), False, 0)
+        window_reports(item.window, window_ms, item.entries, ReportSettings("classification", "1"), False, 0)
     report_s = time.perf_counter() - began
     seconds = max(read_s + decode_s, 1e-6)
     return {

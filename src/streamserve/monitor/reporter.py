@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from streamserve.monitor.pairs import ENTRY, FINAL, SWEEP, Entry, Timing
+from streamserve.errors import StreamServeError
+from streamserve.monitor.join import partitions_of
+from streamserve.monitor.pairs import ENTRY, FINAL, SWEEP, Entry, Timing, expiry
 
 _ENTRY_KEY = b'"' + ENTRY.encode()
 
@@ -109,9 +111,6 @@ class View:
                 self._entry(_key(key), orjson.loads(value))
             except Exception:  # one record the view cannot use; the others still count
                 log.exception("monitor reporter: changelog record of %r skipped", key[:80])
-
-    def _window(self, entry: Entry) -> int | None:
-        return None if entry.get("t") is None else self.timing.window(int(entry["t"]))
 
     def apply(self, key: str, value: Any) -> None:
         """One changelog record: ``value`` None deletes ``key``."""
@@ -218,7 +217,7 @@ class View:
     def _as_swept(self, entry: Entry) -> Entry:
         """The entry as its partition's sweep left it: expired once the clock passed its time plus the TTL (the
         join's expiry records are skipped: ``changelog.EXPIRY``)."""
-        if entry["x"] or entry["t"] + self.timing.ttl_ms >= self.swept.get(entry["p"], 0):
+        if entry["x"] or expiry(entry, self.timing.ttl_ms) >= self.swept.get(entry["p"], 0):
             return entry
         return {**entry, "x": True}
 
@@ -268,11 +267,12 @@ class ChangelogReader:
         self.thread.join(30)
 
     def _partitions(self, consumer: Consumer) -> list[TopicPartition]:
+        """Every partition of the changelog from its beginning, once faust has created it."""
         while not self.stopping.is_set():
-            metadata = consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
-            if metadata is not None and metadata.error is None and metadata.partitions:
-                return [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
-            self.stopping.wait(1.0)
+            try:
+                return partitions_of(consumer, [self.topic], 10.0)
+            except StreamServeError:
+                self.stopping.wait(1.0)
         return []
 
     def _run(self) -> None:
